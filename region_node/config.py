@@ -26,8 +26,8 @@ class RegionSettings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     hold_ttl_seconds: float = Field(7 * 24 * 3600, gt=0, description="how long a hold lives")
     idempotency_ttl_seconds: float = Field(24 * 3600, gt=0)
-    idempotency_lock_seconds: float = Field(60, gt=0,
-                                            description="after this an unfinished key may be retried")
+    # After this long an unfinished key counts as abandoned and a retry may take it over.
+    idempotency_lock_seconds: float = Field(60, gt=0)
 
     outbox_poll_seconds: float = Field(0.2, gt=0)
     outbox_batch: int = Field(200, ge=1)

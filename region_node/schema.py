@@ -30,7 +30,8 @@ accounts = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="open"),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
-    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing')", name="ck_account_kind"),
+    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing')",
+                       name="ck_account_kind"),
     sa.CheckConstraint("status in ('open','closed')", name="ck_account_status"),
     sa.CheckConstraint("held >= 0", name="ck_account_held"),
     # The last line of defence for invariant 3: no negative available balance.

@@ -1,0 +1,82 @@
+"""Request bodies of the public API. Validated at the edge: strict integers for money,
+known currencies, no unknown fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from region_node.errors import InvalidRequest
+from region_node.money import is_known_currency
+
+Amount = Annotated[StrictInt, Field(gt=0, description="minor units, a positive integer")]
+
+
+class Body(BaseModel):
+    """Base: unknown fields are an error, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _currency(value: str) -> str:
+    code = value.upper()
+    if len(code) != 3 or not is_known_currency(code):
+        raise ValueError(f"unknown currency '{value}'")
+    return code
+
+
+class OpenAccount(Body):
+    """POST /v1/accounts."""
+
+    currency: str
+    kind: Literal["customer", "merchant"] = "customer"
+    home_region: str | None = Field(None, max_length=64)
+    allow_overdraft: StrictBool = False
+
+    _check_currency = field_validator("currency")(_currency)
+
+
+class Movement(Body):
+    """POST /v1/accounts/{id}/deposits and /withdrawals."""
+
+    amount: Amount
+
+
+class CreatePayment(Body):
+    """POST /v1/payments."""
+
+    payer: str
+    payee: str
+    amount: Amount
+    currency: str
+    capture_method: Literal["automatic", "manual"] = "automatic"
+    description: str | None = Field(None, max_length=500)
+
+    _check_currency = field_validator("currency")(_currency)
+
+
+class Capture(Body):
+    """POST /v1/payments/{id}/capture."""
+
+    amount: Amount | None = None
+
+
+class Refund(Body):
+    """POST /v1/payments/{id}/refunds."""
+
+    amount: Amount | None = None
+
+
+class Cancel(Body):
+    """POST /v1/payments/{id}/cancel."""
+
+    cancellation_reason: Literal["requested_by_customer", "duplicate", "fraudulent",
+                                 "abandoned"] = "requested_by_customer"
+
+
+def check_amount(amount: int, maximum: int) -> None:
+    """The configured ceiling on one movement of money (a 400 above it)."""
+    if amount > maximum:
+        raise InvalidRequest(f"Amount must be at most {maximum}", code="amount_too_large",
+                             param="amount")

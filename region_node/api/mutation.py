@@ -1,0 +1,66 @@
+"""Runs a mutating request as one transaction, with Idempotency-Key handling around it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, PaymentError
+from region_node.idempotency import request_hash, validate_key
+from region_node.node import Node
+
+Result = tuple[int, dict[str, Any]]
+Step = Callable[[AsyncConnection], Awaitable[Result]]
+
+
+def node_of(request: Request) -> Node:
+    """The Node this app serves."""
+    node: Node = request.app.state.node
+    return node
+
+
+async def run_mutation(request: Request, step: Step) -> JSONResponse:
+    """Run `step` in a transaction and answer with its (status, body).
+
+    With an Idempotency-Key the response is stored in the same transaction as the effect;
+    a replay answers the stored response with header `Idempotent-Replayed: true`.
+    """
+    node = node_of(request)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        status, body = await node.db.transaction(step)
+        return JSONResponse(body, status)
+
+    validate_key(key)
+    scope = node.region
+    req_hash = request_hash(request.method, request.url.path, await request.body())
+    stored = await node.idempotency.claim(scope, key, req_hash)
+    if stored is not None:
+        return JSONResponse(stored.body, stored.status, headers={"Idempotent-Replayed": "true"})
+
+    async def step_and_record(conn: AsyncConnection) -> Result:
+        status, body = await step(conn)
+        await node.idempotency.finish(conn, scope, key, status, body)
+        return status, body
+
+    try:
+        status, body = await node.db.transaction(step_and_record)
+    except (IdempotencyInProgress, IdempotencyMismatch):
+        raise
+    except PaymentError as exc:
+        if exc.http_status < 500:
+            # A decision (402, 404, 409...) is an answer too: replay it on retry.
+            await node.idempotency.finish_alone(scope, key, exc.http_status, exc.to_body())
+            await node.idempotency.remember(scope, key, req_hash, exc.http_status, exc.to_body())
+        else:
+            await node.idempotency.release(scope, key)
+        raise
+    except BaseException:
+        await node.idempotency.release(scope, key)
+        raise
+    await node.idempotency.remember(scope, key, req_hash, status, body)
+    return JSONResponse(body, status)

@@ -1,0 +1,58 @@
+"""The FastAPI application of a region node and the background workers it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI
+
+from region_node.api import accounts, errors, health, payments
+from region_node.api.middleware import BodyLimit, RequestContext
+from region_node.config import RegionSettings
+from region_node.hold_expiry import HoldExpiryWorker
+from region_node.node import Node
+
+log = logging.getLogger(__name__)
+
+Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def create_app(settings: RegionSettings | None = None) -> FastAPI:
+    """Build the app; connections open and workers start in the lifespan."""
+    settings = settings or RegionSettings()
+    node = Node.connect(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        workers: list[Worker] = []
+        if settings.run_workers:
+            workers.append(HoldExpiryWorker(node).run)
+        tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
+                 for w in workers]
+        log.info("region node %s serving", settings.region)
+        try:
+            yield
+        finally:
+            stop.set()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 5)
+            await node.close()
+
+    app = FastAPI(title="paycluster region node", version="1.0.0", lifespan=lifespan,
+                  description="Public API v1: accounts, deposits, payments (automatic and "
+                              "manual capture), refunds. Amounts are integer minor units.")
+    app.state.node = node
+    errors.install(app)
+    app.include_router(accounts.router)
+    app.include_router(payments.router)
+    app.include_router(health.router)
+    # Outermost first: the request id and metrics see everything, including 413s.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=node.metrics)
+    return app

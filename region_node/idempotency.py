@@ -1,0 +1,171 @@
+"""Idempotency keys with Stripe's semantics.
+
+- first request with a key: runs; its response is stored with a hash of the request;
+- same key, same request: the stored response is replayed (same status, same body);
+- same key, different request: 422;
+- same key while the first is still running: 409.
+
+SQL is the truth. A key is claimed in its own short transaction (state `started`), and
+the response is recorded in the *same* transaction as the business effect, so "effect
+committed" and "response stored" can never disagree. If the node dies mid-request, the
+claim stays `started` with nothing committed; after `lock_seconds` a retry may take it
+over. Redis only caches finished responses: losing it costs a SQL read, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from region_node import schema
+from region_node.db import Database
+from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidRequest
+
+K = schema.idempotency_keys
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response to replay."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def request_hash(method: str, path: str, body: bytes) -> str:
+    """Hash of what the client asked for: method, path and the JSON body in canonical form
+    (key order and whitespace do not make two requests different)."""
+    try:
+        canonical = json.dumps(json.loads(body or b"null"), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        canonical = body.decode("utf-8", "replace")
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+
+
+def validate_key(key: str) -> str:
+    """Reject empty or oversized keys with a 400."""
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters",
+            code="invalid_idempotency_key", param="Idempotency-Key")
+    return key
+
+
+class IdempotencyStore:
+    """Claims, finishes and replays idempotency keys for one region."""
+
+    def __init__(self, db: Database, redis: Redis | None, *, ttl_seconds: float,
+                 lock_seconds: float) -> None:
+        self.db = db
+        self.redis = redis
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.lock = timedelta(seconds=lock_seconds)
+
+    @staticmethod
+    def _cache_key(scope: str, key: str) -> str:
+        return f"idem:{scope}:{key}"
+
+    async def _cached(self, scope: str, key: str) -> dict[str, Any] | None:
+        if self.redis is None:
+            return None
+        try:
+            raw = await self.redis.get(self._cache_key(scope, key))
+        except Exception as exc:  # Redis is only a fast path; SQL answers instead.
+            log.debug("idempotency cache read failed: %s", exc)
+            return None
+        return json.loads(raw) if raw else None
+
+    async def claim(self, scope: str, key: str, req_hash: str) -> StoredResponse | None:
+        """Claim the key for this request, or return the response to replay.
+
+        Raises IdempotencyMismatch (422) or IdempotencyInProgress (409).
+        """
+        cached = await self._cached(scope, key)
+        if cached is not None:
+            if cached["hash"] != req_hash:
+                raise IdempotencyMismatch(_MISMATCH)
+            return StoredResponse(cached["status"], cached["body"])
+        return await self.db.transaction(lambda conn: self._claim_sql(conn, scope, key, req_hash))
+
+    async def _claim_sql(self, conn: AsyncConnection, scope: str, key: str,
+                         req_hash: str) -> StoredResponse | None:
+        now = datetime.now(UTC)
+        # An expired key is forgotten: the same key may start a new request.
+        await conn.execute(K.delete().where(K.c.scope == scope, K.c.key == key,
+                                            K.c.expires_at <= now))
+        inserted = (await conn.execute(
+            pg_insert(K).values(scope=scope, key=key, request_hash=req_hash, state="started",
+                                locked_at=now, expires_at=now + self.ttl)
+            .on_conflict_do_nothing().returning(K.c.key))).first()
+        if inserted is not None:
+            return None
+        row = (await conn.execute(sa.select(K).where(K.c.scope == scope, K.c.key == key)
+                                  .with_for_update())).one()
+        if row.request_hash != req_hash:
+            raise IdempotencyMismatch(_MISMATCH)
+        if row.state == "finished":
+            return StoredResponse(row.response_status, row.response_body)
+        if row.locked_at is not None and row.locked_at > now - self.lock:
+            raise IdempotencyInProgress(
+                "A request with this Idempotency-Key is still being processed; retry later")
+        # The first attempt died without committing anything: this retry takes over.
+        await conn.execute(K.update().where(K.c.scope == scope, K.c.key == key)
+                           .values(locked_at=now))
+        return None
+
+    async def finish(self, conn: AsyncConnection, scope: str, key: str, status: int,
+                     body: dict[str, Any]) -> None:
+        """Record the response in the caller's transaction (the one with the effect)."""
+        await conn.execute(K.update().where(K.c.scope == scope, K.c.key == key)
+                           .values(state="finished", response_status=status,
+                                   response_body=body, locked_at=None))
+
+    async def finish_alone(self, scope: str, key: str, status: int, body: dict[str, Any]) -> None:
+        """Record a response that had no effect to commit with (a 4xx decision)."""
+        async def step(conn: AsyncConnection) -> None:
+            await self.finish(conn, scope, key, status, body)
+        await self.db.transaction(step)
+
+    async def release(self, scope: str, key: str) -> None:
+        """Forget a claim whose request failed without an answer (5xx): a retry may run it."""
+        async def step(conn: AsyncConnection) -> None:
+            await conn.execute(K.delete().where(K.c.scope == scope, K.c.key == key,
+                                                K.c.state == "started"))
+        with contextlib.suppress(Exception):
+            await self.db.transaction(step)
+
+    async def remember(self, scope: str, key: str, req_hash: str, status: int,
+                       body: dict[str, Any]) -> None:
+        """Cache a finished response in Redis until the key expires (best effort)."""
+        if self.redis is None:
+            return
+        payload = json.dumps({"hash": req_hash, "status": status, "body": body})
+        try:
+            await self.redis.set(self._cache_key(scope, key), payload,
+                                 ex=int(self.ttl.total_seconds()))
+        except Exception as exc:
+            log.debug("idempotency cache write failed: %s", exc)
+
+    async def purge_expired(self) -> int:
+        """Delete keys past their 24 h lifetime; returns how many."""
+        async def step(conn: AsyncConnection) -> int:
+            result = await conn.execute(K.delete().where(K.c.expires_at <= sa.func.now()))
+            return int(result.rowcount or 0)
+        return await self.db.transaction(step)
+
+
+_MISMATCH = ("Keys for idempotent requests can only be used with the same parameters they "
+             "were first used with")

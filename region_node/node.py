@@ -1,0 +1,53 @@
+"""The running parts of one region node, shared by the API routes and the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from redis.asyncio import Redis
+
+from region_node.config import RegionSettings
+from region_node.db import Database
+from region_node.idempotency import IdempotencyStore
+from region_node.metrics import NodeMetrics
+
+
+@dataclass
+class Node:
+    """Connections and services of a region node; built once in the app's lifespan."""
+
+    settings: RegionSettings
+    db: Database
+    redis: Redis
+    idempotency: IdempotencyStore
+    metrics: NodeMetrics
+
+    @property
+    def region(self) -> str:
+        """This node's region name."""
+        return self.settings.region
+
+    @property
+    def hold_ttl(self) -> timedelta:
+        """How long a manual-capture hold lives before the expiry worker releases it."""
+        return timedelta(seconds=self.settings.hold_ttl_seconds)
+
+    @classmethod
+    def connect(cls, settings: RegionSettings) -> Node:
+        """Create pools and clients (lazy: nothing is contacted until first use)."""
+        db = Database(settings.database_url, pool_size=settings.db_pool_size,
+                      max_overflow=settings.db_max_overflow,
+                      retry_attempts=settings.db_retry_attempts)
+        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5,
+                               socket_connect_timeout=0.5)
+        return cls(settings=settings, db=db, redis=redis,
+                   idempotency=IdempotencyStore(db, redis,
+                                                ttl_seconds=settings.idempotency_ttl_seconds,
+                                                lock_seconds=settings.idempotency_lock_seconds),
+                   metrics=NodeMetrics(settings.region))
+
+    async def close(self) -> None:
+        """Close pools and clients."""
+        await self.redis.aclose()
+        await self.db.dispose()

@@ -1,0 +1,205 @@
+"""Payments: create (automatic or manual capture), capture, cancel, refund, expire holds.
+
+Each public function is one business step that runs inside the caller's transaction:
+ledger postings, the payment row, the TCC barrier row and the outbox event commit
+together or not at all. Manual capture is TCC with the payment id as the global
+transaction id and the payer's hold as the branch.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from region_node import ledger, schema, tcc
+from region_node import payment_states as st
+from region_node.errors import InvalidRequest, NotFound
+from region_node.ids import new_id
+from region_node.outbox import write_event
+
+P = schema.payments
+R = schema.refunds
+
+PAYER_BRANCH = "payer-hold"
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    """A validated request to move `amount` from payer to payee."""
+
+    payer: uuid.UUID
+    payee: uuid.UUID
+    amount: int
+    currency: str
+    capture_method: str = "automatic"
+    description: str | None = None
+
+
+def to_api(row: Row[Any] | dict[str, Any]) -> dict[str, Any]:
+    """The public JSON shape of a payment."""
+    m = row._mapping if isinstance(row, Row) else row
+    return {
+        "id": str(m["id"]), "object": "payment", "payer": str(m["payer_id"]),
+        "payee": str(m["payee_id"]), "amount": m["amount"], "currency": m["currency"],
+        "capture_method": m["capture_method"], "status": m["status"],
+        "amount_capturable": m["amount_held"], "amount_captured": m["amount_captured"],
+        "amount_refunded": m["amount_refunded"],
+        "hold_expires_at": m["hold_expires_at"].isoformat() if m["hold_expires_at"] else None,
+        "description": m["description"], "failure_code": m["failure_code"],
+        "home_region": m["home_region"],
+        "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
+    }
+
+
+async def _event(conn: AsyncConnection, region: str, event_type: str, payment: Row[Any]) -> None:
+    await write_event(conn, region=region, event_type=event_type, aggregate_id=payment.id,
+                      payload=to_api(payment))
+
+
+async def get_payment(conn: AsyncConnection, payment_id: uuid.UUID, *,
+                      for_update: bool = False) -> Row[Any]:
+    """Read a payment; NotFound if it does not exist."""
+    query = sa.select(P).where(P.c.id == payment_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).one_or_none()
+    if row is None:
+        raise NotFound(f"No such payment: '{payment_id}'")
+    return row
+
+
+async def create_payment(conn: AsyncConnection, *, region: str, request: PaymentRequest,
+                         hold_ttl: timedelta) -> Row[Any]:
+    """Automatic: debit payer and credit payee now. Manual: TCC try, a hold on the payer."""
+    if request.payer == request.payee:
+        raise InvalidRequest("payer and payee must be different accounts", param="payee")
+    accounts = await ledger.lock_accounts(conn, [request.payer, request.payee],
+                                          params=["payer", "payee"])
+    payer, payee = accounts[request.payer], accounts[request.payee]
+    for acc, param in ((payer, "payer"), (payee, "payee")):
+        if acc.currency != request.currency:
+            raise InvalidRequest(
+                f"{param} account holds {acc.currency}, the payment is in {request.currency}",
+                code="currency_mismatch", param=param)
+        if acc.kind not in ledger.USER_KINDS:
+            raise InvalidRequest(f"{param} must be a customer or merchant account", param=param)
+    if payee.status != "open":
+        raise InvalidRequest(f"Account {payee.id} is closed", code="account_closed", param="payee")
+    ledger.require_spendable(payer, request.amount)
+
+    payment_id = new_id()
+    manual = request.capture_method == "manual"
+    values: dict[str, Any] = {
+        "id": payment_id, "payer_id": request.payer, "payee_id": request.payee,
+        "amount": request.amount, "currency": request.currency,
+        "capture_method": request.capture_method, "description": request.description,
+        "home_region": region,
+    }
+    if manual:
+        async def hold() -> None:
+            await ledger.change_hold(conn, request.payer, request.amount)
+
+        await tcc.try_phase(conn, payment_id, PAYER_BRANCH, hold)
+        values |= {"status": st.REQUIRES_CAPTURE, "amount_held": request.amount,
+                   "hold_expires_at": datetime.now(UTC) + hold_ttl}
+    else:
+        await ledger.post(conn, legs=[(request.payer, -request.amount),
+                                      (request.payee, request.amount)],
+                          currency=request.currency, entry_type="payment", payment_id=payment_id)
+        values |= {"status": st.SUCCEEDED, "amount_captured": request.amount}
+    row = (await conn.execute(P.insert().values(**values).returning(*P.c))).one()
+    await _event(conn, region, f"payment.{row.status}", row)
+    return row
+
+
+async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
+                  amount: int | None) -> Row[Any]:
+    """TCC confirm: post `amount` (default: the whole hold) and release the rest."""
+    payment = await get_payment(conn, payment_id, for_update=True)
+    st.check_transition(payment.status, st.SUCCEEDED, action="capture")
+    if payment.hold_expires_at is not None and payment.hold_expires_at <= datetime.now(UTC):
+        raise st.Conflict("The hold on this payment has expired", code="hold_expired")
+    to_capture = payment.amount_held if amount is None else amount
+    if to_capture > payment.amount_held:
+        raise InvalidRequest(
+            f"Cannot capture {to_capture}: only {payment.amount_held} is held", param="amount")
+
+    async def confirm() -> None:
+        await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
+        await ledger.change_hold(conn, payment.payer_id, -payment.amount_held)
+        await ledger.post(conn, legs=[(payment.payer_id, -to_capture),
+                                      (payment.payee_id, to_capture)],
+                          currency=payment.currency, entry_type="payment", payment_id=payment.id)
+
+    await tcc.confirm_phase(conn, payment.id, PAYER_BRANCH, confirm)
+    row = (await conn.execute(
+        P.update().where(P.c.id == payment.id)
+        .values(status=st.SUCCEEDED, amount_captured=to_capture, amount_held=0,
+                updated_at=sa.func.now()).returning(*P.c))).one()
+    await _event(conn, region, "payment.succeeded", row)
+    return row
+
+
+async def cancel(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
+                 reason: str = "requested_by_customer") -> Row[Any]:
+    """TCC cancel: release the hold; the payment ends `canceled`."""
+    payment = await get_payment(conn, payment_id, for_update=True)
+    st.check_transition(payment.status, st.CANCELED, action="cancel")
+
+    async def release() -> None:
+        await ledger.lock_accounts(conn, [payment.payer_id])
+        await ledger.change_hold(conn, payment.payer_id, -payment.amount_held)
+
+    await tcc.cancel_phase(conn, payment.id, PAYER_BRANCH, release, reason=reason)
+    row = (await conn.execute(
+        P.update().where(P.c.id == payment.id)
+        .values(status=st.CANCELED, amount_held=0, failure_code=reason,
+                updated_at=sa.func.now()).returning(*P.c))).one()
+    await _event(conn, region, "payment.canceled", row)
+    return row
+
+
+async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
+                 amount: int | None) -> dict[str, Any]:
+    """Send captured money back from payee to payer; never more than was captured."""
+    payment = await get_payment(conn, payment_id, for_update=True)
+    if payment.status != st.SUCCEEDED:
+        raise st.Conflict(f"Cannot refund a payment whose status is '{payment.status}'",
+                          code="payment_unexpected_state")
+    refundable = payment.amount_captured - payment.amount_refunded
+    to_refund = refundable if amount is None else amount
+    if refundable == 0:
+        raise st.Conflict("This payment has been fully refunded", code="charge_already_refunded")
+    if to_refund > refundable:
+        raise InvalidRequest(f"Cannot refund {to_refund}: only {refundable} is refundable",
+                             code="amount_too_large", param="amount")
+    accounts = await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
+    ledger.require_spendable(accounts[payment.payee_id], to_refund, param="payee")
+    await ledger.post(conn, legs=[(payment.payee_id, -to_refund), (payment.payer_id, to_refund)],
+                      currency=payment.currency, entry_type="refund", payment_id=payment.id)
+    refund_row = (await conn.execute(
+        R.insert().values(id=new_id(), payment_id=payment.id, amount=to_refund,
+                          currency=payment.currency).returning(*R.c))).one()
+    row = (await conn.execute(
+        P.update().where(P.c.id == payment.id)
+        .values(amount_refunded=P.c.amount_refunded + to_refund, updated_at=sa.func.now())
+        .returning(*P.c))).one()
+    await _event(conn, region, "payment.refunded", row)
+    return {"id": str(refund_row.id), "object": "refund", "payment_id": str(payment.id),
+            "amount": to_refund, "currency": payment.currency, "status": refund_row.status,
+            "created_at": refund_row.created_at.isoformat()}
+
+
+async def expired_holds(conn: AsyncConnection, *, limit: int) -> list[uuid.UUID]:
+    """Manual payments whose hold has run out, locked so two workers never take the same."""
+    rows = (await conn.execute(
+        sa.select(P.c.id).where(P.c.status == st.REQUIRES_CAPTURE,
+                                P.c.hold_expires_at <= sa.func.now())
+        .order_by(P.c.hold_expires_at).limit(limit).with_for_update(skip_locked=True))).all()
+    return [r.id for r in rows]
