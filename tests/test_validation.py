@@ -16,10 +16,11 @@ pytestmark = pytest.mark.integration
 
 def _snapshot(db_url: str) -> tuple[Any, ...]:
     with psycopg.connect(db_url) as conn:
-        return tuple(conn.execute(f"select count(*) from {t}").fetchone()[0]  # type: ignore[index]
-                     for t in ("payments", "journal_entries", "outbox", "refunds",
-                               "idempotency_keys")) + (
-            conn.execute("select sum(balance), sum(held) from accounts").fetchone(),)
+        counts = [conn.execute(f"select count(*) from {t}").fetchone()[0]  # type: ignore[index]
+                  for t in ("payments", "journal_entries", "outbox", "refunds",
+                            "idempotency_keys")]
+        sums = conn.execute("select sum(balance), sum(held) from accounts").fetchone()
+    return (*counts, sums)
 
 
 def _assert_error_shape(resp: httpx.Response, status: int, code: str | None = None,
@@ -134,7 +135,8 @@ async def test_capture_and_refund_limits(client: httpx.AsyncClient, db_url: str,
     _assert_error_shape(await client.post(f"/v1/payments/{pid}/capture",
                                           json={"amount": 1_001}), 400, param="amount")
     _assert_error_shape(await client.post(f"/v1/payments/{pid}/refunds"), 409)
-    assert (await client.post(f"/v1/payments/{pid}/capture", json={"amount": 600})).status_code == 200
+    captured = await client.post(f"/v1/payments/{pid}/capture", json={"amount": 600})
+    assert captured.status_code == 200
     _assert_error_shape(await client.post(f"/v1/payments/{pid}/refunds",
                                           json={"amount": 601}), 400, "amount_too_large")
     assert (await client.post(f"/v1/payments/{pid}/refunds",
