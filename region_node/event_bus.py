@@ -266,7 +266,8 @@ class EventBus:
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
                     nats.errors.ConnectionReconnectingError, nats.errors.ConnectionDrainingError,
                     nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError,
-                    TimeoutError, OSError) as exc:
+                    nats.js.errors.ServiceUnavailableError, TimeoutError, OSError) as exc:
+                # ServiceUnavailable: JetStream is still starting after a server restart.
                 raise BusUnavailable(f"publish to {subject} failed: {exc!r}") from exc
         raise AssertionError("unreachable")
 
@@ -283,7 +284,10 @@ class EventBus:
         self._log_outage("NATS client error", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS at %s; reconnecting", self.settings.nats_url)
+        # Also called by our own close() and by a failed first connect; only a live
+        # connection that dropped is worth a warning.
+        if self._nc is not None and not self._nc.is_closed:
+            log.warning("disconnected from NATS at %s; reconnecting", self.settings.nats_url)
 
     async def _on_reconnected(self) -> None:
         # The server may have restarted without its store: check the stream again.

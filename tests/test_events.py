@@ -17,6 +17,7 @@ from typing import Any
 import nats
 import pytest
 import sqlalchemy as sa
+from nats.js.api import StorageType
 
 from cluster.servers import NatsServer, RegionServers, start_nats
 from region_node import schema
@@ -38,12 +39,12 @@ WAIT = 15.0
 # --------------------------------------------------------------------------- helpers
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str,
-                     timeout: float = WAIT) -> None:
-    """Poll `check` until it is true; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+                     within: float = WAIT) -> None:
+    """Poll `check` until it is true; fail with `what` after `within` seconds."""
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
 
 
@@ -133,12 +134,12 @@ class Workers:
         for task in self.tasks:
             assert not task.done(), f"worker died: {task.exception() if task.done() else ''}"
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        """Set stop; every worker must return within `timeout` (cancelled otherwise)."""
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Set stop; every worker must return within `grace` seconds (cancelled otherwise)."""
         self.stop.set()
         if not self.tasks:
             return
-        done, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        done, pending = await asyncio.wait(self.tasks, timeout=grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -220,13 +221,18 @@ async def test_events_reach_notifications_exactly_once(
     # Subject layout and dedupe header, read back from the stream itself.
     nc = await nats.connect(settings.nats_url, allow_reconnect=False)
     try:
-        first = await nc.jetstream().get_msg(settings.events_stream, seq=1)
+        js = nc.jetstream()
+        first = await js.get_msg(settings.events_stream, seq=1)
+        config = (await js.stream_info(settings.events_stream)).config
     finally:
         await nc.close()
     first_row = outbox_rows[min(ids)]
     assert first.subject == f"{settings.events_subject_prefix}.{REGION}.{first_row.event_type}"
     assert first.headers is not None
     assert first.headers[MSG_ID_HEADER] == str(first_row.id)
+    assert config.subjects == [f"{settings.events_subject_prefix}.>"]
+    assert config.storage == StorageType.FILE
+    assert config.duplicate_window >= 120
 
 
 async def test_relay_restart_after_crash_between_publish_and_mark(
