@@ -13,8 +13,11 @@ from fastapi import FastAPI
 from region_node.api import accounts, errors, health, payments
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
+from region_node.event_bus import EventBus
+from region_node.event_consumer import NotificationConsumer
 from region_node.hold_expiry import HoldExpiryWorker
 from region_node.node import Node
+from region_node.outbox_relay import OutboxRelay
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,12 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         workers: list[Worker] = []
+        bus = EventBus(settings)
+        app.state.event_bus = bus
         if settings.run_workers:
-            workers.append(HoldExpiryWorker(node).run)
+            workers += [HoldExpiryWorker(node).run,
+                        OutboxRelay(node.db, settings, bus=bus).run,
+                        NotificationConsumer(node.db, settings).run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)
@@ -42,6 +49,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
+            await bus.close()
             await node.close()
 
     app = FastAPI(title="paycluster region node", version="1.0.0", lifespan=lifespan,
