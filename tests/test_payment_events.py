@@ -86,7 +86,7 @@ async def test_state_changes_reach_consumer_once_across_restart(
     async with app_client(fast) as client:
         second = await _workload(client, payer, payee, 12)
         await _wait_drained(db_url)
-    outbox, seen, _ = _events(db_url)
+    _, seen, _ = _events(db_url)
     assert all(d == 1 for d in seen.values()), "JetStream dedupe keeps delivery effects single"
     by_payment = _expected_types(db_url)
     for i, pid in enumerate(first + second):
