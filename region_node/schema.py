@@ -49,6 +49,7 @@ journal_entries = sa.Table(
     sa.Column("currency", sa.CHAR(3), nullable=False),
     sa.Column("entry_type", sa.Text, nullable=False),
     sa.Column("payment_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("region", sa.Text, nullable=True),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.CheckConstraint("amount <> 0", name="ck_entry_nonzero"),
 )
@@ -72,6 +73,8 @@ payments = sa.Table(
     sa.Column("description", sa.Text, nullable=True),
     sa.Column("failure_code", sa.Text, nullable=True),
     sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("payee_home", sa.Text, nullable=True),
+    sa.Column("epoch", sa.BigInteger, nullable=True),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
     sa.CheckConstraint("amount > 0", name="ck_payment_amount"),
@@ -148,3 +151,56 @@ notifications = sa.Table(
     sa.Column("received_at", TS, nullable=False, server_default=_now()),
 )
 sa.Index("ix_notifications_aggregate", notifications.c.aggregate_id)
+
+
+# --------------------------------------------------------------------------- multi-region
+
+region_ownership = sa.Table(
+    "region_ownership", metadata,
+    sa.Column("home_region", sa.Text, primary_key=True),
+    sa.Column("serving_region", sa.Text, nullable=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+)
+
+heartbeats = sa.Table(
+    "heartbeats", metadata,
+    sa.Column("region", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("sent_at", TS, nullable=False),
+)
+
+# The transfer message of a cross-region payment, written by the payer's region in the
+# same transaction that moves the money into its in-transit clearing account.
+transfers = sa.Table(
+    "transfers", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("payer_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("payee_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("from_home", sa.Text, nullable=False),
+    sa.Column("to_home", sa.Text, nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+# The payee region's inbox and acknowledgement in one row: keyed by the message id, so a
+# message is credited (or rejected) exactly once however often it arrives.
+transfer_results = sa.Table(
+    "transfer_results", metadata,
+    sa.Column("transfer_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("from_home", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("journal_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+REPLICATED_TABLES: tuple[str, ...] = (
+    "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
+    "region_ownership", "heartbeats", "transfers", "transfer_results",
+)
+"""Tables every region publishes (its own changes) and subscribes to (everyone else's).
+The outbox and the consumer's notifications stay local: each region relays its own."""
