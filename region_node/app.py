@@ -18,6 +18,8 @@ from region_node.event_consumer import NotificationConsumer
 from region_node.hold_expiry import HoldExpiryWorker
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
+from region_node.rpc.server import start_grpc_server
+from region_node.transfer_worker import TransferWorker
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,18 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         workers: list[Worker] = []
         bus = EventBus(settings)
         app.state.event_bus = bus
+        await node.ownership.bootstrap()
+        transfer_worker = TransferWorker(node)
+        app.state.transfer_worker = transfer_worker
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker)
+        workers.append(node.ownership.run)
         if settings.run_workers:
             workers += [HoldExpiryWorker(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
-                        NotificationConsumer(node.db, settings).run]
+                        NotificationConsumer(node.db, settings).run,
+                        transfer_worker.run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)
@@ -46,6 +56,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             yield
         finally:
             stop.set()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+                await grpc_service.close()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
@@ -62,5 +75,5 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     # Outermost first: the request id and metrics see everything, including 413s.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=node.metrics)
+    app.add_middleware(RequestContext, metrics=node.metrics, region=settings.region)
     return app

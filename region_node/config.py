@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from region_node.regions import DEFAULT_REGION_CODES
+
 
 class RegionSettings(BaseSettings):
     """Everything a region node needs to run; read from `PAYCLUSTER_*` environment variables."""
@@ -36,3 +38,14 @@ class RegionSettings(BaseSettings):
     events_subject_prefix: str = "paycluster.events"
     run_workers: bool = True
     log_level: str = "INFO"
+
+    # Multi-region. `peers` maps every other region to the gRPC address that reaches it
+    # from here (in the local lab: the WAN-link port, never the peer's own port).
+    grpc_port: int = Field(0, ge=0, description="0 = no gRPC server")
+    peers: dict[str, str] = Field(default_factory=dict)
+    region_codes: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_REGION_CODES))
+    grpc_deadline_seconds: float = Field(5.0, gt=0)
+    ownership_refresh_seconds: float = Field(0.5, gt=0)
+    transfer_poll_seconds: float = Field(0.2, gt=0)
+    replication_slo_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(1.0, gt=0)

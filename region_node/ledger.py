@@ -70,11 +70,11 @@ def _account(row: Row[tuple[object, ...]]) -> Account:
                    created_at=m["created_at"])
 
 
-async def open_account(conn: AsyncConnection, *, currency: str, kind: str, home_region: str,
-                       allow_overdraft: bool = False) -> Account:
-    """Open an empty account."""
+async def open_account(conn: AsyncConnection, *, account_id: uuid.UUID, currency: str,
+                       kind: str, home_region: str, allow_overdraft: bool = False) -> Account:
+    """Open an empty account (its id stamped with its home region by the caller)."""
     row = (await conn.execute(
-        A.insert().values(id=new_id(), currency=currency, kind=kind, home_region=home_region,
+        A.insert().values(id=account_id, currency=currency, kind=kind, home_region=home_region,
                           allow_overdraft=allow_overdraft).returning(*A.c))).one()
     return _account(row)
 
@@ -133,7 +133,8 @@ def require_spendable(account: Account, amount: int, *, param: str = "payer") ->
 
 
 async def post(conn: AsyncConnection, *, legs: Iterable[tuple[uuid.UUID, int]], currency: str,
-               entry_type: str, payment_id: uuid.UUID | None = None) -> uuid.UUID:
+               entry_type: str, payment_id: uuid.UUID | None = None, region: str | None = None,
+               journal_id: uuid.UUID | None = None) -> uuid.UUID:
     """Append one balanced posting (journal) and move the balances it touches.
 
     `legs` are (account_id, signed amount): positive credits the account. They must sum to
@@ -142,10 +143,11 @@ async def post(conn: AsyncConnection, *, legs: Iterable[tuple[uuid.UUID, int]], 
     legs = [(acc, amt) for acc, amt in legs if amt != 0]
     if sum(amt for _, amt in legs) != 0 or not legs:
         raise AssertionError(f"unbalanced posting {legs}")
-    journal_id = new_id()
+    journal_id = journal_id or new_id()
     await conn.execute(J.insert(), [
         {"id": new_id(), "journal_id": journal_id, "account_id": acc, "amount": amt,
-         "currency": currency, "entry_type": entry_type, "payment_id": payment_id}
+         "currency": currency, "entry_type": entry_type, "payment_id": payment_id,
+         "region": region}
         for acc, amt in legs])
     for acc, amt in legs:
         await conn.execute(
@@ -171,7 +173,7 @@ async def deposit(conn: AsyncConnection, *, region: str, account_id: uuid.UUID,
     funding = await system_account(conn, region=region, kind="funding", currency=account.currency)
     await lock_accounts(conn, [account_id, funding])
     journal_id = await post(conn, legs=[(funding, -amount), (account_id, amount)],
-                            currency=account.currency, entry_type="deposit")
+                            currency=account.currency, entry_type="deposit", region=region)
     return await _movement(conn, "deposit", journal_id, account_id, amount, account.currency)
 
 
@@ -186,7 +188,7 @@ async def withdraw(conn: AsyncConnection, *, region: str, account_id: uuid.UUID,
     locked = await lock_accounts(conn, [account_id, funding])
     require_spendable(locked[account_id], amount, param="amount")
     journal_id = await post(conn, legs=[(account_id, -amount), (funding, amount)],
-                            currency=account.currency, entry_type="withdrawal")
+                            currency=account.currency, entry_type="withdrawal", region=region)
     return await _movement(conn, "withdrawal", journal_id, account_id, amount, account.currency)
 
 

@@ -9,6 +9,18 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+traceparent: ContextVar[str | None] = ContextVar("traceparent", default=None)
+"""W3C trace context of the current request, passed on to every call to another region."""
+
+
+def new_traceparent(parent: str | None = None) -> str:
+    """A W3C traceparent for this hop: same trace id as `parent` (if well formed), new span."""
+    import secrets
+
+    parts = (parent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+        return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,7 +35,8 @@ class JsonFormatter(logging.Formatter):
         entry = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(), "logger": record.name,
-            "region": self.region, "request_id": request_id.get(), "msg": record.getMessage(),
+            "region": self.region, "request_id": request_id.get(),
+            "traceparent": traceparent.get(), "msg": record.getMessage(),
         }
         for key in ("event", "method", "path", "status", "duration_ms"):
             if hasattr(record, key):

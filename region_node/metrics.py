@@ -24,6 +24,9 @@ class NodeMetrics:
         self.outbox_backlog = Gauge(
             "paycluster_outbox_backlog", "Outbox events not yet published to the bus",
             ["region"], registry=self.registry)
+        self.forwarded = Counter(
+            "paycluster_forwarded_requests_total", "Requests forwarded to the owning region",
+            ["region", "owner"], registry=self.registry)
         self.holds_expired = Counter(
             "paycluster_holds_expired_total", "Holds released by the expiry worker",
             ["region"], registry=self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -10,7 +11,11 @@ from redis.asyncio import Redis
 from region_node.config import RegionSettings
 from region_node.db import Database
 from region_node.idempotency import IdempotencyStore
+from region_node.ids import new_id
 from region_node.metrics import NodeMetrics
+from region_node.ownership import OwnershipMap
+from region_node.regions import RegionCatalog
+from region_node.rpc.client import PeerClients
 
 
 @dataclass
@@ -22,6 +27,9 @@ class Node:
     redis: Redis
     idempotency: IdempotencyStore
     metrics: NodeMetrics
+    catalog: RegionCatalog
+    ownership: OwnershipMap
+    peers: PeerClients
 
     @property
     def region(self) -> str:
@@ -45,9 +53,22 @@ class Node:
                    idempotency=IdempotencyStore(db, redis,
                                                 ttl_seconds=settings.idempotency_ttl_seconds,
                                                 lock_seconds=settings.idempotency_lock_seconds),
-                   metrics=NodeMetrics(settings.region))
+                   metrics=NodeMetrics(settings.region),
+                   catalog=RegionCatalog(settings.region_codes),
+                   ownership=OwnershipMap(db, settings.region, settings.ownership_refresh_seconds),
+                   peers=PeerClients(settings.region, settings.peers,
+                                     settings.grpc_deadline_seconds))
+
+    def new_id(self, home_region: str) -> uuid.UUID:
+        """A UUIDv7 stamped with `home_region` (see region_node.regions)."""
+        return self.catalog.stamp(new_id(), home_region)
+
+    def home_of(self, value: uuid.UUID) -> str | None:
+        """The home region an id was stamped with."""
+        return self.catalog.home_of(value)
 
     async def close(self) -> None:
         """Close pools and clients."""
+        await self.peers.close()
         await self.redis.aclose()
         await self.db.dispose()

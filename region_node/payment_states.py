@@ -1,8 +1,8 @@
 """The payment state machine: which status may follow which.
 
-    requires_capture --capture--> succeeded
+    requires_capture --capture--> succeeded (same home region) | processing (cross-region)
     requires_capture --cancel / hold expiry--> canceled
-    processing --credit acknowledged--> succeeded      (cross-region, from the next issue on)
+    processing --credit acknowledged by the payee's region--> succeeded
     processing --credit rejected, payer refunded--> failed
     (created) --automatic capture--> succeeded | processing
 
@@ -24,7 +24,7 @@ STATUSES = (REQUIRES_CAPTURE, PROCESSING, SUCCEEDED, CANCELED, FAILED)
 TERMINAL = frozenset({SUCCEEDED, CANCELED, FAILED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    REQUIRES_CAPTURE: frozenset({SUCCEEDED, CANCELED}),
+    REQUIRES_CAPTURE: frozenset({SUCCEEDED, PROCESSING, CANCELED}),
     PROCESSING: frozenset({SUCCEEDED, FAILED}),
     SUCCEEDED: frozenset(),
     CANCELED: frozenset(),

@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import ledger, schema, tcc
+from region_node import ledger, schema, tcc, transfers
 from region_node import payment_states as st
 from region_node.errors import InvalidRequest, NotFound
 from region_node.ids import new_id
 from region_node.outbox import write_event
+from region_node.payment_view import to_api
 
 P = schema.payments
 R = schema.refunds
@@ -31,30 +32,26 @@ PAYER_BRANCH = "payer-hold"
 
 @dataclass(frozen=True)
 class PaymentRequest:
-    """A validated request to move `amount` from payer to payee."""
+    """A validated request to move `amount` from payer to payee.
 
+    `payer_home` / `payee_home` are the accounts' home regions (from their ids); the
+    payment is cross-region when they differ. `payment_id` is stamped with `payer_home`.
+    """
+
+    payment_id: uuid.UUID
     payer: uuid.UUID
     payee: uuid.UUID
+    payer_home: str
+    payee_home: str
     amount: int
     currency: str
     capture_method: str = "automatic"
     description: str | None = None
 
-
-def to_api(row: Row[Any] | dict[str, Any]) -> dict[str, Any]:
-    """The public JSON shape of a payment."""
-    m = row._mapping if isinstance(row, Row) else row
-    return {
-        "id": str(m["id"]), "object": "payment", "payer": str(m["payer_id"]),
-        "payee": str(m["payee_id"]), "amount": m["amount"], "currency": m["currency"],
-        "capture_method": m["capture_method"], "status": m["status"],
-        "amount_capturable": m["amount_held"], "amount_captured": m["amount_captured"],
-        "amount_refunded": m["amount_refunded"],
-        "hold_expires_at": m["hold_expires_at"].isoformat() if m["hold_expires_at"] else None,
-        "description": m["description"], "failure_code": m["failure_code"],
-        "home_region": m["home_region"],
-        "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
-    }
+    @property
+    def cross_region(self) -> bool:
+        """True when the payee lives in another home region (a saga, not one transaction)."""
+        return self.payer_home != self.payee_home
 
 
 async def _event(conn: AsyncConnection, region: str, event_type: str, payment: Row[Any]) -> None:
@@ -76,53 +73,85 @@ async def get_payment(conn: AsyncConnection, payment_id: uuid.UUID, *,
 
 async def create_payment(conn: AsyncConnection, *, region: str, request: PaymentRequest,
                          hold_ttl: timedelta) -> Row[Any]:
-    """Automatic: debit payer and credit payee now. Manual: TCC try, a hold on the payer."""
+    """Automatic: debit payer and credit payee now (cross-region: into transit, status
+    `processing`). Manual: TCC try, a hold on the payer."""
     if request.payer == request.payee:
         raise InvalidRequest("payer and payee must be different accounts", param="payee")
-    accounts = await ledger.lock_accounts(conn, [request.payer, request.payee],
-                                          params=["payer", "payee"])
-    payer, payee = accounts[request.payer], accounts[request.payee]
+    if request.cross_region:
+        payer = (await ledger.lock_accounts(conn, [request.payer], params=["payer"]))[request.payer]
+        payee = await _replica_of(conn, request.payee)
+    else:
+        accounts = await ledger.lock_accounts(conn, [request.payer, request.payee],
+                                              params=["payer", "payee"])
+        payer, payee = accounts[request.payer], accounts[request.payee]
     for acc, param in ((payer, "payer"), (payee, "payee")):
+        if acc is None:
+            continue  # not replicated here yet: the payee's own region decides
         if acc.currency != request.currency:
             raise InvalidRequest(
                 f"{param} account holds {acc.currency}, the payment is in {request.currency}",
                 code="currency_mismatch", param=param)
         if acc.kind not in ledger.USER_KINDS:
             raise InvalidRequest(f"{param} must be a customer or merchant account", param=param)
-    if payee.status != "open":
+    if payee is not None and payee.status != "open" and not request.cross_region:
         raise InvalidRequest(f"Account {payee.id} is closed", code="account_closed", param="payee")
     ledger.require_spendable(payer, request.amount)
 
-    payment_id = new_id()
-    manual = request.capture_method == "manual"
+    payment_id = request.payment_id
     values: dict[str, Any] = {
         "id": payment_id, "payer_id": request.payer, "payee_id": request.payee,
         "amount": request.amount, "currency": request.currency,
         "capture_method": request.capture_method, "description": request.description,
-        "home_region": region,
+        "home_region": request.payer_home, "payee_home": request.payee_home,
     }
-    if manual:
+    if request.capture_method == "manual":
         async def hold() -> None:
             await ledger.change_hold(conn, request.payer, request.amount)
 
         await tcc.try_phase(conn, payment_id, PAYER_BRANCH, hold)
         values |= {"status": st.REQUIRES_CAPTURE, "amount_held": request.amount,
                    "hold_expires_at": datetime.now(UTC) + hold_ttl}
+    elif request.cross_region:
+        await transfers.send(conn, region=region, message=_message(request, request.amount))
+        values |= {"status": st.PROCESSING, "amount_captured": request.amount}
     else:
         await ledger.post(conn, legs=[(request.payer, -request.amount),
                                       (request.payee, request.amount)],
-                          currency=request.currency, entry_type="payment", payment_id=payment_id)
+                          currency=request.currency, entry_type="payment",
+                          payment_id=payment_id, region=region)
         values |= {"status": st.SUCCEEDED, "amount_captured": request.amount}
     row = (await conn.execute(P.insert().values(**values).returning(*P.c))).one()
     await _event(conn, region, f"payment.{row.status}", row)
     return row
 
 
+def _message(request: PaymentRequest, amount: int) -> transfers.TransferMessage:
+    # The message id carries the payer's home like every id that region inserts.
+    return transfers.TransferMessage(
+        id=uuid.UUID(bytes=new_id().bytes[:15] + request.payment_id.bytes[15:]),
+        payment_id=request.payment_id, payer_id=request.payer, payee_id=request.payee,
+        from_home=request.payer_home, to_home=request.payee_home, amount=amount,
+        currency=request.currency)
+
+
+async def _replica_of(conn: AsyncConnection, account_id: uuid.UUID) -> ledger.Account | None:
+    try:
+        return await ledger.get_account(conn, account_id)
+    except NotFound:
+        return None
+
+
 async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
                   amount: int | None) -> Row[Any]:
-    """TCC confirm: post `amount` (default: the whole hold) and release the rest."""
+    """TCC confirm: post `amount` (default: the whole hold) and release the rest.
+
+    Cross-region, the captured amount goes into transit and the payment is `processing`
+    until the payee's region has credited it.
+    """
     payment = await get_payment(conn, payment_id, for_update=True)
-    st.check_transition(payment.status, st.SUCCEEDED, action="capture")
+    cross_region = payment.payee_home is not None and payment.payee_home != payment.home_region
+    target = st.PROCESSING if cross_region else st.SUCCEEDED
+    st.check_transition(payment.status, target, action="capture")
     if payment.hold_expires_at is not None and payment.hold_expires_at <= datetime.now(UTC):
         raise st.Conflict("The hold on this payment has expired", code="hold_expired")
     to_capture = payment.amount_held if amount is None else amount
@@ -131,18 +160,28 @@ async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
             f"Cannot capture {to_capture}: only {payment.amount_held} is held", param="amount")
 
     async def confirm() -> None:
+        if cross_region:
+            await ledger.lock_accounts(conn, [payment.payer_id])
+            await ledger.change_hold(conn, payment.payer_id, -payment.amount_held)
+            request = PaymentRequest(
+                payment_id=payment.id, payer=payment.payer_id, payee=payment.payee_id,
+                payer_home=payment.home_region, payee_home=payment.payee_home,
+                amount=to_capture, currency=payment.currency)
+            await transfers.send(conn, region=region, message=_message(request, to_capture))
+            return
         await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
         await ledger.change_hold(conn, payment.payer_id, -payment.amount_held)
         await ledger.post(conn, legs=[(payment.payer_id, -to_capture),
                                       (payment.payee_id, to_capture)],
-                          currency=payment.currency, entry_type="payment", payment_id=payment.id)
+                          currency=payment.currency, entry_type="payment",
+                          payment_id=payment.id, region=region)
 
     await tcc.confirm_phase(conn, payment.id, PAYER_BRANCH, confirm)
     row = (await conn.execute(
         P.update().where(P.c.id == payment.id)
-        .values(status=st.SUCCEEDED, amount_captured=to_capture, amount_held=0,
+        .values(status=target, amount_captured=to_capture, amount_held=0,
                 updated_at=sa.func.now()).returning(*P.c))).one()
-    await _event(conn, region, "payment.succeeded", row)
+    await _event(conn, region, f"payment.{target}", row)
     return row
 
 
@@ -172,6 +211,10 @@ async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
     if payment.status != st.SUCCEEDED:
         raise st.Conflict(f"Cannot refund a payment whose status is '{payment.status}'",
                           code="payment_unexpected_state")
+    if payment.payee_home is not None and payment.payee_home != payment.home_region:
+        # The payee's money lives in another region; a refund needs a reverse saga.
+        raise st.Conflict("Refunds of cross-region payments are not supported yet",
+                          code="cross_region_refund_unsupported")
     refundable = payment.amount_captured - payment.amount_refunded
     to_refund = refundable if amount is None else amount
     if refundable == 0:
@@ -182,7 +225,8 @@ async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
     accounts = await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
     ledger.require_spendable(accounts[payment.payee_id], to_refund, param="payee")
     await ledger.post(conn, legs=[(payment.payee_id, -to_refund), (payment.payer_id, to_refund)],
-                      currency=payment.currency, entry_type="refund", payment_id=payment.id)
+                      currency=payment.currency, entry_type="refund", payment_id=payment.id,
+                      region=region)
     refund_row = (await conn.execute(
         R.insert().values(id=new_id(), payment_id=payment.id, amount=to_refund,
                           currency=payment.currency).returning(*R.c))).one()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import ledger
 from region_node.api.models import Movement, OpenAccount, check_amount
 from region_node.api.mutation import Result, node_of, run_mutation
+from region_node.api.routing import forward, home_of, known_home, owner_route
 from region_node.errors import InvalidRequest, NotFound
 from region_node.ids import parse_id
 
@@ -26,64 +27,101 @@ def account_id_of(raw: str) -> uuid.UUID:
 
 
 @router.post("", status_code=201)
-async def open_account(body: OpenAccount, request: Request) -> JSONResponse:
-    """Open an account in this region (its home region)."""
+async def open_account(body: OpenAccount, request: Request) -> Response:
+    """Open an account homed in `home_region` (default: the region that took the request);
+    the region serving that home opens it."""
     node = node_of(request)
-    home = body.home_region or node.region
-    if home != node.region:
-        raise InvalidRequest(f"This region is '{node.region}'; accounts homed in '{home}' "
-                             "are opened there", code="unknown_region", param="home_region")
+    home = known_home(request, body.home_region or node.region)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
-        account = await ledger.open_account(conn, currency=body.currency, kind=body.kind,
+        account = await ledger.open_account(conn, account_id=node.new_id(home),
+                                            currency=body.currency, kind=body.kind,
                                             home_region=home,
                                             allow_overdraft=body.allow_overdraft)
         return 201, account.to_api()
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home)
 
 
 @router.get("/{account_id}")
-async def get_account(account_id: str, request: Request) -> JSONResponse:
-    """Balance, available and held amounts of an account."""
+async def get_account(account_id: str, request: Request,
+                      consistency: str = Query("local", pattern="^(local|strong)$")) -> Response:
+    """Balance, available and held amounts; served from this region's copy unless
+    `consistency=strong` asks the owner."""
     acc_id = account_id_of(account_id)
-    async with node_of(request).db.engine.connect() as conn:
-        account = await ledger.get_account(conn, acc_id)
+    if (forwarded := await owner_route(request, home_of(request, acc_id), write=False)):
+        return forwarded
+    try:
+        async with node_of(request).db.engine.connect() as conn:
+            account = await ledger.get_account(conn, acc_id)
+    except NotFound:
+        return await _not_here(request, acc_id)
     return JSONResponse(account.to_api())
 
 
+async def _not_here(request: Request, acc_id: uuid.UUID) -> Response:
+    """A row not replicated here yet may exist at its owner: ask before saying 404."""
+    owner = getattr(request.state, "owner", None)
+    if owner is not None and owner != node_of(request).region:
+        return await forward(request, owner)
+    raise NotFound(f"No such account: '{acc_id}'")
+
+
 @router.post("/{account_id}/deposits", status_code=201)
-async def deposit(account_id: str, body: Movement, request: Request) -> JSONResponse:
+async def deposit(account_id: str, body: Movement, request: Request) -> Response:
     """Fund an account from outside the ledger."""
     acc_id = account_id_of(account_id)
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
+    home = home_of(request, acc_id)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
         return 201, await ledger.deposit(conn, region=node.region, account_id=acc_id,
                                          amount=body.amount)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home)
 
 
 @router.post("/{account_id}/withdrawals", status_code=201)
-async def withdraw(account_id: str, body: Movement, request: Request) -> JSONResponse:
+async def withdraw(account_id: str, body: Movement, request: Request) -> Response:
     """Pay money out of the ledger; never below the available balance."""
     acc_id = account_id_of(account_id)
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
+    home = home_of(request, acc_id)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
         return 201, await ledger.withdraw(conn, region=node.region, account_id=acc_id,
                                           amount=body.amount)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home)
+
+
+@router.post("/{account_id}/close")
+async def close(account_id: str, request: Request) -> Response:
+    """Close an empty account; payments to it are refused from then on."""
+    acc_id = account_id_of(account_id)
+    home = home_of(request, acc_id)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
+
+    async def step(conn: AsyncConnection) -> Result:
+        return 200, (await ledger.close_account(conn, acc_id)).to_api()
+
+    return await run_mutation(request, step, home=home)
 
 
 @router.get("/{account_id}/entries")
 async def entries(account_id: str, request: Request,
                   limit: int = Query(20, ge=1, le=100),
-                  starting_after: str | None = None) -> JSONResponse:
+                  starting_after: str | None = None,
+                  consistency: str = Query("local", pattern="^(local|strong)$")) -> Response:
     """Journal entries, newest first; pass `next_cursor` as `starting_after` for more."""
     acc_id = account_id_of(account_id)
     cursor = None
@@ -91,7 +129,11 @@ async def entries(account_id: str, request: Request,
         cursor = parse_id(starting_after)
         if cursor is None:
             raise InvalidRequest("starting_after must be an entry id", param="starting_after")
-    async with node_of(request).db.engine.connect() as conn:
-        page = await ledger.list_entries(conn, acc_id, limit=limit, starting_after=cursor)
+    if (forwarded := await owner_route(request, home_of(request, acc_id), write=False)):
+        return forwarded
+    try:
+        async with node_of(request).db.engine.connect() as conn:
+            page = await ledger.list_entries(conn, acc_id, limit=limit, starting_after=cursor)
+    except NotFound:
+        return await _not_here(request, acc_id)
     return JSONResponse(page)
-

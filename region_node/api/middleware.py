@@ -12,17 +12,19 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from region_node.errors import PayloadTooLarge
-from region_node.logs import request_id
+from region_node.logs import new_traceparent, request_id, traceparent
 from region_node.metrics import NodeMetrics
 
 
 class RequestContext:
-    """Gives every request an id (kept from `x-request-id` if the caller sent one), echoes
-    it back, and counts the request in the metrics by its route template."""
+    """Gives every request an id (kept from `x-request-id` if the caller sent one) and a
+    trace context, echoes the id back with the serving and owning regions, and counts
+    the request in the metrics by its route template."""
 
-    def __init__(self, app: ASGIApp, metrics: NodeMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: NodeMetrics, region: str) -> None:
         self.app = app
         self.metrics = metrics
+        self.region = region.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,6 +33,8 @@ class RequestContext:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         token = request_id.set(rid)
+        trace = traceparent.set(new_traceparent(
+            headers.get(b"traceparent", b"").decode("latin-1") or None))
         started = time.perf_counter()
         status = 500
 
@@ -38,8 +42,15 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", rid.encode("latin-1"))]
+                extra = [(b"x-request-id", rid.encode("latin-1"))]
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                # Which region answered, and which owns the data (routing.owner_route).
+                if b"paycluster-served-by" not in names:
+                    extra.append((b"paycluster-served-by", self.region))
+                owner = scope.get("state", {}).get("owner")
+                if owner and b"paycluster-owner" not in names:
+                    extra.append((b"paycluster-owner", owner.encode()))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
@@ -50,6 +61,7 @@ class RequestContext:
             self.metrics.observe_request(scope["method"], template, status,
                                          time.perf_counter() - started)
             request_id.reset(token)
+            traceparent.reset(trace)
 
 
 class BodyLimit:

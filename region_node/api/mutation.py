@@ -12,9 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, PaymentError
 from region_node.idempotency import request_hash, validate_key
 from region_node.node import Node
+from region_node.ownership import assert_serving
 
 Result = tuple[int, dict[str, Any]]
 Step = Callable[[AsyncConnection], Awaitable[Result]]
+AfterCommit = Callable[[dict[str, Any]], None]
 
 
 def node_of(request: Request) -> Node:
@@ -23,20 +25,35 @@ def node_of(request: Request) -> Node:
     return node
 
 
-async def run_mutation(request: Request, step: Step) -> JSONResponse:
+async def run_mutation(request: Request, step: Step, *, home: str | None,
+                       after_commit: AfterCommit | None = None) -> JSONResponse:
     """Run `step` in a transaction and answer with its (status, body).
 
-    With an Idempotency-Key the response is stored in the same transaction as the effect;
-    a replay answers the stored response with header `Idempotent-Replayed: true`.
+    The transaction first checks, under lock, that this region still serves `home` (the
+    ownership fence: a region that lost ownership can no longer write). With an
+    Idempotency-Key the response is stored in the same transaction as the effect, keyed
+    by the home region; a replay answers the stored response with header
+    `Idempotent-Replayed: true`. `after_commit` sees the body of a fresh (not replayed)
+    success.
     """
     node = node_of(request)
+    home = home or node.region
+    inner = step
+
+    async def fenced(conn: AsyncConnection) -> Result:
+        await assert_serving(conn, node.region, home)
+        return await inner(conn)
+
+    step = fenced
     key = request.headers.get("idempotency-key")
     if key is None:
         status, body = await node.db.transaction(step)
+        if after_commit is not None:
+            after_commit(body)
         return JSONResponse(body, status)
 
     validate_key(key)
-    scope = node.region
+    scope = home
     req_hash = request_hash(request.method, request.url.path, await request.body())
     stored = await node.idempotency.claim(scope, key, req_hash)
     if stored is not None:
@@ -63,4 +80,6 @@ async def run_mutation(request: Request, step: Step) -> JSONResponse:
         await node.idempotency.release(scope, key)
         raise
     await node.idempotency.remember(scope, key, req_hash, status, body)
+    if after_commit is not None:
+        after_commit(body)
     return JSONResponse(body, status)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from region_node import payment_states as st
 from region_node import payments
 from region_node.api.models import Cancel, Capture, CreatePayment, Refund, check_amount
-from region_node.api.mutation import Result, node_of, run_mutation
+from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
+from region_node.api.routing import forward, home_of, owner_route
 from region_node.errors import InvalidRequest, NotFound
 from region_node.ids import parse_id
 
@@ -31,75 +34,112 @@ def _account_param(raw: str, param: str) -> uuid.UUID:
     return parsed
 
 
+def _push_if_processing(request: Request) -> AfterCommit:
+    """After commit: a cross-region payment that just went `processing` is delivered now,
+    in the background (the replicated message row is the fallback)."""
+    def hook(body: dict[str, Any]) -> None:
+        if body.get("status") == st.PROCESSING:
+            request.app.state.transfer_worker.push_soon(uuid.UUID(body["id"]))
+    return hook
+
+
 @router.post("", status_code=201)
-async def create(body: CreatePayment, request: Request) -> JSONResponse:
-    """Pay now (automatic capture) or place a hold to capture later (manual)."""
+async def create(body: CreatePayment, request: Request) -> Response:
+    """Pay now (automatic capture) or place a hold to capture later (manual). The region
+    serving the payer's home executes it; a payee in another home region is paid by a
+    saga (status `processing` until the payee's region has credited it)."""
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
-    req = payments.PaymentRequest(
-        payer=_account_param(body.payer, "payer"), payee=_account_param(body.payee, "payee"),
-        amount=body.amount, currency=body.currency, capture_method=body.capture_method,
-        description=body.description)
-    if req.payer == req.payee:
+    payer = _account_param(body.payer, "payer")
+    payee = _account_param(body.payee, "payee")
+    if payer == payee:
         raise InvalidRequest("payer and payee must be different accounts", param="payee")
+    payer_home = home_of(request, payer) or node.region
+    if (forwarded := await owner_route(request, payer_home)) is not None:
+        return forwarded
+    req = payments.PaymentRequest(
+        payment_id=node.new_id(payer_home), payer=payer, payee=payee, payer_home=payer_home,
+        payee_home=home_of(request, payee) or payer_home, amount=body.amount,
+        currency=body.currency, capture_method=body.capture_method,
+        description=body.description)
 
     async def step(conn: AsyncConnection) -> Result:
         row = await payments.create_payment(conn, region=node.region, request=req,
                                             hold_ttl=node.hold_ttl)
         return 201, payments.to_api(row)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=payer_home,
+                              after_commit=_push_if_processing(request))
 
 
 @router.get("/{payment_id}")
-async def get(payment_id: str, request: Request) -> JSONResponse:
-    """A payment and its status."""
+async def get(payment_id: str, request: Request,
+              consistency: str = Query("local", pattern="^(local|strong)$")) -> Response:
+    """A payment and its status, from this region's copy unless `consistency=strong`."""
     pid = _payment_id(payment_id)
-    async with node_of(request).db.engine.connect() as conn:
-        row = await payments.get_payment(conn, pid)
+    if (forwarded := await owner_route(request, home_of(request, pid), write=False)):
+        return forwarded
+    try:
+        async with node_of(request).db.engine.connect() as conn:
+            row = await payments.get_payment(conn, pid)
+    except NotFound:
+        owner = getattr(request.state, "owner", None)
+        if owner is not None and owner != node_of(request).region:
+            return await forward(request, owner)
+        raise
     return JSONResponse(payments.to_api(row))
 
 
 @router.post("/{payment_id}/capture")
 async def capture(payment_id: str, request: Request,
-                  body: Capture | None = Body(None)) -> JSONResponse:
+                  body: Capture | None = Body(None)) -> Response:
     """Capture a held payment, fully or partly (TCC confirm)."""
     pid = _payment_id(payment_id)
     node = node_of(request)
     amount = body.amount if body else None
+    home = home_of(request, pid)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
         row = await payments.capture(conn, region=node.region, payment_id=pid, amount=amount)
         return 200, payments.to_api(row)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home,
+                              after_commit=_push_if_processing(request))
 
 
 @router.post("/{payment_id}/cancel")
 async def cancel(payment_id: str, request: Request,
-                 body: Cancel | None = Body(None)) -> JSONResponse:
+                 body: Cancel | None = Body(None)) -> Response:
     """Release a held payment (TCC cancel)."""
     pid = _payment_id(payment_id)
     node = node_of(request)
     reason = body.cancellation_reason if body else "requested_by_customer"
+    home = home_of(request, pid)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
         row = await payments.cancel(conn, region=node.region, payment_id=pid, reason=reason)
         return 200, payments.to_api(row)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home)
 
 
 @router.post("/{payment_id}/refunds", status_code=201)
 async def refund(payment_id: str, request: Request,
-                 body: Refund | None = Body(None)) -> JSONResponse:
+                 body: Refund | None = Body(None)) -> Response:
     """Refund a captured payment, fully or partly."""
     pid = _payment_id(payment_id)
     node = node_of(request)
     amount = body.amount if body else None
+    home = home_of(request, pid)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
         return 201, await payments.refund(conn, region=node.region, payment_id=pid,
                                           amount=amount)
 
-    return await run_mutation(request, step)
+    return await run_mutation(request, step, home=home)

@@ -1,0 +1,72 @@
+"""Any region accepts any request: writes (and strong reads) for data another region owns
+are forwarded over gRPC to that region and answered exactly as it answered."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from region_node.api.mutation import node_of
+from region_node.errors import InvalidRequest, RegionUnavailable
+from region_node.rpc import region_pb2 as pb
+from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
+
+SERVED_BY = "Paycluster-Served-By"
+OWNER = "Paycluster-Owner"
+
+
+def home_of(request: Request, value: uuid.UUID | None) -> str | None:
+    """Home region stamped in an id (None for ids we cannot place)."""
+    return node_of(request).home_of(value) if value is not None else None
+
+
+def known_home(request: Request, home: str) -> str:
+    """Validate a client-given home region against the catalog."""
+    if home not in node_of(request).catalog.codes:
+        raise InvalidRequest(f"Unknown region '{home}'", code="unknown_region",
+                             param="home_region")
+    return home
+
+
+async def owner_route(request: Request, home: str | None, *,
+                      write: bool = True) -> Response | None:
+    """Forward the request if another region serves `home`; None means: serve it here.
+
+    Reads (`write=False`) stay local unless `?consistency=strong` asks for the owner.
+    The owner region is recorded for the `Paycluster-Owner` response header.
+    """
+    node = node_of(request)
+    if home is None:
+        return None
+    owner = (await node.ownership.owner(home)).serving_region
+    request.state.owner = owner
+    if owner == node.region:
+        return None
+    if not write and request.query_params.get("consistency") != "strong":
+        return None
+    return await forward(request, owner)
+
+
+async def forward(request: Request, owner: str) -> Response:
+    """Send the request to `owner` over gRPC and relay its answer."""
+    node = node_of(request)
+    if request.headers.get(FORWARDED_FROM):
+        # Two regions disagree about ownership (a handover in progress): never ping-pong.
+        raise RegionUnavailable(
+            f"Region {node.region} does not serve this data and will not forward it twice; "
+            "retry shortly", code="misrouted")
+    body = await request.body()
+    reply = await node.peers.forward(owner, pb.ForwardRequest(
+        method=request.method, path=request.url.path, query=request.url.query,
+        headers=[pb.Header(name=k, value=v) for k, v in request.headers.items()
+                 if k.lower() in FORWARD_HEADERS],
+        body=body, origin_region=node.region))
+    headers = {h.name: h.value for h in reply.headers
+               if h.name.lower() not in ("x-request-id", "content-length")}
+    headers[SERVED_BY] = reply.served_by
+    headers[OWNER] = owner
+    node.metrics.forwarded.labels(node.region, owner).inc()
+    return Response(reply.body, status_code=reply.status, headers=headers,
+                    media_type=headers.get("content-type"))

@@ -1,0 +1,96 @@
+"""Calls to other regions' nodes: one channel per peer, a deadline on every call, and the
+request id and trace context carried along in metadata."""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+
+from region_node.errors import RegionUnavailable
+from region_node.logs import request_id, traceparent
+from region_node.rpc import region_pb2 as pb
+from region_node.rpc import region_pb2_grpc as pb_grpc
+from region_node.rpc.errors import from_rpc_error
+
+ORIGIN_KEY = "paycluster-origin"
+"""gRPC metadata key naming the calling region."""
+
+FORWARDED_FROM = "paycluster-forwarded-from"
+"""HTTP header on a request that another region forwarded here: never forward it again."""
+
+FORWARD_HEADERS = ("content-type", "idempotency-key", "x-request-id", "traceparent",
+                   "authorization", "user-agent", "accept")
+"""Request headers worth carrying to the owner; hop-by-hop and host headers are not."""
+
+
+def call_metadata(origin: str) -> tuple[tuple[str, str], ...]:
+    """Metadata every outgoing call carries: who asks, request id, W3C trace context."""
+    items = [(ORIGIN_KEY, origin)]
+    rid = request_id.get()
+    if rid:
+        items.append(("x-request-id", rid))
+    trace = traceparent.get()
+    if trace:
+        items.append(("traceparent", trace))
+    return tuple(items)
+
+
+class PeerClients:
+    """gRPC stubs for every other region, addressed as configured in `peers`."""
+
+    def __init__(self, region: str, peers: dict[str, str], deadline: float) -> None:
+        self.region = region
+        self.peers = dict(peers)
+        self.deadline = deadline
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, peer: str) -> pb_grpc.RegionStub:
+        target = self.peers.get(peer)
+        if target is None:
+            raise RegionUnavailable(f"No route to region '{peer}'")
+        channel = self._channels.get(peer)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(target, options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2_000)])
+            self._channels[peer] = channel
+        return pb_grpc.RegionStub(channel)
+
+    async def forward(self, peer: str, request: pb.ForwardRequest,
+                      deadline: float | None = None) -> pb.ForwardResponse:
+        """Run a public API request at `peer`."""
+        try:
+            response: pb.ForwardResponse = await self._stub(peer).Forward(
+                request, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        return response
+
+    async def apply_transfer(self, peer: str, message: pb.TransferMessage,
+                             deadline: float | None = None) -> pb.TransferResult:
+        """Push a transfer message to the payee's region."""
+        try:
+            result: pb.TransferResult = await self._stub(peer).ApplyTransfer(
+                message, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        return result
+
+    async def ownership(self, peer: str, deadline: float | None = None) -> pb.OwnershipReply:
+        """A peer's view of ownership."""
+        try:
+            reply: pb.OwnershipReply = await self._stub(peer).GetOwnership(
+                pb.OwnershipRequest(), timeout=deadline or self.deadline,
+                metadata=call_metadata(self.region))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        return reply
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()

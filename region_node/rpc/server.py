@@ -1,0 +1,135 @@
+"""The gRPC server of a region node: the Region service and grpc.health.v1."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import httpx
+from fastapi import FastAPI
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from region_node import transfers
+from region_node.errors import InvalidRequest, PaymentError
+from region_node.logs import new_traceparent, request_id, traceparent
+from region_node.node import Node
+from region_node.rpc import region_pb2 as pb
+from region_node.rpc import region_pb2_grpc as pb_grpc
+from region_node.rpc.client import FORWARDED_FROM, ORIGIN_KEY
+from region_node.rpc.errors import status_for, trailers_for
+from region_node.transfer_worker import TransferWorker
+
+log = logging.getLogger(__name__)
+
+
+Resp = TypeVar("Resp")
+
+
+def _uuid(value: str, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field} is not a UUID", param=field) from exc
+
+
+class RegionService(pb_grpc.RegionServicer):
+    """Implements paycluster.v1.Region for one node."""
+
+    def __init__(self, node: Node, app: FastAPI, transfer_worker: TransferWorker) -> None:
+        self.node = node
+        self.app = app
+        self.transfer_worker = transfer_worker
+        self._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                       base_url="http://forwarded")
+
+    async def _guard(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Resp]]
+                     ) -> Resp:
+        meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        rid = request_id.set(meta.get("x-request-id") or uuid.uuid4().hex)
+        trace = traceparent.set(new_traceparent(meta.get("traceparent")))
+        try:
+            return await call()
+        except PaymentError as exc:
+            context.set_trailing_metadata(trailers_for(exc))
+            await context.abort(status_for(exc), exc.message)
+            raise  # abort() raises; this line only tells the type checker
+        finally:
+            request_id.reset(rid)
+            traceparent.reset(trace)
+
+    async def Forward(self, request: pb.ForwardRequest,
+                      context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        """Replay a public API request against this node's own app."""
+        async def call() -> pb.ForwardResponse:
+            headers = {h.name: h.value for h in request.headers}
+            headers[FORWARDED_FROM] = request.origin_region or "unknown"
+            if request_id.get():
+                headers["x-request-id"] = request_id.get() or ""
+            resp = await self._http.request(
+                request.method, request.path + (f"?{request.query}" if request.query else ""),
+                content=request.body, headers=headers)
+            return pb.ForwardResponse(
+                status=resp.status_code, body=resp.content, served_by=self.node.region,
+                headers=[pb.Header(name=k, value=v) for k, v in resp.headers.items()
+                         if k.lower() not in ("content-length", "transfer-encoding")])
+        return await self._guard(context, call)
+
+    async def ApplyTransfer(self, request: pb.TransferMessage,
+                            context: grpc.aio.ServicerContext) -> pb.TransferResult:
+        """Credit a cross-region payment's payee exactly once (or say why not)."""
+        async def call() -> pb.TransferResult:
+            message = transfers.TransferMessage(
+                id=_uuid(request.id, "id"), payment_id=_uuid(request.payment_id, "payment_id"),
+                payer_id=_uuid(request.payer_id, "payer_id"),
+                payee_id=_uuid(request.payee_id, "payee_id"), from_home=request.from_home,
+                to_home=request.to_home, amount=request.amount, currency=request.currency)
+            if message.amount <= 0:
+                raise InvalidRequest("amount must be positive", param="amount")
+            outcome = await self.transfer_worker.receive(message)
+            return pb.TransferResult(transfer_id=str(outcome.transfer_id),
+                                     outcome=outcome.outcome, reason=outcome.reason or "")
+        return await self._guard(context, call)
+
+    async def GetOwnership(self, request: pb.OwnershipRequest,
+                           context: grpc.aio.ServicerContext) -> pb.OwnershipReply:
+        """This region's view of the ownership table."""
+        async def call() -> pb.OwnershipReply:
+            await self.node.ownership.refresh()
+            return pb.OwnershipReply(region=self.node.region, entries=[
+                pb.OwnershipEntry(home_region=o.home_region, serving_region=o.serving_region,
+                                  epoch=o.epoch) for o in self.node.ownership.snapshot()])
+        return await self._guard(context, call)
+
+    async def close(self) -> None:
+        """Release the in-process HTTP client."""
+        await self._http.aclose()
+
+
+async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferWorker,
+                            host: str = "127.0.0.1") -> tuple[grpc.aio.Server, RegionService]:
+    """Serve the Region service and grpc.health.v1 on settings.grpc_port."""
+    server = grpc.aio.server()
+    service = RegionService(node, app, transfer_worker)
+    pb_grpc.add_RegionServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{host}:{node.settings.grpc_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC port {node.settings.grpc_port}")
+    await server.start()
+    for name in ("", "paycluster.v1.Region"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC serving on %s:%d", host, port)
+    return server, service
+
+
+def origin_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The region that made this call (from metadata)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ORIGIN_KEY and isinstance(value, str):
+            return value
+    return None
+
