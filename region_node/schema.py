@@ -61,7 +61,8 @@ payments = sa.Table(
     "payments", metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("payer_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
-    sa.Column("payee_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
+    # No foreign key: a cross-region payee lives in another region (see migration 0002).
+    sa.Column("payee_id", UUID(as_uuid=True), nullable=False),
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.CHAR(3), nullable=False),
     sa.Column("capture_method", sa.Text, nullable=False),

@@ -35,16 +35,25 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegionServers]
         region.stop()
 
 
-@pytest.fixture
-def db_url(servers: RegionServers) -> Iterator[str]:
-    """A fresh, migrated database for one test (libpq URL); dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(servers: RegionServers) -> Iterator[str]:
+    """A new database cloned from the migrated template; dropped on exit."""
     name = f"t{next(_db_counter)}_{Path(servers.postgres.data_dir).parent.name}".replace("-", "_")
     admin = servers.postgres.dsn()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'create database "{name}" template {TEMPLATE_DB}')
-    yield servers.postgres.dsn(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+    try:
+        yield servers.postgres.dsn(name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def db_url(servers: RegionServers) -> Iterator[str]:
+    """A fresh, migrated database for one test (libpq URL); dropped afterwards."""
+    with fresh_database(servers) as url:
+        yield url
 
 
 def region_settings(servers: RegionServers, db_url: str, **overrides: object) -> RegionSettings:

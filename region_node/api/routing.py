@@ -64,7 +64,8 @@ async def forward(request: Request, owner: str) -> Response:
                  if k.lower() in FORWARD_HEADERS],
         body=body, origin_region=node.region))
     headers = {h.name: h.value for h in reply.headers
-               if h.name.lower() not in ("x-request-id", "content-length")}
+               if h.name.lower() not in ("x-request-id", "content-length",
+                                         SERVED_BY.lower(), OWNER.lower())}
     headers[SERVED_BY] = reply.served_by
     headers[OWNER] = owner
     node.metrics.forwarded.labels(node.region, owner).inc()

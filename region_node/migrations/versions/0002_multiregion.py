@@ -59,6 +59,9 @@ CREATE INDEX ix_transfer_results_from ON transfer_results (from_home, created_at
 CREATE INDEX ix_payments_processing ON payments (home_region) WHERE status = 'processing';
 
 ALTER TABLE journal_entries ADD COLUMN region TEXT;
+-- A cross-region payment names a payee that lives (and may so far only exist) in
+-- another region: the payee's region checks it, not a local foreign key.
+ALTER TABLE payments DROP CONSTRAINT payments_payee_id_fkey;
 ALTER TABLE payments ADD COLUMN payee_home TEXT;
 ALTER TABLE payments ADD COLUMN epoch BIGINT;
 """

@@ -1,0 +1,167 @@
+"""Two region nodes in one process, each with its own database and gRPC server, talking
+over real gRPC: forwarding to the owner, the cross-region saga via push (no replication
+here: that path is covered by the multi-region suite), compensation, error mapping and
+request-id propagation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.servers import RegionServers, free_port
+from region_node import errors as e
+from region_node.rpc import region_pb2 as pb
+from region_node.rpc.client import PeerClients
+from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
+from tests.conftest import app_client, fresh_database, region_settings
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def two_regions(servers: RegionServers) -> AsyncIterator[
+        tuple[httpx.AsyncClient, httpx.AsyncClient, str, str, dict[str, int]]]:
+    ports = {"us-east": free_port(), "eu-west": free_port()}
+    with fresh_database(servers) as db_a, fresh_database(servers) as db_b:
+        sa = region_settings(servers, db_a, region="us-east", grpc_port=ports["us-east"],
+                             peers={"eu-west": f"127.0.0.1:{ports['eu-west']}"},
+                             transfer_poll_seconds=0.05)
+        sb = region_settings(servers, db_b, region="eu-west", grpc_port=ports["eu-west"],
+                             peers={"us-east": f"127.0.0.1:{ports['us-east']}"},
+                             transfer_poll_seconds=0.05)
+        async with app_client(sa) as a, app_client(sb) as b:
+            yield a, b, db_a, db_b, ports
+
+
+async def _wait_status(client: httpx.AsyncClient, pid: str, status: str) -> dict[str, object]:
+    deadline = time.monotonic() + 15
+    while True:
+        body: dict[str, object] = (await client.get(f"/v1/payments/{pid}")).json()
+        if body["status"] == status:
+            return body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def test_forwarding_and_cross_region_saga(servers: RegionServers) -> None:
+    async with two_regions(servers) as (a, b, db_a, db_b, _):
+        # Opened through us-east, homed in eu-west: forwarded and answered as if local.
+        resp = await a.post("/v1/accounts", json={"currency": "EUR", "home_region": "eu-west"},
+                            headers={"x-request-id": "req-forward-1"})
+        assert resp.status_code == 201, resp.text
+        assert resp.headers["Paycluster-Served-By"] == "eu-west"
+        assert resp.headers["Paycluster-Owner"] == "eu-west"
+        assert resp.headers["x-request-id"] == "req-forward-1"
+        payee = resp.json()["id"]
+        assert resp.json()["home_region"] == "eu-west"
+        with psycopg.connect(db_b) as conn:
+            assert conn.execute("select count(*) from accounts where id = %s",
+                                (payee,)).fetchone() == (1,)
+        with psycopg.connect(db_a) as conn:
+            assert conn.execute("select count(*) from accounts where id = %s",
+                                (payee,)).fetchone() == (0,), "never written locally"
+
+        payer = (await a.post("/v1/accounts", json={"currency": "EUR"})).json()["id"]
+        await a.post(f"/v1/accounts/{payer}/deposits", json={"amount": 10_000})
+        # Sent to eu-west, the payer lives in us-east: forwarded to us-east, then a saga.
+        created = await b.post("/v1/payments", json={
+            "payer": payer, "payee": payee, "amount": 2_500, "currency": "EUR"})
+        assert created.status_code == 201, created.text
+        assert created.headers["Paycluster-Served-By"] == "us-east"
+        pid = created.json()["id"]
+        assert created.json()["status"] in ("processing", "succeeded")
+        await _wait_status(a, pid, "succeeded")
+        assert (await b.get(f"/v1/accounts/{payee}")).json()["balance"] == 2_500
+        assert (await a.get(f"/v1/accounts/{payer}")).json()["balance"] == 7_500
+        # In transit nets to zero once settled: +2500 clearing at us-east, -2500 at eu-west.
+        with psycopg.connect(db_a) as conn:
+            assert conn.execute("select balance from accounts where kind = 'clearing'"
+                                ).fetchone() == (2_500,)
+        with psycopg.connect(db_b) as conn:
+            assert conn.execute("select balance from accounts where kind = 'clearing'"
+                                ).fetchone() == (-2_500,)
+            assert conn.execute("select outcome from transfer_results").fetchall() == [
+                ("credited",)]
+
+
+async def test_compensation_refunds_payer(servers: RegionServers) -> None:
+    async with two_regions(servers) as (a, b, _db_a, db_b, _):
+        payee = (await b.post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        closed = await b.post(f"/v1/accounts/{payee}/close")
+        assert closed.status_code == 200 and closed.json()["status"] == "closed"
+        payer = (await a.post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        await a.post(f"/v1/accounts/{payer}/deposits", json={"amount": 5_000})
+        created = await a.post("/v1/payments", json={
+            "payer": payer, "payee": payee, "amount": 1_200, "currency": "USD"})
+        assert created.status_code == 201, created.text
+        failed = await _wait_status(a, created.json()["id"], "failed")
+        assert failed["failure_code"] == "account_closed"
+        payer_view = (await a.get(f"/v1/accounts/{payer}")).json()
+        assert payer_view["balance"] == 5_000 and payer_view["available"] == 5_000
+        with psycopg.connect(db_b) as conn:
+            assert conn.execute("select outcome, reason from transfer_results").fetchall() == [
+                ("rejected", "account_closed")]
+            assert conn.execute("select balance from accounts where id = %s",
+                                (payee,)).fetchone() == (0,)
+
+
+async def test_grpc_error_mapping_and_health(servers: RegionServers) -> None:
+    async with two_regions(servers) as (a, b, _db_a, _db_b, ports):
+        payer = (await a.post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        payee = (await a.post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        # Sent to eu-west, decided at us-east: the client sees us-east's exact answer.
+        resp = await b.post("/v1/payments", json={
+            "payer": payer, "payee": payee, "amount": 10, "currency": "USD"})
+        assert resp.status_code == 402, resp.text
+        assert resp.json()["error"]["code"] == "insufficient_funds"
+        assert resp.headers["Paycluster-Served-By"] == "us-east"
+        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0)
+        try:
+            with pytest.raises(e.InvalidRequest) as invalid:
+                await clients.apply_transfer("eu-west", pb.TransferMessage(
+                    id="not-a-uuid", payment_id="x", payer_id="x", payee_id="x",
+                    from_home="us-east", to_home="eu-west", amount=1, currency="USD"))
+            assert invalid.value.param == "id"
+            with pytest.raises(e.RegionUnavailable):
+                await PeerClients("us-east", {"ap-southeast": f"127.0.0.1:{free_port()}"},
+                                  1.0).ownership("ap-southeast")
+            reply = await clients.ownership("eu-west")
+            assert reply.region == "eu-west"
+            assert [(x.home_region, x.serving_region) for x in reply.entries] == [
+                ("eu-west", "eu-west")]
+        finally:
+            await clients.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['eu-west']}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="paycluster.v1.Region"), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (e.InvalidRequest("x", param="amount"), grpc.StatusCode.INVALID_ARGUMENT),
+    (e.InsufficientFunds("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (e.NotFound("x"), grpc.StatusCode.NOT_FOUND),
+    (e.Conflict("x"), grpc.StatusCode.ABORTED),
+    (e.IdempotencyInProgress("x"), grpc.StatusCode.ABORTED),
+    (e.IdempotencyMismatch("x"), grpc.StatusCode.ALREADY_EXISTS),
+    (e.RegionUnavailable("x"), grpc.StatusCode.UNAVAILABLE),
+])
+def test_error_mapping_round_trip(error: e.PaymentError, status: grpc.StatusCode) -> None:
+    assert status_for(error) == status
+
+    class FakeRpcError(grpc.aio.AioRpcError):
+        def __init__(self) -> None:
+            super().__init__(status, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers_for(error)),
+                             details="x")
+
+    back = from_rpc_error(FakeRpcError())
+    assert type(back) is type(error) and back.code == error.code
+    assert back.http_status == error.http_status and back.param == error.param
