@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.servers import RegionServers, free_port
 from region_node import errors as e
+from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
@@ -165,3 +166,24 @@ def test_error_mapping_round_trip(error: e.PaymentError, status: grpc.StatusCode
     back = from_rpc_error(FakeRpcError())
     assert type(back) is type(error) and back.code == error.code
     assert back.http_status == error.http_status and back.param == error.param
+
+
+async def test_request_id_and_trace_cross_regions(servers: RegionServers) -> None:
+    async with two_regions(servers) as (_a, _b, _db_a, _db_b, ports):
+        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0)
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        rid_token = request_id.set("rid-propagation-1")
+        trace_token = traceparent.set(f"00-{trace_id}-00f067aa0ba902b7-01")
+        try:
+            reply = await clients.forward("eu-west", pb.ForwardRequest(
+                method="GET", path="/health/live", origin_region="us-east"))
+        finally:
+            request_id.reset(rid_token)
+            traceparent.reset(trace_token)
+            await clients.close()
+        headers = {h.name.lower(): h.value for h in reply.headers}
+        assert reply.status == 200 and reply.served_by == "eu-west"
+        assert headers["x-request-id"] == "rid-propagation-1"
+        # Same trace, a new span at the other region.
+        assert headers["traceresponse"].split("-")[1] == trace_id
+        assert headers["traceresponse"].split("-")[2] != "00f067aa0ba902b7"

@@ -42,7 +42,9 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [(b"x-request-id", rid.encode("latin-1"))]
+                # W3C `traceresponse`: lets a caller (or a test) see the trace continued.
+                extra = [(b"x-request-id", rid.encode("latin-1")),
+                         (b"traceresponse", (traceparent.get() or "").encode("latin-1"))]
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 # Which region answered, and which owns the data (routing.owner_route).
                 if b"paycluster-served-by" not in names:

@@ -66,8 +66,11 @@ class RegionService(pb_grpc.RegionServicer):
         async def call() -> pb.ForwardResponse:
             headers = {h.name: h.value for h in request.headers}
             headers[FORWARDED_FROM] = request.origin_region or "unknown"
+            # The call's metadata wins over copied headers: it is this hop's context.
             if request_id.get():
                 headers["x-request-id"] = request_id.get() or ""
+            if traceparent.get():
+                headers["traceparent"] = traceparent.get() or ""
             resp = await self._http.request(
                 request.method, request.path + (f"?{request.query}" if request.query else ""),
                 content=request.body, headers=headers)
