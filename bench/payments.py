@@ -1,0 +1,476 @@
+"""Payments benchmark: automatic payments over HTTP vs pgbench on the same PostgreSQL.
+
+Each round drives `POST /v1/payments` (automatic capture, Idempotency-Key on every
+request) from C concurrent clients for a fixed time or a fixed count, then runs pgbench's
+TPC-B-like script with the same client count against the SAME PostgreSQL server, so the
+ratio payments/s ÷ pgbench tps says how much of the database's raw write throughput a
+payment (HTTP + idempotency + double-entry ledger + outbox) turns into.
+
+    python -m bench.payments --duration 10 --concurrency 16      # starts its own region
+    python -m bench.payments --api-url http://127.0.0.1:8000 \\
+        --pg-dsn postgresql://postgres@127.0.0.1:5432/paycluster  # a running region
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from rich.table import Table
+
+from cluster.cli import make_console
+from cluster.lab import ClusterError, start_cluster
+from cluster.servers import ServerStartError, pg_bin
+
+# bench/results/ next to this file (gitignored), whatever the working directory.
+DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "payments.json"
+CURRENCY = "USD"
+# Funding per payer: enough for any run of this benchmark at the default amount.
+PAYER_FUNDING = 1_000_000_000
+PGBENCH_DB = "pgbench"
+_TPS_RE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+
+console = make_console()
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run (setup failed, pgbench failed...)."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (also reached through `paycluster bench ...`)."""
+    p = argparse.ArgumentParser(
+        prog="paycluster bench",
+        description="Automatic payments over HTTP vs pgbench TPC-B on the same PostgreSQL.")
+    target = p.add_argument_group("target (default: start one region on embedded servers)")
+    target.add_argument("--api-url", help="REST API of a running region node")
+    target.add_argument("--pg-dsn", help="libpq URL of that region's PostgreSQL (for pgbench); "
+                        "without it pgbench is skipped")
+    target.add_argument("--data-dir", type=Path,
+                        help="where a self-started region lives (default: a temp dir)")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", "-c", type=int, default=16,
+                      help="clients in flight, for payments and pgbench alike (default 16)")
+    load.add_argument("--pairs", type=int, help="payer/payee pairs (default: = concurrency, "
+                      "so clients do not queue on each other's rows)")
+    load.add_argument("--duration", "-T", type=float, default=10.0,
+                      help="seconds per round (default 10)")
+    load.add_argument("--payments", "-n", type=int,
+                      help="payments per round instead of a duration; pgbench then runs as "
+                      "long as the payments took")
+    load.add_argument("--amount", type=int, default=100, help="minor units per payment")
+    load.add_argument("--warmup", type=float, default=2.0,
+                      help="seconds of unrecorded payments before round 1 (default 2)")
+    load.add_argument("--rounds", type=int, default=3, help="rounds; medians are quoted")
+    load.add_argument("--no-idempotency-key", action="store_true",
+                      help="send payments without Idempotency-Key")
+    pg = p.add_argument_group("pgbench")
+    pg.add_argument("--no-pgbench", action="store_true", help="skip pgbench")
+    pg.add_argument("--pgbench-scale", type=int, default=1, help="pgbench -i -s (default 1)")
+    pg.add_argument("--pgbench-jobs", type=int, default=2, help="pgbench -j (default 2)")
+    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
+                   help="result file (default bench/results/payments.json)")
+    args = p.parse_args(argv)
+    for name in ("concurrency", "rounds", "amount", "pgbench_scale", "pgbench_jobs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.payments is not None and args.payments < 1:
+        p.error("--payments must be at least 1")
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    if args.pg_dsn and not args.api_url:
+        p.error("--pg-dsn needs --api-url (the region it belongs to)")
+    args.pairs = args.pairs or args.concurrency
+    return args
+
+
+# --------------------------------------------------------------------------- payments
+
+@dataclass
+class PaymentsRun:
+    """One timed batch of payments."""
+
+    payments: int = 0
+    errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        """Successful payments per second."""
+        return self.payments / self.seconds if self.seconds else 0.0
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (nan if empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+async def _create_pairs(client: httpx.AsyncClient, pairs: int) -> list[tuple[str, str]]:
+    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post(path, json=body,
+                                 headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
+        if resp.status_code != 201:
+            raise BenchError(f"POST {path} -> {resp.status_code}: {resp.text[:300]}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
+    async def pair() -> tuple[str, str]:
+        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer"})
+        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant"})
+        await post(f"/v1/accounts/{payer['id']}/deposits", {"amount": PAYER_FUNDING})
+        return payer["id"], payee["id"]
+
+    gate = asyncio.Semaphore(8)
+
+    async def limited() -> tuple[str, str]:
+        async with gate:
+            return await pair()
+
+    return list(await asyncio.gather(*(limited() for _ in range(pairs))))
+
+
+async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]],
+                         concurrency: int, amount: int, duration: float | None,
+                         count: int | None, idempotency: bool = True) -> PaymentsRun:
+    """Run payments from `concurrency` clients until `duration` s pass or `count` are sent."""
+    run = PaymentsRun()
+    remaining = [count if count is not None else -1]
+    deadline = time.perf_counter() + (duration if count is None and duration else math.inf)
+
+    def take() -> bool:
+        # One event loop: no lock needed between the check and the decrement.
+        if time.perf_counter() >= deadline:
+            return False
+        if remaining[0] == 0:
+            return False
+        if remaining[0] > 0:
+            remaining[0] -= 1
+        return True
+
+    async def client_loop(i: int) -> None:
+        payer, payee = pairs[i % len(pairs)]
+        body = {"payer": payer, "payee": payee, "amount": amount, "currency": CURRENCY}
+        while take():
+            headers = {"Idempotency-Key": f"bench-{uuid.uuid4()}"} if idempotency else {}
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post("/v1/payments", json=body, headers=headers)
+            except httpx.HTTPError as exc:
+                run.errors += 1
+                run.error_kinds[type(exc).__name__] += 1
+                continue
+            elapsed = (time.perf_counter() - t0) * 1000
+            if resp.status_code == 201 and resp.json().get("status") == "succeeded":
+                run.payments += 1
+                run.latencies_ms.append(elapsed)
+            else:
+                run.errors += 1
+                run.error_kinds[f"HTTP {resp.status_code}"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+    run.seconds = time.perf_counter() - started
+    run.latencies_ms.sort()
+    return run
+
+
+# --------------------------------------------------------------------------- pgbench
+
+@dataclass
+class PgTarget:
+    """Where pgbench connects: the same server the region node uses."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> PgTarget:
+        """Parse a libpq URL or key=value DSN."""
+        parts = conninfo_to_dict(dsn.replace("postgresql+psycopg://", "postgresql://", 1))
+        return cls(host=str(parts.get("host") or "127.0.0.1"), port=int(parts.get("port") or 5432),
+                   user=str(parts.get("user") or "postgres"),
+                   password=str(parts["password"]) if parts.get("password") else None)
+
+    def dsn(self, database: str) -> str:
+        """libpq URL of `database` on this server."""
+        auth = self.user + (f":{self.password}" if self.password else "")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
+
+    def args(self) -> list[str]:
+        """pgbench connection options."""
+        return ["-h", self.host, "-p", str(self.port), "-U", self.user]
+
+    def env(self) -> dict[str, str]:
+        """Environment for pgbench (password through PGPASSWORD, never argv)."""
+        env = dict(os.environ)
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+
+def _pgbench_bin() -> str:
+    path = pg_bin("pgbench")
+    if not path.exists():
+        raise BenchError(f"pgbench not found at {path}")
+    return str(path)
+
+
+def pgbench_init(target: PgTarget, scale: int) -> None:
+    """Create database `pgbench` (if missing) and load it with `pgbench -i -s scale`."""
+    with psycopg.connect(target.dsn("postgres"), autocommit=True) as conn:
+        if not conn.execute("select 1 from pg_database where datname = %s",
+                            (PGBENCH_DB,)).fetchone():
+            conn.execute(f'create database "{PGBENCH_DB}"')
+    proc = subprocess.run([_pgbench_bin(), "-i", "-q", "-s", str(scale), *target.args(),
+                           PGBENCH_DB], capture_output=True, text=True, env=target.env(),
+                          check=False, timeout=600)
+    if proc.returncode != 0:
+        raise BenchError(f"pgbench -i failed:\n{proc.stderr[-2000:]}")
+
+
+def pgbench_run(target: PgTarget, clients: int, jobs: int, seconds: int) -> float:
+    """Run TPC-B-like pgbench for `seconds`; its tps without connection time."""
+    cmd = [_pgbench_bin(), "-c", str(clients), "-j", str(min(jobs, clients)), "-T", str(seconds),
+           *target.args(), PGBENCH_DB]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=target.env(), check=False,
+                          timeout=seconds + 120)
+    match = _TPS_RE.search(proc.stdout)
+    if proc.returncode != 0 or not match:
+        raise BenchError(f"pgbench failed ({proc.returncode}):\n{proc.stdout[-1000:]}"
+                         f"{proc.stderr[-1000:]}")
+    return float(match.group(1))
+
+
+# --------------------------------------------------------------------------- rounds
+
+@dataclass
+class Round:
+    """The numbers of one round."""
+
+    round: int
+    payments: int
+    errors: int
+    error_kinds: dict[str, int]
+    seconds: float
+    payments_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    pgbench_tps: float | None
+    ratio: float | None
+
+
+METRICS = ("payments_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "pgbench_tps", "ratio")
+
+
+def medians(rounds: list[Round]) -> dict[str, float | None]:
+    """Median of each metric over the rounds (None where a metric was not measured)."""
+    out: dict[str, float | None] = {}
+    for name in METRICS:
+        values = [v for r in rounds if (v := getattr(r, name)) is not None and not math.isnan(v)]
+        out[name] = statistics.median(values) if values else None
+    return out
+
+
+async def _bench_rounds(args: argparse.Namespace, api_url: str,
+                        target: PgTarget | None) -> list[Round]:
+    limits = httpx.Limits(max_connections=args.concurrency,
+                          max_keepalive_connections=args.concurrency)
+    async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits) as client:
+        with console.status(f"creating {args.pairs} payer/payee pairs ..."):
+            pairs = await _create_pairs(client, args.pairs)
+        if args.warmup > 0:
+            with console.status(f"warming up for {args.warmup:g}s ..."):
+                await drive_payments(client, pairs, args.concurrency, args.amount,
+                                     args.warmup, None, not args.no_idempotency_key)
+        rounds: list[Round] = []
+        for n in range(1, args.rounds + 1):
+            what = (f"{args.payments} payments" if args.payments else f"{args.duration:g}s")
+            with console.status(f"round {n}/{args.rounds}: payments ({what}, "
+                                f"{args.concurrency} clients) ..."):
+                run = await drive_payments(client, pairs, args.concurrency, args.amount,
+                                           args.duration, args.payments,
+                                           not args.no_idempotency_key)
+            tps: float | None = None
+            if target is not None:
+                seconds = max(1, math.ceil(run.seconds if args.payments else args.duration))
+                with console.status(f"round {n}/{args.rounds}: pgbench -c {args.concurrency} "
+                                    f"-T {seconds} ..."):
+                    # pgbench blocks; run it off the event loop (nothing else runs meanwhile).
+                    tps = await asyncio.to_thread(pgbench_run, target, args.concurrency,
+                                                  args.pgbench_jobs, seconds)
+            lat = run.latencies_ms
+            r = Round(n, run.payments, run.errors, dict(run.error_kinds), round(run.seconds, 3),
+                      round(run.per_second, 1), round(percentile(lat, 50), 2),
+                      round(percentile(lat, 95), 2), round(percentile(lat, 99), 2),
+                      round(tps, 1) if tps is not None else None,
+                      round(run.per_second / tps, 4) if tps else None)
+            rounds.append(r)
+            console.print(f"round {n}: {r.payments_per_s:.0f} payments/s, p99 {r.p99_ms:.1f} ms, "
+                          f"{r.errors} errors" + (f", pgbench {tps:.0f} tps" if tps else ""))
+        return rounds
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def print_table(rounds: list[Round], median: dict[str, float | None]) -> None:
+    """Rich table: a row per round and the medians."""
+    table = Table(title="payments over HTTP vs pgbench TPC-B (same PostgreSQL)",
+                  caption="ratio = payments/s ÷ pgbench tps")
+    for col in ("round", "payments/s", "p50 ms", "p95 ms", "p99 ms", "errors", "pgbench tps",
+                "ratio"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        table.add_row(str(r.round), _fmt(r.payments_per_s), _fmt(r.p50_ms, 2), _fmt(r.p95_ms, 2),
+                      _fmt(r.p99_ms, 2), str(r.errors), _fmt(r.pgbench_tps),
+                      _fmt(r.ratio, 3))
+    table.add_row("median", _fmt(median["payments_per_s"]), _fmt(median["p50_ms"], 2),
+                  _fmt(median["p95_ms"], 2), _fmt(median["p99_ms"], 2),
+                  _fmt(median["errors"], 0), _fmt(median["pgbench_tps"]),
+                  _fmt(median["ratio"], 3), style="bold")
+    console.print(table)
+
+
+def _server_version(target: PgTarget | None) -> str | None:
+    if target is None:
+        return None
+    try:
+        with psycopg.connect(target.dsn("postgres"), connect_timeout=5) as conn:
+            row = conn.execute("show server_version").fetchone()
+            return str(row[0]) if row else None
+    except psycopg.Error:
+        return None
+
+
+def _write_json(path: Path, args: argparse.Namespace, api_url: str, target: PgTarget | None,
+                self_started: bool, rounds: list[Round],
+                median: dict[str, float | None]) -> None:
+    doc = {
+        "benchmark": "payments",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "config": {"api_url": api_url, "self_started": self_started,
+                   "concurrency": args.concurrency, "pairs": args.pairs,
+                   "duration_s": None if args.payments else args.duration,
+                   "payments_per_round": args.payments, "amount": args.amount,
+                   "warmup_s": args.warmup, "rounds": args.rounds,
+                   "idempotency_key": not args.no_idempotency_key,
+                   "pgbench": None if target is None else {
+                       "scale": args.pgbench_scale, "clients": args.concurrency,
+                       "jobs": min(args.pgbench_jobs, args.concurrency),
+                       "host": target.host, "port": target.port}},
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "postgres": _server_version(target)},
+        "rounds": [asdict(r) for r in rounds],
+        "median": median,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _run(args: argparse.Namespace, api_url: str, pg_dsn: str | None, self_started: bool) -> int:
+    target = PgTarget.from_dsn(pg_dsn) if pg_dsn and not args.no_pgbench else None
+    if target is not None:
+        with console.status(f"pgbench -i -s {args.pgbench_scale} into database "
+                            f"{PGBENCH_DB} on {target.host}:{target.port} ..."):
+            pgbench_init(target, args.pgbench_scale)
+    elif not args.no_pgbench:
+        console.print("[yellow]no --pg-dsn: pgbench skipped[/]")
+    rounds = asyncio.run(_bench_rounds(args, api_url, target))
+    median = medians(rounds)
+    print_table(rounds, median)
+    _write_json(args.json_out, args, api_url, target, self_started, rounds, median)
+    console.print(f"results: {args.json_out}")
+    return 0 if all(r.payments > 0 for r in rounds) else 1
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so the `finally` that stops our servers runs.
+    raise _Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit code."""
+    args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.api_url:
+            return _run(args, args.api_url.rstrip("/"), args.pg_dsn, self_started=False)
+        return _self_started(args)
+    except (BenchError, ClusterError, ServerStartError) as exc:
+        console.print(f"[red]benchmark failed:[/] {exc}")
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        console.print("[yellow]interrupted[/]")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _self_started(args: argparse.Namespace) -> int:
+    temp = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-")) if temp else args.data_dir
+    with console.status("starting one region on embedded PostgreSQL, Redis, NATS ..."):
+        cluster = start_cluster(data_dir, regions=1, detach=False)
+    code = 1
+    try:
+        region = cluster.regions[0]
+        console.print(f"region {region.name} at {region.api_url}, PostgreSQL "
+                      f"127.0.0.1:{region.servers.postgres.port}")
+        code = _run(args, region.api_url, region.servers.postgres.dsn("paycluster"),
+                    self_started=True)
+        return code
+    finally:
+        # Ignore further Ctrl-C / SIGTERM while stopping: a half-stopped lab would leak.
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+        try:
+            with console.status("stopping the region ..."):
+                cluster.stop()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if temp and code == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        elif temp:
+            console.print(f"kept {data_dir} for the logs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
