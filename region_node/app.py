@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from region_node.api import accounts, errors, health, payments
+from region_node.api import accounts, cluster_info, errors, health, payments
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
@@ -20,6 +20,7 @@ from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
 from region_node.rpc.server import start_grpc_server
 from region_node.transfer_worker import TransferWorker
+from replication.monitor import ConvergenceMonitor, HeartbeatWriter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         if settings.grpc_port:
             grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker)
         workers.append(node.ownership.run)
+        workers.append(HeartbeatWriter(node.db.engine, settings.region,
+                                       settings.heartbeat_seconds).run)
+        monitor = ConvergenceMonitor(node.db.engine, settings.region, sorted(settings.peers),
+                                     settings.replication_slo_seconds,
+                                     registry=node.metrics.registry)
+        app.state.monitor = monitor
+        if settings.peers:
+            workers.append(monitor.run)
         if settings.run_workers:
             workers += [HoldExpiryWorker(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
@@ -73,6 +82,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(payments.router)
     app.include_router(health.router)
+    app.include_router(cluster_info.router)
     # Outermost first: the request id and metrics see everything, including 413s.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=node.metrics, region=settings.region)

@@ -26,8 +26,9 @@ async def live(request: Request) -> JSONResponse:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Ready when the store answers (503 otherwise); Redis or the bus being down leaves
-    the region routable but `degraded`, since payments do not need them to succeed."""
+    """Ready when the store answers (503 otherwise). Redis or the bus being down, or a
+    replication pair over its convergence SLO (named in `stale_pairs`), leaves the region
+    routable but `degraded`: payments do not need them to succeed."""
     node = node_of(request)
 
     async def database() -> None:
@@ -49,14 +50,17 @@ async def ready(request: Request) -> JSONResponse:
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+    monitor = getattr(request.app.state, "monitor", None)
+    stale = monitor.stale_pairs() if monitor is not None else []
+    checks["replication"] = "ok" if not stale else f"stale: {', '.join(stale)}"
     if checks["database"] != "ok":
         status, code = "unavailable", 503
     elif all(v == "ok" for v in checks.values()):
         status, code = "ready", 200
     else:
         status, code = "degraded", 200
-    return JSONResponse({"status": status, "region": node.region, "checks": checks},
-                        status_code=code)
+    return JSONResponse({"status": status, "region": node.region, "checks": checks,
+                         "stale_pairs": stale}, status_code=code)
 
 
 @router.get("/metrics")
