@@ -16,6 +16,7 @@ from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
 from region_node.event_consumer import NotificationConsumer
 from region_node.hold_expiry import HoldExpiryWorker
+from region_node.janitor import KeyJanitor
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
 from region_node.rpc.server import start_grpc_server
@@ -54,7 +55,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         if settings.peers:
             workers.append(monitor.run)
         if settings.run_workers:
-            workers += [HoldExpiryWorker(node).run,
+            workers += [HoldExpiryWorker(node).run, KeyJanitor(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
                         NotificationConsumer(node.db, settings).run,
                         transfer_worker.run]

@@ -159,10 +159,18 @@ class IdempotencyStore:
         except Exception as exc:
             log.debug("idempotency cache write failed: %s", exc)
 
-    async def purge_expired(self) -> int:
-        """Delete keys past their 24 h lifetime; returns how many."""
+    async def purge_expired(self, scopes: list[str], limit: int = 1000) -> int:
+        """Delete expired keys of the home regions we serve (`scopes`); returns how many.
+
+        Never another region's keys: a delete of a row that region inserted would be a
+        replication conflict (delete_origin_differs) there.
+        """
         async def step(conn: AsyncConnection) -> int:
-            result = await conn.execute(K.delete().where(K.c.expires_at <= sa.func.now()))
+            doomed = (sa.select(K.c.scope, K.c.key)
+                      .where(K.c.scope.in_(scopes), K.c.expires_at <= sa.func.now())
+                      .limit(limit).with_for_update(skip_locked=True))
+            result = await conn.execute(K.delete().where(
+                sa.tuple_(K.c.scope, K.c.key).in_(doomed)))
             return int(result.rowcount or 0)
         return await self.db.transaction(step)
 

@@ -135,7 +135,14 @@ async def test_keys_expire_after_ttl(settings: RegionSettings, db_url: str) -> N
         await asyncio.sleep(1.2)
         later = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert later.status_code == 201 and later.json()["id"] != first.json()["id"]
+        await asyncio.sleep(1.2)
+        from region_node.janitor import KeyJanitor
+        node = client._transport.app.state.node  # type: ignore[attr-defined]
+        assert await KeyJanitor(node).run_once() >= 1
     assert _payment_count(db_url) == 2
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("select count(*) from idempotency_keys where key = %s",
+                            (key,)).fetchone() == (0,), "the janitor forgot the expired key"
 
 
 async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: str) -> None:
