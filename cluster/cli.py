@@ -1,9 +1,12 @@
 """`paycluster`: the operator's command line for the local lab.
 
-    paycluster up [--regions N] [--data-dir DIR] [--detach]
+    paycluster up [--regions N] [--wan-scale S] [--data-dir DIR] [--detach]
     paycluster status [--data-dir DIR] [--json]
     paycluster down [--data-dir DIR]
-    paycluster demo [--data-dir DIR] [--payments N]
+    paycluster link list | cut A B [--mode reset|blackhole] [--one-way] | heal A B [--one-way]
+                         | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
+    paycluster region add NAME
+    paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N]
     paycluster bench [bench options, see `paycluster bench --help`]
 """
 
@@ -17,6 +20,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -32,15 +36,23 @@ from cluster.lab import (
     REGION_NAMES,
     Cluster,
     ClusterError,
+    add_region,
     is_ours,
     read_cluster,
     start_cluster,
     stop_cluster,
 )
 from cluster.servers import ServerStartError
+from cluster.wan import WanControl, WanControlError
 
 app = typer.Typer(help="Run the paycluster local lab: real PostgreSQL, Redis, NATS and region "
-                       "nodes on 127.0.0.1.", no_args_is_help=True, add_completion=False)
+                       "nodes on 127.0.0.1, with an emulated WAN between the regions.",
+                  no_args_is_help=True, add_completion=False)
+link_app = typer.Typer(help="Inspect and change the emulated WAN links between regions.",
+                       no_args_is_help=True)
+region_app = typer.Typer(help="Change the regions of a running lab.", no_args_is_help=True)
+app.add_typer(link_app, name="link")
+app.add_typer(region_app, name="region")
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -59,6 +71,12 @@ DEFAULT_DATA_DIR = Path("data")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", "-d", help="where the lab keeps its files "
                                        "and cluster.json")]
+Regions = Annotated[int, typer.Option("--regions", "-r", min=1, max=len(REGION_NAMES),
+                                      help=f"how many regions (1-{len(REGION_NAMES)}: "
+                                           f"{', '.join(REGION_NAMES)})")]
+WanScale = Annotated[float, typer.Option("--wan-scale", min=0.0,
+                                         help="multiplier of the default inter-region round "
+                                              "trips (0 = no delay)")]
 
 
 class _Stop(Exception):
@@ -92,19 +110,21 @@ def _shielded() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _start(data_dir: Path, regions: int, detach: bool) -> Cluster:
-    with console.status(f"starting {regions} region(s) in {data_dir.resolve()} ..."):
+def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool) -> Cluster:
+    where = data_dir.resolve()
+    with console.status(f"starting {regions} region(s) in {where} (WAN scale {wan_scale:g}) ..."):
         t0 = time.perf_counter()
         try:
-            cluster = start_cluster(data_dir, regions=regions, detach=detach)
-        except (ClusterError, ServerStartError, ValueError) as exc:
+            cluster = start_cluster(data_dir, regions=regions, wan_scale=wan_scale,
+                                    detach=detach)
+        except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
             err_console.print(f"[red]could not start the cluster:[/] {exc}")
             raise typer.Exit(1) from None
         except (KeyboardInterrupt, _Stop):
             # start_cluster has already stopped whatever it had started.
             err_console.print("interrupted while starting; everything started was stopped")
             raise typer.Exit(130) from None
-    console.print(f"[green]✓[/] {regions} region(s) up in {time.perf_counter() - t0:.1f}s")
+    console.print(f"[green]✓[/] {regions} region(s) ready in {time.perf_counter() - t0:.1f}s")
     return cluster
 
 
@@ -112,70 +132,49 @@ _KINDS = ("node", "postgres", "redis", "nats")
 
 
 def _endpoints_table(doc: dict[str, Any]) -> Table:
-    """Where to reach each region: API, PostgreSQL, Redis, NATS, with pids."""
+    """Where to reach each region: API, gRPC, PostgreSQL, Redis, NATS, with pids."""
     table = Table(title=f"cluster in {doc.get('data_dir')}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("region", no_wrap=True)
     table.add_column("server", no_wrap=True)
     table.add_column("address", no_wrap=True)
     table.add_column("pid", justify="right")
     for name, region in doc.get("regions", {}).items():
-        rows = (("api", region["api_url"], region["node"]["pid"]),
-                ("postgres", region["postgres_dsn"], region["postgres"]["pid"]),
-                ("redis", region["redis_url"], region["redis"]["pid"]),
-                ("nats", region["nats_url"], region["nats"]["pid"]))
+        rows = [("api", region["api_url"], region.get("node", {}).get("pid", "-"))]
+        if region.get("grpc_port"):
+            rows.append(("grpc", f"127.0.0.1:{region['grpc_port']}", "(node)"))
+        rows += [("postgres", region["postgres_dsn"], region["postgres"]["pid"]),
+                 ("redis", region["redis_url"], region["redis"]["pid"]),
+                 ("nats", region["nats_url"], region["nats"]["pid"])]
         for i, (kind, address, pid) in enumerate(rows):
             table.add_row(name if i == 0 else "", kind, address, str(pid),
                           end_section=i == len(rows) - 1)
+    wan = doc.get("wan")
+    if isinstance(wan, dict):
+        table.add_row("wan", "control", wan["control_url"], str(wan["pid"]))
     return table
-
-
-def _status_table(doc: dict[str, Any], probes: dict[str, dict[str, Any]]) -> Table:
-    """Per region: API URL, readiness, and each process's pid with alive/dead."""
-    table = Table(title=f"cluster in {doc.get('data_dir')} ({doc.get('status')})",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("region", no_wrap=True)
-    table.add_column("api", no_wrap=True)
-    table.add_column("ready", no_wrap=True)
-    for kind in _KINDS:
-        table.add_column(kind, justify="right", no_wrap=True)
-    for name, probe in probes.items():
-        ready = "[green]ready[/]" if probe["ready"] else f"[red]{probe['detail']}[/]"
-        cells = []
-        for kind in _KINDS:
-            pid, alive = probe["pids"].get(kind, ("-", False))
-            cells.append(f"{pid} " + ("[green]✓[/]" if alive else "[red]✗[/]"))
-        table.add_row(name, probe["api_url"], ready, *cells)
-    return table
-
-
-def _failing_checks(probes: dict[str, dict[str, Any]]) -> list[str]:
-    """Readiness checks that did not answer "ok", as `region: check = value`."""
-    out = []
-    for name, probe in probes.items():
-        for check, value in (probe.get("checks") or {}).items():
-            if value != "ok":
-                out.append(f"{name}: {check} = {value}")
-    return out
 
 
 @app.command()
-def up(regions: Annotated[int, typer.Option(
-           "--regions", "-r", help=f"how many regions (1-{len(REGION_NAMES)})")] = 1,
+def up(regions: Regions = 3,
+       wan_scale: WanScale = 1.0,
        data_dir: DataDir = DEFAULT_DATA_DIR,
        detach: Annotated[bool, typer.Option(help="start and return, leaving it running")] = False,
        ) -> None:
     """Start the lab; in the foreground until Ctrl-C / SIGTERM, then stop it cleanly."""
     with _terminate_as_interrupt():
-        cluster = _start(data_dir, regions, detach)
+        cluster = _start(data_dir, regions, wan_scale, detach)
         try:
-            console.print(_endpoints_table(read_cluster(data_dir)))
+            doc = read_cluster(data_dir)
+            console.print(_endpoints_table(doc))
+            if doc.get("links"):
+                console.print(f"{len(doc['links'])} WAN links; see [bold]paycluster link list[/]")
             console.print(f"cluster.json: {cluster.cluster_file}")
             if detach:
                 console.print(f"running detached; stop with [bold]paycluster down --data-dir "
                               f"{data_dir}[/]")
                 return
             console.print("running; press Ctrl-C to stop")
-            _watch(cluster)
+            _watch(data_dir)
         except (KeyboardInterrupt, _Stop):
             console.print("stopping ...")
         finally:
@@ -185,17 +184,33 @@ def up(regions: Annotated[int, typer.Option(
                 console.print("[green]✓[/] stopped")
 
 
-def _watch(cluster: Cluster) -> None:
-    """Sleep until interrupted, reporting any process that dies on its own."""
+def _watch(data_dir: Path) -> None:
+    """Sleep until interrupted, reporting any listed process that dies on its own.
+
+    Reads cluster.json every second, so processes another command added (`region add`)
+    are watched too; nothing is reported while the cluster is being changed.
+    """
     reported: set[int] = set()
     while True:
-        for region in cluster.regions:
-            for proc in (region.node, *region.servers.all()):
-                if proc.pid not in reported and not proc.is_running():
-                    reported.add(proc.pid)
-                    err_console.print(f"[yellow]{region.name} {proc.kind} (pid {proc.pid}) "
-                                      f"exited; log: {proc.log_path}[/]")
+        with contextlib.suppress(ClusterError):
+            doc = read_cluster(data_dir)
+            if doc.get("status") == "running":
+                for region, kind, entry in _listed(doc):
+                    pid = int(entry["pid"])
+                    if pid not in reported and not is_ours(entry):
+                        reported.add(pid)
+                        err_console.print(f"[yellow]{region} {kind} (pid {pid}) exited; log: "
+                                          f"{entry.get('log')}[/]")
         time.sleep(1.0)
+
+
+def _listed(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for name, region in doc.get("regions", {}).items():
+        for kind in _KINDS:
+            if isinstance(region.get(kind), dict):
+                yield name, kind, region[kind]
+    if isinstance(doc.get("wan"), dict):
+        yield "wan", "emulator", doc["wan"]
 
 
 @app.command()
@@ -207,88 +222,404 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     for region, kind, pid in stopped:
-        console.print(f"[green]✓[/] stopped {region} {kind} (pid {pid})")
+        what = "WAN emulator" if kind == "wan" else f"{region} {kind}"
+        console.print(f"[green]✓[/] stopped {what} (pid {pid})")
     if not stopped:
         console.print("nothing was running")
 
 
-def probe_region(region: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    """Readiness (GET /health/ready) and liveness of every pid of one cluster.json region."""
-    pids = {kind: (region[kind]["pid"], is_ours(region[kind])) for kind in _KINDS if kind in region}
-    ready, detail, checks = False, "", None
+# --------------------------------------------------------------------------- status
+
+
+def _get_json(client: httpx.Client, url: str) -> tuple[int | None, Any]:
+    """(status, JSON body or None); status None when the node did not answer."""
     try:
-        resp = httpx.get(f"{region['api_url']}/health/ready", timeout=timeout)
-        ready = resp.status_code == 200
-        with contextlib.suppress(ValueError):
-            checks = resp.json().get("checks")
-        detail = f"HTTP {resp.status_code}"
+        resp = client.get(url)
     except httpx.HTTPError as exc:
-        detail = type(exc).__name__
-    return {"api_url": region["api_url"], "ready": ready, "detail": detail, "checks": checks,
-            "pids": pids}
+        return None, type(exc).__name__
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        return resp.status_code, None
+
+
+def probe_region(region: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
+    """One cluster.json region as its node sees itself: readiness (ready / degraded /
+    unavailable / down), failing checks, stale pairs, its replication status (None if the
+    node does not serve it) and whether each of its pids is alive."""
+    pids = {kind: {"pid": region[kind]["pid"], "alive": is_ours(region[kind])}
+            for kind in _KINDS if isinstance(region.get(kind), dict)}
+    code, body = _get_json(client, f"{region['api_url']}/health/ready")
+    checks: dict[str, Any]
+    stale: list[str]
+    if code is None:
+        state, checks, stale = "down", {}, []
+        detail = str(body)
+    else:
+        body = body if isinstance(body, dict) else {}
+        state = str(body.get("status") or ("ready" if code == 200 else "unavailable"))
+        checks = body.get("checks") or {}
+        stale = list(body.get("stale_pairs") or [])
+        detail = f"HTTP {code}"
+    replication = None
+    if code is not None:
+        rcode, rbody = _get_json(client, f"{region['api_url']}/v1/replication/status")
+        replication = rbody if rcode == 200 and isinstance(rbody, dict) else None
+    return {"api_url": region["api_url"], "state": state, "ready": state == "ready",
+            "detail": detail, "checks": checks, "stale_pairs": stale,
+            "replication": replication, "pids": pids}
+
+
+def _ownership(doc: dict[str, Any], client: httpx.Client) -> dict[str, Any] | None:
+    """`GET /v1/cluster/ownership` of the first region that answers it."""
+    for region in doc.get("regions", {}).values():
+        code, body = _get_json(client, f"{region['api_url']}/v1/cluster/ownership")
+        if code == 200 and isinstance(body, dict):
+            return body
+    return None
+
+
+def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
+    """Everything `paycluster status` shows, as one JSON-able document.
+
+    `healthy` is True when every region is ready (not degraded), every listed process is
+    alive, and (with several regions) every region reports its replication pairs within
+    the SLO with zero conflicts.
+    """
+    with httpx.Client(timeout=timeout) as client:
+        probes = {name: probe_region(region, client)
+                  for name, region in doc.get("regions", {}).items()}
+        ownership = _ownership(doc, client)
+    names = list(probes)
+    wan = doc.get("wan")
+    wan_info = None
+    if isinstance(wan, dict):
+        wan_info = {"pid": wan["pid"], "alive": is_ours(wan), "control_url": wan["control_url"],
+                    "scale": wan.get("scale")}
+    lag: dict[str, dict[str, float | None]] = {a: {} for a in names}
+    pairs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    slo_values: set[float] = set()
+    for to, probe in probes.items():
+        rep = probe["replication"]
+        if len(names) > 1 and rep is None:
+            problems.append(f"{to}: replication status unavailable")
+            continue
+        if rep is None:
+            continue
+        if rep.get("slo_seconds") is not None:
+            slo_values.add(float(rep["slo_seconds"]))
+        if rep.get("error"):
+            problems.append(f"{to}: monitor cannot read its database: {rep['error']}")
+        for pair in (rep.get("pairs") or {}).values():
+            src = str(pair.get("from"))
+            lag.setdefault(src, {})[to] = pair.get("lag_seconds")
+            conflicts = {k: v for k, v in (pair.get("conflicts") or {}).items() if v}
+            breach = pair.get("breach")
+            pairs.append({"from": src, "to": to, "lag_seconds": pair.get("lag_seconds"),
+                          "apply_running": pair.get("apply_running"),
+                          "conflicts": conflicts, "breach": breach})
+            if breach:
+                problems.append(f"{src}->{to}: SLO breach: {breach.get('cause')}")
+            elif conflicts:
+                problems.append(f"{src}->{to}: conflicts {conflicts}")
+    for name, probe in probes.items():
+        if probe["state"] != "ready":
+            failing = [f"{k}={v}" for k, v in probe["checks"].items() if v != "ok"]
+            problems.append(f"{name}: {probe['state']} ({probe['detail']}"
+                            + (f"; {'; '.join(failing)}" if failing else "") + ")")
+        for kind, pid in probe["pids"].items():
+            if not pid["alive"]:
+                problems.append(f"{name}: {kind} (pid {pid['pid']}) is not running")
+    if wan_info is not None and not wan_info["alive"]:
+        problems.append(f"WAN emulator (pid {wan_info['pid']}) is not running")
+    slo_ok = not any(p["breach"] for p in pairs) and not any(p["conflicts"] for p in pairs)
+    return {
+        "data_dir": doc.get("data_dir"), "status": doc.get("status"),
+        "healthy": bool(probes) and not problems, "problems": problems,
+        "regions": probes, "wan": wan_info, "links": len(doc.get("links") or []),
+        "ownership": (ownership or {}).get("ownership"),
+        "ownership_source": (ownership or {}).get("region"),
+        "lag_seconds": lag, "pairs": pairs,
+        "slo_seconds": max(slo_values) if slo_values else None, "slo_ok": slo_ok,
+        "conflicts_total": sum(sum(p["conflicts"].values()) for p in pairs),
+    }
+
+
+def _regions_table(status: dict[str, Any]) -> Table:
+    table = Table(title=f"cluster in {status['data_dir']} ({status['status']})",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("region", "api", "state", *_KINDS):
+        table.add_column(col, no_wrap=True, justify="right" if col in _KINDS else "left")
+    colors = {"ready": "green", "degraded": "yellow"}
+    for name, probe in status["regions"].items():
+        state = probe["state"]
+        label = f"[{colors.get(state, 'red')}]{state}[/]"
+        if probe["stale_pairs"]:
+            label += f" [yellow](stale: {', '.join(probe['stale_pairs'])})[/]"
+        cells = []
+        for kind in _KINDS:
+            pid = probe["pids"].get(kind)
+            cells.append("-" if pid is None else
+                         f"{pid['pid']} " + ("[green]✓[/]" if pid["alive"] else "[red]✗[/]"))
+        table.add_row(name, probe["api_url"], label, *cells)
+    wan = status["wan"]
+    if wan is not None:
+        table.add_row("wan", wan["control_url"], f"{status['links']} links, scale "
+                      f"{wan['scale']:g}" if wan.get("scale") is not None else "",
+                      f"{wan['pid']} " + ("[green]✓[/]" if wan["alive"] else "[red]✗[/]"),
+                      "", "", "")
+    return table
+
+
+def _ownership_table(status: dict[str, Any]) -> Table:
+    table = Table(title=f"ownership (as {status['ownership_source']} sees it)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("home region", "served by", "epoch"):
+        table.add_column(col, justify="right" if col == "epoch" else "left")
+    for row in status["ownership"]:
+        moved = row["serving_region"] != row["home_region"]
+        table.add_row(row["home_region"], f"[yellow]{row['serving_region']}[/]" if moved
+                      else row["serving_region"], str(row["epoch"]))
+    return table
+
+
+def _lag_table(status: dict[str, Any]) -> Table:
+    names = list(status["regions"])
+    slo = status["slo_seconds"]
+    caption = "rows: from, columns: to" + (f"; SLO {slo:g} s" if slo is not None else "")
+    table = Table(title="replication lag (s)", caption=caption, box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("from \\ to", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    breached = {(p["from"], p["to"]) for p in status["pairs"] if p["breach"] or p["conflicts"]}
+    for src in names:
+        cells = []
+        for dst in names:
+            if src == dst:
+                cells.append("[dim]—[/]")
+                continue
+            value = status["lag_seconds"].get(src, {}).get(dst)
+            text = "?" if value is None else f"{value:.2f}"
+            if (src, dst) in breached:
+                text = f"[red]{text}[/]"
+            elif value is not None and slo is not None and value > slo / 2:
+                text = f"[yellow]{text}[/]"
+            cells.append(text)
+        table.add_row(src, *cells)
+    return table
 
 
 @app.command()
 def status(data_dir: DataDir = DEFAULT_DATA_DIR,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
            ) -> None:
-    """Per region: API URL, /health/ready result and whether each pid is alive.
+    """Regions (ready / degraded, pids), ownership with epochs, the replication lag matrix,
+    conflicts and SLO state.
 
-    Exits 1 unless every region is ready and every process alive.
+    Exits 1 unless every region is ready, every process alive and every pair within the
+    SLO without conflicts.
     """
     try:
         doc = read_cluster(data_dir)
     except ClusterError as exc:
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    probes = {name: probe_region(region) for name, region in doc.get("regions", {}).items()}
-    healthy = bool(probes) and all(
-        p["ready"] and all(alive for _, alive in p["pids"].values()) for p in probes.values())
+    report = collect_status(doc)
     if as_json:
-        out = {"data_dir": doc.get("data_dir"), "status": doc.get("status"), "healthy": healthy,
-               "regions": {name: {**p, "pids": {k: {"pid": pid, "alive": alive}
-                                                for k, (pid, alive) in p["pids"].items()}}
-                           for name, p in probes.items()}}
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(report, indent=2))
     else:
-        console.print(_status_table(doc, probes))
+        console.print(_regions_table(report))
+        if report["ownership"]:
+            console.print(_ownership_table(report))
+        if len(report["regions"]) > 1:
+            console.print(_lag_table(report))
+            conflicts = report["conflicts_total"]
+            breaches = [p for p in report["pairs"] if p["breach"]]
+            console.print(
+                f"conflicts: {'[green]0[/]' if not conflicts else f'[red]{conflicts}[/]'}   "
+                f"SLO: " + ("[green]ok[/]" if report["slo_ok"] else
+                            f"[red]breached ({len(breaches)} pair(s))[/]"))
         owner = doc.get("owner_pid")
         if owner and doc.get("status") == "running" and not psutil.pid_exists(int(owner)):
             console.print(f"[yellow]the foreground `paycluster up` (pid {owner}) is gone; its "
                           "processes are listed above[/]")
-        for line in _failing_checks(probes):
-            console.print(f"[yellow]check {line}[/]")
-        console.print("[green]healthy[/]" if healthy else "[red]not healthy[/]")
-    if not healthy:
+        for line in report["problems"]:
+            console.print(f"[yellow]- {line}[/]")
+        console.print("[green]healthy[/]" if report["healthy"] else "[red]not healthy[/]")
+    if not report["healthy"]:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- links
+
+
+class CutMode(StrEnum):
+    """How a cut link fails (see cluster.wan)."""
+
+    reset = "reset"
+    blackhole = "blackhole"
+
+
+OneWay = Annotated[bool, typer.Option(
+    "--one-way", help="only connections that A opens to B (default: both directions)")]
+
+
+@contextlib.contextmanager
+def _wan(data_dir: Path, *regions: str) -> Iterator[WanControl]:
+    """The running lab's WAN control client; exits 1 with a message on any problem."""
+    try:
+        doc = read_cluster(data_dir)
+    except ClusterError as exc:
+        err_console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    wan = doc.get("wan")
+    if not isinstance(wan, dict) or not is_ours(wan):
+        err_console.print("[red]no WAN emulator is running for this cluster[/]")
+        raise typer.Exit(1)
+    known = list(doc.get("regions", {}))
+    for name in regions:
+        if name not in known:
+            err_console.print(f"[red]unknown region {name!r}; regions: {', '.join(known)}[/]")
+            raise typer.Exit(1)
+    try:
+        with WanControl(wan["control_url"]) as control:
+            yield control
+    except (WanControlError, httpx.HTTPError) as exc:
+        err_console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+def _links_table(links: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("from", "to", "service", "listen", "target", "rtt ms", "jitter ms", "state",
+                "conns", "bytes up", "bytes down"):
+        table.add_column(col, no_wrap=True,
+                         justify="left" if col in ("from", "to", "service", "state") else "right")
+    for link in links:
+        cut = link.get("cut")
+        table.add_row(link["src"], link["dst"], link["service"], str(link["listen_port"]),
+                      f"{link['target_host']}:{link['target_port']}", f"{link['rtt_ms']:g}",
+                      f"{link['jitter_ms']:g}", f"[red]cut ({cut})[/]" if cut else "[green]up[/]",
+                      str(link.get("connections_active", "")), str(link.get("bytes_up", "")),
+                      str(link.get("bytes_down", "")))
+    return table
+
+
+@link_app.command("list")
+def link_list(data_dir: DataDir = DEFAULT_DATA_DIR,
+              as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+              ) -> None:
+    """Every WAN link with its live settings, cut state and counters."""
+    with _wan(data_dir) as wan:
+        links = wan.links()
+    if as_json:
+        typer.echo(json.dumps(links, indent=2))
+    else:
+        console.print(_links_table(links, f"{len(links)} WAN links"))
+
+
+@link_app.command("cut")
+def link_cut(a: Annotated[str, typer.Argument(help="region A")],
+             b: Annotated[str, typer.Argument(help="region B")],
+             mode: Annotated[CutMode, typer.Option(
+                 help="reset: connections fail at once; blackhole: they hang")] = CutMode.reset,
+             one_way: OneWay = False, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Cut every link between A and B (replication, gRPC, Redis)."""
+    with _wan(data_dir, a, b) as wan:
+        links = wan.cut(a, b, mode=mode.value, both_directions=not one_way)
+    console.print(_links_table(links, f"cut {a} {'->' if one_way else '<->'} {b} "
+                                      f"({mode.value})"))
+
+
+@link_app.command("heal")
+def link_heal(a: Annotated[str, typer.Argument(help="region A")],
+              b: Annotated[str, typer.Argument(help="region B")],
+              one_way: OneWay = False, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Heal every link between A and B; held traffic flows again."""
+    with _wan(data_dir, a, b) as wan:
+        links = wan.heal(a, b, both_directions=not one_way)
+    console.print(_links_table(links, f"healed {a} {'->' if one_way else '<->'} {b}"))
+
+
+@link_app.command("set")
+def link_set(a: Annotated[str, typer.Argument(help="region A")],
+             b: Annotated[str, typer.Argument(help="region B")],
+             rtt_ms: Annotated[float | None, typer.Option(min=0.0, help="round trip")] = None,
+             jitter_ms: Annotated[float | None, typer.Option(
+                 min=0.0, help="round-trip variation (+- half each way)")] = None,
+             one_way: OneWay = False, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Set the round trip and/or jitter of every link between A and B."""
+    if rtt_ms is None and jitter_ms is None:
+        err_console.print("[red]give --rtt-ms and/or --jitter-ms[/]")
+        raise typer.Exit(2)
+    with _wan(data_dir, a, b) as wan:
+        links = wan.set(a, b, rtt_ms=rtt_ms, jitter_ms=jitter_ms, both_directions=not one_way)
+    console.print(_links_table(links, f"set {a} {'->' if one_way else '<->'} {b}"))
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@region_app.command("add")
+def region_add(name: Annotated[str, typer.Argument(help="region to add, e.g. us-west")],
+               data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Bring a new region into the running lab: servers, WAN links, migration, replication
+    (one copy from a donor region, then streams), its node; then restart the other nodes
+    one at a time so they know the new peer."""
+    t0 = time.perf_counter()
+    with _terminate_as_interrupt(), console.status(f"adding {name} ..."):
+        try:
+            region = add_region(data_dir, name)
+        except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
+            err_console.print(f"[red]could not add {name}:[/] {exc}")
+            raise typer.Exit(1) from None
+        except (KeyboardInterrupt, _Stop):
+            err_console.print(f"interrupted; what was started for {name} was stopped")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # e.g. the replication wiring refused
+            err_console.print(f"[red]could not add {name}:[/] {type(exc).__name__}: {exc}")
+            raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {name} joined in {time.perf_counter() - t0:.1f}s; API at "
+                  f"{region.api_url}")
+
+
+# --------------------------------------------------------------------------- demo and bench
 
 
 @app.command()
 def demo(data_dir: Annotated[Path | None, typer.Option(
             "--data-dir", "-d", help="where to run the lab (default: a temp dir, removed "
                                      "afterwards)")] = None,
-         payments: Annotated[int, typer.Option(help="payments to run", min=1)] = 300,
-         concurrency: Annotated[int, typer.Option(help="requests in flight", min=1)] = 8,
+         regions: Regions = 3,
+         wan_scale: WanScale = 1.0,
+         payments: Annotated[int, typer.Option(help="payments to run", min=1)] = 600,
+         concurrency: Annotated[int, typer.Option(help="requests in flight", min=1)] = 16,
          seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+         watch_every: Annotated[int, typer.Option(
+             min=1, help="measure convergence on every n-th cross-region payment (each "
+                         "watch polls two regions every 20 ms)")] = 2,
          ) -> None:
-    """Start a 1-region lab, run the demo workload, print a summary, stop everything."""
+    """Start a lab, run the demo workload across its regions, print totals and
+    convergence figures, stop everything."""
     from cluster.demo import DemoError, print_summary, run_demo
 
     temp = data_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="paycluster-demo-")) if data_dir is None else data_dir
     ok = False
     with _terminate_as_interrupt():
-        cluster = _start(run_dir, 1, detach=False)
+        cluster = _start(run_dir, regions, wan_scale, detach=False)
         try:
-            api_url = cluster.regions[0].api_url
-            console.print(f"region us-east at {api_url}")
-            result = run_demo(api_url, payments=payments, concurrency=concurrency, seed=seed,
-                              console=console)
+            result = run_demo(cluster, payments=payments, concurrency=concurrency, seed=seed,
+                              console=console, watch_every=watch_every)
             print_summary(result, console)
             ok = result.ok
         except (DemoError, httpx.HTTPError) as exc:
             err_console.print(f"[red]demo failed:[/] {exc}")
-            err_console.print(f"node log: {cluster.regions[0].node.log_path}")
+            for region in cluster.regions:
+                if region.node is not None:
+                    err_console.print(f"{region.name} node log: {region.node.log_path}")
         except (KeyboardInterrupt, _Stop):
             err_console.print("interrupted")
         finally:
@@ -313,4 +644,3 @@ def bench(ctx: typer.Context) -> None:
     from bench.payments import main
 
     raise typer.Exit(main(list(ctx.args)))
-

@@ -1,17 +1,31 @@
-"""The demo workload: a small shop day driven through the public REST API only.
+"""The demo workload: a shop day across the lab's regions, driven through the public REST
+API only, then checked from the outside and from every region's own database.
 
-Customers and merchants open accounts and fund them, customers pay merchants (mostly
-automatic capture; some manual holds that are captured, partly captured or canceled),
-a few payments are refunded, merchants withdraw a payout, a few payments exceed the
-payer's balance (402), and one request is retried with its Idempotency-Key to show the
-replay. The summary then checks the books from the outside: every account's balance is
-what the client expects, and the sum of all balances equals deposits minus withdrawals.
+Customers and merchants are homed in every region. Every request goes to a random region,
+so most are forwarded to the region that owns the data, and most payments are
+cross-region (payer and payee homed apart): those answer 201 `processing` and turn
+`succeeded` once the payee's region has credited the payee. For each of them (or a sample,
+see `watch_every`) the demo measures how long after the acknowledgement the payment is
+`succeeded` in BOTH regions' local copies. Some payments hold funds first (manual capture:
+captured, partly captured or canceled), a few local payments are refunded, one payment is
+retried with its Idempotency-Key through another region, a few exceed the payer's balance
+(402), merchants withdraw a payout. Meanwhile every region's `/v1/replication/status` is
+sampled for the worst lag.
+
+After quiescence (nothing `processing`, every region's copy of the ledger identical) the
+summary reads every region's PostgreSQL directly: totals per region's view (balances,
+money in transit in the clearing accounts, outside money in the funding accounts), and the
+checks: every view identical, the journal sums to zero, balances plus in-transit equal
+deposits minus withdrawals, every account holds what the client expects (nothing lost or
+applied twice), no conflicts, every pair within the SLO.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import statistics
 import time
 import uuid
 from collections import Counter
@@ -19,21 +33,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
 CURRENCY = "USD"
-CUSTOMERS = 5
-MERCHANTS = 3
+CUSTOMERS_PER_REGION = 4
+MERCHANTS_PER_REGION = 2
 OVERDRAFT_ATTEMPTS = 3
 REFUNDS = 10
 # Retries of one logical request with the same Idempotency-Key (transport errors, 409, 503).
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 6
 RETRYABLE_STATUS = {409, 429, 502, 503, 504}
+SERVED_BY = "paycluster-served-by"
+POLL_SECONDS = 0.02
+"""How often a watched cross-region payment is read in both regions (the resolution of
+the convergence figures)."""
+LAG_SAMPLE_SECONDS = 0.5
+QUIESCE_TIMEOUT = 60.0
 
 
 class DemoError(RuntimeError):
-    """The node answered something the demo cannot continue from."""
+    """A node answered something the demo cannot continue from."""
 
 
 def money(minor: int, currency: str | None = CURRENCY) -> str:
@@ -43,35 +64,91 @@ def money(minor: int, currency: str | None = CURRENCY) -> str:
     return f"{sign}{units:,}.{cents:02d}" + (f" {currency}" if currency else "")
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, nearest-rank; nan if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+@dataclass(frozen=True)
+class RegionEndpoint:
+    """How the demo reaches one region: its REST API and (for the checks) its database."""
+
+    name: str
+    api_url: str
+    dsn: str
+
+
 @dataclass
 class Account:
     """An account the demo opened, with what the client expects its balance to be."""
 
     label: str
     kind: str
-    id: str
+    home: str
+    id: str = ""
     deposited: int = 0
     withdrawn: int = 0
     expected: int = 0
     actual: dict[str, Any] = field(default_factory=dict)
-    entries: int = 0
+
+
+@dataclass
+class RegionView:
+    """One region's own copy of the ledger, read from its PostgreSQL."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+    accounts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    fingerprint: tuple[Any, ...] = ()
+    unbalanced_journals: int = 0
+    journal_sum: int = 0
+    processing: int = 0
+
+    @property
+    def user_balances(self) -> int:
+        """Customers' and merchants' money."""
+        return sum(v for k, v in self.by_kind.items() if k in ("customer", "merchant"))
+
+    @property
+    def in_transit(self) -> int:
+        """Money in the clearing accounts (debited at the payer's region, not yet credited)."""
+        return self.by_kind.get("clearing", 0)
+
+    @property
+    def outside(self) -> int:
+        """The funding accounts: minus what came in from outside (deposits - withdrawals)."""
+        return self.by_kind.get("funding", 0)
 
 
 @dataclass
 class DemoResult:
     """Everything the summary shows; `ok` is False if any check failed."""
 
-    api_url: str
+    regions: list[str]
+    wan_scale: float | None
     accounts: list[Account] = field(default_factory=list)
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
     declined: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     phase_payments: int = 0
+    forwarded: int = 0
+    cross_region: int = 0
     requests: int = 0
     retries: int = 0
     payment_seconds: float = 0.0
+    quiesce_seconds: float = 0.0
     total_seconds: float = 0.0
+    convergence: list[float] = field(default_factory=list)
+    unconverged: int = 0
+    worst_lag: dict[str, float] = field(default_factory=dict)
+    slo_seconds: float | None = None
+    breaches: set[str] = field(default_factory=set)
+    conflicts: int = 0
+    transit_mid_run: dict[str, int] = field(default_factory=dict)
+    views: dict[str, RegionView] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -85,64 +162,122 @@ class DemoResult:
 
 
 class Api:
-    """Thin client of the v1 REST API: Idempotency-Key on every mutation, safe retries."""
+    """Client of the v1 REST API of every region: Idempotency-Key on every mutation, safe
+    retries with the same key."""
 
-    def __init__(self, client: httpx.AsyncClient, result: DemoResult) -> None:
-        self.client = client
+    def __init__(self, clients: dict[str, httpx.AsyncClient], result: DemoResult,
+                 rng: random.Random) -> None:
+        self.clients = clients
         self.result = result
+        self.rng = rng
 
-    async def post(self, path: str, body: dict[str, Any], key: str | None = None,
+    def pick(self) -> str:
+        """A random region to send a request to."""
+        return self.rng.choice(list(self.clients))
+
+    async def post(self, via: str, path: str, body: dict[str, Any], key: str | None = None,
                    expect: tuple[int, ...] = (200, 201)) -> httpx.Response:
-        """POST with an Idempotency-Key; retry transient failures with the SAME key.
-
-        Retrying with the same key is what makes the retry safe: the node either replays
-        the stored result or runs the request for the first time, never twice.
-        """
+        """POST through region `via` with an Idempotency-Key; retry transient failures
+        with the SAME key, which makes the retry safe: the owner either replays the stored
+        result or runs the request for the first time, never twice."""
         headers = {"Idempotency-Key": key or f"demo-{uuid.uuid4()}"}
         for attempt in range(MAX_ATTEMPTS):
             self.result.requests += 1
             try:
-                resp = await self.client.post(path, json=body, headers=headers)
+                resp = await self.clients[via].post(path, json=body, headers=headers)
             except httpx.TransportError:
                 if attempt + 1 == MAX_ATTEMPTS:
                     raise
             else:
                 if resp.status_code not in RETRYABLE_STATUS or attempt + 1 == MAX_ATTEMPTS:
                     if resp.status_code not in expect:
-                        raise DemoError(f"POST {path} -> {resp.status_code}: {resp.text[:300]}")
+                        raise DemoError(f"POST {path} via {via} -> {resp.status_code}: "
+                                        f"{resp.text[:300]}")
                     return resp
             self.result.retries += 1
             await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def get(self, path: str, **params: Any) -> dict[str, Any]:
-        """GET a JSON document; DemoError on anything but 200."""
+    async def get(self, via: str, path: str, **params: Any) -> httpx.Response:
+        """GET through region `via` (any status; the caller judges)."""
         self.result.requests += 1
-        resp = await self.client.get(path, params=params or None)
+        return await self.clients[via].get(path, params=params or None)
+
+    async def get_json(self, via: str, path: str, **params: Any) -> dict[str, Any]:
+        """GET a JSON document; DemoError on anything but 200."""
+        resp = await self.get(via, path, **params)
         if resp.status_code != 200:
-            raise DemoError(f"GET {path} -> {resp.status_code}: {resp.text[:300]}")
+            raise DemoError(f"GET {path} via {via} -> {resp.status_code}: {resp.text[:300]}")
         body: dict[str, Any] = resp.json()
         return body
 
 
-async def _open_accounts(api: Api, payments: int) -> tuple[list[Account], list[Account]]:
+# --------------------------------------------------------------------------- database views
+
+_FINGERPRINT_SQL = """
+select
+  (select md5(coalesce(string_agg(id::text || ':' || balance || ':' || held || ':' || status,
+                                  ',' order by id), '')) from accounts),
+  (select md5(coalesce(string_agg(id::text || ':' || status || ':' || amount_captured || ':'
+                                  || amount_refunded, ',' order by id), '')) from payments),
+  (select count(*) from journal_entries),
+  (select count(*) from transfer_results)
+"""
+
+
+def read_view(dsn: str) -> RegionView:
+    """One region's view of the ledger, straight from its PostgreSQL."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        view = RegionView()
+        view.by_kind = {str(kind): int(total) for kind, total in conn.execute(
+            "select kind, coalesce(sum(balance), 0) from accounts group by kind")}
+        view.accounts = {str(i): (int(b), int(h)) for i, b, h in conn.execute(
+            "select id, balance, held from accounts")}
+        row = conn.execute(_FINGERPRINT_SQL).fetchone()
+        view.fingerprint = tuple(row) if row else ()
+        unbalanced = conn.execute(
+            "select count(*) from (select journal_id from journal_entries"
+            " group by journal_id, currency having sum(amount) <> 0) t").fetchone()
+        view.unbalanced_journals = int(unbalanced[0]) if unbalanced else 0
+        total = conn.execute("select coalesce(sum(amount), 0) from journal_entries").fetchone()
+        view.journal_sum = int(total[0]) if total else 0
+        processing = conn.execute(
+            "select count(*) from payments where status = 'processing'").fetchone()
+        view.processing = int(processing[0]) if processing else 0
+    return view
+
+
+async def read_views(regions: list[RegionEndpoint]) -> dict[str, RegionView]:
+    """Every region's view, read concurrently."""
+    views = await asyncio.gather(*(asyncio.to_thread(read_view, r.dsn) for r in regions))
+    return {r.name: v for r, v in zip(regions, views, strict=True)}
+
+
+# --------------------------------------------------------------------------- workload
+
+
+async def _open_accounts(api: Api, homes: list[str], payments: int) -> list[Account]:
     # Fund customers generously for the requested volume, so that only the deliberate
     # overdraft attempts are declined.
     funding = 10_000_00 + payments * 2_000
-    customers = [Account(f"customer-{i + 1}", "customer", "") for i in range(CUSTOMERS)]
-    merchants = [Account(f"merchant-{i + 1}", "merchant", "") for i in range(MERCHANTS)]
+    accounts = [Account(f"{kind}-{home}-{i + 1}", kind, home)
+                for home in homes
+                for kind, count in (("customer", CUSTOMERS_PER_REGION),
+                                    ("merchant", MERCHANTS_PER_REGION))
+                for i in range(count)]
 
     async def open_one(acct: Account) -> None:
-        resp = await api.post("/v1/accounts", {"currency": CURRENCY, "kind": acct.kind},
+        resp = await api.post(api.pick(), "/v1/accounts",
+                              {"currency": CURRENCY, "kind": acct.kind, "home_region": acct.home},
                               expect=(201,))
         acct.id = resp.json()["id"]
         if acct.kind == "customer":
-            await api.post(f"/v1/accounts/{acct.id}/deposits", {"amount": funding},
+            await api.post(api.pick(), f"/v1/accounts/{acct.id}/deposits", {"amount": funding},
                            expect=(201,))
-            acct.deposited = acct.expected = funding
+            acct.deposited = funding
 
-    await asyncio.gather(*(open_one(a) for a in customers + merchants))
-    return customers, merchants
+    await asyncio.gather(*(open_one(a) for a in accounts))
+    return accounts
 
 
 @dataclass
@@ -150,169 +285,371 @@ class _Plan:
     payer: Account
     payee: Account
     amount: int
+    via: str
     manual: bool
     # For manual payments: "capture", "partial" or "cancel".
     then: str = ""
 
 
-async def _pay(api: Api, plan: _Plan, result: DemoResult) -> None:
+class _Watcher:
+    """Measures ack -> `succeeded` visible in both the payer's and the payee's region."""
+
+    def __init__(self, api: Api, result: DemoResult, every: int) -> None:
+        self.api = api
+        self.result = result
+        self.every = max(1, every)
+        self.seen = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def ack(self, payment: dict[str, Any], acked_at: float, plan: _Plan) -> None:
+        """A cross-region payment was acknowledged at `acked_at` (monotonic)."""
+        self.seen += 1
+        if payment.get("status") not in ("processing", "succeeded"):
+            return
+        if (self.seen - 1) % self.every:
+            return
+        task = asyncio.create_task(self._watch(payment["id"], acked_at,
+                                               (plan.payer.home, plan.payee.home)))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _watch(self, payment_id: str, acked_at: float, regions: tuple[str, ...],
+                     give_up_after: float = 30.0) -> None:
+        pending = set(regions)
+        while pending:
+            for region in list(pending):
+                with contextlib.suppress(httpx.HTTPError):
+                    resp = await self.api.get(region, f"/v1/payments/{payment_id}")
+                    served_by = resp.headers.get(SERVED_BY, region)
+                    if (resp.status_code == 200 and served_by == region
+                            and resp.json().get("status") == "succeeded"):
+                        pending.discard(region)
+            if not pending:
+                break
+            if time.monotonic() - acked_at > give_up_after:
+                self.result.unconverged += 1
+                return
+            await asyncio.sleep(POLL_SECONDS)
+        self.result.convergence.append(time.monotonic() - acked_at)
+
+    async def drain(self) -> None:
+        """Wait for every watch to finish."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+
+
+async def _pay(api: Api, plan: _Plan, result: DemoResult, watcher: _Watcher) -> None:
     body = {"payer": plan.payer.id, "payee": plan.payee.id, "amount": plan.amount,
             "currency": CURRENCY, "capture_method": "manual" if plan.manual else "automatic",
             "description": "demo order"}
+    cross = plan.payer.home != plan.payee.home
     try:
-        resp = await api.post("/v1/payments", body, expect=(201, 402))
+        resp = await api.post(plan.via, "/v1/payments", body, expect=(201, 402))
+        acked_at = time.monotonic()
+        if plan.via != plan.payer.home:
+            result.forwarded += 1
         if resp.status_code == 402:
             result.errors.append(f"unexpected 402 for {plan.payer.label}: {resp.text[:200]}")
             return
         payment = resp.json()
         if plan.manual:
+            via = api.pick()
             if plan.then == "cancel":
-                await api.post(f"/v1/payments/{payment['id']}/cancel", {})
+                resp = await api.post(via, f"/v1/payments/{payment['id']}/cancel", {})
             else:
                 amount = plan.amount if plan.then == "capture" else max(1, plan.amount // 2)
-                await api.post(f"/v1/payments/{payment['id']}/capture", {"amount": amount})
+                resp = await api.post(via, f"/v1/payments/{payment['id']}/capture",
+                                      {"amount": amount})
+            acked_at = time.monotonic()
+            payment = resp.json()
         result.payments[payment["id"]] = payment
+        if cross:
+            result.cross_region += 1
+            watcher.ack(payment, acked_at, plan)
     except (DemoError, httpx.HTTPError) as exc:
         result.errors.append(f"payment {plan.payer.label}->{plan.payee.label}: {exc}")
 
 
-async def _payments(api: Api, customers: list[Account], merchants: list[Account],
-                    count: int, concurrency: int, rng: random.Random,
-                    result: DemoResult) -> None:
+async def _payments(api: Api, accounts: list[Account], count: int, concurrency: int,
+                    rng: random.Random, result: DemoResult, watcher: _Watcher,
+                    regions: list[RegionEndpoint]) -> None:
+    customers = [a for a in accounts if a.kind == "customer"]
+    merchants = [a for a in accounts if a.kind == "merchant"]
     manual_every = 10  # one payment in ten holds funds first (TCC try/confirm/cancel)
     plans = []
     for i in range(count):
         manual = i % manual_every == manual_every - 1
         then = ("capture", "capture", "partial", "cancel")[(i // manual_every) % 4]
-        plans.append(_Plan(rng.choice(customers), rng.choice(merchants),
-                           rng.randint(1_00, 50_00), manual, then if manual else ""))
+        payer = rng.choice(customers)
+        # Mostly customers paying merchants; some customer-to-customer transfers.
+        payee = rng.choice(merchants if rng.random() < 0.8 else
+                           [c for c in customers if c is not payer])
+        plans.append(_Plan(payer, payee, rng.randint(1_00, 50_00), api.pick(), manual,
+                           then if manual else ""))
     gate = asyncio.Semaphore(concurrency)
+    done = 0
+    snapshot: list[asyncio.Task[None]] = []
+
+    async def take_snapshot() -> None:
+        # Money in transit as each region sees it while payments are flowing.
+        with contextlib.suppress(psycopg.Error):
+            result.transit_mid_run = {n: v.in_transit
+                                      for n, v in (await read_views(regions)).items()}
 
     async def run(plan: _Plan) -> None:
+        nonlocal done
         async with gate:
-            await _pay(api, plan, result)
+            await _pay(api, plan, result, watcher)
+        done += 1
+        if done == count // 2:
+            snapshot.append(asyncio.create_task(take_snapshot()))
 
     started = time.perf_counter()
     await asyncio.gather(*(run(p) for p in plans))
     result.payment_seconds = time.perf_counter() - started
     result.phase_payments = len(result.payments)
+    await asyncio.gather(*snapshot)
 
 
 async def _refunds(api: Api, result: DemoResult, rng: random.Random) -> None:
-    succeeded = [p for p in result.payments.values()
-                 if p.get("status") == "succeeded" and p.get("capture_method") == "automatic"]
-    for i, payment in enumerate(rng.sample(succeeded, min(REFUNDS, len(succeeded)))):
+    """Refund a few local payments (cross-region refunds are not supported yet)."""
+    home = {a.id: a.home for a in result.accounts}
+    local = [p for p in result.payments.values()
+             if p.get("status") == "succeeded" and p.get("capture_method") == "automatic"
+             and home.get(p["payer"]) == home.get(p["payee"])]
+    for i, payment in enumerate(rng.sample(local, min(REFUNDS, len(local)))):
         # Alternate full refunds (no amount) and partial ones.
         body = {} if i % 2 == 0 else {"amount": max(1, int(payment["amount"]) // 3)}
         try:
-            await api.post(f"/v1/payments/{payment['id']}/refunds", body)
+            await api.post(api.pick(), f"/v1/payments/{payment['id']}/refunds", body)
         except (DemoError, httpx.HTTPError) as exc:
             result.errors.append(f"refund of {payment['id']}: {exc}")
 
 
-async def _overdrafts(api: Api, customers: list[Account], result: DemoResult) -> None:
-    for payer in customers[:OVERDRAFT_ATTEMPTS]:
-        before = await api.get(f"/v1/accounts/{payer.id}")
-        body = {"payer": payer.id, "payee": customers[-1].id, "amount": before["available"] + 1,
+async def _strong(api: Api, path: str) -> dict[str, Any]:
+    """A read answered by the owner, whichever region we ask."""
+    return await api.get_json(api.pick(), path, consistency="strong")
+
+
+async def _overdrafts(api: Api, accounts: list[Account], result: DemoResult) -> None:
+    customers = [a for a in accounts if a.kind == "customer"]
+    # Payers from different regions, payees elsewhere: declined at the payer's owner.
+    payers = [customers[i * CUSTOMERS_PER_REGION % len(customers)]
+              for i in range(OVERDRAFT_ATTEMPTS)]
+    for payer in payers:
+        elsewhere = [c for c in customers if c.home != payer.home]
+        payee = (elsewhere or [c for c in customers if c is not payer])[-1]
+        before = await _strong(api, f"/v1/accounts/{payer.id}")
+        body = {"payer": payer.id, "payee": payee.id, "amount": before["available"] + 1,
                 "currency": CURRENCY, "description": "more than the payer has"}
-        resp = await api.post("/v1/payments", body, expect=(201, 402))
-        after = await api.get(f"/v1/accounts/{payer.id}")
+        resp = await api.post(api.pick(), "/v1/payments", body, expect=(201, 402))
+        after = await _strong(api, f"/v1/accounts/{payer.id}")
         error = resp.json().get("error", {}) if resp.status_code == 402 else {}
         result.declined.append({"payer": payer.label, "status": resp.status_code,
                                 "code": error.get("code"), "amount": body["amount"],
                                 "unchanged": after["balance"] == before["balance"]})
+        if resp.status_code == 201:  # would be a bug; keep the books right for the checks
+            result.payments[resp.json()["id"]] = resp.json()
 
 
-async def _replay(api: Api, customers: list[Account], merchants: list[Account],
-                  result: DemoResult) -> None:
-    """Send one payment twice with the same key: one payment, one charge, same answer."""
-    payer, payee = customers[0], merchants[0]
+async def _replay(api: Api, accounts: list[Account], result: DemoResult) -> None:
+    """Send one payment twice with the same key, through two different regions: one
+    payment, one charge, the same answer."""
+    payer = next(a for a in accounts if a.kind == "customer")
+    payee = next(a for a in accounts if a.kind == "merchant" and a.home == payer.home)
+    regions = list(api.clients)
+    first_via, second_via = regions[0], regions[-1]
     body = {"payer": payer.id, "payee": payee.id, "amount": 12_34, "currency": CURRENCY,
             "description": "retried by the client"}
     key = f"demo-replay-{uuid.uuid4()}"
-    first = (await api.post("/v1/payments", body, key=key, expect=(201,))).json()
-    before = await api.get(f"/v1/accounts/{payer.id}")
-    second = await api.post("/v1/payments", body, key=key, expect=(200, 201))
-    after = await api.get(f"/v1/accounts/{payer.id}")
+    first = (await api.post(first_via, "/v1/payments", body, key=key, expect=(201,))).json()
+    before = await _strong(api, f"/v1/accounts/{payer.id}")
+    second = await api.post(second_via, "/v1/payments", body, key=key, expect=(200, 201))
+    after = await _strong(api, f"/v1/accounts/{payer.id}")
     result.payments[first["id"]] = first
     same = second.json().get("id") == first["id"] and after["balance"] == before["balance"]
     result.checks.append(("idempotent replay", same,
-                          "same key sent twice: one payment, payer charged once"
-                          if same else f"replay returned {second.text[:200]}"))
+                          f"same key via {first_via}, then via {second_via}: one payment, "
+                          "payer charged once" if same else
+                          f"replay returned {second.text[:200]}"))
 
 
-async def _payouts(api: Api, merchants: list[Account]) -> None:
-    for merchant in merchants:
-        current = await api.get(f"/v1/accounts/{merchant.id}")
+async def _payouts(api: Api, accounts: list[Account]) -> None:
+    for merchant in (a for a in accounts if a.kind == "merchant"):
+        current = await _strong(api, f"/v1/accounts/{merchant.id}")
         amount = int(current["available"]) // 10
         if amount > 0:
-            await api.post(f"/v1/accounts/{merchant.id}/withdrawals", {"amount": amount},
-                           expect=(201,))
+            await api.post(api.pick(), f"/v1/accounts/{merchant.id}/withdrawals",
+                           {"amount": amount}, expect=(201,))
             merchant.withdrawn += amount
 
 
-async def _count_entries(api: Api, account: Account) -> int:
-    count, cursor = 0, None
+class _LagSampler:
+    """Samples every region's /v1/replication/status: worst lag per pair, breaches,
+    conflicts."""
+
+    def __init__(self, api: Api, result: DemoResult) -> None:
+        self.api = api
+        self.result = result
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin sampling in the background."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Take a last sample and stop."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def sample(self) -> None:
+        """One round over every region."""
+        for region in self.api.clients:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                resp = await self.api.clients[region].get("/v1/replication/status")
+                if resp.status_code != 200:
+                    continue
+                status = resp.json()
+                if status.get("slo_seconds") is not None:
+                    self.result.slo_seconds = float(status["slo_seconds"])
+                for name, pair in (status.get("pairs") or {}).items():
+                    lag = pair.get("lag_seconds")
+                    if lag is not None:
+                        self.result.worst_lag[name] = max(self.result.worst_lag.get(name, 0.0),
+                                                          float(lag))
+                    if pair.get("breach"):
+                        self.result.breaches.add(f"{name}: {pair['breach'].get('cause')}")
+                    conflicts = sum(int(v) for v in (pair.get("conflicts") or {}).values())
+                    self.result.conflicts = max(self.result.conflicts, conflicts)
+
+    async def _run(self) -> None:
+        while True:
+            await self.sample()
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), LAG_SAMPLE_SECONDS)
+
+
+async def _quiesce(api: Api, regions: list[RegionEndpoint], result: DemoResult) -> None:
+    """Wait until no payment is `processing` anywhere and every region's copy is identical."""
+    started = time.monotonic()
+    deadline = started + QUIESCE_TIMEOUT
     while True:
-        params: dict[str, Any] = {"limit": 100}
-        if cursor:
-            params["starting_after"] = cursor
-        page = await api.get(f"/v1/accounts/{account.id}/entries", **params)
-        count += len(page["data"])
-        if not page.get("has_more"):
-            return count
-        cursor = page.get("next_cursor") or page["data"][-1]["id"]
+        views = await read_views(regions)
+        prints = {v.fingerprint for v in views.values()}
+        if len(prints) == 1 and all(v.processing == 0 for v in views.values()):
+            break
+        if time.monotonic() > deadline:
+            busy = {n: v.processing for n, v in views.items() if v.processing}
+            raise DemoError(f"not quiescent after {QUIESCE_TIMEOUT:.0f}s: {len(prints)} "
+                            f"different views, processing {busy}")
+        await asyncio.sleep(0.1)
+    result.views = views
+    result.quiesce_seconds = time.monotonic() - started
 
 
-async def _settle(api: Api, accounts: list[Account], result: DemoResult) -> None:
-    """Fetch final states and compare them with what the client expects."""
-    fresh = await asyncio.gather(*(api.get(f"/v1/payments/{pid}") for pid in result.payments))
+async def _settle(api: Api, regions: list[RegionEndpoint], result: DemoResult) -> None:
+    """Final states from the owners; compare every region's view with the client's books."""
+    # Each payment as the region that owns it answers (its home region: no failover here).
+    fresh = await asyncio.gather(*(
+        api.get_json(p["home_region"] if p.get("home_region") in api.clients else api.pick(),
+                     f"/v1/payments/{pid}") for pid, p in result.payments.items()))
     result.payments = {p["id"]: p for p in fresh}
-    by_id = {a.id: a for a in accounts}
-    for a in accounts:
+    by_id = {a.id: a for a in result.accounts}
+    for a in result.accounts:
         a.expected = a.deposited - a.withdrawn
     for p in result.payments.values():
+        if p["status"] != "succeeded":
+            continue
         moved = int(p.get("amount_captured") or 0) - int(p.get("amount_refunded") or 0)
         by_id[p["payer"]].expected -= moved
         by_id[p["payee"]].expected += moved
-    for a in accounts:
-        a.actual = await api.get(f"/v1/accounts/{a.id}")
-        a.entries = await _count_entries(api, a)
+    for a in result.accounts:
+        a.actual = await api.get_json(a.home, f"/v1/accounts/{a.id}")
 
-    balances = sum(int(a.actual["balance"]) for a in accounts)
-    net_in = sum(a.deposited - a.withdrawn for a in accounts)
-    result.checks.append(("journal balances", balances == net_in,
-                          f"sum of balances {money(balances)} = deposits - withdrawals "
-                          f"{money(net_in)}"))
-    wrong = [a.label for a in accounts if int(a.actual["balance"]) != a.expected]
+    views = result.views
+    net_in = sum(a.deposited - a.withdrawn for a in result.accounts)
+    same = len({v.fingerprint for v in views.values()}) == 1
+    result.checks.append((
+        "every region's view identical", same,
+        f"accounts, payments, {next(iter(views.values())).fingerprint[2]} journal entries "
+        f"and transfer results match in {', '.join(views)}" if same else
+        "views differ: " + "; ".join(f"{n}: {v.fingerprint}" for n, v in views.items())))
+    zero = all(v.unbalanced_journals == 0 and v.journal_sum == 0 for v in views.values())
+    result.checks.append(("journal sums to zero", zero,
+                          "every journal balances, in every region's view" if zero else
+                          "; ".join(f"{n}: {v.unbalanced_journals} unbalanced, total "
+                                    f"{v.journal_sum}" for n, v in views.items())))
+    conserved = all(v.user_balances + v.in_transit == net_in == -v.outside
+                    for v in views.values())
+    result.checks.append(("balances + in-transit = deposits - withdrawals", conserved,
+                          f"{money(net_in)} in every region's view" if conserved else
+                          "; ".join(f"{n}: {money(v.user_balances)} + {money(v.in_transit)}"
+                                    for n, v in views.items()) + f" vs {money(net_in)}"))
+    wrong = [a.label for a in result.accounts
+             if any(v.accounts.get(a.id, (None, None))[0] != a.expected
+                    for v in views.values())]
     result.checks.append(("every balance as expected", not wrong,
-                          "client-side expectation matches every account" if not wrong
+                          "the client's books match every account in every region: no "
+                          "payment lost or applied twice" if not wrong
                           else f"differs: {', '.join(wrong)}"))
-    held = [a.label for a in accounts if int(a.actual.get("held") or 0) != 0]
-    result.checks.append(("no funds left on hold", not held,
-                          "every hold was captured or canceled" if not held
-                          else f"held: {', '.join(held)}"))
-    negative = [a.label for a in accounts if int(a.actual["available"]) < 0]
-    result.checks.append(("no negative available", not negative,
-                          "no account went below zero" if not negative
-                          else f"negative: {', '.join(negative)}"))
+    statuses = Counter(p["status"] for p in result.payments.values())
+    unsettled = {s: n for s, n in statuses.items() if s in ("processing", "failed",
+                                                            "requires_capture")}
+    result.checks.append(("every payment settled", not unsettled,
+                          f"{statuses.get('succeeded', 0)} succeeded, "
+                          f"{statuses.get('canceled', 0)} canceled" if not unsettled
+                          else f"left: {unsettled}"))
+    held = [a.label for a in result.accounts if int(a.actual.get("held") or 0) != 0]
+    negative = [a.label for a in result.accounts if int(a.actual.get("available", 0)) < 0]
+    result.checks.append(("no funds on hold, none negative", not held and not negative,
+                          "every hold captured or canceled, no available balance below zero"
+                          if not held and not negative else f"held {held}, negative {negative}"))
     declined_ok = all(d["status"] == 402 and d["unchanged"] for d in result.declined)
     result.checks.append(("overdrafts declined", declined_ok,
                           f"{len(result.declined)} payments over balance got 402, "
                           "nothing moved" if declined_ok else f"{result.declined}"))
+    if len(regions) > 1:
+        result.checks.append(("replication conflicts zero", result.conflicts == 0,
+                              "PostgreSQL 18 conflict counters stayed 0" if not result.conflicts
+                              else f"{result.conflicts} conflicts"))
+        slo = result.slo_seconds
+        worst = max(result.worst_lag.values(), default=0.0)
+        within = not result.breaches and (slo is None or worst < slo)
+        result.checks.append(("every pair within the SLO", within,
+                              f"worst lag {worst:.2f}s < {slo:g}s" if within and slo
+                              else "; ".join(sorted(result.breaches)) or f"worst {worst:.2f}s"))
+        converged = result.unconverged == 0
+        result.checks.append(("cross-region payments converged", converged,
+                              f"{len(result.convergence)} watched payments succeeded in both "
+                              "regions" if converged else
+                              f"{result.unconverged} not succeeded in both regions within 30s"))
 
 
-async def run_demo_async(api_url: str, payments: int = 300, concurrency: int = 8,
-                         seed: int | None = None,
-                         console: Console | None = None) -> DemoResult:
-    """Run the demo workload against the REST API at `api_url` and check the books."""
+async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
+                         concurrency: int = 16, seed: int | None = None,
+                         console: Console | None = None, wan_scale: float | None = None,
+                         watch_every: int = 2) -> DemoResult:
+    """Run the demo workload against `regions` and check the books (see the module doc).
+
+    `watch_every` samples the convergence measurement: every n-th cross-region payment is
+    watched (each watch reads the payment in two regions every POLL_SECONDS).
+    """
     console = console or Console()
     rng = random.Random(seed)
-    result = DemoResult(api_url)
+    result = DemoResult([r.name for r in regions], wan_scale)
     started = time.perf_counter()
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits) as client:
-        api = Api(client, result)
+    limits = httpx.Limits(max_connections=concurrency * 3 + 8)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {r.name: await stack.enter_async_context(
+                       httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits))
+                   for r in regions}
+        api = Api(clients, result, rng)
+        watcher = _Watcher(api, result, watch_every)
+        sampler = _LagSampler(api, result)
 
         async def phase(text: str, coro: Any) -> Any:
             t0 = time.perf_counter()
@@ -321,32 +658,49 @@ async def run_demo_async(api_url: str, payments: int = 300, concurrency: int = 8
             console.print(f"[green]✓[/] {text} [dim]({time.perf_counter() - t0:.2f}s)[/]")
             return value
 
-        customers, merchants = await phase(
-            f"open {CUSTOMERS} customer + {MERCHANTS} merchant accounts and fund customers",
-            _open_accounts(api, payments))
-        result.accounts = customers + merchants
-        await phase(f"run {payments} payments ({concurrency} at a time)",
-                    _payments(api, customers, merchants, payments, concurrency, rng, result))
-        await phase(f"refund {REFUNDS} payments", _refunds(api, result, rng))
-        await phase("retry one payment with the same Idempotency-Key",
-                    _replay(api, customers, merchants, result))
-        await phase(f"try {OVERDRAFT_ATTEMPTS} payments above the payer's balance",
-                    _overdrafts(api, customers, result))
-        await phase("pay merchants out (withdraw 10%)", _payouts(api, merchants))
-        await phase("read back payments, balances and journals",
-                    _settle(api, result.accounts, result))
+        homes = [r.name for r in regions]
+        sampler.start()
+        try:
+            result.accounts = await phase(
+                f"open {CUSTOMERS_PER_REGION} customers + {MERCHANTS_PER_REGION} merchants "
+                f"homed in each of {len(homes)} region(s), fund the customers",
+                _open_accounts(api, homes, payments))
+            await phase(f"run {payments} payments sent to random regions ({concurrency} at "
+                        "a time)",
+                        _payments(api, result.accounts, payments, concurrency, rng, result,
+                                  watcher, regions))
+            await phase("wait for every cross-region payment to succeed in both regions",
+                        watcher.drain())
+            await phase(f"refund {REFUNDS} local payments", _refunds(api, result, rng))
+            await phase("retry one payment with the same Idempotency-Key via another region",
+                        _replay(api, result.accounts, result))
+            await phase(f"try {OVERDRAFT_ATTEMPTS} payments above the payer's balance",
+                        _overdrafts(api, result.accounts, result))
+            await phase("pay merchants out (withdraw 10%)", _payouts(api, result.accounts))
+            await phase("wait for quiescence: nothing processing, every region identical",
+                        _quiesce(api, regions, result))
+        finally:
+            await sampler.stop()
+        await phase("read back payments, balances and every region's database",
+                    _settle(api, regions, result))
     result.total_seconds = time.perf_counter() - started
     return result
 
 
-def run_demo(api_url: str, payments: int = 300, concurrency: int = 8, seed: int | None = None,
-             console: Console | None = None) -> DemoResult:
-    """Synchronous wrapper of `run_demo_async`."""
-    return asyncio.run(run_demo_async(api_url, payments, concurrency, seed, console))
+def run_demo(cluster: Any, payments: int = 600, concurrency: int = 16, seed: int | None = None,
+             console: Console | None = None, watch_every: int = 2) -> DemoResult:
+    """Run the demo against a running `cluster.lab.Cluster` (synchronous wrapper)."""
+    regions = [RegionEndpoint(r.name, r.api_url, r.dsn) for r in cluster.regions]
+    scale = getattr(cluster, "wan_scale", None) if len(regions) > 1 else None
+    return asyncio.run(run_demo_async(regions, payments, concurrency, seed, console,
+                                      wan_scale=scale, watch_every=watch_every))
+
+
+# --------------------------------------------------------------------------- summary
 
 
 def print_summary(result: DemoResult, console: Console | None = None) -> None:
-    """Rich tables: payments by status, money moved, accounts, checks, throughput."""
+    """Rich tables: payments by status, per-region totals, convergence, checks, throughput."""
     console = console or Console()
     statuses: Counter[str] = Counter()
     amounts: Counter[str] = Counter()
@@ -363,30 +717,54 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
                   money(sum(d["amount"] for d in result.declined), None), style="dim")
     console.print(table)
 
-    captured = sum(int(p.get("amount_captured") or 0) for p in result.payments.values())
-    refunded = sum(int(p.get("amount_refunded") or 0) for p in result.payments.values())
     deposits = sum(a.deposited for a in result.accounts)
     withdrawals = sum(a.withdrawn for a in result.accounts)
-    moved = Table(title="Money moved")
-    moved.add_column("what")
-    moved.add_column(f"amount ({CURRENCY})", justify="right")
-    for label, value in (("deposits", deposits), ("captured (customers -> merchants)", captured),
-                         ("refunded (merchants -> customers)", refunded),
-                         ("net to merchants", captured - refunded),
-                         ("withdrawals (payouts)", withdrawals)):
-        moved.add_row(label, money(value, None))
-    console.print(moved)
+    totals = Table(title=f"Totals in each region's own database ({CURRENCY}); deposits "
+                         f"{money(deposits, None)}, withdrawals {money(withdrawals, None)}")
+    for col in ("region's view", "customers + merchants", "in transit (clearing)",
+                "in transit mid-run", "outside (funding)", "sum of all accounts"):
+        totals.add_column(col, justify="left" if col == "region's view" else "right")
+    for name, view in result.views.items():
+        totals.add_row(name, money(view.user_balances, None), money(view.in_transit, None),
+                       money(result.transit_mid_run.get(name, 0), None),
+                       money(view.outside, None), money(sum(view.by_kind.values()), None))
+    console.print(totals)
 
-    accounts = Table(title=f"Accounts ({CURRENCY})")
-    for col in ("account", "kind", "balance", "available", "held", "expected", "entries"):
-        accounts.add_column(col, justify="left" if col in ("account", "kind") else "right")
+    accounts = Table(title=f"Accounts ({CURRENCY}, as their home region serves them)")
+    for col in ("account", "home", "balance", "available", "held", "expected"):
+        accounts.add_column(col, justify="left" if col in ("account", "home") else "right")
     for a in result.accounts:
         bal = int(a.actual.get("balance", 0))
-        accounts.add_row(a.label, a.kind, money(bal, None),
+        accounts.add_row(a.label, a.home, money(bal, None),
                          money(int(a.actual.get("available", 0)), None),
                          money(int(a.actual.get("held", 0)), None), money(a.expected, None),
-                         str(a.entries), style=None if bal == a.expected else "red")
+                         style=None if bal == a.expected else "red")
     console.print(accounts)
+
+    if len(result.regions) > 1:
+        conv = Table(title="Convergence")
+        conv.add_column("figure")
+        conv.add_column("value", justify="right")
+        values = result.convergence
+        scale = "n/a" if result.wan_scale is None else f"{result.wan_scale:g}"
+        conv.add_row("WAN scale (x default round trips)", scale)
+        conv.add_row("cross-region payments / payments forwarded to the owner",
+                     f"{result.cross_region} / {result.forwarded} of {result.phase_payments}")
+        conv.add_row(f"ack -> succeeded in both regions, p50 (n={len(values)}, polled every "
+                     f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 0.5) * 1000:.0f} ms")
+        conv.add_row("ack -> succeeded in both regions, p99",
+                     f"{percentile(values, 0.99) * 1000:.0f} ms")
+        conv.add_row("ack -> succeeded in both regions, max",
+                     f"{max(values, default=float('nan')) * 1000:.0f} ms")
+        if values:
+            conv.add_row("ack -> succeeded in both regions, mean",
+                         f"{statistics.fmean(values) * 1000:.0f} ms")
+        worst = max(result.worst_lag.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        slo = "" if result.slo_seconds is None else f" (SLO {result.slo_seconds:g}s)"
+        conv.add_row(f"worst replication lag seen{slo}", f"{worst[1]:.2f} s ({worst[0]})")
+        conv.add_row("replication conflicts", str(result.conflicts))
+        conv.add_row("quiescence after the last request", f"{result.quiesce_seconds:.2f} s")
+        console.print(conv)
 
     checks = Table(title="Checks")
     checks.add_column("")
@@ -400,7 +778,7 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
     console.print(checks)
     console.print(
         f"{result.phase_payments} payments in {result.payment_seconds:.2f}s = "
-        f"[bold]{result.payments_per_second:.0f} payments/s[/]; {result.requests} HTTP "
-        f"requests ({result.retries} retried) in {result.total_seconds:.2f}s against "
-        f"{result.api_url}")
+        f"[bold]{result.payments_per_second:.0f} payments/s[/] across "
+        f"{len(result.regions)} region(s); {result.requests} HTTP requests "
+        f"({result.retries} retried) in {result.total_seconds:.2f}s")
     console.print("[bold green]demo OK[/]" if result.ok else "[bold red]demo FAILED[/]")

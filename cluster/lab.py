@@ -1,9 +1,27 @@
-"""The local lab: real servers and a region node per region, and the cluster.json that
-records them so that any later process (`paycluster status`, `paycluster down`) can find
-and stop them by pid.
+"""The local lab: real servers and a region node per region, the WAN-link emulator between
+the regions, and the cluster.json that records them so that any later process
+(`paycluster status`, `paycluster link`, `paycluster region add`, `paycluster down`) can
+find, change and stop them by pid.
 
-cluster.json is rewritten after every region that comes up, so a lab that dies half-way
-still leaves behind the list of what it started.
+Start order of a multi-region lab (`start_cluster`):
+
+1. every region's PostgreSQL, Redis and NATS, in parallel;
+2. ONE WAN emulator process (`python -m cluster.wan`) with, for every ordered pair of
+   regions (src, dst), a `postgres` link (src's subscription -> dst's PostgreSQL), a
+   `grpc` link (src's node -> dst's gRPC server) and a `redis` link (src -> dst's Redis,
+   for the lock quorum); round-trip times from `link_rtt(src, dst, wan_scale)`;
+3. the schema on every region's database (`region_node.migrate.upgrade`);
+4. replication: every region publishes and subscribes to every other THROUGH the
+   postgres links (`replication.wiring.wire_cluster`), before any node writes a row;
+5. the nodes, in parallel, each with its gRPC port and its peers reached through the
+   grpc links (`PAYCLUSTER_PEERS`: other region -> the WAN link port, never the peer's
+   own port).
+
+cluster.json is rewritten after every step (and every region that comes up), so a lab
+that dies half-way still leaves behind the list of what it started. It is the one handle
+on a running lab: `Cluster.load` attaches to it from another process. One process at a
+time should change a lab (a write from a stale `Cluster` object would drop what another
+process recorded meanwhile); `Cluster.stop` stops whatever the file lists as well.
 """
 
 from __future__ import annotations
@@ -11,66 +29,235 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psutil
 
-from cluster.nodes import NodeProcess, start_node
-from cluster.servers import RegionServers, start_region_servers, stop_pid
+from cluster.nodes import READY_TIMEOUT, NodeProcess, node_env, start_node
+from cluster.servers import (
+    NatsServer,
+    PostgresServer,
+    RedisServer,
+    RegionServers,
+    ServerProcess,
+    ServerStartError,
+    _tail,
+    free_port,
+    spawn,
+    start_region_servers,
+    stop_pid,
+)
+from cluster.wan import DEFAULT_RTT_MS, WanControl, default_latency
+
+log = logging.getLogger(__name__)
 
 REGION_NAMES: tuple[str, ...] = ("us-east", "eu-west", "ap-southeast")
-"""Regions of the lab, in the order they are started."""
+"""Regions of the lab, in the order they are started (`start_cluster(regions=N)` takes the
+first N). More can join a running lab with `add_region`."""
+
+WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
+"""The services every ordered region pair gets a WAN link for."""
+
+# Round trips (ms) for the regions a lab can add beyond the three of cluster.wan's table,
+# rounded from the same public inter-region ping tables (us-west-2 / Oregon, eu-central-1 /
+# Frankfurt, sa-east-1 / Sao Paulo); plausible defaults, changeable at runtime like the rest.
+EXTRA_RTT_MS: dict[frozenset[str], float] = {
+    frozenset({"us-west", "us-east"}): 65.0,
+    frozenset({"us-west", "eu-west"}): 125.0,
+    frozenset({"us-west", "ap-southeast"}): 165.0,
+    frozenset({"us-west", "eu-central"}): 145.0,
+    frozenset({"us-west", "sa-east"}): 175.0,
+    frozenset({"eu-central", "us-east"}): 90.0,
+    frozenset({"eu-central", "eu-west"}): 25.0,
+    frozenset({"eu-central", "ap-southeast"}): 160.0,
+    frozenset({"eu-central", "sa-east"}): 205.0,
+    frozenset({"sa-east", "us-east"}): 115.0,
+    frozenset({"sa-east", "eu-west"}): 180.0,
+    frozenset({"sa-east", "ap-southeast"}): 325.0,
+}
 
 CLUSTER_FILE = "cluster.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+WAN_READY_TIMEOUT = 20.0
+"""Seconds the WAN emulator gets to open its links and print its ready line."""
 
 # Seconds a process gets between its polite signal and SIGKILL.
 _STOP_TIMEOUT = 15.0
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 
 class ClusterError(RuntimeError):
-    """The lab cannot start or find a cluster (e.g. one is already running there)."""
+    """The lab cannot start, find or change a cluster (e.g. one already runs there)."""
+
+
+def link_rtt(src: str, dst: str, scale: float = 1.0) -> float:
+    """Default round trip in seconds between two regions, times `scale`.
+
+    cluster.wan's table for its three regions, EXTRA_RTT_MS for the others; ValueError
+    for a pair neither knows or a negative scale.
+    """
+    if src == dst or frozenset({src, dst}) in DEFAULT_RTT_MS:
+        return default_latency(src, dst, scale)
+    default_latency(src, src, scale)  # validates the scale
+    try:
+        return EXTRA_RTT_MS[frozenset({src, dst})] / 1000.0 * scale
+    except KeyError:
+        raise ValueError(f"no default round trip between {src!r} and {dst!r}") from None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class WanProcess(ServerProcess):
+    """The WAN emulator process (`python -m cluster.wan`); `port` is its control API's."""
+
+    control_url: str = ""
+    scale: float = 1.0
+
+    def control(self) -> WanControl:
+        """A client of the emulator's control API (close it, or use it in a `with`)."""
+        return WanControl(self.control_url)
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records about the emulator."""
+        return {**super().to_json(), "control_url": self.control_url, "scale": self.scale}
+
+
+def _wan_specs(pairs: Iterable[tuple[str, str]], targets: dict[str, dict[str, int]],
+               scale: float) -> list[dict[str, Any]]:
+    """Link specs (cluster.wan's config format) for `pairs`, every service of WAN_SERVICES."""
+    return [{"src": src, "dst": dst, "service": service, "target_host": "127.0.0.1",
+             "target_port": targets[dst][service],
+             "rtt_ms": round(link_rtt(src, dst, scale) * 1000.0, 3)}
+            for src, dst in pairs for service in WAN_SERVICES]
+
+
+def start_wan(data_dir: Path, specs: list[dict[str, Any]], scale: float,
+              timeout: float = WAN_READY_TIMEOUT) -> tuple[WanProcess, list[dict[str, Any]]]:
+    """Start `python -m cluster.wan` with the links `specs`; return it and its links' state.
+
+    Its files go under `data_dir/wan/` (links.json, wan.log). Ready when it printed its
+    JSON ready line (into the log); killed, with ServerStartError, if it exits or times
+    out first.
+    """
+    wan_dir = (data_dir / "wan").resolve()
+    wan_dir.mkdir(parents=True, exist_ok=True)
+    config = wan_dir / "links.json"
+    config.write_text(json.dumps({"scale": scale, "links": specs}, indent=2) + "\n")
+    log_path = wan_dir / "wan.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    cmd = [sys.executable, "-m", "cluster.wan", "--control-port", "0", "--config", str(config),
+           "--scale", repr(scale)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = spawn(cmd, log_path, cwd=wan_dir, env=env)
+    wan = WanProcess("wan", 0, wan_dir, log_path, proc.pid, proc, scale=scale)
+    try:
+        ready = _wait_wan_ready(proc, log_path, offset, timeout)
+    except BaseException:
+        wan.kill()
+        raise
+    wan.control_url = str(ready["control_url"])
+    wan.port = int(wan.control_url.rsplit(":", 1)[1])
+    return wan, list(ready["links"])
+
+
+def _wait_wan_ready(proc: Any, log_path: Path, offset: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), open(log_path, "rb") as fh:
+            fh.seek(offset)
+            for raw in fh.read().decode(errors="replace").splitlines():
+                if raw.startswith("{") and '"control_url"' in raw:
+                    with contextlib.suppress(ValueError):
+                        doc: dict[str, Any] = json.loads(raw)
+                        return doc
+        if proc.poll() is not None:
+            raise ServerStartError(f"WAN emulator exited with {proc.returncode}:\n"
+                                   f"{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"WAN emulator not ready after {timeout:.0f}s:\n"
+                                   f"{_tail(log_path)}")
+        time.sleep(0.05)
+
+
+def _link_record(state: dict[str, Any]) -> dict[str, Any]:
+    """A link as cluster.json lists it."""
+    return {"src": state["src"], "dst": state["dst"], "service": state["service"],
+            "listen_port": int(state["listen_port"]),
+            "target": f"{state['target_host']}:{state['target_port']}",
+            "rtt_ms": state.get("rtt_ms"), "jitter_ms": state.get("jitter_ms", 0.0)}
+
+
+# --------------------------------------------------------------------------- regions
 
 
 @dataclass
 class Region:
-    """One region of the lab: its servers and its node."""
+    """One region of the lab: its servers, its node (once started) and its ports."""
 
     name: str
     servers: RegionServers
-    node: NodeProcess
+    node: NodeProcess | None = None
+    api_port: int = 0
+    grpc_port: int = 0
+    peers: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
         """Base URL of this region's REST API."""
-        return self.node.api_url
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def dsn(self) -> str:
+        """libpq URL of the region's ledger database (the operator's direct access)."""
+        return self.servers.postgres.dsn("paycluster")
+
+    def processes(self) -> list[ServerProcess]:
+        """Every process of the region, in stop order (node first, store last)."""
+        return ([self.node] if self.node is not None else []) + self.servers.all()
 
     def stop(self) -> None:
         """Stop the node first (so it drains against live servers), then the servers."""
-        with contextlib.suppress(Exception):
-            self.node.stop()
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                self.node.stop()
         self.servers.stop()
 
     def to_json(self) -> dict[str, object]:
         """This region's entry in cluster.json."""
-        return {
+        entry: dict[str, object] = {
             "api_url": self.api_url,
-            "postgres_dsn": self.servers.postgres.dsn("paycluster"),
+            "api_port": self.api_port,
+            "grpc_port": self.grpc_port,
+            "peers": dict(self.peers),
+            "postgres_dsn": self.dsn,
             "redis_url": self.servers.redis.url,
             "nats_url": self.servers.nats.url,
-            "node": _with_start_time(self.node.to_json()),
-            **{kind: _with_start_time(cast(dict[str, object], entry))
-               for kind, entry in self.servers.to_json().items()},
+            **{kind: _with_start_time(cast(dict[str, object], value))
+               for kind, value in self.servers.to_json().items()},
         }
+        if self.node is not None:
+            node = self.node.to_json()
+            # Only our own settings: enough to restart the node from another process.
+            node["env"] = {k: v for k, v in self.node.env.items()
+                           if k.startswith("PAYCLUSTER_")}
+            entry["node"] = _with_start_time(node)
+        return entry
 
 
 @dataclass
@@ -79,13 +266,28 @@ class Cluster:
 
     data_dir: Path
     regions: list[Region] = field(default_factory=list)
+    wan: WanProcess | None = None
+    links: list[dict[str, Any]] = field(default_factory=list)
+    wan_scale: float = 1.0
+    extra_env: dict[str, str] = field(default_factory=dict)
     detached: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The foreground process that owns the processes (stops them when it exits); None when
+    # detached. Kept as is by other processes that attach to the cluster.
+    owner_pid: int | None = None
+    # What cluster.json says: starting, running, changing (a region is being added: a node
+    # restarting then is expected, not a failure) or stopped.
+    status: str = "starting"
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def cluster_file(self) -> Path:
         """Where this cluster's cluster.json lives."""
         return self.data_dir / CLUSTER_FILE
+
+    @property
+    def names(self) -> list[str]:
+        """Region names, in start order."""
+        return [r.name for r in self.regions]
 
     def region(self, name: str) -> Region:
         """The region called `name`."""
@@ -94,38 +296,107 @@ class Cluster:
                 return region
         raise KeyError(name)
 
-    def restart_node(self, name: str, crash: bool = False) -> NodeProcess:
-        """Restart region `name`'s node on the same port (SIGKILL first if `crash`) and
-        record its new pid in cluster.json."""
-        node = self.region(name).node
+    def wan_control(self) -> WanControl:
+        """A client of the WAN emulator's control API; ClusterError in a 1-region lab."""
+        if self.wan is None:
+            raise ClusterError("this cluster has no WAN emulator (a single region)")
+        return self.wan.control()
+
+    def link_port(self, src: str, dst: str, service: str) -> int:
+        """Local port of the WAN link on which clients in `src` reach `dst`'s `service`."""
+        for link in self.links:
+            if (link["src"], link["dst"], link["service"]) == (src, dst, service):
+                return int(link["listen_port"])
+        raise KeyError(f"no {service} link {src} -> {dst}")
+
+    def peers_of(self, name: str) -> dict[str, str]:
+        """PAYCLUSTER_PEERS of region `name`: every other region's gRPC via the WAN link."""
+        return {other.name: f"127.0.0.1:{self.link_port(name, other.name, 'grpc')}"
+                for other in self.regions if other.name != name}
+
+    def region_dbs(self) -> dict[str, Any]:
+        """Every region as replication.wiring sees it: its DSN, and where each other region
+        reaches its PostgreSQL (the postgres link from that region)."""
+        from replication.wiring import RegionDb
+
+        return {r.name: RegionDb(r.name, r.dsn, reach={
+                    o.name: ("127.0.0.1", self.link_port(o.name, r.name, "postgres"))
+                    for o in self.regions if o.name != r.name})
+                for r in self.regions}
+
+    def _node_extra_env(self, region: Region) -> dict[str, str]:
+        env = {"PAYCLUSTER_GRPC_PORT": str(region.grpc_port),
+               "PAYCLUSTER_PEERS": json.dumps(region.peers)}
+        env.update(self.extra_env)
+        return env
+
+    def start_node(self, name: str, timeout: float = READY_TIMEOUT) -> NodeProcess:
+        """Start region `name`'s node with the cluster's current peers; record it."""
+        region = self.region(name)
+        region.peers = self.peers_of(name) if self.wan is not None else {}
+        region.node = start_node(name, region.servers, self.data_dir, api_port=region.api_port,
+                                 extra_env=self._node_extra_env(region), timeout=timeout)
+        self.write()
+        return region.node
+
+    def restart_node(self, name: str, crash: bool = False,
+                     timeout: float = READY_TIMEOUT) -> NodeProcess:
+        """Restart region `name`'s node on the same ports (SIGKILL first if `crash`), with
+        the cluster's current peers, and record its new pid in cluster.json."""
+        region = self.region(name)
+        node = region.node
+        if node is None:
+            return self.start_node(name, timeout)
         if crash:
             node.kill()
-        node.restart()
+        region.peers = self.peers_of(name) if self.wan is not None else {}
+        node.env = node_env(name, region.servers, region.api_port,
+                            self._node_extra_env(region))
+        node.restart(timeout)
         self.write()
         return node
 
-    def write(self, status: str = "running") -> None:
-        """(Re)write cluster.json atomically, e.g. after a node restart changed its pid."""
+    def add_region(self, name: str, timeout: float = 120.0) -> Region:
+        """Bring a new, empty region into this running cluster (see `add_region`)."""
+        return _add_region(self, name, timeout)
+
+    def write(self, status: str | None = None) -> None:
+        """(Re)write cluster.json atomically, e.g. after a node restart changed its pid;
+        `status` (if given) becomes the cluster's status."""
         with self._lock:
+            if status is not None:
+                self.status = status
             doc = {
                 "version": SCHEMA_VERSION,
-                "status": status,
+                "status": self.status,
+                # Who is changing the cluster (status "changing"), so that a second change
+                # waits its turn but a crashed one does not lock the cluster forever.
+                "changed_by": os.getpid() if self.status == "changing" else None,
                 "data_dir": str(self.data_dir),
                 "updated_at": datetime.now(UTC).isoformat(),
                 # The foreground `up` that owns the processes; None when detached.
-                "owner_pid": None if self.detached else os.getpid(),
+                "owner_pid": self.owner_pid,
+                "wan_scale": self.wan_scale,
+                "extra_env": dict(self.extra_env),
                 "regions": {r.name: r.to_json() for r in self.regions},
+                "wan": _with_start_time(self.wan.to_json()) if self.wan is not None else None,
+                "links": list(self.links),
             }
             _write_json(self.cluster_file, doc)
 
     def stop(self) -> None:
-        """Stop every region (reverse start order) and mark cluster.json stopped."""
+        """Stop every node, then the WAN emulator, then every region's servers; then
+        anything else cluster.json lists (added by another process); mark it stopped."""
         with self._lock:
             regions = list(reversed(self.regions))
-        for region in regions:
-            region.stop()
-        with contextlib.suppress(OSError):
-            self.write(status="stopped")
+            wan = self.wan
+        _run_parallel(_quietly(NodeProcess.stop),
+                      [r.node for r in regions if r.node is not None], "node-stop")
+        if wan is not None:
+            _quietly(WanProcess.stop)(wan)
+        _run_parallel(_quietly(Region.stop), regions, "region-stop")
+        with contextlib.suppress(ClusterError, OSError):
+            stop_cluster(self.data_dir)
         with contextlib.suppress(ValueError):
             atexit.unregister(self.stop)
 
@@ -135,10 +406,65 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @classmethod
+    def load(cls, data_dir: Path) -> Cluster:
+        """Attach to the running lab that `data_dir`'s cluster.json describes.
+
+        The processes are not our children: they are identified by pid and start time,
+        and `stop()` / `restart_node` act on them by pid like on our own.
+        """
+        doc = read_cluster(data_dir)
+        changer = doc.get("changed_by")
+        if (doc.get("status") == "changing" and isinstance(changer, int)
+                and changer != os.getpid() and psutil.pid_exists(changer)):
+            raise ClusterError(f"the cluster in {data_dir.resolve()} is being changed by "
+                               f"pid {changer}; try again when it is done")
+        if doc.get("status") not in ("running", "starting", "changing"):
+            raise ClusterError(f"the cluster in {data_dir.resolve()} is {doc.get('status')}")
+        cluster = cls(Path(doc["data_dir"]), wan_scale=float(doc.get("wan_scale", 1.0)),
+                      extra_env=dict(doc.get("extra_env") or {}),
+                      links=list(doc.get("links") or []),
+                      detached=doc.get("owner_pid") is None, status="running",
+                      owner_pid=doc.get("owner_pid"))
+        wan = doc.get("wan")
+        if isinstance(wan, dict):
+            cluster.wan = WanProcess("wan", int(wan["port"]), Path(wan["data_dir"]),
+                                     Path(wan["log"]), int(wan["pid"]),
+                                     started_at=wan.get("started_at"),
+                                     control_url=str(wan["control_url"]),
+                                     scale=float(wan.get("scale", cluster.wan_scale)))
+        for name, entry in doc.get("regions", {}).items():
+            cluster.regions.append(_region_from_json(name, entry, cluster))
+        return cluster
+
+
+def _proc_args(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"port": int(entry["port"]), "data_dir": Path(entry["data_dir"]),
+            "log_path": Path(entry["log"]), "pid": int(entry["pid"]),
+            "started_at": entry.get("started_at")}
+
+
+def _region_from_json(name: str, entry: dict[str, Any], cluster: Cluster) -> Region:
+    servers = RegionServers(
+        name,
+        PostgresServer("postgres", **_proc_args(entry["postgres"])),
+        RedisServer("redis", **_proc_args(entry["redis"])),
+        NatsServer("nats", **_proc_args(entry["nats"]),
+                   monitor_port=int(entry["nats"].get("monitor_port", 0))))
+    region = Region(name, servers, api_port=int(entry["api_port"]),
+                    grpc_port=int(entry.get("grpc_port") or 0),
+                    peers=dict(entry.get("peers") or {}))
+    node = entry.get("node")
+    if isinstance(node, dict):
+        extra = {**dict(node.get("env") or {}), **cluster.extra_env}
+        region.node = NodeProcess("node", **_proc_args(node), region=name,
+                                  env=node_env(name, servers, region.api_port, extra))
+    return region
+
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     # Write-then-rename so a reader never sees half a file.
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -146,75 +472,27 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 def _with_start_time(entry: dict[str, object]) -> dict[str, object]:
     """Add the process start time, so a reused pid is never mistaken for ours."""
     pid = entry.get("pid")
-    started: float | None = None
-    if isinstance(pid, int):
+    started = entry.get("started_at")
+    if isinstance(pid, int) and pid > 0:
         with contextlib.suppress(psutil.Error):
             started = psutil.Process(pid).create_time()
     return {**entry, "started_at": started}
 
 
-def _start_region(name: str, data_dir: Path, api_port: int | None = None,
-                  node_env: dict[str, str] | None = None) -> Region:
-    servers = start_region_servers(name, data_dir)
-    try:
-        node = start_node(name, servers, data_dir, api_port=api_port, extra_env=node_env)
-    except BaseException:
-        servers.stop()
-        raise
-    return Region(name, servers, node)
+# --------------------------------------------------------------------------- parallel steps
 
 
-def start_cluster(data_dir: Path, regions: int = 1, detach: bool = False,
-                  node_env: dict[str, str] | None = None) -> Cluster:
-    """Start `regions` regions (servers + node each) under `data_dir`; write cluster.json.
-
-    Regions start in parallel and are named from REGION_NAMES. If any region fails (or we
-    are interrupted), every process already started is stopped before the error
-    propagates. With `detach=False` the caller owns the processes: they are also stopped
-    when this interpreter exits normally. With `detach=True` they outlive us and
-    cluster.json is the handle to stop them (`stop_cluster`).
-    """
-    if not 1 <= regions <= len(REGION_NAMES):
-        raise ValueError(f"regions must be between 1 and {len(REGION_NAMES)}, got {regions}")
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    alive = running_pids(data_dir)
-    if alive:
-        raise ClusterError(f"a cluster is already running in {data_dir} (pids "
-                           f"{', '.join(map(str, alive))}); stop it with `paycluster down`")
-    cluster = Cluster(data_dir, detached=detach)
-    names = REGION_NAMES[:regions]
-    pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="region-start")
-    futures: list[Future[Region]] = []
-    try:
-        for name in names:
-            futures.append(pool.submit(_start_region, name, data_dir, None, node_env))
-        # Record each region as soon as it is up, so cluster.json lists its pids even if
-        # we die before the others are.
-        for future in as_completed(futures):
-            with cluster._lock:
-                cluster.regions.append(future.result())
-            cluster.write(status="starting")
-    except BaseException:
-        # Let every start finish or fail (each is bounded by its own timeouts), then stop
-        # all regions that did come up; a region that failed cleaned up after itself.
-        _wait_all(futures)
-        recorded = {id(r) for r in cluster.regions}
-        for future in futures:
-            if future.exception() is None and id(future.result()) not in recorded:
-                cluster.regions.append(future.result())
-        cluster.stop()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-    cluster.regions.sort(key=lambda r: names.index(r.name))
-    cluster.write(status="running")
-    if not detach:
-        atexit.register(cluster.stop)
-    return cluster
+def _quietly(fn: Callable[[_T], object]) -> Callable[[_T], None]:
+    """`fn` that logs instead of raising: one failed stop must not leave the rest running."""
+    def run(item: _T) -> None:
+        try:
+            fn(item)
+        except Exception:
+            log.exception("stopping %r failed", item)
+    return run
 
 
-def _wait_all(futures: list[Future[Region]]) -> None:
+def _wait_all(futures: Sequence[Future[Any]]) -> None:
     while True:
         try:
             wait(futures)
@@ -222,6 +500,220 @@ def _wait_all(futures: list[Future[Region]]) -> None:
         except KeyboardInterrupt:
             # Already cleaning up: giving up now would leak the processes still starting.
             continue
+
+
+def _run_parallel(fn: Callable[[_T], _R], items: Sequence[_T], name: str,
+                  on_done: Callable[[_R], None] | None = None) -> list[_R]:
+    """Run `fn` on every item in threads; `on_done` sees each result as it arrives.
+
+    On the first failure (or Ctrl-C) the others are still waited for - each is bounded by
+    its own timeouts - and every success is still handed to `on_done` (so the caller can
+    stop what was started) before the error propagates.
+    """
+    if not items:
+        return []
+    pool = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix=name)
+    futures = [pool.submit(fn, item) for item in items]
+    seen: set[int] = set()
+    try:
+        for future in as_completed(futures):
+            seen.add(id(future))
+            result = future.result()
+            if on_done is not None:
+                on_done(result)
+    except BaseException:
+        _wait_all(futures)
+        for future in futures:
+            if id(future) not in seen and future.exception() is None and on_done is not None:
+                with contextlib.suppress(Exception):
+                    on_done(future.result())
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- start
+
+
+def _migrate(dsn: str) -> None:
+    from region_node.migrate import upgrade
+
+    upgrade(dsn)
+
+
+def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
+                  detach: bool = False, extra_env: dict[str, str] | None = None) -> Cluster:
+    """Start `regions` regions under `data_dir`, wired through one WAN emulator; write
+    cluster.json (see the module docstring for the order).
+
+    Regions are named from REGION_NAMES. `wan_scale` multiplies the default round-trip
+    table (0 = no delay). `extra_env` is passed to every node on top of what the lab sets
+    (e.g. PAYCLUSTER_REPLICATION_SLO_SECONDS). With `regions=1` there is no WAN and no
+    replication. If anything fails (or we are interrupted), every process already started
+    is stopped before the error propagates. With `detach=False` the caller owns the
+    processes: they are also stopped when this interpreter exits normally. With
+    `detach=True` they outlive us and cluster.json is the handle to stop them
+    (`stop_cluster`).
+    """
+    if not 1 <= regions <= len(REGION_NAMES):
+        raise ValueError(f"regions must be between 1 and {len(REGION_NAMES)}, got {regions}")
+    if wan_scale < 0:
+        raise ValueError(f"wan_scale must be >= 0, got {wan_scale}")
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    alive = running_pids(data_dir)
+    if alive:
+        raise ClusterError(f"a cluster is already running in {data_dir} (pids "
+                           f"{', '.join(map(str, alive))}); stop it with `paycluster down`")
+    cluster = Cluster(data_dir, wan_scale=wan_scale, extra_env=dict(extra_env or {}),
+                      detached=detach, owner_pid=None if detach else os.getpid())
+    names = REGION_NAMES[:regions]
+    try:
+        _start_all(cluster, names)
+    except BaseException:
+        cluster.stop()
+        raise
+    if not detach:
+        atexit.register(cluster.stop)
+    return cluster
+
+
+def _start_all(cluster: Cluster, names: Sequence[str]) -> None:
+    def record(region: Region) -> None:
+        # Recorded as soon as it is up, so cluster.json lists its pids even if we die
+        # before the others are.
+        with cluster._lock:
+            cluster.regions.append(region)
+        cluster.write()
+
+    def servers_of(name: str) -> Region:
+        return Region(name, start_region_servers(name, cluster.data_dir))
+
+    step = _Steps()
+    _run_parallel(servers_of, names, "region-start", on_done=record)
+    step.done("servers of %d region(s)", len(names))
+    cluster.regions.sort(key=lambda r: names.index(r.name))
+    multi = len(names) > 1
+    for region in cluster.regions:
+        region.api_port = free_port()
+        region.grpc_port = free_port() if multi else 0
+    if multi:
+        targets = {r.name: _service_ports(r) for r in cluster.regions}
+        pairs = [(a, b) for a in names for b in names if a != b]
+        cluster.wan, states = start_wan(cluster.data_dir, _wan_specs(pairs, targets,
+                                                                     cluster.wan_scale),
+                                        cluster.wan_scale)
+        cluster.links = [_link_record(s) for s in states]
+        cluster.write()
+        step.done("WAN emulator with %d links", len(cluster.links))
+    for region in cluster.regions:
+        _migrate(region.dsn)
+    step.done("migrations")
+    if multi:
+        from replication.wiring import wire_cluster
+
+        wire_cluster(cluster.region_dbs())
+        step.done("replication wired")
+    for region in cluster.regions:
+        region.peers = cluster.peers_of(region.name) if multi else {}
+    _run_parallel(lambda r: cluster.start_node(r.name), cluster.regions, "node-start")
+    step.done("nodes ready")
+    cluster.write(status="running")
+
+
+class _Steps:
+    """Logs how long each start step took (logger cluster.lab, INFO)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def done(self, what: str, *args: object) -> None:
+        now = time.monotonic()
+        log.info(what + " in %.2fs", *args, now - self._last)
+        self._last = now
+
+
+def _service_ports(region: Region) -> dict[str, int]:
+    return {"postgres": region.servers.postgres.port, "grpc": region.grpc_port,
+            "redis": region.servers.redis.port}
+
+
+# --------------------------------------------------------------------------- add a region
+
+
+def add_region(data_dir: Path, name: str, timeout: float = 120.0) -> Region:
+    """Bring a new region into the running lab of `data_dir` (a `paycluster region add`).
+
+    Starts the region's servers, adds WAN links to and from every region, migrates its
+    database, joins it to replication (`replication.wiring.add_region`: one copy of all
+    data from a donor region, then streams from everyone), starts its node, and restarts
+    every existing node, one at a time, so that it knows the new peer. cluster.json
+    records every step. On failure the new region's processes are stopped (its WAN links
+    stay, pointing at nothing) and the error propagates.
+    """
+    return _add_region(Cluster.load(data_dir), name, timeout)
+
+
+def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
+    from region_node.regions import DEFAULT_REGION_CODES
+
+    if name in cluster.names:
+        raise ClusterError(f"region {name} is already part of the cluster")
+    if name not in DEFAULT_REGION_CODES:
+        raise ClusterError(f"unknown region {name!r}; known: "
+                           f"{', '.join(sorted(DEFAULT_REGION_CODES))}")
+    missing = [r.name for r in cluster.regions if r.node is None or not r.node.is_running()]
+    if missing:
+        raise ClusterError(f"the nodes of {', '.join(missing)} are not running")
+    for known in cluster.names:
+        link_rtt(name, known)  # a ValueError now rather than after starting servers
+    region = Region(name, start_region_servers(name, cluster.data_dir), api_port=free_port(),
+                    grpc_port=free_port())
+    existing = list(cluster.regions)
+    with cluster._lock:
+        cluster.regions.append(region)
+    cluster.write(status="changing")
+    try:
+        if cluster.wan is None:
+            cluster.wan, _ = start_wan(cluster.data_dir, [], cluster.wan_scale)
+            cluster.write()
+        for other in existing:
+            if not other.grpc_port:
+                other.grpc_port = free_port()
+        targets = {r.name: _service_ports(r) for r in cluster.regions}
+        pairs = [p for o in existing for p in ((o.name, name), (name, o.name))]
+        with cluster.wan_control() as wan:
+            for spec in _wan_specs(pairs, targets, cluster.wan_scale):
+                state = wan.add(spec["src"], spec["dst"], spec["service"], spec["target_host"],
+                                spec["target_port"], rtt_ms=spec["rtt_ms"])
+                cluster.links.append(_link_record(state))
+        cluster.write()
+        from replication import wiring
+
+        _migrate(region.dsn)
+        dbs = cluster.region_dbs()
+        for other in existing:
+            # A lab started with one region never published; the new region copies from it.
+            wiring.create_publication(other.dsn)
+        wiring.add_region([dbs[o.name] for o in existing], dbs[name], timeout=timeout)
+        cluster.start_node(name)
+    except BaseException:
+        with cluster._lock:
+            cluster.regions.remove(region)
+        region.stop()
+        cluster.write(status="running")
+        raise
+    try:
+        # Rolling: one region at a time is briefly without its node, never all of them.
+        for other in existing:
+            cluster.restart_node(other.name)
+    finally:
+        cluster.write(status="running")
+    return region
+
+
+# --------------------------------------------------------------------------- read and stop
 
 
 def read_cluster(data_dir: Path) -> dict[str, Any]:
@@ -236,17 +728,25 @@ def read_cluster(data_dir: Path) -> dict[str, Any]:
     return doc
 
 
-# Stop order within a region: the node first, the store last.
-_STOP_ORDER = ("node", "nats", "redis", "postgres")
+# Stop order within a region once the nodes are gone: the store last.
+_SERVER_KINDS = ("nats", "redis", "postgres")
 
 
 def _processes(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(region, kind, entry) for every process cluster.json lists, in stop order."""
-    for region_name, region in reversed(list(doc.get("regions", {}).items())):
-        for kind in _STOP_ORDER:
-            entry = region.get(kind)
-            if isinstance(entry, dict) and isinstance(entry.get("pid"), int):
-                yield region_name, kind, entry
+    """(region, kind, entry) for every process cluster.json lists, in stop order: every
+    node, then the WAN emulator (region "wan"), then every region's servers."""
+    regions = list(reversed(list(doc.get("regions", {}).items())))
+    for kinds in (("node",), None, _SERVER_KINDS):
+        if kinds is None:
+            wan = doc.get("wan")
+            if isinstance(wan, dict) and isinstance(wan.get("pid"), int):
+                yield "wan", "wan", wan
+            continue
+        for region_name, region in regions:
+            for kind in kinds:
+                entry = region.get(kind)
+                if isinstance(entry, dict) and isinstance(entry.get("pid"), int):
+                    yield region_name, kind, entry
 
 
 def is_ours(entry: dict[str, Any]) -> bool:
@@ -275,47 +775,30 @@ def running_pids(data_dir: Path) -> list[int]:
     return [int(entry["pid"]) for _, _, entry in _processes(doc) if is_ours(entry)]
 
 
-def _stop_orphan(pid: int, sig: int, timeout: float) -> None:
-    """Signal a process (and its group) that is not our child; SIGKILL after `timeout`.
-
-    Unlike stop_pid this counts a zombie as stopped: a detached lab's processes are
-    children of init, which reaps them on its own schedule (seconds, in some containers),
-    and waiting for that would make `down` take seconds per process.
-    """
-    try:
-        proc = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return
-        except psutil.NoSuchProcess:
-            return
-        time.sleep(0.05)
-    stop_pid(pid, signal.SIGKILL, 5)
-
-
 def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[str, str, int]]:
     """Stop every process `data_dir`'s cluster.json lists, by pid, and mark it stopped.
 
+    Nodes first (in parallel), then the WAN emulator, then the servers (in parallel).
     Already-dead pids (and pids that now belong to someone else) are skipped. Returns
     (region, kind, pid) of the processes that were running and got stopped.
     """
     doc = read_cluster(data_dir)
     stopped: list[tuple[str, str, int]] = []
-    for region_name, kind, entry in _processes(doc):
-        if not is_ours(entry):
-            continue
+    procs = [p for p in _processes(doc) if is_ours(p[2])]
+
+    def stop_one(item: tuple[str, str, dict[str, Any]]) -> tuple[str, str, int]:
+        region_name, kind, entry = item
         # SIGINT is PostgreSQL's fast shutdown; everything else stops on SIGTERM.
         sig = signal.SIGINT if kind == "postgres" else signal.SIGTERM
-        _stop_orphan(int(entry["pid"]), sig, timeout)
-        stopped.append((region_name, kind, int(entry["pid"])))
+        try:
+            stop_pid(int(entry["pid"]), sig, timeout, started_at=entry.get("started_at"))
+        except Exception:  # e.g. AccessDenied: report it, stop the others all the same
+            log.exception("stopping %s %s (pid %s) failed", region_name, kind, entry["pid"])
+        return region_name, kind, int(entry["pid"])
+
+    for phase in (("node",), ("wan",), _SERVER_KINDS):
+        batch = [p for p in procs if p[1] in phase]
+        stopped += _run_parallel(stop_one, batch, "stop")
     doc["status"] = "stopped"
     doc["updated_at"] = datetime.now(UTC).isoformat()
     _write_json(data_dir.resolve() / CLUSTER_FILE, doc)

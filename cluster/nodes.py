@@ -17,7 +17,14 @@ from pathlib import Path
 
 import httpx
 
-from cluster.servers import RegionServers, ServerProcess, ServerStartError, _tail, free_port
+from cluster.servers import (
+    RegionServers,
+    ServerProcess,
+    ServerStartError,
+    _tail,
+    free_port,
+    spawn,
+)
 
 NODE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "region_node")
 """How a node is launched: the region_node package under our own interpreter."""
@@ -86,8 +93,9 @@ class NodeProcess(ServerProcess):
         self._launch(timeout)
 
     def _launch(self, timeout: float) -> None:
-        proc = _spawn_node(list(self.command), self.env, self.log_path, self.data_dir)
-        self.pid, self._popen = proc.pid, proc
+        proc = spawn(list(self.command), self.log_path, cwd=self.data_dir, env=self.env)
+        # A fresh process of ours: its Popen handle identifies it from now on.
+        self.pid, self._popen, self.started_at = proc.pid, proc, None
         try:
             wait_ready(self.api_url, proc, self.log_path, timeout)
         except BaseException:
@@ -98,17 +106,6 @@ class NodeProcess(ServerProcess):
     def to_json(self) -> dict[str, object]:
         """What cluster.json records about this node."""
         return {**super().to_json(), "region": self.region, "api_url": self.api_url}
-
-
-def _spawn_node(cmd: list[str], env: dict[str, str], log: Path,
-                cwd: Path) -> subprocess.Popen[bytes]:
-    # Same launch discipline as cluster.servers._spawn (own session, output to a log,
-    # no stdin); repeated here only because _spawn takes no env argument.
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=cwd, env=env)
 
 
 def wait_ready(api_url: str, proc: subprocess.Popen[bytes] | None, log: Path,

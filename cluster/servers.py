@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -89,25 +90,46 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     raise ServerStartError(f"server on port {port} not ready after {timeout}s:\n{_tail(log)}")
 
 
-def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Stop a process we started (and its process group) by pid; escalate to SIGKILL."""
+def _gone(proc: psutil.Process) -> bool:
+    """Exited counts as gone even before whoever adopted it has reaped it."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(proc):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0,
+             started_at: float | None = None) -> None:
+    """Stop a process we started (and its process group) by pid; escalate to SIGKILL.
+
+    With `started_at` (psutil create_time recorded at launch), a pid that now belongs to
+    another process is left alone.
+    """
     try:
         proc = psutil.Process(pid)
+        if started_at is not None and abs(proc.create_time() - started_at) > 1.0:
+            return
     except psutil.NoSuchProcess:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
     with contextlib.suppress(psutil.NoSuchProcess):
         proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
+    if not _wait_gone(proc, timeout):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        with contextlib.suppress(psutil.TimeoutExpired):
-            proc.wait(5)
+        _wait_gone(proc, 5)
 
 
 @dataclass
@@ -120,13 +142,19 @@ class ServerProcess:
     log_path: Path
     pid: int
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # psutil create_time of `pid`, for a process we did not launch ourselves (attached to
+    # from a file): a recycled pid with another start time is never taken for ours.
+    started_at: float | None = None
 
     def is_running(self) -> bool:
-        """True while the process exists and is not a zombie."""
+        """True while the process exists, is not a zombie and (with `started_at`) is ours."""
         if self._popen is not None:
             return self._popen.poll() is None
         try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+            proc = psutil.Process(self.pid)
+            if self.started_at is not None and abs(proc.create_time() - self.started_at) > 1.0:
+                return False
+            return proc.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
@@ -134,14 +162,14 @@ class ServerProcess:
         """Graceful stop (SIGTERM; PostgreSQL: fast shutdown), SIGKILL after timeout."""
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to leave.
         sig = signal.SIGINT if self.kind == "postgres" else signal.SIGTERM
-        stop_pid(self.pid, sig, timeout)
+        stop_pid(self.pid, sig, timeout, started_at=self.started_at)
         if self._popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(1)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        stop_pid(self.pid, signal.SIGKILL, 5)
+        stop_pid(self.pid, signal.SIGKILL, 5, started_at=self.started_at)
         if self._popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(5)
@@ -152,18 +180,20 @@ class ServerProcess:
                 "data_dir": str(self.data_dir), "log": str(self.log_path)}
 
 
-def _spawn(cmd: list[str], log: Path, user: str | None = None,
-           cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(cmd: list[str], log: Path, *, user: str | None = None, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Launch a long-running process of ours with its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         # A new session makes the server its own process group, so a Ctrl-C at the
         # terminal does not hit it before we stop it in order, and killpg(pid) reaches
         # anything it forks.
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=cwd, **_as_user(user))
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                                env=env, **_as_user(user))
 
 
-def _as_user(user: str | None) -> dict[str, object]:
+def _as_user(user: str | None) -> dict[str, Any]:
     """Popen arguments that drop to `user` completely: uid, gid and no root groups."""
     if user is None:
         return {}
@@ -185,6 +215,8 @@ PG_SETTINGS: dict[str, str] = {
     "max_logical_replication_workers": "16",
     "max_worker_processes": "32",
     "track_commit_timestamp": "on",
+    # After a WAN cut heals, restart failed apply workers within a second, not five.
+    "wal_retrieve_retry_interval": "1s",
     "log_min_messages": "warning",
     "log_connections": "off",
 }
@@ -216,7 +248,7 @@ def _pg_user() -> str | None:
     for parent in reversed(install.parents):
         if (parent.stat().st_mode & 0o005) != 0o005:
             parent.chmod(parent.stat().st_mode | 0o005)
-    for root, dirs, files in os.walk(install):
+    for root, _dirs, files in os.walk(install):
         os.chmod(root, os.stat(root).st_mode | 0o005)
         for name in files:
             path = os.path.join(root, name)
@@ -263,7 +295,7 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
     if user and not log.exists():
         log.touch()
         _chown_tree(log, user)
-    proc = _spawn(cmd, log, user=user, cwd=data_dir)
+    proc = spawn(cmd, log, user=user, cwd=data_dir)
     server = PostgresServer("postgres", port, data_dir, log, proc.pid, proc)
     try:
         _wait_pg_ready(server, proc, timeout)
@@ -280,7 +312,8 @@ def _wait_pg_ready(server: PostgresServer, proc: subprocess.Popen[bytes], timeou
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerStartError(f"postgres exited with {proc.returncode}:\n{_tail(server.log_path)}")
+            raise ServerStartError(
+                f"postgres exited with {proc.returncode}:\n{_tail(server.log_path)}")
         try:
             with psycopg.connect(server.dsn(), connect_timeout=2) as conn:
                 conn.execute("select 1")
@@ -288,7 +321,8 @@ def _wait_pg_ready(server: PostgresServer, proc: subprocess.Popen[bytes], timeou
         except psycopg.OperationalError as exc:
             last = exc
             time.sleep(0.1)
-    raise ServerStartError(f"postgres not ready after {timeout}s ({last}):\n{_tail(server.log_path)}")
+    raise ServerStartError(
+        f"postgres not ready after {timeout}s ({last}):\n{_tail(server.log_path)}")
 
 
 # --------------------------------------------------------------------------- Redis
@@ -312,7 +346,7 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20.0) 
     cmd = [str(redis_server_bin()), "--port", str(port), "--bind", "127.0.0.1",
            "--dir", str(data_dir), "--save", "", "--appendonly", "no",
            "--daemonize", "no", "--protected-mode", "yes"]
-    proc = _spawn(cmd, log, cwd=data_dir)
+    proc = spawn(cmd, log, cwd=data_dir)
     server = RedisServer("redis", port, data_dir, log, proc.pid, proc)
     try:
         _wait_port(port, proc, log, timeout)
@@ -351,7 +385,7 @@ def start_nats(data_dir: Path, port: int | None = None, timeout: float = 20.0) -
     log = data_dir / "nats.log"
     cmd = [str(nats_server_bin()), "--addr", "127.0.0.1", "--port", str(port), "--jetstream",
            "--store_dir", str(data_dir / "jetstream"), "--http_port", str(monitor)]
-    proc = _spawn(cmd, log, cwd=data_dir)
+    proc = spawn(cmd, log, cwd=data_dir)
     server = NatsServer("nats", port, data_dir, log, proc.pid, proc, monitor_port=monitor)
     deadline = time.monotonic() + timeout
     try:
@@ -359,7 +393,8 @@ def start_nats(data_dir: Path, port: int | None = None, timeout: float = 20.0) -
             if proc.poll() is not None:
                 raise ServerStartError(f"nats exited with {proc.returncode}:\n{_tail(log)}")
             with contextlib.suppress(httpx.HTTPError):
-                resp = httpx.get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1)
+                resp = httpx.get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true",
+                                 timeout=1)
                 if resp.status_code == 200:
                     break
             if time.monotonic() > deadline:

@@ -1,0 +1,232 @@
+"""The local lab as an operator uses it: three regions behind the WAN emulator, cluster.json
+as the handle, links cut and healed on a live cluster, a region added to a running lab, and
+nothing left running after a stop.
+
+Real servers throughout (PostgreSQL 18, Redis, NATS, region nodes, the emulator process).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.lab import (
+    REGION_NAMES,
+    WAN_SERVICES,
+    Cluster,
+    add_region,
+    is_ours,
+    read_cluster,
+    start_cluster,
+    stop_cluster,
+)
+from cluster.wan import WanControl, default_latency
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
+
+WAN_SCALE = 0.2
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-region lab with a fifth of the default WAN delays; stopped even on failure."""
+    cluster = start_cluster(tmp_path_factory.mktemp("lab"), regions=3, wan_scale=WAN_SCALE,
+                            extra_env={"PAYCLUSTER_REPLICATION_SLO_SECONDS": "20"})
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def account_in_db(dsn: str, account_id: str) -> bool:
+    """True once the account row has reached this region's own database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("select 1 from accounts where id = %s",
+                            (account_id,)).fetchone() is not None
+
+
+def open_account(api_url: str, home: str) -> str:
+    """Open an account homed in `home` through the region at `api_url`; its id."""
+    resp = httpx.post(f"{api_url}/v1/accounts", json={"currency": "USD", "home_region": home},
+                      headers={"Idempotency-Key": f"lab-{uuid.uuid4()}"}, timeout=10)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+def processes_under(path: Path) -> list[psutil.Process]:
+    """Live processes whose command line or working directory is inside `path`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        if str(path) in text:
+            found.append(proc)
+    return found
+
+
+def test_three_regions_are_ready_and_cluster_json_lists_every_link(lab: Cluster) -> None:
+    doc = read_cluster(lab.data_dir)
+    assert doc["status"] == "running"
+    assert list(doc["regions"]) == list(REGION_NAMES)
+    for name, region in doc["regions"].items():
+        ready = httpx.get(f"{region['api_url']}/health/ready", timeout=5)
+        assert ready.status_code == 200 and ready.json()["region"] == name
+        for kind in ("node", "postgres", "redis", "nats"):
+            assert is_ours(region[kind]), f"{name} {kind} is not running"
+        assert region["grpc_port"] and region["postgres_dsn"].endswith("/paycluster")
+    assert is_ours(doc["wan"]) and doc["wan"]["control_url"].startswith("http://127.0.0.1:")
+
+    links = doc["links"]
+    pairs = [(a, b) for a in REGION_NAMES for b in REGION_NAMES if a != b]
+    assert sorted((lk["src"], lk["dst"], lk["service"]) for lk in links) == sorted(
+        (a, b, s) for a, b in pairs for s in WAN_SERVICES)
+    assert len({lk["listen_port"] for lk in links}) == len(links) == 18
+    regions = doc["regions"]
+    for link in links:
+        dst = regions[link["dst"]]
+        want = {"postgres": dst["postgres"]["port"], "grpc": dst["grpc_port"],
+                "redis": dst["redis"]["port"]}[link["service"]]
+        assert link["target"] == f"127.0.0.1:{want}"
+        assert link["rtt_ms"] == pytest.approx(
+            default_latency(link["src"], link["dst"], WAN_SCALE) * 1000)
+    # Every node reaches every peer through its own WAN link, never the peer's port.
+    for name, region in regions.items():
+        assert region["peers"] == {
+            lk["dst"]: f"127.0.0.1:{lk['listen_port']}" for lk in links
+            if lk["src"] == name and lk["service"] == "grpc"}
+    # The live emulator agrees with the file.
+    with WanControl(doc["wan"]["control_url"]) as wan:
+        live = {(lk["src"], lk["dst"], lk["service"]): lk["listen_port"] for lk in wan.links()}
+    assert live == {(lk["src"], lk["dst"], lk["service"]): lk["listen_port"] for lk in links}
+
+
+def test_replication_runs_through_the_postgres_links(lab: Cluster) -> None:
+    with WanControl(read_cluster(lab.data_dir)["wan"]["control_url"]) as wan:
+        def down_bytes() -> int:
+            # ap-southeast's subscription to eu-west: client in ap-southeast, server in eu-west.
+            return next(lk["bytes_down"] for lk in wan.links()
+                        if (lk["src"], lk["dst"], lk["service"])
+                        == ("ap-southeast", "eu-west", "postgres"))
+
+        before = down_bytes()
+        account = open_account(lab.region("us-east").api_url, "eu-west")  # forwarded
+        wait_for(lambda: account_in_db(lab.region("ap-southeast").dsn, account), 10,
+                 "the eu-west account to replicate to ap-southeast")
+        assert down_bytes() > before
+    for name in REGION_NAMES:
+        status = httpx.get(f"{lab.region(name).api_url}/v1/replication/status", timeout=5).json()
+        assert {p["from"] for p in status["pairs"].values()} == set(REGION_NAMES) - {name}
+        assert all(p["apply_running"] for p in status["pairs"].values()), status
+
+
+def test_cut_link_holds_replication_until_heal(lab: Cluster) -> None:
+    eu, ap, us = (lab.region(n) for n in ("eu-west", "ap-southeast", "us-east"))
+    with WanControl(read_cluster(lab.data_dir)["wan"]["control_url"]) as wan:
+        cut = wan.cut("eu-west", "ap-southeast", mode="blackhole")
+        assert {(lk["src"], lk["dst"]) for lk in cut} == {("eu-west", "ap-southeast"),
+                                                          ("ap-southeast", "eu-west")}
+        assert all(lk["cut"] == "blackhole" for lk in cut) and len(cut) == 2 * len(WAN_SERVICES)
+        try:
+            account = open_account(eu.api_url, "eu-west")
+            wait_for(lambda: account_in_db(us.dsn, account), 10,
+                     "the account to reach us-east over its healthy link")
+            time.sleep(1.0)
+            assert not account_in_db(ap.dsn, account), "replicated through a cut link"
+        finally:
+            healed = wan.heal("eu-west", "ap-southeast")
+        assert all(lk["cut"] is None for lk in healed)
+        wait_for(lambda: account_in_db(ap.dsn, account), 10,
+                 "the held change to arrive after heal")
+
+
+def test_cli_status_and_link_commands(lab: Cluster) -> None:
+    runner = CliRunner()
+    data = ["--data-dir", str(lab.data_dir)]
+    status = runner.invoke(app, ["status", "--json", *data])
+    assert status.exit_code == 0, status.output
+    report = json.loads(status.output)
+    assert report["healthy"] and report["slo_seconds"] == 20
+    assert {(p["from"], p["to"]) for p in report["pairs"]} == {
+        (a, b) for a in REGION_NAMES for b in REGION_NAMES if a != b}
+    assert {row["home_region"]: row["epoch"] for row in report["ownership"]} == dict.fromkeys(
+        REGION_NAMES, 1)
+
+    changed = runner.invoke(app, ["link", "set", "us-east", "eu-west", "--rtt-ms", "40",
+                                  "--jitter-ms", "4", "--one-way", *data])
+    assert changed.exit_code == 0, changed.output
+    with WanControl(read_cluster(lab.data_dir)["wan"]["control_url"]) as wan:
+        by_pair = {(lk["src"], lk["dst"], lk["service"]): lk for lk in wan.links()}
+        assert by_pair[("us-east", "eu-west", "grpc")]["rtt_ms"] == 40
+        assert by_pair[("us-east", "eu-west", "grpc")]["jitter_ms"] == 4
+        assert by_pair[("eu-west", "us-east", "grpc")]["rtt_ms"] == pytest.approx(75 * WAN_SCALE)
+        wan.set("us-east", "eu-west", rtt_ms=75 * WAN_SCALE, jitter_ms=0)
+
+    unknown = runner.invoke(app, ["link", "cut", "us-east", "nowhere", *data])
+    assert unknown.exit_code == 1 and "unknown region" in unknown.output
+
+
+def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) -> None:
+    data_dir = tmp_path / "lab"
+    cluster = start_cluster(data_dir, regions=3, wan_scale=0.0, detach=True)
+    try:
+        before = open_account(cluster.region("us-east").api_url, "ap-southeast")
+        wait_for(lambda: account_in_db(cluster.region("us-east").dsn, before), 10,
+                 "the account to replicate before the new region joins")
+        old_nodes = {r.name: r.node.pid for r in cluster.regions if r.node is not None}
+
+        added = add_region(data_dir, "us-west")  # through cluster.json, as the CLI does
+
+        doc = read_cluster(data_dir)
+        assert list(doc["regions"]) == [*REGION_NAMES, "us-west"]
+        assert len(doc["links"]) == 4 * 3 * len(WAN_SERVICES)
+        # Existing nodes were restarted to learn the new peer; the file has their new pids.
+        for name, pid in old_nodes.items():
+            entry = doc["regions"][name]
+            assert entry["node"]["pid"] != pid and is_ours(entry["node"])
+            assert "us-west" in entry["peers"]
+        # The new region got the data that existed before it joined, and replicates on.
+        assert account_in_db(added.dsn, before)
+        after = open_account(added.api_url, "eu-west")  # forwarded from us-west to eu-west
+        for name in (*REGION_NAMES, "us-west"):
+            wait_for(lambda n=name: account_in_db(doc["regions"][n]["postgres_dsn"], after),
+                     10, f"the new account to reach {name}")
+        status = httpx.get(f"{added.api_url}/v1/replication/status", timeout=5).json()
+        assert {p["from"] for p in status["pairs"].values()} == set(REGION_NAMES)
+        assert len(processes_under(data_dir.resolve())) >= 4 * 4 + 1  # the check below sees
+    finally:
+        stopped = stop_cluster(data_dir)
+    kinds = {(region, kind) for region, kind, _ in stopped}
+    assert ("wan", "wan") in kinds and ("us-west", "node") in kinds
+    doc = read_cluster(data_dir)
+    assert doc["status"] == "stopped"
+    listed = [doc["wan"]] + [entry for region in doc["regions"].values()
+                             for entry in region.values()
+                             if isinstance(entry, dict) and "pid" in entry]
+    assert not [entry["pid"] for entry in listed if is_ours(entry)]
+    # Nor anything unlisted: no process of ours (old nodes included) runs in the lab's dir.
+    leftovers = processes_under(data_dir.resolve())
+    assert not leftovers, [(p.pid, p.info["cmdline"]) for p in leftovers]
