@@ -90,10 +90,18 @@ async def get_account(conn: AsyncConnection, account_id: uuid.UUID, *,
 
 async def lock_accounts(conn: AsyncConnection, ids: Sequence[uuid.UUID],
                         params: Sequence[str] | None = None) -> dict[uuid.UUID, Account]:
-    """Lock accounts FOR UPDATE in id order (a global order, so two payments between the
-    same accounts in opposite directions cannot deadlock); NotFound for a missing one."""
+    """Lock accounts FOR UPDATE in one global order; NotFound for a missing one.
+
+    The order is: customer and merchant accounts by id, then the region's system accounts
+    (funding, clearing) by id. Every business step locks in that order, also across
+    several calls (payer first, clearing account later), so two steps touching the same
+    accounts in opposite directions, or a payment and an incoming transfer sharing the
+    clearing account, can never deadlock.
+    """
+    system_last = sa.case((A.c.kind.in_(("funding", "clearing")), 1), else_=0)
     rows = (await conn.execute(
-        sa.select(A).where(A.c.id.in_(ids)).order_by(A.c.id).with_for_update())).all()
+        sa.select(A).where(A.c.id.in_(ids)).order_by(system_last, A.c.id)
+        .with_for_update())).all()
     found = {row.id: _account(row) for row in rows}
     for i, account_id in enumerate(ids):
         if account_id not in found:

@@ -1,0 +1,330 @@
+"""Three regions, one ledger: the whole cluster on real servers with the WAN emulated.
+
+Accounts are homed in all three regions; thousands of random payments are sent to random
+regions (so most are forwarded, many are cross-region sagas). After quiescence every
+region's copy of every account and payment is identical, the journal balances, money is
+conserved, replication conflicts are zero, and no payment is lost or applied twice. Then
+a WAN link is cut for longer than a (short) SLO: payments that need it wait in
+`processing`, the breach is detected and visible, and everything completes after heal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from cluster.lab import Cluster, start_cluster
+from cluster.wan import WanControl
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.slow]
+
+REGIONS = ("us-east", "eu-west", "ap-southeast")
+WAN_SCALE = 0.25  # us-east<->ap-southeast ~54 ms round trip, us-east<->eu-west ~19 ms
+SLO = 4.0
+ACCOUNTS_PER_REGION = 6
+PAYMENTS = 2_000
+CONCURRENCY = 24
+OPENING_BALANCE = 50_000
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-region lab for this module, stopped even if a test fails."""
+    lab = start_cluster(tmp_path_factory.mktemp("lab"), regions=3, wan_scale=WAN_SCALE,
+                        extra_env={"PAYCLUSTER_REPLICATION_SLO_SECONDS": str(SLO),
+                                   "PAYCLUSTER_TRANSFER_POLL_SECONDS": "0.1"})
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+def _api(cluster: Cluster) -> dict[str, str]:
+    return {name: cluster.region(name).api_url for name in REGIONS}
+
+
+def _dsn(cluster: Cluster, region: str) -> str:
+    return cluster.region(region).servers.postgres.dsn("paycluster")
+
+
+def _wan(cluster: Cluster) -> WanControl:
+    assert cluster.wan is not None
+    return cluster.wan.control()
+
+
+async def _open_accounts(clients: dict[str, httpx.AsyncClient]) -> dict[str, str]:
+    """Accounts homed in every region, each opened through a random region."""
+    rng = random.Random(1)
+    homes: dict[str, str] = {}
+    for home in REGIONS:
+        for _ in range(ACCOUNTS_PER_REGION):
+            via = clients[rng.choice(REGIONS)]
+            resp = await via.post("/v1/accounts", json={"currency": "USD", "home_region": home},
+                                  headers={"Idempotency-Key": f"open-{uuid.uuid4()}"})
+            assert resp.status_code == 201, resp.text
+            account = resp.json()["id"]
+            dep = await clients[rng.choice(REGIONS)].post(
+                f"/v1/accounts/{account}/deposits", json={"amount": OPENING_BALANCE},
+                headers={"Idempotency-Key": f"dep-{uuid.uuid4()}"})
+            assert dep.status_code == 201, dep.text
+            homes[account] = home
+    return homes
+
+
+async def _quiesce(cluster: Cluster, expect_payments: int, timeout: float = 90.0) -> None:
+    """Wait until no payment is processing anywhere and every region holds the same rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        views = [_view(_dsn(cluster, r)) for r in REGIONS]
+        processing = sum(v["processing"] for v in views)
+        same = all(v["accounts"] == views[0]["accounts"] and v["payments"] == views[0]["payments"]
+                   for v in views)
+        if processing == 0 and same and len(views[0]["payments"]) == expect_payments:
+            return
+        assert time.monotonic() < deadline, (
+            f"no quiescence: processing={processing}, identical={same}, "
+            f"payments={[len(v['payments']) for v in views]}")
+        await asyncio.sleep(0.5)
+
+
+def _view(dsn: str) -> dict[str, Any]:
+    with psycopg.connect(dsn) as conn:
+        accounts = conn.execute("select id, kind, balance, held, status from accounts "
+                                "order by id").fetchall()
+        payments = conn.execute("select id, status, amount, amount_captured, amount_refunded "
+                                "from payments order by id").fetchall()
+        processing = conn.execute("select count(*) from payments where status = 'processing'"
+                                  ).fetchone()[0]  # type: ignore[index]
+    return {"accounts": accounts, "payments": payments, "processing": processing}
+
+
+def _ledger_checks(dsn: str, deposits: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        unbalanced = conn.execute(
+            "select journal_id from journal_entries group by journal_id, currency "
+            "having sum(amount) <> 0").fetchall()
+        assert unbalanced == []
+        mismatched = conn.execute(
+            "select a.id from accounts a left join journal_entries e on e.account_id = a.id "
+            "group by a.id having a.balance <> coalesce(sum(e.amount), 0)").fetchall()
+        assert mismatched == []
+        by_kind = dict(conn.execute(
+            "select kind, sum(balance)::bigint from accounts group by kind").fetchall())
+        users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
+        in_transit = by_kind.get("clearing", 0)
+        assert users + in_transit == deposits, by_kind
+        assert in_transit == 0, "nothing is in transit once every saga has finished"
+        assert -by_kind.get("funding", 0) == deposits
+        negative = conn.execute("select id from accounts where not allow_overdraft "
+                                "and balance - held < 0").fetchall()
+        assert negative == []
+        conflicts = conn.execute(
+            "select subname, confl_insert_exists + confl_update_origin_differs "
+            "+ confl_update_exists + confl_update_missing + confl_delete_origin_differs "
+            "+ confl_delete_missing + confl_multiple_unique_conflicts, apply_error_count "
+            "from pg_stat_subscription_stats").fetchall()
+        assert conflicts and all(c == 0 and e == 0 for _, c, e in conflicts), conflicts
+        postings = conn.execute(
+            "select p.id, p.status, count(distinct e.journal_id) filter "
+            "(where e.entry_type in ('payment', 'transfer_in')) from payments p "
+            "left join journal_entries e on e.payment_id = p.id group by p.id, p.status"
+            ).fetchall()
+        for pid, status, credited in postings:
+            assert credited == (1 if status == "succeeded" else 0), (pid, status, credited)
+
+
+async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
+    api = _api(cluster)
+    async with contextlib_clients(api) as clients:
+        homes = await _open_accounts(clients)
+        accounts = list(homes)
+        acknowledged: dict[str, str] = {}
+        declined = 0
+        forwarded = 0
+        rng = random.Random(42)
+
+        async def one(i: int) -> None:
+            nonlocal declined, forwarded
+            payer, payee = rng.sample(accounts, 2)
+            via = rng.choice(REGIONS)
+            key = f"mr-{i}-{uuid.uuid4()}"
+            body = {"payer": payer, "payee": payee, "amount": rng.randint(1, 4_000),
+                    "currency": "USD"}
+            for _ in range(20):
+                try:
+                    resp = await clients[via].post("/v1/payments", json=body,
+                                                   headers={"Idempotency-Key": key})
+                except httpx.TransportError:
+                    await asyncio.sleep(0.2)
+                    continue
+                if resp.status_code == 409:  # our own retry raced the first attempt
+                    await asyncio.sleep(0.2)
+                    continue
+                break
+            if resp.status_code == 402:
+                declined += 1
+                return
+            assert resp.status_code == 201, resp.text
+            assert resp.headers["Paycluster-Owner"] == homes[payer]
+            if resp.headers["Paycluster-Served-By"] != via:
+                forwarded += 1
+            acknowledged[key] = resp.json()["id"]
+
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await one(i)
+
+        started = time.monotonic()
+        await asyncio.gather(*(bounded(i) for i in range(PAYMENTS)))
+        elapsed = time.monotonic() - started
+
+        await _quiesce(cluster, len(acknowledged))
+        deposits = OPENING_BALANCE * len(accounts)
+        stored = None
+        for region in REGIONS:
+            _ledger_checks(_dsn(cluster, region), deposits)
+            with psycopg.connect(_dsn(cluster, region)) as conn:
+                ids = [str(r[0]) for r in conn.execute("select id from payments").fetchall()]
+            assert len(ids) == len(set(ids))
+            assert set(ids) == set(acknowledged.values()), region
+            stored = stored or ids
+        assert forwarded > PAYMENTS // 3, "most requests reached a region that had to forward"
+        print(f"\n{PAYMENTS} payments in {elapsed:.1f}s ({PAYMENTS / elapsed:.0f}/s): "
+              f"{len(acknowledged)} acknowledged, {declined} declined, {forwarded} forwarded")
+
+
+async def test_cross_region_convergence_latency(cluster: Cluster) -> None:
+    """Ack -> `succeeded` visible in both the payer's and the payee's region."""
+    api = _api(cluster)
+    samples: list[float] = []
+    async with contextlib_clients(api) as clients:
+        pairs = []
+        for a, b in (("us-east", "eu-west"), ("eu-west", "ap-southeast"),
+                     ("ap-southeast", "us-east")):
+            payer = (await clients[a].post("/v1/accounts", json={"currency": "EUR"})).json()["id"]
+            await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 10**6})
+            payee = (await clients[b].post("/v1/accounts", json={"currency": "EUR"})).json()["id"]
+            pairs.append((a, b, payer, payee))
+        for i in range(60):
+            a, b, payer, payee = pairs[i % len(pairs)]
+            resp = await clients[a].post("/v1/payments", json={
+                "payer": payer, "payee": payee, "amount": 100, "currency": "EUR"})
+            assert resp.status_code == 201, resp.text
+            acked = time.monotonic()
+            pid = resp.json()["id"]
+            pending = {a, b}
+            deadline = acked + 30
+            while pending:
+                for region in list(pending):
+                    got = (await clients[region].get(f"/v1/payments/{pid}")).json()
+                    if got.get("status") == "succeeded":
+                        pending.discard(region)
+                assert time.monotonic() < deadline
+                if pending:
+                    await asyncio.sleep(0.005)
+            samples.append(time.monotonic() - acked)
+    samples.sort()
+    p50 = statistics.median(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    print(f"\nack -> succeeded in both regions (wan scale {WAN_SCALE}): "
+          f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms over {len(samples)} payments")
+    assert p99 < SLO
+
+
+async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
+    api = _api(cluster)
+    a, b = "us-east", "ap-southeast"
+    wan = _wan(cluster)
+    async with contextlib_clients(api) as clients:
+        payer = (await clients[a].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 100_000})
+        payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        await _until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated to payer side")
+
+        wan.cut(a, b)  # both directions, every service: a partition between a and b
+        cut_at = time.monotonic()
+        try:
+            ids = []
+            for _ in range(5):
+                resp = await clients[a].post("/v1/payments", json={
+                    "payer": payer, "payee": payee, "amount": 1_000, "currency": "USD"})
+                assert resp.status_code == 201, resp.text
+                ids.append(resp.json()["id"])
+            # Stuck, not failed: the payee's region cannot be reached.
+            breach_seen = None
+            while breach_seen is None:
+                ready = (await clients[a].get("/health/ready")).json()
+                if f"{b}->{a}" in ready.get("stale_pairs", []):
+                    breach_seen = time.monotonic()
+                    break
+                assert time.monotonic() - cut_at < SLO + 6, ready
+                await asyncio.sleep(0.2)
+            # Detected within 5 s of crossing the threshold.
+            assert breach_seen - cut_at <= SLO + 5
+            assert ready["status"] == "degraded"
+            status = (await clients[a].get("/v1/replication/status")).json()
+            assert status["pairs"][f"{b}->{a}"]["breach"] is not None
+            metrics = (await clients[a].get("/metrics")).text
+            assert f'paycluster_replication_slo_breach{{from="{b}",to="{a}"}} 1.0' in metrics
+            for pid in ids:
+                assert (await clients[a].get(f"/v1/payments/{pid}")).json()["status"] == \
+                    "processing"
+            # Unaffected pairs keep converging.
+            assert f"eu-west->{a}" not in ready.get("stale_pairs", [])
+        finally:
+            wan.heal(a, b)
+        for pid in ids:
+            await _until_status(clients[a], pid, "succeeded", 60)
+        deadline = time.monotonic() + 60
+        while (await clients[a].get("/health/ready")).json().get("stale_pairs"):
+            assert time.monotonic() < deadline, "breach never cleared after heal"
+            await asyncio.sleep(0.5)
+        assert (await clients[b].get(f"/v1/accounts/{payee}")).json()["balance"] == 5_000
+
+
+# ---------------------------------------------------------------------------- helpers
+
+class contextlib_clients:  # noqa: N801 - used like a function
+    """One HTTP client per region."""
+
+    def __init__(self, api: dict[str, str]) -> None:
+        self.clients = {r: httpx.AsyncClient(base_url=u, timeout=30) for r, u in api.items()}
+
+    async def __aenter__(self) -> dict[str, httpx.AsyncClient]:
+        return self.clients
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+def _has_row(dsn: str, account_id: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("select 1 from accounts where id = %s", (account_id,)
+                            ).fetchone() is not None
+
+
+async def _until(check: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def _until_status(client: httpx.AsyncClient, pid: str, status: str,
+                        timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (await client.get(f"/v1/payments/{pid}")).json()["status"] != status:
+        assert time.monotonic() < deadline, f"payment {pid} never {status}"
+        await asyncio.sleep(0.2)
