@@ -80,9 +80,9 @@ async def _open_accounts(clients: dict[str, httpx.AsyncClient]) -> dict[str, str
     return homes
 
 
-async def _quiesce(cluster: Cluster, expect_payments: int, timeout: float = 90.0) -> None:
+async def _quiesce(cluster: Cluster, expect_payments: int, within: float = 90.0) -> None:
     """Wait until no payment is processing anywhere and every region holds the same rows."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         views = [_view(_dsn(cluster, r)) for r in REGIONS]
         processing = sum(v["processing"] for v in views)
@@ -144,7 +144,7 @@ def _ledger_checks(dsn: str, deposits: int) -> None:
 
 async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
     api = _api(cluster)
-    async with contextlib_clients(api) as clients:
+    async with RegionClients(api) as clients:
         homes = await _open_accounts(clients)
         accounts = list(homes)
         acknowledged: dict[str, str] = {}
@@ -208,7 +208,7 @@ async def test_cross_region_convergence_latency(cluster: Cluster) -> None:
     """Ack -> `succeeded` visible in both the payer's and the payee's region."""
     api = _api(cluster)
     samples: list[float] = []
-    async with contextlib_clients(api) as clients:
+    async with RegionClients(api) as clients:
         pairs = []
         for a, b in (("us-east", "eu-west"), ("eu-west", "ap-southeast"),
                      ("ap-southeast", "us-east")):
@@ -246,7 +246,7 @@ async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
     api = _api(cluster)
     a, b = "us-east", "ap-southeast"
     wan = _wan(cluster)
-    async with contextlib_clients(api) as clients:
+    async with RegionClients(api) as clients:
         payer = (await clients[a].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
         await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 100_000})
         payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
@@ -295,7 +295,7 @@ async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
 
 # ---------------------------------------------------------------------------- helpers
 
-class contextlib_clients:  # noqa: N801 - used like a function
+class RegionClients:
     """One HTTP client per region."""
 
     def __init__(self, api: dict[str, str]) -> None:
@@ -315,16 +315,16 @@ def _has_row(dsn: str, account_id: str) -> bool:
                             ).fetchone() is not None
 
 
-async def _until(check: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(check: Any, what: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
 
 
 async def _until_status(client: httpx.AsyncClient, pid: str, status: str,
-                        timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+                        within: float) -> None:
+    deadline = time.monotonic() + within
     while (await client.get(f"/v1/payments/{pid}")).json()["status"] != status:
         assert time.monotonic() < deadline, f"payment {pid} never {status}"
         await asyncio.sleep(0.2)
