@@ -293,7 +293,48 @@ async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
         assert (await clients[b].get(f"/v1/accounts/{payee}")).json()["balance"] == 5_000
 
 
+async def test_compensation_and_read_consistency(cluster: Cluster) -> None:
+    """A payee region that rejects the credit (closed account) makes the payer's region
+    refund the payer and fail the payment, as seen from every region; reads say who
+    served them, and `consistency=strong` goes to the owner."""
+    api = _api(cluster)
+    a, b, c = REGIONS
+    async with RegionClients(api) as clients:
+        payer = (await clients[c].post("/v1/accounts", json={
+            "currency": "USD", "home_region": a})).json()["id"]
+        await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 9_000})
+        payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
+        closed = await clients[c].post(f"/v1/accounts/{payee}/close")
+        assert closed.status_code == 200 and closed.headers["Paycluster-Served-By"] == b
+        await _until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated")
+        created = await clients[c].post("/v1/payments", json={
+            "payer": payer, "payee": payee, "amount": 4_000, "currency": "USD"})
+        assert created.status_code == 201, created.text
+        pid = created.json()["id"]
+        for region in REGIONS:
+            await _until_status(clients[region], pid, "failed", 30)
+        for region in REGIONS:
+            failed = (await clients[region].get(f"/v1/payments/{pid}")).json()
+            assert failed["failure_code"] == "account_closed"
+        await _until(lambda: all(_balance(_dsn(cluster, r), payer) == 9_000 for r in REGIONS),
+                     "refund visible everywhere")
+
+        local = await clients[c].get(f"/v1/accounts/{payer}")
+        assert local.headers["Paycluster-Served-By"] == c
+        assert local.headers["Paycluster-Owner"] == a
+        strong = await clients[c].get(f"/v1/accounts/{payer}", params={"consistency": "strong"})
+        assert strong.headers["Paycluster-Served-By"] == a
+        assert strong.json()["balance"] == 9_000
+
+
 # ---------------------------------------------------------------------------- helpers
+
+
+def _balance(dsn: str, account_id: str) -> int | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("select balance from accounts where id = %s", (account_id,)
+                           ).fetchone()
+    return None if row is None else int(row[0])
 
 class RegionClients:
     """One HTTP client per region."""
