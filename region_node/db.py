@@ -39,9 +39,11 @@ class Database:
                  retry_attempts: int = 8) -> None:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        # No pre-ping (a round trip per transaction): a connection found dead fails its
+        # step with 503, SQLAlchemy then drops the whole pool, and the client's retry
+        # (same Idempotency-Key) runs on fresh connections.
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
-            pool_timeout=10)
+            url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10)
         self.retry_attempts = retry_attempts
 
     async def transaction(self, step: Callable[[AsyncConnection], Awaitable[T]]) -> T:

@@ -103,9 +103,9 @@ class IdempotencyStore:
     async def _claim_sql(self, conn: AsyncConnection, scope: str, key: str,
                          req_hash: str) -> StoredResponse | None:
         now = datetime.now(UTC)
-        # An expired key is forgotten: the same key may start a new request.
-        await conn.execute(K.delete().where(K.c.scope == scope, K.c.key == key,
-                                            K.c.expires_at <= now))
+        # The claim needs no flush of its own: the effect's commit, synchronous, flushes
+        # the WAL up to and including it; a claim lost in a crash had no effect to guard.
+        await conn.execute(sa.text("set local synchronous_commit = off"))
         inserted = (await conn.execute(
             pg_insert(K).values(scope=scope, key=key, request_hash=req_hash, state="started",
                                 locked_at=now, expires_at=now + self.ttl)
@@ -114,6 +114,12 @@ class IdempotencyStore:
             return None
         row = (await conn.execute(sa.select(K).where(K.c.scope == scope, K.c.key == key)
                                   .with_for_update())).one()
+        if row.expires_at <= now:
+            # An expired key is forgotten: the same key starts a new request.
+            await conn.execute(K.update().where(K.c.scope == scope, K.c.key == key).values(
+                request_hash=req_hash, state="started", locked_at=now, response_status=None,
+                response_body=None, created_at=now, expires_at=now + self.ttl))
+            return None
         if row.request_hash != req_hash:
             raise IdempotencyMismatch(_MISMATCH)
         if row.state == "finished":

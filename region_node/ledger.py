@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -157,10 +158,11 @@ async def post(conn: AsyncConnection, *, legs: Iterable[tuple[uuid.UUID, int]], 
          "currency": currency, "entry_type": entry_type, "payment_id": payment_id,
          "region": region}
         for acc, amt in legs])
-    for acc, amt in legs:
-        await conn.execute(
-            A.update().where(A.c.id == acc)
-            .values(balance=A.c.balance + amt, updated_at=sa.func.now()))
+    # One statement for every leg's balance.
+    deltas = sa.values(sa.column("id", UUID(as_uuid=True)), sa.column("delta", sa.BigInteger),
+                       name="deltas").data(legs)
+    await conn.execute(A.update().where(A.c.id == deltas.c.id)
+                       .values(balance=A.c.balance + deltas.c.delta, updated_at=sa.func.now()))
     return journal_id
 
 
