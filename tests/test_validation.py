@@ -150,3 +150,13 @@ async def test_capture_and_refund_limits(client: httpx.AsyncClient, db_url: str,
     assert (payment["amount_captured"], payment["amount_refunded"]) == (600, 600)
     payer = (await client.get(f"/v1/accounts/{accounts['payer']}")).json()
     assert (payer["balance"], payer["held"]) == (10_000, 0)
+
+
+async def test_ids_of_regions_outside_the_cluster_are_404(client: httpx.AsyncClient) -> None:
+    """An id stamped with a region this cluster does not run names nothing: 404, not 503."""
+    for code in range(256):
+        foreign = uuid.UUID(bytes=uuid.uuid4().bytes[:15] + bytes([code]))
+        resp = await client.post(f"/v1/accounts/{foreign}/deposits", json={"amount": 10})
+        _assert_error_shape(resp, 404, "resource_missing")
+        resp = await client.get(f"/v1/payments/{foreign}")
+        _assert_error_shape(resp, 404, "resource_missing")

@@ -18,8 +18,20 @@ OWNER = "Paycluster-Owner"
 
 
 def home_of(request: Request, value: uuid.UUID | None) -> str | None:
-    """Home region stamped in an id (None for ids we cannot place)."""
-    return node_of(request).home_of(value) if value is not None else None
+    """Home region stamped in an id, if that region is part of this cluster.
+
+    An id stamped with a region this cluster does not have (or no stamp at all) cannot
+    name anything here: it is handled locally, which answers 404.
+    """
+    if value is None:
+        return None
+    node = node_of(request)
+    home = node.home_of(value)
+    if home is None or home == node.region or home in node.settings.peers:
+        return home
+    if any(o.home_region == home for o in node.ownership.snapshot()):
+        return home
+    return None
 
 
 def known_home(request: Request, home: str) -> str:
