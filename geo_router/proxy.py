@@ -1,0 +1,440 @@
+"""The HTTP reverse proxy: a plain ASGI app that sends each request to the region the
+policy chooses and relays the answer.
+
+- Bodies stream both ways (never read whole, except small POST bodies that name the owner
+  when owner preference is on, see `owners`). Response bytes are relayed raw: encodings
+  and lengths stay as the node wrote them.
+- Headers are kept, minus hop-by-hop ones (RFC 9110 7.6.1) and Host; added are
+  `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, an
+  `x-request-id` (the client's, or a new one) and trace context as a service mesh would:
+  a child span of the client's `traceparent` (or a new trace), with `b3` / `X-B3-*`
+  carried on as a child span too when the client uses them.
+- The answer says where it went: `Paycluster-Routed-To`, `Paycluster-Route-Reason`
+  (owner, nearest, weighted, failover) and `Paycluster-Route-Attempts`, next to the
+  node's own `Paycluster-Served-By` / `Paycluster-Owner`.
+- Retries: when a region cannot be reached (connection refused or reset, or the
+  connection died before an answer), a request that is safe to repeat - GET / HEAD /
+  OPTIONS, or a mutation carrying `Idempotency-Key` - is sent to the next region of the
+  decision; anything else gets a 503 in the error shape and is never sent twice. A timeout
+  waiting for the answer is not retried either (the request may still be running there):
+  504. The request body is kept for a replay up to `retry_buffer_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from geo_router.errors import RouterError, unavailable
+from geo_router.owners import SAFE_METHODS, body_names_owner, wants_owner
+from geo_router.policy import Decision, NoRoute
+from geo_router.service import RouterService
+
+log = logging.getLogger("geo_router.proxy")
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"proxy-connection", b"te", b"trailer",
+                        b"trailers", b"transfer-encoding", b"upgrade"})
+"""Headers that describe one connection, not the message: never forwarded."""
+
+ROUTED_TO = b"paycluster-routed-to"
+ROUTE_REASON = b"paycluster-route-reason"
+ROUTE_ATTEMPTS = b"paycluster-route-attempts"
+CLIENT_ID = b"x-client-id"
+"""Optional stable client identity: the key of the hash that splits traffic by weight
+(else the client's address, else the request id)."""
+
+# Transport failures that mean "this region could not be reached or died before it
+# answered": a safe request may go to the next region.
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+                httpx.ReadError, httpx.WriteError)
+
+
+class ClientDisconnected(Exception):
+    """The client went away while we were reading its request body."""
+
+
+# ---------------------------------------------------------------------------- headers
+
+
+def connection_headers(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Hop-by-hop header names of a message: the fixed ones plus those `Connection` lists."""
+    named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"
+             for token in value.split(b",") if token.strip()}
+    return HOP_BY_HOP | named
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text) \
+        and text.strip("0") != ""
+
+
+def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
+    """(trace id, parent span id, flags) of a valid W3C traceparent, else None."""
+    if not value:
+        return None
+    parts = value.strip().lower().split("-")
+    if len(parts) < 4 or parts[0] == "ff" or len(parts[0]) != 2:
+        return None
+    if not (_is_hex(parts[1], 32) and _is_hex(parts[2], 16) and len(parts[3]) == 2):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+_B3_TRACE = b"x-b3-traceid"
+
+
+def trace_headers(headers: Mapping[bytes, bytes], span_id: str | None = None) -> RawHeaders:
+    """The trace headers to send upstream, as a mesh sidecar would: this hop becomes a new
+    span (`span_id`) in the client's trace - or the first span of a new trace.
+
+    - `traceparent`: child of the client's (same trace id and flags); if the client only
+      sent B3, the trace id comes from B3 so both formats name the same trace; otherwise
+      a new sampled trace.
+    - `b3` (single header) and `X-B3-*`: passed on with this hop's span id and the
+      client's span as parent, only if the client sent them.
+    - `tracestate` is passed on untouched (with the other headers).
+    """
+    span = span_id or secrets.token_hex(8)
+    get = lambda name: headers.get(name, b"").decode("latin-1").strip()  # noqa: E731
+    out: RawHeaders = []
+    b3_single = get(b"b3")
+    b3_parts = b3_single.split("-") if b3_single and b3_single not in ("0", "1", "d") else []
+    b3_trace = (b3_parts[0] if len(b3_parts) >= 2 else get(_B3_TRACE)).lower()
+    parent = parse_traceparent(get(b"traceparent"))
+    if parent is not None:
+        trace, _, flags = parent
+    elif b3_trace and all(c in "0123456789abcdef" for c in b3_trace) and len(b3_trace) in (16,
+                                                                                          32):
+        trace, flags = b3_trace.rjust(32, "0"), "01"
+    else:
+        trace, flags = secrets.token_hex(16), "01"
+    out.append((b"traceparent", f"00-{trace}-{span}-{flags}".encode()))
+    if len(b3_parts) >= 2:
+        sampled = b3_parts[2] if len(b3_parts) >= 3 else ""
+        value = f"{b3_parts[0]}-{span}" + (f"-{sampled}" if sampled else "") + f"-{b3_parts[1]}"
+        out.append((b"b3", value.encode()))
+    elif b3_single:
+        out.append((b"b3", b3_single.encode()))  # a bare sampling decision ("0", "1", "d")
+    if headers.get(_B3_TRACE):
+        out.append((_B3_TRACE, headers[_B3_TRACE]))
+        out.append((b"x-b3-spanid", span.encode()))
+        if headers.get(b"x-b3-spanid"):
+            out.append((b"x-b3-parentspanid", headers[b"x-b3-spanid"]))
+        for name in (b"x-b3-sampled", b"x-b3-flags"):
+            if headers.get(name):
+                out.append((name, headers[name]))
+    return out
+
+
+_TRACE_NAMES = frozenset({b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid",
+                          b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags"})
+
+
+def upstream_headers(raw: RawHeaders, *, client_ip: str | None, scheme: str,
+                     request_id: str, trust_forwarded: bool = False,
+                     span_id: str | None = None) -> RawHeaders:
+    """The request headers to send to a region (see the module docstring)."""
+    drop = connection_headers(raw) | {b"host", b"x-request-id", b"x-forwarded-for",
+                                      b"x-forwarded-proto", b"x-forwarded-host"} | _TRACE_NAMES
+    first: dict[bytes, bytes] = {}
+    for name, value in raw:
+        first.setdefault(name.lower(), value)
+    out = [(name, value) for name, value in raw if name.lower() not in drop]
+    out.append((b"x-request-id", request_id.encode("latin-1")))
+    prior = first.get(b"x-forwarded-for")
+    if client_ip:
+        out.append((b"x-forwarded-for",
+                    (prior + b", " if prior else b"") + client_ip.encode("latin-1")))
+    elif prior:
+        out.append((b"x-forwarded-for", prior))
+    proto = first.get(b"x-forwarded-proto") if trust_forwarded else None
+    out.append((b"x-forwarded-proto", proto or scheme.encode()))
+    host = (first.get(b"x-forwarded-host") if trust_forwarded else None) or first.get(b"host")
+    if host:
+        out.append((b"x-forwarded-host", host))
+    out.extend(trace_headers(first, span_id))
+    return out
+
+
+def client_address(scope: Scope, headers: Mapping[bytes, bytes], trust_forwarded: bool
+                   ) -> str | None:
+    """The client's IP: the socket peer, or the first X-Forwarded-For hop when trusted."""
+    if trust_forwarded and headers.get(b"x-forwarded-for"):
+        return headers[b"x-forwarded-for"].split(b",")[0].strip().decode("latin-1")
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+class BodySource:
+    """The client's request body, read as it arrives, replayable while it fits `limit`.
+
+    Chunks are kept while the total stays within `limit`, so that a safe request can be
+    sent again to the next region; past it they are dropped and `replayable` turns False.
+    """
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.replayable = True
+
+    async def _pull(self) -> bytes:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        self.done = not message.get("more_body", False)
+        self.size += len(chunk)
+        if self.replayable:
+            if self.size <= self.limit:
+                self.chunks.append(chunk)
+            else:
+                self.replayable = False
+                self.chunks = []
+        return chunk
+
+    async def read_upto(self, limit: int) -> bytes | None:
+        """The whole body if it is at most `limit` bytes (and can be kept), else None
+        (what was read stays available to `stream()` while it fits the buffer)."""
+        while not self.done and self.size <= limit:
+            await self._pull()
+        return self.complete() if self.size <= limit else None
+
+    async def prefetch(self) -> None:
+        """Read the first chunk: most API bodies arrive in one, and are then sent as bytes
+        instead of through a generator."""
+        if not self.done and not self.size and not self.chunks:
+            await self._pull()
+
+    def complete(self) -> bytes | None:
+        """The whole body, if it has all arrived and is kept."""
+        return b"".join(self.chunks) if self.done and self.replayable else None
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body from its start: the kept chunks, then the rest as it arrives."""
+        for chunk in list(self.chunks):
+            yield chunk
+        while not self.done:
+            chunk = await self._pull()
+            if chunk:
+                yield chunk
+
+
+# ---------------------------------------------------------------------------- the proxy
+
+
+async def send_error(send: Send, err: RouterError, request_id: str,
+                     extra: RawHeaders | None = None) -> None:
+    """Answer with a router error in the error shape."""
+    body = err.encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", request_id.encode("latin-1")),
+               *((k.encode(), v.encode()) for k, v in err.headers.items()), *(extra or [])]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Proxy:
+    """ASGI app of the public listener: `/v1/resolve` is answered here, everything else
+    is proxied to a region."""
+
+    def __init__(self, service: RouterService,
+                 resolve: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+                 ) -> None:
+        self.service = service
+        self.resolve = resolve
+        s = service.settings
+        self.client = httpx.AsyncClient(
+            trust_env=False, follow_redirects=False,
+            timeout=httpx.Timeout(s.upstream_timeout_seconds,
+                                  connect=s.connect_timeout_seconds),
+            limits=httpx.Limits(max_connections=s.max_connections,
+                                max_keepalive_connections=s.max_connections))
+
+    async def aclose(self) -> None:
+        """Close the upstream connection pool."""
+        await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no websockets in the API
+        if scope["path"] == "/v1/resolve" and self.resolve is not None:
+            await self.resolve(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one request and relay the answer."""
+        started = time.perf_counter()
+        service, settings, metrics = self.service, self.service.settings, self.service.metrics
+        method: str = scope["method"]
+        raw: RawHeaders = scope["headers"]
+        first: dict[bytes, bytes] = {}
+        for name, value in raw:
+            first.setdefault(name, value)
+        request_id = (first.get(b"x-request-id", b"").decode("latin-1")[:128]
+                      or uuid.uuid4().hex)
+        client_ip = client_address(scope, first, settings.trust_forwarded_for)
+        safe = method in SAFE_METHODS or b"idempotency-key" in first
+        length = first.get(b"content-length")
+        has_body = (b"transfer-encoding" in first
+                    or (length is not None and length.strip() not in (b"", b"0")))
+        peek = (settings.owner_peek_bytes if settings.prefer_owner
+                and body_names_owner(method, scope["path"]) and length is not None
+                and length.strip().isdigit() and int(length) <= settings.owner_peek_bytes
+                else 0)
+        body = BodySource(receive, max(settings.retry_buffer_bytes if safe else 0, peek))
+        try:
+            location = service.locate(_text(first.get(b"x-client-region")),
+                                      _text(first.get(b"x-client-geo")), client_ip)
+            home = None
+            if settings.prefer_owner and wants_owner(method, scope.get("query_string", b"")):
+                home = service.homes.home_in_path(scope["path"])
+                if home is None and peek:
+                    data = await body.read_upto(peek)
+                    home = service.homes.home_in_body(scope["path"], data or b"")
+            key = (_text(first.get(CLIENT_ID)) or client_ip or request_id)
+            decision = service.decide(location, key, home)
+        except RouterError as err:
+            metrics.requests.labels("none", method, str(err.status)).inc()
+            await send_error(send, err, request_id)
+            return
+        except NoRoute as exc:
+            metrics.no_route.inc()
+            metrics.requests.labels("none", method, "503").inc()
+            await send_error(send, unavailable(str(exc), "no_healthy_region"), request_id)
+            return
+        except ClientDisconnected:
+            return
+        metrics.decisions.labels(decision.region, decision.reason).inc()
+        headers = upstream_headers(raw, client_ip=client_ip, scheme=scope.get("scheme", "http"),
+                                   request_id=request_id,
+                                   trust_forwarded=settings.trust_forwarded_for)
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        path = target.decode("latin-1")
+        regions = decision.order[:settings.max_attempts] if safe else decision.order[:1]
+        failure = ""
+        attempt = 0
+        for attempt, region in enumerate(regions, start=1):
+            if attempt > 1:
+                if not body.replayable:
+                    metrics.not_retried.labels(regions[attempt - 2]).inc()
+                    failure += "; not retried: the body is too large to replay"
+                    break
+                metrics.failovers.labels(regions[attempt - 2], region).inc()
+            try:
+                if has_body:
+                    await body.prefetch()
+                whole = body.complete() if has_body else None
+                content: bytes | AsyncIterator[bytes] | None = (
+                    whole if whole is not None else body.stream() if has_body else None)
+                request = httpx.Request(method, service.endpoint(region) + path,
+                                        headers=headers, content=content)
+                response = await self.client.send(request, stream=True)
+            except ClientDisconnected:
+                return
+            except _UNREACHABLE as exc:
+                metrics.attempts.labels(region, "connect_error").inc()
+                failure += f"{'; ' if failure else ''}{region}: {_describe(exc)}"
+                log.warning("region %s unreachable for %s %s: %s", region, method,
+                            scope["path"], _describe(exc),
+                            extra={"event": "upstream_unreachable", "region": region,
+                                   "request_id": request_id})
+                continue
+            except httpx.TimeoutException as exc:  # read/write/pool timeout: not retried
+                metrics.attempts.labels(region, "timeout").inc()
+                metrics.requests.labels(region, method, "504").inc()
+                await send_error(send, RouterError(
+                    504, "api_error", "upstream_timeout",
+                    f"Region {region} did not answer in time ({_describe(exc)}); the request "
+                    "may still complete there - retry with the same Idempotency-Key to find "
+                    "out"), request_id, self._route_headers(decision, region, attempt))
+                return
+            metrics.attempts.labels(region, "response").inc()
+            await self._relay(response, send, decision, region, attempt, request_id, method,
+                              started)
+            return
+        # Nothing answered.
+        if not safe:
+            metrics.not_retried.labels(regions[0]).inc()
+            message = (f"Region {regions[0]} could not be reached ({failure}). The request was "
+                       "not retried on another region because it is not safe to repeat: "
+                       "only GET requests and requests carrying an Idempotency-Key are. "
+                       "Retry it with an Idempotency-Key.")
+        else:
+            message = f"No region could be reached: {failure}"
+        metrics.requests.labels("none", method, "503").inc()
+        await send_error(send, unavailable(message, "upstream_unavailable"), request_id,
+                         self._route_headers(decision, regions[attempt - 1], attempt))
+
+    @staticmethod
+    def _route_headers(decision: Decision, region: str, attempts: int) -> RawHeaders:
+        return [(ROUTED_TO, region.encode()), (ROUTE_REASON, (
+            "failover" if attempts > 1 else decision.reason).encode()),
+            (ROUTE_ATTEMPTS, str(attempts).encode())]
+
+    async def _relay(self, response: httpx.Response, send: Send, decision: Decision,
+                     region: str, attempts: int, request_id: str, method: str,
+                     started: float) -> None:
+        metrics = self.service.metrics
+        drop = connection_headers(response.headers.raw)
+        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in drop]
+        if not any(k == b"x-request-id" for k, _ in headers):
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
+        headers.extend(self._route_headers(decision, region, attempts))
+        metrics.requests.labels(region, method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(region).observe(time.perf_counter() - started)
+        if self.service.settings.access_log:
+            log.info("%s -> %s %d", method, region, response.status_code,
+                     extra={"event": "request", "region": region, "request_id": request_id,
+                            "status": response.status_code, "reason": decision.reason})
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": headers})
+            async for chunk in response.aiter_raw():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            # The status line is gone already: all we can do is cut the response short so
+            # the client sees a broken message, not a complete-looking truncated one.
+            log.warning("region %s broke off its answer: %s", region, _describe(exc),
+                        extra={"event": "upstream_broken", "region": region,
+                               "request_id": request_id})
+            raise
+        finally:
+            await response.aclose()
+
+
+def _text(value: bytes | None) -> str | None:
+    return (value.decode("latin-1").strip() or None) if value else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def dumps(doc: Any) -> bytes:
+    """Compact JSON bytes."""
+    return json.dumps(doc, separators=(",", ":")).encode()
