@@ -1,12 +1,14 @@
 """`paycluster`: the operator's command line for the local lab.
 
-    paycluster up [--regions N] [--wan-scale S] [--data-dir DIR] [--detach]
+    paycluster up [--regions N] [--wan-scale S] [--routers N] [--data-dir DIR] [--detach]
     paycluster status [--data-dir DIR] [--json]
+    paycluster router status [--json] | drain REGION | undrain REGION
+                      | weight REGION (N | --reset) | resolve [--client-region R] [--geo LAT,LON]
     paycluster down [--data-dir DIR]
     paycluster link list | cut A B [--mode reset|blackhole] [--one-way] | heal A B [--one-way]
                          | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
     paycluster region add NAME
-    paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N]
+    paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N] [--no-router]
     paycluster bench [bench options, see `paycluster bench --help`]
 """
 
@@ -19,7 +21,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -44,6 +46,7 @@ from cluster.lab import (
 )
 from cluster.servers import ServerStartError
 from cluster.wan import WanControl, WanControlError
+from geo_router.client import RouterAdmin, RouterAdminError, resolve
 
 app = typer.Typer(help="Run the paycluster local lab: real PostgreSQL, Redis, NATS and region "
                        "nodes on 127.0.0.1, with an emulated WAN between the regions.",
@@ -51,8 +54,12 @@ app = typer.Typer(help="Run the paycluster local lab: real PostgreSQL, Redis, NA
 link_app = typer.Typer(help="Inspect and change the emulated WAN links between regions.",
                        no_args_is_help=True)
 region_app = typer.Typer(help="Change the regions of a running lab.", no_args_is_help=True)
+router_app = typer.Typer(help="Operate the lab's geo routers: state, drain, weights, resolve. "
+                              "Changes go to every router the lab runs.",
+                         no_args_is_help=True)
 app.add_typer(link_app, name="link")
 app.add_typer(region_app, name="region")
+app.add_typer(router_app, name="router")
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -77,6 +84,11 @@ Regions = Annotated[int, typer.Option("--regions", "-r", min=1, max=len(REGION_N
 WanScale = Annotated[float, typer.Option("--wan-scale", min=0.0,
                                          help="multiplier of the default inter-region round "
                                               "trips (0 = no delay)")]
+Routers = Annotated[int, typer.Option(
+    "--routers", min=0, max=len(REGION_NAMES),
+    help="geo routers to start (0 = none). Production runs one per region; in the lab one "
+         "router serves every client (clients say where they are with X-Client-Region / "
+         "X-Client-Geo), and more show that every router decides the same")]
 
 
 class _Stop(Exception):
@@ -110,13 +122,15 @@ def _shielded() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool) -> Cluster:
+def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool,
+           routers: int = 1) -> Cluster:
     where = data_dir.resolve()
+    routers = min(routers, regions)
     with console.status(f"starting {regions} region(s) in {where} (WAN scale {wan_scale:g}) ..."):
         t0 = time.perf_counter()
         try:
             cluster = start_cluster(data_dir, regions=regions, wan_scale=wan_scale,
-                                    detach=detach)
+                                    detach=detach, routers=routers)
         except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
             err_console.print(f"[red]could not start the cluster:[/] {exc}")
             raise typer.Exit(1) from None
@@ -151,23 +165,33 @@ def _endpoints_table(doc: dict[str, Any]) -> Table:
     wan = doc.get("wan")
     if isinstance(wan, dict):
         table.add_row("wan", "control", wan["control_url"], str(wan["pid"]))
+    for router in doc.get("routers") or []:
+        table.add_row(f"router ({router['site']})", "public", router["url"],
+                      str(router["pid"]))
+        table.add_row("", "admin", router["admin_url"], "(router)", end_section=True)
     return table
 
 
 @app.command()
 def up(regions: Regions = 3,
        wan_scale: WanScale = 1.0,
+       routers: Routers = 1,
        data_dir: DataDir = DEFAULT_DATA_DIR,
        detach: Annotated[bool, typer.Option(help="start and return, leaving it running")] = False,
        ) -> None:
-    """Start the lab; in the foreground until Ctrl-C / SIGTERM, then stop it cleanly."""
+    """Start the lab (regions, WAN, geo router); in the foreground until Ctrl-C / SIGTERM,
+    then stop it cleanly."""
     with _terminate_as_interrupt():
-        cluster = _start(data_dir, regions, wan_scale, detach)
+        cluster = _start(data_dir, regions, wan_scale, detach, routers)
         try:
             doc = read_cluster(data_dir)
             console.print(_endpoints_table(doc))
             if doc.get("links"):
                 console.print(f"{len(doc['links'])} WAN links; see [bold]paycluster link list[/]")
+            if cluster.routers:
+                console.print(f"clients: [bold]{cluster.router_url}[/] (geo router; "
+                              "X-Client-Region / X-Client-Geo say where a client is); see "
+                              "[bold]paycluster router status[/]")
             console.print(f"cluster.json: {cluster.cluster_file}")
             if detach:
                 console.print(f"running detached; stop with [bold]paycluster down --data-dir "
@@ -211,6 +235,9 @@ def _listed(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
                 yield name, kind, region[kind]
     if isinstance(doc.get("wan"), dict):
         yield "wan", "emulator", doc["wan"]
+    for router in doc.get("routers") or []:
+        if isinstance(router, dict):
+            yield f"router ({router.get('site')})", "router", router
 
 
 @app.command()
@@ -279,6 +306,19 @@ def _ownership(doc: dict[str, Any], client: httpx.Client) -> dict[str, Any] | No
     return None
 
 
+def probe_router(entry: dict[str, Any], client: httpx.Client) -> dict[str, Any]:
+    """One cluster.json router as it sees the regions: region -> effective state (None if
+    its admin API does not answer)."""
+    info: dict[str, Any] = {"site": entry.get("site"), "url": entry.get("url"),
+                            "admin_url": entry.get("admin_url"), "pid": entry.get("pid"),
+                            "alive": is_ours(entry), "states": None, "weights": None}
+    code, body = _get_json(client, f"{entry.get('admin_url')}/admin/regions")
+    if code == 200 and isinstance(body, dict):
+        info["states"] = {r["name"]: r["state"] for r in body.get("regions", [])}
+        info["weights"] = {r["name"]: r["weight"] for r in body.get("regions", [])}
+    return info
+
+
 def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
     """Everything `paycluster status` shows, as one JSON-able document.
 
@@ -290,6 +330,8 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
         probes = {name: probe_region(region, client)
                   for name, region in doc.get("regions", {}).items()}
         ownership = _ownership(doc, client)
+        routers = [probe_router(r, client) for r in doc.get("routers") or []
+                   if isinstance(r, dict)]
     names = list(probes)
     wan = doc.get("wan")
     wan_info = None
@@ -333,11 +375,17 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
                 problems.append(f"{name}: {kind} (pid {pid['pid']}) is not running")
     if wan_info is not None and not wan_info["alive"]:
         problems.append(f"WAN emulator (pid {wan_info['pid']}) is not running")
+    for router in routers:
+        if not router["alive"]:
+            problems.append(f"router ({router['site']}, pid {router['pid']}) is not running")
+        elif router["states"] is None:
+            problems.append(f"router ({router['site']}) does not answer on its admin API")
     slo_ok = not any(p["breach"] for p in pairs) and not any(p["conflicts"] for p in pairs)
     return {
         "data_dir": doc.get("data_dir"), "status": doc.get("status"),
         "healthy": bool(probes) and not problems, "problems": problems,
         "regions": probes, "wan": wan_info, "links": len(doc.get("links") or []),
+        "routers": routers,
         "ownership": (ownership or {}).get("ownership"),
         "ownership_source": (ownership or {}).get("region"),
         "lag_seconds": lag, "pairs": pairs,
@@ -369,6 +417,33 @@ def _regions_table(status: dict[str, Any]) -> Table:
                       f"{wan['scale']:g}" if wan.get("scale") is not None else "",
                       f"{wan['pid']} " + ("[green]✓[/]" if wan["alive"] else "[red]✗[/]"),
                       "", "", "")
+    return table
+
+
+_STATE_COLORS = {"healthy": "green", "degraded": "yellow", "draining": "cyan", "down": "red"}
+
+
+def _routers_table(routers: list[dict[str, Any]], regions: list[str]) -> Table:
+    """Each router's view of each region: state and weight."""
+    table = Table(title="geo routers: region state (weight) as each router sees it",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("router", no_wrap=True)
+    table.add_column("public url", no_wrap=True)
+    for name in regions:
+        table.add_column(name, no_wrap=True)
+    for router in routers:
+        states, weights = router.get("states") or {}, router.get("weights") or {}
+        cells = []
+        for name in regions:
+            state = states.get(name)
+            if state is None:
+                cells.append("[dim]?[/]")
+                continue
+            weight = weights.get(name)
+            cells.append(f"[{_STATE_COLORS.get(state, 'red')}]{state}[/]"
+                         + (f" ({weight})" if weight not in (None, 100) else ""))
+        label = router["site"] if router["alive"] else f"{router['site']} [red](not running)[/]"
+        table.add_row(label, str(router["url"]), *cells)
     return table
 
 
@@ -431,6 +506,8 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR,
         typer.echo(json.dumps(report, indent=2))
     else:
         console.print(_regions_table(report))
+        if report["routers"]:
+            console.print(_routers_table(report["routers"], list(report["regions"])))
         if report["ownership"]:
             console.print(_ownership_table(report))
         if len(report["regions"]) > 1:
@@ -585,6 +662,148 @@ def region_add(name: Annotated[str, typer.Argument(help="region to add, e.g. us-
                   f"{region.api_url}")
 
 
+# --------------------------------------------------------------------------- routers
+
+
+def _running_routers(data_dir: Path) -> list[dict[str, Any]]:
+    """cluster.json's routers that are running; exits 1 with a message if there are none."""
+    try:
+        doc = read_cluster(data_dir)
+    except ClusterError as exc:
+        err_console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    routers = [r for r in doc.get("routers") or [] if isinstance(r, dict) and is_ours(r)]
+    if not routers:
+        err_console.print("[red]no geo router is running for this cluster (start the lab "
+                          "with `paycluster up --routers 1`)[/]")
+        raise typer.Exit(1)
+    return routers
+
+
+def _on_every_router(data_dir: Path, change: Callable[[RouterAdmin], dict[str, Any]],
+                     what: str) -> None:
+    """Apply one operator change through every running router's admin API.
+
+    Each router applies it at once and writes the shared overrides file (which the others
+    would also pick up within a probe interval); telling each one directly means the
+    command returns only once every router acts on it. Exits 1 if any router refused.
+    """
+    failed = False
+    for router in _running_routers(data_dir):
+        try:
+            with RouterAdmin(router["admin_url"]) as admin:
+                view = change(admin)
+        except (RouterAdminError, httpx.HTTPError) as exc:
+            err_console.print(f"[red]router ({router['site']}): {exc}[/]")
+            failed = True
+            continue
+        state = view.get("state", "?")
+        console.print(f"[green]✓[/] router ({router['site']}): {what}; {view.get('name')} is "
+                      f"[{_STATE_COLORS.get(state, 'red')}]{state}[/], weight "
+                      f"{view.get('weight')}")
+    if failed:
+        raise typer.Exit(1)
+
+
+RegionArg = Annotated[str, typer.Argument(help="region name, e.g. us-east")]
+
+
+@router_app.command("status")
+def router_status(data_dir: DataDir = DEFAULT_DATA_DIR,
+                  as_json: Annotated[bool, typer.Option("--json", help="machine-readable")]
+                  = False) -> None:
+    """Every router's view: each region's state, weight, drain flag and latest probes."""
+    views = []
+    for router in _running_routers(data_dir):
+        try:
+            with RouterAdmin(router["admin_url"]) as admin:
+                views.append({"site": router["site"], "url": router["url"],
+                              "admin_url": router["admin_url"], **admin.regions(),
+                              "events": admin.events()[-10:]})
+        except (RouterAdminError, httpx.HTTPError) as exc:
+            err_console.print(f"[red]router ({router['site']}): {exc}[/]")
+            raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(views, indent=2))
+        return
+    for view in views:
+        probe = view["probe"]
+        table = Table(title=f"router ({view['site']}) at {view['url']}; probes every "
+                            f"{probe['interval_seconds']:g}s, down after {probe['fall']} "
+                            f"failures, back after {probe['rise']} successes",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("region", "place", "endpoint", "state", "weight", "last probe",
+                    "ok streak", "fail streak"):
+            table.add_column(col, no_wrap=True,
+                             justify="right" if "streak" in col or col == "weight" else "left")
+        for region in view["regions"]:
+            last = region.get("last_probe") or {}
+            probe_text = (f"{last.get('status')} {last.get('ms')} ms" if last.get("ok")
+                          else f"[red]{last.get('detail') or last.get('status')}[/]"
+                          if last else "-")
+            state = region["state"]
+            table.add_row(region["name"], region.get("place") or "", region["endpoint"],
+                          f"[{_STATE_COLORS.get(state, 'red')}]{state}[/]",
+                          str(region["weight"]), probe_text, str(region.get("ok_streak", "")),
+                          str(region.get("fail_streak", "")))
+        console.print(table)
+        for event in view["events"]:
+            when = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+            console.print(f"  [dim]{when}[/] {event['region']}: {event['from'] or '-'} -> "
+                          f"{event['to']} ({event['reason']})")
+
+
+@router_app.command("drain")
+def router_drain(region: RegionArg, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Send no new requests to REGION; requests already there finish normally."""
+    _on_every_router(data_dir, lambda admin: admin.drain(region), f"drained {region}")
+
+
+@router_app.command("undrain")
+def router_undrain(region: RegionArg, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Route to REGION again (if its probes say it is up)."""
+    _on_every_router(data_dir, lambda admin: admin.undrain(region), f"undrained {region}")
+
+
+@router_app.command("weight")
+def router_weight(region: RegionArg,
+                  weight: Annotated[int | None, typer.Argument(
+                      min=0, max=100, help="0-100: the share of its clients REGION keeps; the "
+                                           "rest go to the next nearest region")] = None,
+                  reset: Annotated[bool, typer.Option(
+                      "--reset", help="back to the catalog's weight")] = False,
+                  data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Shift traffic gradually: REGION keeps WEIGHT percent of the clients it is nearest
+    to (100 = all, 0 = only if nothing else is routable)."""
+    if (weight is None) == (not reset):
+        err_console.print("[red]give a WEIGHT (0-100) or --reset[/]")
+        raise typer.Exit(2)
+    _on_every_router(data_dir, lambda admin: admin.set_weight(region, weight),
+                     f"weight of {region} {'reset' if reset else f'set to {weight}'}")
+
+
+@router_app.command("resolve")
+def router_resolve(client_region: Annotated[str | None, typer.Option(
+                       help="the client's region (as X-Client-Region)")] = None,
+                   geo: Annotated[str | None, typer.Option(
+                       help="the client's 'lat,lon' (as X-Client-Geo)")] = None,
+                   client_ip: Annotated[str | None, typer.Option(
+                       help="the client's address (looked up in the CIDR table)")] = None,
+                   id: Annotated[str | None, typer.Option(
+                       "--id", help="an account or payment id to write to (owner "
+                                    "preference)")] = None,
+                   data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Where the first router would send a client (`GET /v1/resolve`), as JSON."""
+    router = _running_routers(data_dir)[0]
+    try:
+        answer = resolve(router["url"], client_region=client_region, geo=geo,
+                         client_ip=client_ip, id=id)
+    except (RouterAdminError, httpx.HTTPError) as exc:
+        err_console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(answer, indent=2))
+
+
 # --------------------------------------------------------------------------- demo and bench
 
 
@@ -600,19 +819,23 @@ def demo(data_dir: Annotated[Path | None, typer.Option(
          watch_every: Annotated[int, typer.Option(
              min=1, help="measure convergence on every n-th cross-region payment (each "
                          "watch polls two regions every 20 ms)")] = 2,
+         router: Annotated[bool, typer.Option(
+             help="send the traffic through a geo router (--no-router: to the regions "
+                  "directly)")] = True,
          ) -> None:
-    """Start a lab, run the demo workload across its regions, print totals and
-    convergence figures, stop everything."""
+    """Start a lab with a geo router, run the demo workload through the router across the
+    regions, print totals, convergence and routing figures, stop everything."""
     from cluster.demo import DemoError, print_summary, run_demo
 
     temp = data_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="paycluster-demo-")) if data_dir is None else data_dir
     ok = False
     with _terminate_as_interrupt():
-        cluster = _start(run_dir, regions, wan_scale, detach=False)
+        cluster = _start(run_dir, regions, wan_scale, detach=False,
+                         routers=1 if router else 0)
         try:
             result = run_demo(cluster, payments=payments, concurrency=concurrency, seed=seed,
-                              console=console, watch_every=watch_every)
+                              console=console, watch_every=watch_every, use_router=router)
             print_summary(result, console)
             ok = result.ok
         except (DemoError, httpx.HTTPError) as exc:

@@ -1,8 +1,13 @@
 """The demo workload: a shop day across the lab's regions, driven through the public REST
 API only, then checked from the outside and from every region's own database.
 
-Customers and merchants are homed in every region. Every request goes to a random region,
-so most are forwarded to the region that owns the data, and most payments are
+Customers and merchants are homed in every region. Every request comes from a client in a
+random region. With a geo router (the default when the lab runs one), all traffic goes
+through it: each request says where its client is (`X-Client-Region`), reads are served
+by that region, and writes go straight to the region that owns the data (the router's
+owner preference) - so few requests need a forwarding hop. Without a router, each request
+goes to its client's region directly and most writes are forwarded to the owner. Most
+payments are
 cross-region (payer and payee homed apart): those answer 201 `processing` and turn
 `succeeded` once the payee's region has credited the payee. For each of them (or a sample,
 see `watch_every`) the demo measures how long after the acknowledgement the payment is
@@ -46,6 +51,8 @@ REFUNDS = 10
 MAX_ATTEMPTS = 6
 RETRYABLE_STATUS = {409, 429, 502, 503, 504}
 SERVED_BY = "paycluster-served-by"
+ROUTED_TO = "paycluster-routed-to"
+CLIENT_REGION = "X-Client-Region"
 POLL_SECONDS = 0.02
 """How often a watched cross-region payment is read in both regions (the resolution of
 the convergence figures)."""
@@ -135,6 +142,8 @@ class DemoResult:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     phase_payments: int = 0
     forwarded: int = 0
+    via_router: str | None = None
+    router: dict[str, Any] = field(default_factory=dict)
     cross_region: int = 0
     requests: int = 0
     retries: int = 0
@@ -346,7 +355,10 @@ async def _pay(api: Api, plan: _Plan, result: DemoResult, watcher: _Watcher) -> 
     try:
         resp = await api.post(plan.via, "/v1/payments", body, expect=(201, 402))
         acked_at = time.monotonic()
-        if plan.via != plan.payer.home:
+        # The region that took the request (the router's choice, or the one we called)
+        # forwarded it if someone else served it.
+        took = resp.headers.get(ROUTED_TO, plan.via)
+        if resp.headers.get(SERVED_BY, took) != took:
             result.forwarded += 1
         if resp.status_code == 402:
             result.errors.append(f"unexpected 402 for {plan.payer.label}: {resp.text[:200]}")
@@ -632,21 +644,30 @@ async def _settle(api: Api, regions: list[RegionEndpoint], result: DemoResult) -
 async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
                          concurrency: int = 16, seed: int | None = None,
                          console: Console | None = None, wan_scale: float | None = None,
-                         watch_every: int = 2) -> DemoResult:
+                         watch_every: int = 2, router_url: str | None = None) -> DemoResult:
     """Run the demo workload against `regions` and check the books (see the module doc).
 
     `watch_every` samples the convergence measurement: every n-th cross-region payment is
-    watched (each watch reads the payment in two regions every POLL_SECONDS).
+    watched (each watch reads the payment in two regions every POLL_SECONDS). With
+    `router_url`, every request goes through that geo router, as from a client in the
+    region it is "sent via" (X-Client-Region); the databases are still read directly.
     """
     console = console or Console()
     rng = random.Random(seed)
-    result = DemoResult([r.name for r in regions], wan_scale)
+    result = DemoResult([r.name for r in regions], wan_scale, via_router=router_url)
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency * 3 + 8)
     async with contextlib.AsyncExitStack() as stack:
-        clients = {r.name: await stack.enter_async_context(
-                       httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits))
-                   for r in regions}
+        if router_url is None:
+            clients = {r.name: await stack.enter_async_context(
+                           httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits))
+                       for r in regions}
+        else:
+            # One client per client region, all to the router: the header is the location.
+            clients = {r.name: await stack.enter_async_context(
+                           httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits,
+                                             headers={CLIENT_REGION: r.name}))
+                       for r in regions}
         api = Api(clients, result, rng)
         watcher = _Watcher(api, result, watch_every)
         sampler = _LagSampler(api, result)
@@ -688,12 +709,39 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
 
 
 def run_demo(cluster: Any, payments: int = 600, concurrency: int = 16, seed: int | None = None,
-             console: Console | None = None, watch_every: int = 2) -> DemoResult:
-    """Run the demo against a running `cluster.lab.Cluster` (synchronous wrapper)."""
+             console: Console | None = None, watch_every: int = 2,
+             use_router: bool = True) -> DemoResult:
+    """Run the demo against a running `cluster.lab.Cluster` (synchronous wrapper); through
+    its first geo router if it runs one and `use_router`."""
     regions = [RegionEndpoint(r.name, r.api_url, r.dsn) for r in cluster.regions]
     scale = getattr(cluster, "wan_scale", None) if len(regions) > 1 else None
-    return asyncio.run(run_demo_async(regions, payments, concurrency, seed, console,
-                                      wan_scale=scale, watch_every=watch_every))
+    routers = list(getattr(cluster, "routers", []) or []) if use_router else []
+    result = asyncio.run(run_demo_async(
+        regions, payments, concurrency, seed, console, wan_scale=scale,
+        watch_every=watch_every, router_url=routers[0].url if routers else None))
+    if routers:
+        result.router = router_figures(routers[0].admin_url, [r.name for r in regions])
+    return result
+
+
+def router_figures(admin_url: str, regions: list[str]) -> dict[str, Any]:
+    """What the router did during the demo, from its Prometheus metrics: requests answered
+    per region, decisions by reason, failovers and requests it could not place."""
+    from geo_router.client import metric_value
+
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(f"{admin_url}/metrics", timeout=5).text
+        return {
+            "requests": {r: int(metric_value(text, "paycluster_router_requests_total",
+                                             region=r)) for r in regions},
+            "reasons": {why: int(metric_value(text, "paycluster_router_decisions_total",
+                                              reason=why))
+                        for why in ("nearest", "owner", "weighted", "failover")},
+            "failovers": int(metric_value(text, "paycluster_router_failovers_total")),
+            "refused": int(metric_value(text, "paycluster_router_requests_total",
+                                        region="none")),
+        }
+    return {}
 
 
 # --------------------------------------------------------------------------- summary
@@ -748,7 +796,7 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
         values = result.convergence
         scale = "n/a" if result.wan_scale is None else f"{result.wan_scale:g}"
         conv.add_row("WAN scale (x default round trips)", scale)
-        conv.add_row("cross-region payments / payments forwarded to the owner",
+        conv.add_row("cross-region payments / payments forwarded to the owner by a region",
                      f"{result.cross_region} / {result.forwarded} of {result.phase_payments}")
         conv.add_row(f"ack -> succeeded in both regions, p50 (n={len(values)}, polled every "
                      f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 0.5) * 1000:.0f} ms")
@@ -765,6 +813,24 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
         conv.add_row("replication conflicts", str(result.conflicts))
         conv.add_row("quiescence after the last request", f"{result.quiesce_seconds:.2f} s")
         console.print(conv)
+
+    if result.via_router:
+        routed = Table(title=f"Geo router ({result.via_router})")
+        routed.add_column("figure")
+        routed.add_column("value", justify="right")
+        figures = result.router
+        if figures:
+            routed.add_row("requests answered, by region", ", ".join(
+                f"{r} {n}" for r, n in figures["requests"].items()))
+            routed.add_row("decisions: nearest region / straight to the data's owner",
+                           f"{figures['reasons']['nearest']} / {figures['reasons']['owner']}")
+            routed.add_row("decisions: failover / weighted", f"{figures['reasons']['failover']}"
+                           f" / {figures['reasons']['weighted']}")
+            routed.add_row("retried on another region / refused by the router",
+                           f"{figures['failovers']} / {figures['refused']}")
+        routed.add_row("payments the receiving region still had to forward",
+                       f"{result.forwarded} of {result.phase_payments}")
+        console.print(routed)
 
     checks = Table(title="Checks")
     checks.add_column("")

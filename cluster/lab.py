@@ -15,7 +15,13 @@ Start order of a multi-region lab (`start_cluster`):
    postgres links (`replication.wiring.wire_cluster`), before any node writes a row;
 5. the nodes, in parallel, each with its gRPC port and its peers reached through the
    grpc links (`PAYCLUSTER_PEERS`: other region -> the WAN link port, never the peer's
-   own port).
+   own port);
+6. the geo router(s) (`python -m geo_router`, `start_cluster(routers=N)`), which read
+   the regions from cluster.json itself and probe every node; router i is labelled as
+   deployed in region i. They share one overrides file (drain, weights) under
+   `<data_dir>/router/`. The router talks to the nodes directly, not through the WAN
+   emulator: the emulator models links between regions, and a client's own distance to
+   a region is what the router decides on, not something to add on top.
 
 cluster.json is rewritten after every step (and every region that comes up), so a lab
 that dies half-way still leaves behind the list of what it started. It is the one handle
@@ -93,6 +99,12 @@ SCHEMA_VERSION = 2
 WAN_READY_TIMEOUT = 20.0
 """Seconds the WAN emulator gets to open its links and print its ready line."""
 
+ROUTER_READY_TIMEOUT = 20.0
+"""Seconds a geo router gets to probe the regions once and print its ready line."""
+
+ROUTER_OVERRIDES = "overrides.json"
+"""The routers' shared drain/weight file, under `<data_dir>/router/`."""
+
 # Seconds a process gets between its polite signal and SIGKILL.
 _STOP_TIMEOUT = 15.0
 
@@ -167,7 +179,8 @@ def start_wan(data_dir: Path, specs: list[dict[str, Any]], scale: float,
     proc = spawn(cmd, log_path, cwd=wan_dir, env=env)
     wan = WanProcess("wan", 0, wan_dir, log_path, proc.pid, proc, scale=scale)
     try:
-        ready = _wait_wan_ready(proc, log_path, offset, timeout)
+        ready = _wait_ready_line(proc, log_path, offset, timeout, "control_url",
+                                 "WAN emulator")
     except BaseException:
         wan.kill()
         raise
@@ -176,21 +189,24 @@ def start_wan(data_dir: Path, specs: list[dict[str, Any]], scale: float,
     return wan, list(ready["links"])
 
 
-def _wait_wan_ready(proc: Any, log_path: Path, offset: int, timeout: float) -> dict[str, Any]:
+def _wait_ready_line(proc: Any, log_path: Path, offset: int, timeout: float, key: str,
+                     what: str) -> dict[str, Any]:
+    """The JSON line with `key` that a process we started printed into its log after
+    `offset`; ServerStartError if it exits or `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError), open(log_path, "rb") as fh:
             fh.seek(offset)
             for raw in fh.read().decode(errors="replace").splitlines():
-                if raw.startswith("{") and '"control_url"' in raw:
+                if raw.startswith("{") and f'"{key}"' in raw:
                     with contextlib.suppress(ValueError):
                         doc: dict[str, Any] = json.loads(raw)
                         return doc
         if proc.poll() is not None:
-            raise ServerStartError(f"WAN emulator exited with {proc.returncode}:\n"
+            raise ServerStartError(f"{what} exited with {proc.returncode}:\n"
                                    f"{_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise ServerStartError(f"WAN emulator not ready after {timeout:.0f}s:\n"
+            raise ServerStartError(f"{what} not ready after {timeout:.0f}s:\n"
                                    f"{_tail(log_path)}")
         time.sleep(0.05)
 
@@ -201,6 +217,80 @@ def _link_record(state: dict[str, Any]) -> dict[str, Any]:
             "listen_port": int(state["listen_port"]),
             "target": f"{state['target_host']}:{state['target_port']}",
             "rtt_ms": state.get("rtt_ms"), "jitter_ms": state.get("jitter_ms", 0.0)}
+
+
+# --------------------------------------------------------------------------- routers
+
+
+@dataclass
+class RouterProcess(ServerProcess):
+    """A geo router (`python -m geo_router`); `port` is its public port."""
+
+    site: str = ""
+    url: str = ""
+    admin_url: str = ""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def admin(self) -> Any:
+        """A client of the router's admin API (a geo_router.client.RouterAdmin)."""
+        from geo_router.client import RouterAdmin
+
+        return RouterAdmin(self.admin_url)
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records about this router (with its settings, for a restart)."""
+        return {**super().to_json(), "site": self.site, "url": self.url,
+                "admin_url": self.admin_url,
+                "env": {k: v for k, v in self.env.items() if k.startswith("PAYCLUSTER_ROUTER_")}}
+
+
+def router_env(data_dir: Path, site: str, extra_env: dict[str, str] | None = None
+               ) -> dict[str, str]:
+    """The environment of the lab's router deployed in `site`.
+
+    Its catalog is cluster.json itself; free ports (it prints them); the overrides file
+    shared by every router of the lab; clients that give no location are taken to be in
+    the router's own region - in a real deployment DNS or anycast brings a client to the
+    router nearest to it. `extra_env` wins (e.g. a faster probe interval in tests).
+    """
+    data_dir = data_dir.resolve()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PAYCLUSTER_ROUTER_CATALOG_FILE": str(data_dir / CLUSTER_FILE),
+           "PAYCLUSTER_ROUTER_PORT": "0", "PAYCLUSTER_ROUTER_ADMIN_PORT": "0",
+           "PAYCLUSTER_ROUTER_SITE": site,
+           "PAYCLUSTER_ROUTER_DEFAULT_LOCATION": site,
+           "PAYCLUSTER_ROUTER_STATE_FILE": str(data_dir / "router" / ROUTER_OVERRIDES)}
+    env.update(extra_env or {})
+    return env
+
+
+def start_router(data_dir: Path, site: str, extra_env: dict[str, str] | None = None,
+                 timeout: float = ROUTER_READY_TIMEOUT) -> RouterProcess:
+    """Start a geo router labelled as deployed in region `site`; ready once it printed
+    its JSON ready line (after its first probe of every region). Its files go under
+    `data_dir/router/<site>/`. Killed, with ServerStartError, if it exits or times out."""
+    router_dir = (data_dir / "router" / site).resolve()
+    router_dir.mkdir(parents=True, exist_ok=True)
+    log_path = router_dir / "router.log"
+    env = router_env(data_dir, site, extra_env)
+    router = RouterProcess("router", 0, router_dir, log_path, 0, site=site, env=env)
+    _launch_router(router, timeout)
+    return router
+
+
+def _launch_router(router: RouterProcess, timeout: float) -> None:
+    offset = router.log_path.stat().st_size if router.log_path.exists() else 0
+    proc = spawn([sys.executable, "-m", "geo_router"], router.log_path, cwd=router.data_dir,
+                 env=router.env)
+    router.pid, router._popen, router.started_at = proc.pid, proc, None
+    try:
+        ready = _wait_ready_line(proc, router.log_path, offset, timeout, "router_url",
+                                 f"geo router ({router.site})")
+    except BaseException:
+        router.kill()
+        raise
+    router.url, router.admin_url = str(ready["router_url"]), str(ready["admin_url"])
+    router.port = int(router.url.rsplit(":", 1)[1])
 
 
 # --------------------------------------------------------------------------- regions
@@ -270,6 +360,9 @@ class Cluster:
     links: list[dict[str, Any]] = field(default_factory=list)
     wan_scale: float = 1.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    routers: list[RouterProcess] = field(default_factory=list)
+    # PAYCLUSTER_ROUTER_* given to every router on top of the lab's (see router_env).
+    router_env: dict[str, str] = field(default_factory=dict)
     detached: bool = False
     # The foreground process that owns the processes (stops them when it exits); None when
     # detached. Kept as is by other processes that attach to the cluster.
@@ -295,6 +388,40 @@ class Cluster:
             if region.name == name:
                 return region
         raise KeyError(name)
+
+    @property
+    def router_url(self) -> str:
+        """Public URL of the lab's first geo router; ClusterError if it runs none."""
+        if not self.routers:
+            raise ClusterError("this cluster runs no geo router (start it with routers=1)")
+        return self.routers[0].url
+
+    def start_router(self, site: str | None = None,
+                     timeout: float = ROUTER_READY_TIMEOUT) -> RouterProcess:
+        """Start one more geo router, labelled as deployed in `site` (default: the first
+        region without one); record it."""
+        taken = {r.site for r in self.routers}
+        site = site or next((n for n in self.names if n not in taken), self.names[0])
+        if site in taken:
+            raise ClusterError(f"a router already runs for {site}")
+        router = start_router(self.data_dir, site, self.router_env, timeout)
+        with self._lock:
+            self.routers.append(router)
+        self.write()
+        return router
+
+    def reload_routers(self) -> None:
+        """Make every router re-read the catalog (cluster.json), e.g. after a region joined.
+
+        A router that does not answer is logged, not fatal: it reads the catalog again
+        when it restarts.
+        """
+        for router in list(self.routers):
+            try:
+                with router.admin() as admin:
+                    admin.reload()
+            except Exception as exc:
+                log.warning("router %s did not reload its catalog: %s", router.site, exc)
 
     def wan_control(self) -> WanControl:
         """A client of the WAN emulator's control API; ClusterError in a 1-region lab."""
@@ -381,6 +508,8 @@ class Cluster:
                 "regions": {r.name: r.to_json() for r in self.regions},
                 "wan": _with_start_time(self.wan.to_json()) if self.wan is not None else None,
                 "links": list(self.links),
+                "router_env": dict(self.router_env),
+                "routers": [_with_start_time(r.to_json()) for r in self.routers],
             }
             _write_json(self.cluster_file, doc)
 
@@ -390,6 +519,9 @@ class Cluster:
         with self._lock:
             regions = list(reversed(self.regions))
             wan = self.wan
+            routers = list(self.routers)
+        # Routers first: clients stop reaching the nodes before the nodes go away.
+        _run_parallel(_quietly(RouterProcess.stop), routers, "router-stop")
         _run_parallel(_quietly(NodeProcess.stop),
                       [r.node for r in regions if r.node is not None], "node-stop")
         if wan is not None:
@@ -423,6 +555,7 @@ class Cluster:
             raise ClusterError(f"the cluster in {data_dir.resolve()} is {doc.get('status')}")
         cluster = cls(Path(doc["data_dir"]), wan_scale=float(doc.get("wan_scale", 1.0)),
                       extra_env=dict(doc.get("extra_env") or {}),
+                      router_env=dict(doc.get("router_env") or {}),
                       links=list(doc.get("links") or []),
                       detached=doc.get("owner_pid") is None, status="running",
                       owner_pid=doc.get("owner_pid"))
@@ -435,6 +568,11 @@ class Cluster:
                                      scale=float(wan.get("scale", cluster.wan_scale)))
         for name, entry in doc.get("regions", {}).items():
             cluster.regions.append(_region_from_json(name, entry, cluster))
+        for entry in doc.get("routers") or []:
+            cluster.routers.append(RouterProcess(
+                "router", **_proc_args(entry), site=str(entry.get("site") or ""),
+                url=str(entry.get("url") or ""), admin_url=str(entry.get("admin_url") or ""),
+                env={**os.environ, **dict(entry.get("env") or {})}))
         return cluster
 
 
@@ -543,23 +681,29 @@ def _migrate(dsn: str) -> None:
 
 
 def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
-                  detach: bool = False, extra_env: dict[str, str] | None = None) -> Cluster:
+                  detach: bool = False, extra_env: dict[str, str] | None = None,
+                  routers: int = 0, router_env: dict[str, str] | None = None) -> Cluster:
     """Start `regions` regions under `data_dir`, wired through one WAN emulator; write
     cluster.json (see the module docstring for the order).
 
     Regions are named from REGION_NAMES. `wan_scale` multiplies the default round-trip
     table (0 = no delay). `extra_env` is passed to every node on top of what the lab sets
     (e.g. PAYCLUSTER_REPLICATION_SLO_SECONDS). With `regions=1` there is no WAN and no
-    replication. If anything fails (or we are interrupted), every process already started
-    is stopped before the error propagates. With `detach=False` the caller owns the
-    processes: they are also stopped when this interpreter exits normally. With
-    `detach=True` they outlive us and cluster.json is the handle to stop them
-    (`stop_cluster`).
+    replication. `routers` geo routers are started last (0 = none; `paycluster up` starts
+    one), router i labelled as deployed in region i; `router_env` is passed to each (e.g.
+    PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS). If anything fails (or we are interrupted),
+    every process already started is stopped before the error propagates. With
+    `detach=False` the caller owns the processes: they are also stopped when this
+    interpreter exits normally. With `detach=True` they outlive us and cluster.json is the
+    handle to stop them (`stop_cluster`).
     """
     if not 1 <= regions <= len(REGION_NAMES):
         raise ValueError(f"regions must be between 1 and {len(REGION_NAMES)}, got {regions}")
     if wan_scale < 0:
         raise ValueError(f"wan_scale must be >= 0, got {wan_scale}")
+    if not 0 <= routers <= regions:
+        raise ValueError(f"routers must be between 0 and {regions} (one per region at "
+                         f"most), got {routers}")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     alive = running_pids(data_dir)
@@ -567,10 +711,11 @@ def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
         raise ClusterError(f"a cluster is already running in {data_dir} (pids "
                            f"{', '.join(map(str, alive))}); stop it with `paycluster down`")
     cluster = Cluster(data_dir, wan_scale=wan_scale, extra_env=dict(extra_env or {}),
+                      router_env=dict(router_env or {}),
                       detached=detach, owner_pid=None if detach else os.getpid())
     names = REGION_NAMES[:regions]
     try:
-        _start_all(cluster, names)
+        _start_all(cluster, names, routers)
     except BaseException:
         cluster.stop()
         raise
@@ -579,7 +724,7 @@ def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
     return cluster
 
 
-def _start_all(cluster: Cluster, names: Sequence[str]) -> None:
+def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None:
     def record(region: Region) -> None:
         # Recorded as soon as it is up, so cluster.json lists its pids even if we die
         # before the others are.
@@ -619,6 +764,11 @@ def _start_all(cluster: Cluster, names: Sequence[str]) -> None:
         region.peers = cluster.peers_of(region.name) if multi else {}
     _run_parallel(lambda r: cluster.start_node(r.name), cluster.regions, "node-start")
     step.done("nodes ready")
+    # cluster.json must list every node before a router reads it as its catalog.
+    cluster.write()
+    _run_parallel(cluster.start_router, list(names[:routers]), "router-start")
+    if routers:
+        step.done("%d geo router(s) ready", routers)
     cluster.write(status="running")
 
 
@@ -710,6 +860,8 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
             cluster.restart_node(other.name)
     finally:
         cluster.write(status="running")
+        # The routers read cluster.json: now it lists the new region, route to it too.
+        cluster.reload_routers()
     return region
 
 
@@ -734,7 +886,11 @@ _SERVER_KINDS = ("nats", "redis", "postgres")
 
 def _processes(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(region, kind, entry) for every process cluster.json lists, in stop order: every
-    node, then the WAN emulator (region "wan"), then every region's servers."""
+    router (its site as region), every node, then the WAN emulator (region "wan"), then
+    every region's servers."""
+    for entry in doc.get("routers") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("pid"), int):
+            yield str(entry.get("site") or "router"), "router", entry
     regions = list(reversed(list(doc.get("regions", {}).items())))
     for kinds in (("node",), None, _SERVER_KINDS):
         if kinds is None:
@@ -778,7 +934,8 @@ def running_pids(data_dir: Path) -> list[int]:
 def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[str, str, int]]:
     """Stop every process `data_dir`'s cluster.json lists, by pid, and mark it stopped.
 
-    Nodes first (in parallel), then the WAN emulator, then the servers (in parallel).
+    Routers first, then nodes (in parallel), then the WAN emulator, then the servers (in
+    parallel).
     Already-dead pids (and pids that now belong to someone else) are skipped. Returns
     (region, kind, pid) of the processes that were running and got stopped.
     """
@@ -796,7 +953,7 @@ def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[s
             log.exception("stopping %s %s (pid %s) failed", region_name, kind, entry["pid"])
         return region_name, kind, int(entry["pid"])
 
-    for phase in (("node",), ("wan",), _SERVER_KINDS):
+    for phase in (("router",), ("node",), ("wan",), _SERVER_KINDS):
         batch = [p for p in procs if p[1] in phase]
         stopped += _run_parallel(stop_one, batch, "stop")
     doc["status"] = "stopped"
