@@ -182,8 +182,10 @@ def client_address(scope: Scope, headers: Mapping[bytes, bytes], trust_forwarded
 class BodySource:
     """The client's request body, read as it arrives, replayable while it fits `limit`.
 
-    Chunks are kept while the total stays within `limit`, so that a safe request can be
-    sent again to the next region; past it they are dropped and `replayable` turns False.
+    Chunks read ahead of sending (the first chunk, a peeked body) are always kept until
+    they are sent. While streaming, chunks are kept as long as the total stays within
+    `limit`, so that a safe request can be sent again to the next region; past it the kept
+    ones are dropped and `replayable` turns False.
     """
 
     def __init__(self, receive: Receive, limit: int) -> None:
@@ -194,7 +196,7 @@ class BodySource:
         self.done = False
         self.replayable = True
 
-    async def _pull(self) -> bytes:
+    async def _pull(self, ahead: bool = False) -> bytes:
         message = await self._receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
@@ -202,25 +204,26 @@ class BodySource:
         self.done = not message.get("more_body", False)
         self.size += len(chunk)
         if self.replayable:
-            if self.size <= self.limit:
+            if ahead or self.size <= self.limit:
                 self.chunks.append(chunk)
             else:
+                # The stream that pulled this chunk has sent the kept ones already.
                 self.replayable = False
                 self.chunks = []
         return chunk
 
     async def read_upto(self, limit: int) -> bytes | None:
-        """The whole body if it is at most `limit` bytes (and can be kept), else None
-        (what was read stays available to `stream()` while it fits the buffer)."""
+        """The whole body if it is at most `limit` bytes, else None (what was read is
+        kept and sent first by `stream()`)."""
         while not self.done and self.size <= limit:
-            await self._pull()
+            await self._pull(ahead=True)
         return self.complete() if self.size <= limit else None
 
     async def prefetch(self) -> None:
         """Read the first chunk: most API bodies arrive in one, and are then sent as bytes
         instead of through a generator."""
         if not self.done and not self.size and not self.chunks:
-            await self._pull()
+            await self._pull(ahead=True)
 
     def complete(self) -> bytes | None:
         """The whole body, if it has all arrived and is kept."""
