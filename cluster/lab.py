@@ -767,6 +767,8 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     # cluster.json must list every node before a router reads it as its catalog.
     cluster.write()
     _run_parallel(cluster.start_router, list(names[:routers]), "router-start")
+    with cluster._lock:  # in region order, not in the order they happened to be ready
+        cluster.routers.sort(key=lambda r: names.index(r.site) if r.site in names else 0)
     if routers:
         step.done("%d geo router(s) ready", routers)
     cluster.write(status="running")
