@@ -336,10 +336,14 @@ def test_crashed_region_fails_over_within_fall_intervals_and_returns_after_rise(
         detected = time.monotonic() - killed_at
         print(f"us-east failed over after {detected:.2f}s (bound {bound:.2f}s)")
         assert detected <= bound, f"failover took {detected:.2f}s > {bound:.2f}s"
-        for router in lab.routers:  # every router reached the same state on its own
+        for router in lab.routers:  # every router reaches the same state on its own
             with router.admin() as admin:
-                down = [e for e in admin.events()
-                        if e["region"] == "us-east" and e["to"] == "down"]
+                def marked_down(admin: RouterAdmin = admin) -> list[dict[str, Any]]:
+                    return [e for e in admin.events()
+                            if e["region"] == "us-east" and e["to"] == "down"]
+
+                down = wait_for(marked_down, max(0.0, killed_at + bound - time.monotonic())
+                                + 1, f"router ({router.site}) to mark us-east down")
             assert len(down) == 1 and down[0]["at"] - killed_wall <= bound, down
             assert f"{FALL} consecutive failed" in down[0]["reason"]
         time.sleep(0.5)  # traffic served by eu-west meanwhile
@@ -386,8 +390,8 @@ def test_crashed_region_fails_over_within_fall_intervals_and_returns_after_rise(
     assert all(p["status"] in (201, 503) and p["attempts"] == 1 for p in posts), posts[:3]
     refused = [p for p in posts if p["status"] == 503]
     assert refused, "no request hit the dead region before it was marked down"
-    for p in refused:
-        assert p["routed"] == "us-east" and killed_at < p["at"] < killed_at + bound
+    for p in refused:  # (a request may have left just before the kill was timed)
+        assert p["routed"] == "us-east" and killed_at - 0.2 < p["at"] < killed_at + bound
         assert p["body"]["error"]["code"] == "upstream_unavailable"
         assert "not retried" in p["body"]["error"]["message"]
     created = {h: sum(1 for p in posts if p["status"] == 201 and p["body"]["home_region"] == h)
