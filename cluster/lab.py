@@ -32,6 +32,7 @@ process recorded meanwhile); `Cluster.stop` stops whatever the file lists as wel
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -451,9 +452,18 @@ class Cluster:
                     for o in self.regions if o.name != r.name})
                 for r in self.regions}
 
+    def lock_urls_of(self, name: str) -> dict[str, str]:
+        """PAYCLUSTER_LOCK_REDIS_URLS of region `name`: its own Redis directly, every other
+        region's through the redis WAN link (the lock quorum crosses the WAN like the rest)."""
+        return {other.name: (other.servers.redis.url if other.name == name else
+                             f"redis://127.0.0.1:{self.link_port(name, other.name, 'redis')}/0")
+                for other in self.regions}
+
     def _node_extra_env(self, region: Region) -> dict[str, str]:
         env = {"PAYCLUSTER_GRPC_PORT": str(region.grpc_port),
                "PAYCLUSTER_PEERS": json.dumps(region.peers)}
+        if self.wan is not None:
+            env["PAYCLUSTER_LOCK_REDIS_URLS"] = json.dumps(self.lock_urls_of(region.name))
         env.update(self.extra_env)
         return env
 
@@ -680,6 +690,25 @@ def _migrate(dsn: str) -> None:
     upgrade(dsn)
 
 
+def provision_lock_servers(redis_urls: list[str]) -> None:
+    """Tell the lock service these Redis servers are new, so they grant locks at once.
+
+    Only right after they were created: a Redis that restarts empty later must sit out
+    the lock service's quarantine (see lock_service.quorum), and nothing here calls this
+    for a restart.
+    """
+    from lock_service.quorum import LockService
+
+    async def provision() -> None:
+        service = LockService(redis_urls)
+        try:
+            await service.provision_new_servers()
+        finally:
+            await service.aclose()
+
+    asyncio.run(provision())
+
+
 def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
                   detach: bool = False, extra_env: dict[str, str] | None = None,
                   routers: int = 0, router_env: dict[str, str] | None = None) -> Cluster:
@@ -755,6 +784,7 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     for region in cluster.regions:
         _migrate(region.dsn)
     step.done("migrations")
+    provision_lock_servers([r.servers.redis.url for r in cluster.regions])
     if multi:
         from replication.wiring import wire_cluster
 
@@ -822,6 +852,7 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
         link_rtt(name, known)  # a ValueError now rather than after starting servers
     region = Region(name, start_region_servers(name, cluster.data_dir), api_port=free_port(),
                     grpc_port=free_port())
+    provision_lock_servers([region.servers.redis.url])  # brand new, never granted a lock
     existing = list(cluster.regions)
     with cluster._lock:
         cluster.regions.append(region)

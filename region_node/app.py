@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from region_node.api import accounts, cluster_info, errors, health, payments
+from lock_service.config import LockSettings
+from lock_service.quorum import LockService
+from region_node.api import accounts, cluster_info, errors, health, payments, stock
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
@@ -20,6 +22,7 @@ from region_node.janitor import KeyJanitor
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
 from region_node.rpc.server import start_grpc_server
+from region_node.stock_mover import QuorumStockLock, StockMover
 from region_node.transfer_worker import TransferWorker
 from replication.monitor import ConvergenceMonitor, HeartbeatWriter
 
@@ -45,6 +48,12 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         grpc_server = None
         if settings.grpc_port:
             grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker)
+        lock_urls = [url for _, url in sorted(settings.lock_redis_urls.items())] or [
+            settings.redis_url]
+        lock_service = LockService(lock_urls, LockSettings(redis_urls=lock_urls,
+                                                           ttl_seconds=settings.lock_ttl_seconds))
+        stock_mover = StockMover(node, QuorumStockLock(lock_service))
+        app.state.stock_mover = stock_mover
         workers.append(node.ownership.run)
         workers.append(HeartbeatWriter(node.db.engine, settings.region,
                                        settings.heartbeat_seconds).run)
@@ -58,7 +67,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             workers += [HoldExpiryWorker(node).run, KeyJanitor(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
                         NotificationConsumer(node.db, settings).run,
-                        transfer_worker.run]
+                        transfer_worker.run, stock_mover.run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)
@@ -73,6 +82,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
             await bus.close()
+            await lock_service.aclose()
             await node.close()
 
     app = FastAPI(title="paycluster region node", version="1.0.0", lifespan=lifespan,
@@ -82,6 +92,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(accounts.router)
     app.include_router(payments.router)
+    app.include_router(stock.router)
     app.include_router(health.router)
     app.include_router(cluster_info.router)
     # Outermost first: the request id and metrics see everything, including 413s.

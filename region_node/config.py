@@ -49,3 +49,8 @@ class RegionSettings(BaseSettings):
     transfer_poll_seconds: float = Field(0.2, gt=0)
     replication_slo_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(1.0, gt=0)
+
+    # Global stock. One Redis per region for the quorum lock, as reached from here (in
+    # the lab: the own Redis directly, the others through WAN links). Empty: own Redis.
+    lock_redis_urls: dict[str, str] = Field(default_factory=dict)
+    lock_ttl_seconds: float = Field(5.0, gt=0)

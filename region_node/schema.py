@@ -199,9 +199,68 @@ transfer_results = sa.Table(
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
 )
 
+# --------------------------------------------------------------------------- global stock
+
+skus = sa.Table(
+    "skus", metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("stock", sa.BigInteger, nullable=False),
+    sa.Column("mode", sa.Text, nullable=False),
+    sa.Column("initial_split", JSONB, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+# A region's escrow of a SKU: it may sell `allotted - sold - reserved` without asking
+# anyone. Grants move units between regions' allotments under the quorum lock.
+sku_allotments = sa.Table(
+    "sku_allotments", metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("region", sa.Text, primary_key=True),
+    sa.Column("allotted", sa.BigInteger, nullable=False),
+    sa.Column("reserved", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("sold", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("fence", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+)
+
+stock_grants = sa.Table(
+    "stock_grants", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("sku", sa.Text, nullable=False),
+    sa.Column("from_region", sa.Text, nullable=False),
+    sa.Column("to_region", sa.Text, nullable=False),
+    sa.Column("units", sa.BigInteger, nullable=False),
+    sa.Column("fence", sa.BigInteger, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+stock_grant_receipts = sa.Table(
+    "stock_grant_receipts", metadata,
+    sa.Column("grant_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("sku", sa.Text, nullable=False),
+    sa.Column("to_region", sa.Text, nullable=False),
+    sa.Column("units", sa.BigInteger, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+orders = sa.Table(
+    "orders", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("sku", sa.Text, nullable=False),
+    sa.Column("quantity", sa.BigInteger, nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+)
+
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "heartbeats", "transfers", "transfer_results",
+    "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
 )
 """Tables every region publishes (its own changes) and subscribes to (everyone else's).
 The outbox and the consumer's notifications stay local: each region relays its own."""

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from cluster.servers import RegionServers, start_region_servers
+from cluster.servers import RegionServers, free_port, start_region_servers
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.migrate import upgrade
@@ -88,3 +88,20 @@ async def client(settings: RegionSettings) -> AsyncIterator[httpx.AsyncClient]:
     """HTTP client of an in-process node on this test's database."""
     async with app_client(settings) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def two_regions(servers: RegionServers, **overrides: object) -> AsyncIterator[
+        tuple[httpx.AsyncClient, httpx.AsyncClient, str, str, dict[str, int]]]:
+    """Nodes us-east and eu-west in this process, each with its own database and a real
+    gRPC server, peers of each other (no replication between them)."""
+    ports = {"us-east": free_port(), "eu-west": free_port()}
+    with fresh_database(servers) as db_a, fresh_database(servers) as db_b:
+        sa = region_settings(servers, db_a, region="us-east", grpc_port=ports["us-east"],
+                             peers={"eu-west": f"127.0.0.1:{ports['eu-west']}"},
+                             transfer_poll_seconds=0.05, **overrides)
+        sb = region_settings(servers, db_b, region="eu-west", grpc_port=ports["eu-west"],
+                             peers={"us-east": f"127.0.0.1:{ports['us-east']}"},
+                             transfer_poll_seconds=0.05, **overrides)
+        async with app_client(sa) as a, app_client(sb) as b:
+            yield a, b, db_a, db_b, ports

@@ -6,9 +6,7 @@ request-id propagation."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -22,24 +20,9 @@ from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
-from tests.conftest import app_client, fresh_database, region_settings
+from tests.conftest import two_regions
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def two_regions(servers: RegionServers) -> AsyncIterator[
-        tuple[httpx.AsyncClient, httpx.AsyncClient, str, str, dict[str, int]]]:
-    ports = {"us-east": free_port(), "eu-west": free_port()}
-    with fresh_database(servers) as db_a, fresh_database(servers) as db_b:
-        sa = region_settings(servers, db_a, region="us-east", grpc_port=ports["us-east"],
-                             peers={"eu-west": f"127.0.0.1:{ports['eu-west']}"},
-                             transfer_poll_seconds=0.05)
-        sb = region_settings(servers, db_b, region="eu-west", grpc_port=ports["eu-west"],
-                             peers={"us-east": f"127.0.0.1:{ports['us-east']}"},
-                             transfer_poll_seconds=0.05)
-        async with app_client(sa) as a, app_client(sb) as b:
-            yield a, b, db_a, db_b, ports
 
 
 async def _wait_status(client: httpx.AsyncClient, pid: str, status: str) -> dict[str, object]:

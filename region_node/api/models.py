@@ -68,6 +68,27 @@ class Refund(Body):
     amount: Amount | None = None
 
 
+class CreateSku(Body):
+    """POST /v1/skus (admin)."""
+
+    sku: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    stock: Annotated[StrictInt, Field(ge=0, le=10**9)]
+    mode: Literal["escrow", "strict"] = "escrow"
+
+
+class CreateOrder(Body):
+    """POST /v1/orders."""
+
+    sku: str = Field(max_length=64)
+    quantity: Annotated[StrictInt, Field(gt=0, le=10_000)]
+    payer: str
+    payee: str
+    amount: Amount
+    currency: str
+
+    _check_currency = field_validator("currency")(_currency)
+
+
 class Cancel(Body):
     """POST /v1/payments/{id}/cancel."""
 

@@ -26,7 +26,8 @@ def node_of(request: Request) -> Node:
 
 
 async def run_mutation(request: Request, step: Step, *, home: str | None,
-                       after_commit: AfterCommit | None = None) -> JSONResponse:
+                       after_commit: AfterCommit | None = None,
+                       unrecorded: tuple[type[PaymentError], ...] = ()) -> JSONResponse:
     """Run `step` in a transaction and answer with its (status, body).
 
     The transaction first checks, under lock, that this region still serves `home` (the
@@ -34,7 +35,8 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     Idempotency-Key the response is stored in the same transaction as the effect, keyed
     by the home region; a replay answers the stored response with header
     `Idempotent-Replayed: true`. `after_commit` sees the body of a fresh (not replayed)
-    success.
+    success. Errors in `unrecorded` are not the key's final answer (the caller may fix
+    the cause and run the request again, e.g. after moving stock): the claim is released.
     """
     node = node_of(request)
     home = home or node.region
@@ -67,6 +69,9 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     try:
         status, body = await node.db.transaction(step_and_record)
     except (IdempotencyInProgress, IdempotencyMismatch):
+        raise
+    except unrecorded:
+        await node.idempotency.release(scope, key)
         raise
     except PaymentError as exc:
         if exc.http_status < 500:

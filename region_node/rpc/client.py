@@ -88,6 +88,16 @@ class PeerClients:
             raise from_rpc_error(err) from err
         return reply
 
+    async def grant_stock(self, peer: str, request: pb.StockGrantRequest,
+                          deadline: float | None = None) -> pb.StockGrantReply:
+        """Ask `peer` to give units of a SKU to this region."""
+        try:
+            reply: pb.StockGrantReply = await self._stub(peer).GrantStock(
+                request, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+        return reply
+
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():

@@ -93,3 +93,33 @@ class OwnershipReply(_message.Message):
     region: str
     entries: _containers.RepeatedCompositeFieldContainer[OwnershipEntry]
     def __init__(self, region: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[OwnershipEntry, _Mapping]]] = ...) -> None: ...
+
+class StockGrantRequest(_message.Message):
+    __slots__ = ("grant_id", "sku", "to_region", "wanted", "fence")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    TO_REGION_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    sku: str
+    to_region: str
+    wanted: int
+    fence: int
+    def __init__(self, grant_id: _Optional[str] = ..., sku: _Optional[str] = ..., to_region: _Optional[str] = ..., wanted: _Optional[int] = ..., fence: _Optional[int] = ...) -> None: ...
+
+class StockGrantReply(_message.Message):
+    __slots__ = ("grant_id", "sku", "from_region", "to_region", "units", "fence")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    FROM_REGION_FIELD_NUMBER: _ClassVar[int]
+    TO_REGION_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    sku: str
+    from_region: str
+    to_region: str
+    units: int
+    fence: int
+    def __init__(self, grant_id: _Optional[str] = ..., sku: _Optional[str] = ..., from_region: _Optional[str] = ..., to_region: _Optional[str] = ..., units: _Optional[int] = ..., fence: _Optional[int] = ...) -> None: ...

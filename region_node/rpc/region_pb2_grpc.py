@@ -49,6 +49,11 @@ class RegionStub:
                 request_serializer=region__node_dot_rpc_dot_region__pb2.OwnershipRequest.SerializeToString,
                 response_deserializer=region__node_dot_rpc_dot_region__pb2.OwnershipReply.FromString,
                 _registered_method=True)
+        self.GrantStock = channel.unary_unary(
+                '/paycluster.v1.Region/GrantStock',
+                request_serializer=region__node_dot_rpc_dot_region__pb2.StockGrantRequest.SerializeToString,
+                response_deserializer=region__node_dot_rpc_dot_region__pb2.StockGrantReply.FromString,
+                _registered_method=True)
 
 
 class RegionServicer:
@@ -77,6 +82,14 @@ class RegionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantStock(self, request, context):
+        """Give units of a SKU from this region's allotment to the caller's region, under the
+        caller's quorum-lock fencing token. Idempotent per grant id; units 0 = none free.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_RegionServicer_to_server(servicer, server):
                     servicer.GetOwnership,
                     request_deserializer=region__node_dot_rpc_dot_region__pb2.OwnershipRequest.FromString,
                     response_serializer=region__node_dot_rpc_dot_region__pb2.OwnershipReply.SerializeToString,
+            ),
+            'GrantStock': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantStock,
+                    request_deserializer=region__node_dot_rpc_dot_region__pb2.StockGrantRequest.FromString,
+                    response_serializer=region__node_dot_rpc_dot_region__pb2.StockGrantReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +195,33 @@ class Region:
             '/paycluster.v1.Region/GetOwnership',
             region__node_dot_rpc_dot_region__pb2.OwnershipRequest.SerializeToString,
             region__node_dot_rpc_dot_region__pb2.OwnershipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantStock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paycluster.v1.Region/GrantStock',
+            region__node_dot_rpc_dot_region__pb2.StockGrantRequest.SerializeToString,
+            region__node_dot_rpc_dot_region__pb2.StockGrantReply.FromString,
             options,
             channel_credentials,
             insecure,

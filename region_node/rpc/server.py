@@ -11,8 +11,9 @@ import grpc
 import httpx
 from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import transfers
+from region_node import stock, transfers
 from region_node.errors import InvalidRequest, PaymentError
 from region_node.logs import new_traceparent, request_id, traceparent
 from region_node.node import Node
@@ -104,6 +105,24 @@ class RegionService(pb_grpc.RegionServicer):
             return pb.OwnershipReply(region=self.node.region, entries=[
                 pb.OwnershipEntry(home_region=o.home_region, serving_region=o.serving_region,
                                   epoch=o.epoch) for o in self.node.ownership.snapshot()])
+        return await self._guard(context, call)
+
+    async def GrantStock(self, request: pb.StockGrantRequest,
+                         context: grpc.aio.ServicerContext) -> pb.StockGrantReply:
+        """Give units of a SKU from this region's allotment (fenced by the caller's token)."""
+        async def call() -> pb.StockGrantReply:
+            me = self.node.region
+            grant_id = _uuid(request.grant_id, "grant_id")
+
+            async def step(conn: AsyncConnection) -> stock.Grant | None:
+                return await stock.give(conn, grant_id=grant_id, sku=request.sku, me=me,
+                                        to_region=request.to_region, wanted=request.wanted,
+                                        fence=request.fence)
+            grant = await self.node.db.transaction(step)
+            return pb.StockGrantReply(
+                grant_id=str(grant_id), sku=request.sku, from_region=me,
+                to_region=request.to_region, units=grant.units if grant else 0,
+                fence=request.fence)
         return await self._guard(context, call)
 
     async def close(self) -> None:

@@ -1,0 +1,121 @@
+"""Routes: global stock (SKUs) and orders."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from region_node import orders, payments, stock
+from region_node import payment_states as st
+from region_node.api.models import CreateOrder, CreateSku, check_amount
+from region_node.api.mutation import Result, node_of, run_mutation
+from region_node.api.routing import home_of, owner_route
+from region_node.errors import InvalidRequest, NotFound
+from region_node.ids import parse_id
+
+router = APIRouter(tags=["stock"])
+
+
+def _cluster_regions(request: Request) -> list[str]:
+    node = node_of(request)
+    return sorted({node.region, *node.settings.peers})
+
+
+@router.post("/v1/skus", status_code=201)
+async def create_sku(body: CreateSku, request: Request) -> Response:
+    """Create a SKU whose stock is split into per-region allotments (escrow), or kept
+    whole at one region with every reservation under the global lock (strict)."""
+    regions = _cluster_regions(request)
+    home = stock.home_for(body.sku, regions)
+    if (forwarded := await owner_route(request, home)) is not None:
+        return forwarded
+
+    async def step(conn: AsyncConnection) -> Result:
+        await stock.create_sku(conn, sku=body.sku, stock=body.stock, mode=body.mode,
+                               home_region=home, regions=regions)
+        return 201, await stock.view(conn, body.sku)
+
+    return await run_mutation(request, step, home=home)
+
+
+@router.get("/v1/skus/{sku}")
+async def get_sku(sku: str, request: Request,
+                  consistency: str = Query("local", pattern="^(local|strong)$")) -> Response:
+    """Stock, sold, reserved and per-region allotments (this region's copy)."""
+    home = stock.home_for(sku, _cluster_regions(request))
+    if (forwarded := await owner_route(request, home, write=False)) is not None:
+        return forwarded
+    async with node_of(request).db.engine.connect() as conn:
+        return JSONResponse(await stock.view(conn, sku))
+
+
+@router.post("/v1/orders", status_code=201)
+async def create_order(body: CreateOrder, request: Request) -> Response:
+    """Reserve `quantity` units of a SKU and pay for them. Sold by the region serving
+    the payer's home, from its own allotment; more stock is taken from other regions
+    under the SKU's quorum lock when the allotment runs low."""
+    node = node_of(request)
+    check_amount(body.amount, node.settings.max_amount)
+    payer, payee = parse_id(body.payer), parse_id(body.payee)
+    if payer is None or payee is None:
+        raise NotFound("No such account", param="payer" if payer is None else "payee")
+    if payer == payee:
+        raise InvalidRequest("payer and payee must be different accounts", param="payee")
+    payer_home = home_of(request, payer) or node.region
+    if (forwarded := await owner_route(request, payer_home)) is not None:
+        return forwarded
+    request_ = orders.OrderRequest(
+        order_id=node.new_id(payer_home), sku=body.sku, quantity=body.quantity,
+        payment=payments.PaymentRequest(
+            payment_id=node.new_id(payer_home), payer=payer, payee=payee,
+            payer_home=payer_home, payee_home=home_of(request, payee) or payer_home,
+            amount=body.amount, currency=body.currency))
+    async with node.db.engine.connect() as conn:
+        mode = (await stock.get_sku(conn, body.sku)).mode
+
+    async def step(conn: AsyncConnection) -> Result:
+        order, payment = await orders.place(conn, region=node.region, request=request_,
+                                            hold_ttl=node.hold_ttl)
+        return 201, orders.to_api(order, payment)
+
+    def pushed(body_: dict[str, Any]) -> None:
+        payment = body_.get("payment") or {}
+        if payment.get("status") == st.PROCESSING:
+            request.app.state.transfer_worker.push_soon(uuid.UUID(payment["id"]))
+
+    async def attempt() -> Response:
+        return await run_mutation(request, step, home=payer_home, after_commit=pushed,
+                                  unrecorded=(orders.OutOfStock,))
+
+    mover = request.app.state.stock_mover
+    if mode == "strict":
+        async with mover.exclusive(body.sku) as token:
+            try:
+                return await attempt()
+            except orders.OutOfStock:
+                if not await mover.replenish(body.sku, body.quantity, exact=True, token=token):
+                    raise
+                return await attempt()
+    try:
+        return await attempt()
+    except orders.OutOfStock:
+        if not await mover.replenish(body.sku, body.quantity):
+            raise
+        return await attempt()
+
+
+@router.get("/v1/orders/{order_id}")
+async def get_order(order_id: str, request: Request) -> Response:
+    """An order, its status (reserved, confirmed, released) and its payment."""
+    parsed = parse_id(order_id)
+    if parsed is None:
+        raise NotFound(f"No such order: '{order_id}'")
+    if (forwarded := await owner_route(request, home_of(request, parsed), write=False)):
+        return forwarded
+    async with node_of(request).db.engine.connect() as conn:
+        order, payment = await orders.get(conn, parsed)
+    return JSONResponse(orders.to_api(order, payment))
