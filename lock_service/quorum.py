@@ -84,6 +84,7 @@ Tokens look like microsecond timestamps; treat them as opaque, increasing intege
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import secrets
@@ -209,8 +210,16 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# A new connection must cost no round trip before the command itself: RESP2 (redis-py 8
+# otherwise sends HELLO 3 and CLIENT MAINT_NOTIFICATIONS first) and no CLIENT SETINFO.
+# Each of those is a full WAN round trip (75-215 ms in the lab) on the first call.
+_CONNECT_KW: dict[str, Any] = {"protocol": 2} | (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(aioredis.Connection.__init__).parameters else {})
+
+
 class _Server:
-    """One Redis of the quorum: a client with our scripts, every call bounded in time."""
+    """One Redis of the quorum: a client for our scripts, every call bounded in time."""
 
     def __init__(self, index: int, url: str, op_timeout: float) -> None:
         self.index = index
@@ -224,22 +233,18 @@ class _Server:
             url, decode_responses=True, socket_timeout=op_timeout,
             socket_connect_timeout=op_timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            health_check_interval=0)
-        self.acquire = self.client.register_script(ACQUIRE_LUA)
-        self.raise_ = self.client.register_script(RAISE_LUA)
-        self.renew = self.client.register_script(RENEW_LUA)
-        self.release = self.client.register_script(RELEASE_LUA)
-        self.provision = self.client.register_script(PROVISION_LUA)
-        self.inspect = self.client.register_script(INSPECT_LUA)
+            health_check_interval=0, **_CONNECT_KW)
 
-    async def call(self, script: Any, keys: Sequence[str], args: Sequence[object],
+    async def call(self, script: str, keys: Sequence[str], args: Sequence[str],
                    within: float | None = None) -> Any:
         """Run a script within min(`within`, op timeout) seconds; returns its reply or an
         `_Unreachable`, never raises (but can be cancelled)."""
         bound = self.op_timeout if within is None else max(0.0, min(within, self.op_timeout))
         try:
             async with asyncio.timeout(bound):
-                return await script(keys=list(keys), args=list(args))
+                # EVAL, not EVALSHA: the scripts are small, and a server that restarted
+                # empty would answer NOSCRIPT and cost two more WAN round trips.
+                return await self.client.eval(script, len(keys), *keys, *args)
         except TimeoutError:
             return _Unreachable(f"timeout after {bound:.3f}s")
         except (RedisError, OSError) as exc:
@@ -370,6 +375,7 @@ class LockService:
         reason = "no attempt made"
         while True:
             attempt += 1
+            started = time.monotonic()
             lease, reason = await self._attempt(name, ttl)
             if lease is not None:
                 lease.attempts = attempt
@@ -378,9 +384,7 @@ class LockService:
             now = time.monotonic()
             if attempts_left <= 0 or now >= deadline:
                 raise LockUnavailable(name, attempt, reason)
-            # Full jitter keeps contenders that failed together from retrying together.
-            cap = min(s.retry_max_seconds, s.retry_base_seconds * 2 ** min(attempt, 16))
-            await asyncio.sleep(min(random.uniform(cap / 4, cap), deadline - now))
+            await asyncio.sleep(min(self._backoff(attempt, now - started), deadline - now))
 
     async def try_acquire(self, name: str, *, ttl: float | None = None) -> Lease | None:
         """One attempt: the lease, or None if no majority granted it right now."""
@@ -402,7 +406,7 @@ class LockService:
         ttl_ms = str(max(1, int(lease.ttl * 1000)))
         key = self._held_key(lease.name)
         bound = lease.valid_until - start
-        tasks = {srv.index: self._spawn(srv.call(srv.renew, [key], [lease.owner, ttl_ms], bound))
+        tasks = {srv.index: self._spawn(srv.call(RENEW_LUA, [key], [lease.owner, ttl_ms], bound))
                  for srv in self._servers}
         _, good = await self._until(tasks, need=self.quorum, good=lambda r: r == 1,
                                     deadline=start + bound)
@@ -453,7 +457,7 @@ class LockService:
         server that restarted empty must serve its quarantine: skipping it can break mutual
         exclusion for up to one ttl (tokens stay monotonic under assumption 2).
         """
-        tasks = {srv.index: self._spawn(srv.call(srv.provision, [self._boot_key], []))
+        tasks = {srv.index: self._spawn(srv.call(PROVISION_LUA, [self._boot_key], []))
                  for srv in self._servers}
         await asyncio.gather(*tasks.values())
         return sum(1 for t in tasks.values() if t.result() == 1)
@@ -463,7 +467,7 @@ class LockService:
         keys = self._keys(name)
 
         async def one(srv: _Server) -> ServerView:
-            r = await srv.call(srv.inspect, keys, [])
+            r = await srv.call(INSPECT_LUA, keys, [])
             if isinstance(r, _Unreachable):
                 return ServerView(srv.label, reachable=False)
             holder, pttl, fence, boot, qpttl = r
@@ -496,6 +500,18 @@ class LockService:
         if not 0 < ttl <= self.settings.quarantine_seconds:
             raise ValueError(f"ttl must be in (0, quarantine_seconds="
                              f"{self.settings.quarantine_seconds}], got {ttl}")
+
+    def _backoff(self, attempt: int, took: float) -> float:
+        """Seconds to wait before attempt `attempt + 1`; `took`: how long the failed one took.
+
+        Fully jittered and exponential, in units of the attempt's own duration: contenders
+        in different regions each win their nearby server first, so attempts that overlap
+        in time split the vote, and only a spread of several attempt lengths separates them.
+        """
+        s = self.settings
+        unit = max(s.retry_base_seconds, took)
+        cap = min(max(s.retry_max_seconds, 8 * unit), unit * 2 ** min(attempt, 16))
+        return random.uniform(0, cap)
 
     def _drift(self, ttl: float) -> float:
         return ttl * self.settings.drift_factor + self.settings.drift_fixed_seconds
@@ -546,7 +562,7 @@ class LockService:
             if earlier is not None and not earlier.done():
                 # Release after the grant's reply, so the grant cannot land after the release.
                 await asyncio.wait([earlier])
-            return await srv.call(srv.release, [key], [owner])
+            return await srv.call(RELEASE_LUA, [key], [owner])
 
         return {srv.index: self._spawn(one(srv)) for srv in self._servers}
 
@@ -559,7 +575,7 @@ class LockService:
         start = time.monotonic()
         valid_until = start + ttl - self._drift(ttl)
         round_deadline = min(start + self.settings.op_timeout_seconds, valid_until)
-        grants = {srv.index: self._spawn(srv.call(srv.acquire, keys, [q_ms, owner, ttl_ms],
+        grants = {srv.index: self._spawn(srv.call(ACQUIRE_LUA, keys, [q_ms, owner, ttl_ms],
                                                   round_deadline - start))
                   for srv in self._servers}
         succeeded = False
@@ -575,7 +591,7 @@ class LockService:
             if len(confirmed) < self.quorum:
                 # The granting servers disagree (a partial attempt or a missed raise left
                 # them apart): bring a majority of them up to the token before using it.
-                raises = {srv.index: self._spawn(srv.call(srv.raise_, keys, [q_ms, str(token)],
+                raises = {srv.index: self._spawn(srv.call(RAISE_LUA, keys, [q_ms, str(token)],
                                                           valid_until - time.monotonic()))
                           for srv in self._servers}
                 _, raised = await self._until(
