@@ -1,0 +1,124 @@
+"""Lock latencies over the emulated WAN: `python -m lock_service.bench [--scale 1.0]`.
+
+Starts three real Redis servers (one per lab region) and, for a client in each region, WAN
+links to the other two regions' servers with the lab's default round-trip times times
+`--scale`. Measures, per client region, uncontended acquire / renew / release, and then
+one client per region contending for the same lock (hand-overs per second and acquire
+latency under contention). Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lock_service.config import LockSettings
+from lock_service.quorum import LockService
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pct(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 2)
+
+    return {"n": len(ordered), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
+
+
+async def run(scale: float, rounds: int, contention_seconds: float) -> dict[str, Any]:
+    """Start the servers and links, measure, stop everything; returns the report."""
+    from cluster.servers import start_redis
+    from cluster.wan import REGIONS, Link, default_latency
+
+    report: dict[str, Any] = {"scale": scale, "regions": list(REGIONS), "by_client_region": {}}
+    with tempfile.TemporaryDirectory(prefix="lockbench-") as tmp:
+        servers = [start_redis(Path(tmp) / region) for region in REGIONS]
+        links: list[Link] = []
+        try:
+            urls: dict[str, list[str]] = {}
+            for src in REGIONS:
+                urls[src] = []
+                for dst, server in zip(REGIONS, servers, strict=True):
+                    if src == dst:
+                        urls[src].append(server.url)
+                        continue
+                    link = Link(src, dst, "redis", "127.0.0.1", server.port,
+                                rtt=default_latency(src, dst, scale))
+                    await link.start()
+                    links.append(link)
+                    urls[src].append(f"redis://127.0.0.1:{link.listen_port}/0")
+            settings = LockSettings(ttl_seconds=5.0, op_timeout_seconds=2.0)
+            services = {r: LockService(urls[r], settings) for r in REGIONS}
+            await services[REGIONS[0]].provision_new_servers()
+            for region, svc in services.items():
+                acquire, renew, release = [], [], []
+                for i in range(rounds):
+                    t0 = time.perf_counter()
+                    lease = await svc.acquire(f"bench:{region}:{i % 4}")
+                    t1 = time.perf_counter()
+                    if not await svc.renew(lease):
+                        raise RuntimeError("renewal failed on a healthy cluster")
+                    t2 = time.perf_counter()
+                    await svc.release(lease)
+                    t3 = time.perf_counter()
+                    acquire.append(t1 - t0)
+                    renew.append(t2 - t1)
+                    release.append(t3 - t2)
+                report["by_client_region"][region] = {
+                    "acquire": _ms(acquire), "renew": _ms(renew), "release": _ms(release)}
+            report["contended"] = await _contend(services, contention_seconds)
+            for svc in services.values():
+                await svc.aclose()
+        finally:
+            for link in links:
+                with contextlib.suppress(Exception):
+                    await link.close()
+            for server in servers:
+                server.stop()
+    return report
+
+
+async def _contend(services: dict[str, LockService], seconds: float) -> dict[str, Any]:
+    """One client per region takes the same lock over and over for `seconds`."""
+    name = "bench:contended"
+    waits: list[float] = []
+    holds = dict.fromkeys(services, 0)
+    stop_at = time.monotonic() + seconds
+
+    async def client(region: str, svc: LockService) -> None:
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            lease = await svc.acquire(name, wait=30)
+            waits.append(time.perf_counter() - t0)
+            holds[region] += 1
+            await svc.release(lease)
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(r, s) for r, s in services.items()))
+    elapsed = time.monotonic() - start
+    return {"seconds": round(elapsed, 2),
+            "handovers_per_s": round(sum(holds.values()) / elapsed, 1),
+            "holds_by_region": holds, "acquire": _ms(waits)}
+
+
+def main() -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--scale", type=float, default=1.0, help="WAN round-trip scale")
+    parser.add_argument("--rounds", type=int, default=40, help="samples per client region")
+    parser.add_argument("--contention-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.scale, args.rounds, args.contention_seconds)),
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
