@@ -280,6 +280,29 @@ async def test_watchdog_cancels_the_work_when_renewal_loses_the_majority(
             await link.close()
 
 
+async def test_a_slow_or_cut_region_does_not_slow_the_majority(
+        trio: RedisTrio, locks: LockService) -> None:
+    await all_ready(locks)
+    links = await start_links(trio.urls[2:])
+    links[0].set(rtt=2.0)  # region 2 is far away: a 2 s round trip
+    try:
+        async with LockService([*trio.urls[:2], *link_urls(links)], SETTINGS) as svc:
+            for cut in (None, "blackhole"):
+                if cut:
+                    links[0].cut("blackhole")  # and now it does not answer at all
+                start = time.monotonic()
+                lease = await svc.acquire(lock_name())
+                assert await svc.renew(lease)
+                assert await svc.release(lease) >= 2
+                # Three calls, none of which waited for region 2.
+                assert time.monotonic() - start < 0.3
+                assert lease.granted_by == (0, 1)
+    finally:
+        for link in links:
+            link.heal()
+            await link.close()
+
+
 HOLDER = r"""
 import asyncio, json, sys
 from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, Text
