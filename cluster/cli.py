@@ -4,6 +4,7 @@
     paycluster status [--data-dir DIR] [--json]
     paycluster router status [--json] | drain REGION | undrain REGION
                       | weight REGION (N | --reset) | resolve [--client-region R] [--geo LAT,LON]
+                      | bench [bench/router.py options]
     paycluster down [--data-dir DIR]
     paycluster link list | cut A B [--mode reset|blackhole] [--one-way] | heal A B [--one-way]
                          | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
@@ -802,6 +803,18 @@ def router_resolve(client_region: Annotated[str | None, typer.Option(
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     typer.echo(json.dumps(answer, indent=2))
+
+
+@router_app.command("bench", context_settings={"allow_extra_args": True,
+                                               "ignore_unknown_options": True},
+                    add_help_option=False)
+def router_bench(ctx: typer.Context) -> None:
+    """Router overhead: requests/s and added p50/p99 through the router vs straight to the
+    node, same run (bench/router.py; it starts its own region and router). All options are
+    bench/router.py's; see `paycluster router bench --help`."""
+    from bench.router import main
+
+    raise typer.Exit(main(list(ctx.args)))
 
 
 # --------------------------------------------------------------------------- demo and bench

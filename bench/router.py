@@ -1,0 +1,384 @@
+"""Geo router overhead: requests/s and latency through the router vs straight to the node.
+
+Both paths hit the same region node in the same run, interleaved (round 1: direct then
+router; round 2: router then direct; ...), so the difference is the router's: one more
+HTTP hop on loopback, the routing decision, header rewriting and body relaying.
+
+Workloads (each from C concurrent clients for a fixed time):
+- `live`: `GET /health/live`, the node's cheapest answer - the router's overhead bare;
+- `account`: `GET /v1/accounts/{id}`, a read from PostgreSQL;
+- `payment`: `POST /v1/payments` with an Idempotency-Key (the router also peeks at the
+  body to find the payer's owning region).
+
+    python -m bench.router                                  # starts its own region + router
+    python -m bench.router --concurrency 1,16 --duration 5 --rounds 3
+    python -m bench.router --api-url http://127.0.0.1:8000 --router-url http://127.0.0.1:8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+from rich.table import Table
+
+from cluster.cli import make_console
+from cluster.lab import ClusterError, start_cluster
+from cluster.servers import ServerStartError
+
+DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "router.json"
+WORKLOADS = ("live", "account", "payment")
+PATHS = ("direct", "router")
+CURRENCY = "USD"
+PAYER_FUNDING = 1_000_000_000
+
+console = make_console()
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run (setup failed, a path answered errors only...)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.router",
+        description="Geo router overhead: requests/s and added p50/p99 latency through the "
+                    "router vs straight to the region node, in the same run.")
+    target = p.add_argument_group("target (default: start one region and one router)")
+    target.add_argument("--api-url", help="a running region node's REST API")
+    target.add_argument("--router-url", help="a running router in front of that node")
+    target.add_argument("--data-dir", type=Path,
+                        help="where a self-started lab lives (default: a temp dir)")
+    load = p.add_argument_group("load")
+    load.add_argument("--workloads", default=",".join(WORKLOADS),
+                      help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
+    load.add_argument("--concurrency", "-c", default="1,16",
+                      help="comma-separated client counts (default 1,16)")
+    load.add_argument("--duration", "-T", type=float, default=3.0,
+                      help="seconds per measurement (default 3)")
+    load.add_argument("--rounds", type=int, default=2,
+                      help="rounds; each measures both paths, in alternating order (default 2)")
+    load.add_argument("--warmup", type=float, default=1.0,
+                      help="seconds of unrecorded load per path before round 1 (default 1)")
+    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
+                   help="result file (default bench/results/router.json)")
+    args = p.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown or not args.workloads:
+        p.error(f"--workloads: unknown {', '.join(sorted(unknown)) or '(none given)'}")
+    try:
+        args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    except ValueError:
+        p.error("--concurrency must be comma-separated integers")
+    if not args.concurrency or min(args.concurrency) < 1:
+        p.error("--concurrency values must be at least 1")
+    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        p.error("--duration must be positive, --rounds at least 1, --warmup not negative")
+    if bool(args.api_url) != bool(args.router_url):
+        p.error("give both --api-url and --router-url, or neither")
+    return args
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Run:
+    """One timed measurement of one path."""
+
+    ok: int = 0
+    errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        """Successful requests per second."""
+        return self.ok / self.seconds if self.seconds else 0.0
+
+
+Call = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (nan if empty)."""
+    if not sorted_values:
+        return math.nan
+    return sorted_values[max(1, math.ceil(pct / 100 * len(sorted_values))) - 1]
+
+
+async def drive(client: httpx.AsyncClient, call: Call, expect: int, concurrency: int,
+                duration: float) -> Run:
+    """`concurrency` clients calling `call` back to back for `duration` seconds."""
+    run = Run()
+    deadline = time.perf_counter() + duration
+
+    async def loop(i: int) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                resp = await call(client, i)
+            except httpx.HTTPError as exc:
+                run.errors += 1
+                run.error_kinds[type(exc).__name__] += 1
+                continue
+            if resp.status_code == expect:
+                run.ok += 1
+                run.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            else:
+                run.errors += 1
+                run.error_kinds[f"HTTP {resp.status_code}"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(i) for i in range(concurrency)))
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+async def _setup(client: httpx.AsyncClient, pairs: int) -> tuple[str, list[tuple[str, str]]]:
+    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post(path, json=body,
+                                 headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
+        if resp.status_code != 201:
+            raise BenchError(f"POST {path} -> {resp.status_code}: {resp.text[:300]}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
+    async def pair() -> tuple[str, str]:
+        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer"})
+        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant"})
+        await post(f"/v1/accounts/{payer['id']}/deposits", {"amount": PAYER_FUNDING})
+        return payer["id"], payee["id"]
+
+    made = [await pair() for _ in range(pairs)]
+    return made[0][0], made
+
+
+def workload(name: str, account: str, pairs: list[tuple[str, str]]) -> tuple[Call, int]:
+    """The request of a workload and the status it must answer."""
+    if name == "live":
+        return (lambda c, i: c.get("/health/live")), 200
+    if name == "account":
+        return (lambda c, i: c.get(f"/v1/accounts/{account}")), 200
+
+    def pay(c: httpx.AsyncClient, i: int) -> Awaitable[httpx.Response]:
+        # Each client its own pair: the number measures the path, not row contention.
+        payer, payee = pairs[i % len(pairs)]
+        return c.post("/v1/payments", json={"payer": payer, "payee": payee, "amount": 1,
+                                            "currency": CURRENCY},
+                      headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
+    return pay, 201
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+@dataclass
+class Result:
+    """Both paths of one workload at one concurrency, over all rounds."""
+
+    workload: str
+    concurrency: int
+    direct_rps: float
+    router_rps: float
+    rps_ratio: float
+    direct_p50_ms: float
+    router_p50_ms: float
+    added_p50_ms: float
+    direct_p99_ms: float
+    router_p99_ms: float
+    added_p99_ms: float
+    requests: dict[str, int]
+    errors: dict[str, int]
+    error_kinds: dict[str, dict[str, int]]
+    rounds_rps: dict[str, list[float]]
+
+
+def summarize(name: str, concurrency: int, runs: dict[str, list[Run]]) -> Result:
+    """Medians of requests/s over the rounds; percentiles over every request of a path."""
+    rps = {p: statistics.median(r.per_second for r in runs[p]) for p in PATHS}
+    lat = {p: sorted(x for r in runs[p] for x in r.latencies_ms) for p in PATHS}
+    p50 = {p: percentile(lat[p], 50) for p in PATHS}
+    p99 = {p: percentile(lat[p], 99) for p in PATHS}
+    return Result(
+        name, concurrency, round(rps["direct"], 1), round(rps["router"], 1),
+        round(rps["router"] / rps["direct"], 3) if rps["direct"] else math.nan,
+        round(p50["direct"], 3), round(p50["router"], 3), round(p50["router"] - p50["direct"], 3),
+        round(p99["direct"], 3), round(p99["router"], 3), round(p99["router"] - p99["direct"], 3),
+        {p: sum(r.ok for r in runs[p]) for p in PATHS},
+        {p: sum(r.errors for r in runs[p]) for p in PATHS},
+        {p: dict(sum((r.error_kinds for r in runs[p]), Counter())) for p in PATHS},
+        {p: [round(r.per_second, 1) for r in runs[p]] for p in PATHS})
+
+
+async def _bench(args: argparse.Namespace, api_url: str, router_url: str) -> list[Result]:
+    top = max(args.concurrency)
+    limits = httpx.Limits(max_connections=top, max_keepalive_connections=top)
+    async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits,
+                                 trust_env=False) as direct, \
+            httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits,
+                              trust_env=False) as routed:
+        clients = {"direct": direct, "router": routed}
+        with console.status("creating accounts ..."):
+            account, pairs = await _setup(direct, top if "payment" in args.workloads else 1)
+        results = []
+        for name in args.workloads:
+            call, expect = workload(name, account, pairs)
+            if args.warmup:
+                for path in PATHS:
+                    await drive(clients[path], call, expect, top, args.warmup)
+            for concurrency in args.concurrency:
+                runs: dict[str, list[Run]] = {p: [] for p in PATHS}
+                for n in range(args.rounds):
+                    # Alternate the order, so a drift in the machine's state hits both paths.
+                    for path in PATHS if n % 2 == 0 else tuple(reversed(PATHS)):
+                        with console.status(f"{name}, {concurrency} client(s), round "
+                                            f"{n + 1}/{args.rounds}: {path} ..."):
+                            runs[path].append(await drive(clients[path], call, expect,
+                                                          concurrency, args.duration))
+                result = summarize(name, concurrency, runs)
+                if not result.requests["direct"] or not result.requests["router"]:
+                    raise BenchError(f"{name}: no successful requests "
+                                     f"(errors: {result.error_kinds})")
+                console.print(f"{name:8} c={concurrency:<3} direct {result.direct_rps:8.0f}/s "
+                              f"router {result.router_rps:8.0f}/s; added p50 "
+                              f"{result.added_p50_ms:.2f} ms, p99 {result.added_p99_ms:.2f} ms")
+                results.append(result)
+        return results
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def print_table(results: list[Result]) -> None:
+    """Rich table: one row per workload and client count."""
+    table = Table(title="geo router overhead: through the router vs straight to the node "
+                        "(same run)",
+                  caption="req/s: median over rounds; ratio = router req/s / direct req/s; "
+                          "p50/p99 over every request; added = router - direct")
+    for col in ("workload", "clients", "direct req/s", "router req/s", "ratio",
+                "direct p50 ms", "router p50 ms", "added p50 ms", "direct p99 ms",
+                "router p99 ms", "added p99 ms", "errors"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for r in results:
+        table.add_row(r.workload, str(r.concurrency), _fmt(r.direct_rps, 0),
+                      _fmt(r.router_rps, 0), _fmt(r.rps_ratio, 2), _fmt(r.direct_p50_ms),
+                      _fmt(r.router_p50_ms), _fmt(r.added_p50_ms), _fmt(r.direct_p99_ms),
+                      _fmt(r.router_p99_ms), _fmt(r.added_p99_ms),
+                      str(r.errors["direct"] + r.errors["router"]))
+    console.print(table)
+
+
+def _write_json(path: Path, args: argparse.Namespace, api_url: str, router_url: str,
+                self_started: bool, results: list[Result]) -> None:
+    doc = {
+        "benchmark": "router",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "config": {"api_url": api_url, "router_url": router_url, "self_started": self_started,
+                   "workloads": args.workloads, "concurrency": args.concurrency,
+                   "duration_s": args.duration, "rounds": args.rounds,
+                   "warmup_s": args.warmup},
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(),
+                        "note": "load generator, router and node share these CPUs"},
+        "results": [asdict(r) for r in results],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _run(args: argparse.Namespace, api_url: str, router_url: str, self_started: bool) -> int:
+    try:
+        import uvloop
+
+        results = uvloop.run(_bench(args, api_url, router_url))
+    except ImportError:
+        results = asyncio.run(_bench(args, api_url, router_url))
+    print_table(results)
+    _write_json(args.json_out, args, api_url, router_url, self_started, results)
+    console.print(f"results: {args.json_out}")
+    return 0
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so the `finally` that stops our servers runs.
+    raise _Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit code."""
+    args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.api_url:
+            return _run(args, args.api_url.rstrip("/"), args.router_url.rstrip("/"),
+                        self_started=False)
+        return _self_started(args)
+    except (BenchError, ClusterError, ServerStartError) as exc:
+        console.print(f"[red]benchmark failed:[/] {exc}")
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        console.print("[yellow]interrupted[/]")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _self_started(args: argparse.Namespace) -> int:
+    temp = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-router-")) if temp \
+        else args.data_dir
+    with console.status("starting one region and a geo router ..."):
+        cluster = start_cluster(data_dir, regions=1, detach=False, routers=1)
+    code = 1
+    try:
+        region = cluster.regions[0]
+        console.print(f"region {region.name} at {region.api_url}; router at "
+                      f"{cluster.router_url}")
+        code = _run(args, region.api_url, cluster.router_url, self_started=True)
+        return code
+    finally:
+        # Ignore further Ctrl-C / SIGTERM while stopping: a half-stopped lab would leak.
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+        try:
+            with console.status("stopping the lab ..."):
+                cluster.stop()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if temp and code == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        elif temp:
+            console.print(f"kept {data_dir} for the logs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
