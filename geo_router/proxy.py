@@ -22,17 +22,16 @@ policy chooses and relays the answer.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from geo_router.errors import RouterError, unavailable
 from geo_router.owners import SAFE_METHODS, body_names_owner, wants_owner
@@ -375,9 +374,10 @@ class Proxy:
                 whole = body.complete() if has_body else None
                 content: bytes | AsyncIterator[bytes] | None = (
                     whole if whole is not None else body.stream() if has_body else None)
+                # encoded=True: the path goes upstream byte for byte, not re-normalised.
                 response = await self.session().request(
-                    method, service.endpoint(region) + path, headers=upstream, data=content,
-                    allow_redirects=False)
+                    method, URL(service.endpoint(region) + path, encoded=True),
+                    headers=upstream, data=content, allow_redirects=False)
             except ClientDisconnected:
                 return
             except _UNREACHABLE as exc:
@@ -470,7 +470,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
-
-def dumps(doc: Any) -> bytes:
-    """Compact JSON bytes."""
-    return json.dumps(doc, separators=(",", ":")).encode()
