@@ -9,7 +9,8 @@ fencing counter, no ttl). Per server: `<prefix>:boot` (no ttl) and `<prefix>:qua
 
 acquire: every attempt draws a fresh random owner id and runs ACQUIRE on all servers at once.
   ACQUIRE (one Lua script, atomic on its server): refuse if the server is quarantined; refuse
-  if `held` exists; else fence += 1 and `held` = owner PX ttl, and return the new fence.
+  if `held` exists (unless it is this attempt's own owner id: a retried call whose reply was
+  lost); else fence += 1 and `held` = owner PX ttl, and return the new fence.
   The token T is the largest fence returned by the granting servers. If fewer than q of them
   returned exactly T, RAISE(T) (fence := max(fence, T)) is sent to every server, and we wait
   until q *granting* servers are known to hold fence >= T: the confirmed set S. The attempt
@@ -40,26 +41,31 @@ Fencing tokens: why they only go up
 Claim: if A and B are successful acquisitions of the same lock and A's lease ended (expired or
 was released) before B succeeded, then T_A < T_B. (Success = the moment S is complete.)
 
-(1) No data lost. S_A and G_B (the servers that granted B) are both majorities of N, so they
-share a server j. On j, A's grant set `held`, and A's confirmation put fence_j >= T_A before A
-succeeded (j is in S_A). B's grant on j needs `held` absent, so it ran after A's key on j was
-gone: removed by A's release (after A succeeded), or expired, no earlier than A's start +
-ttl * (1 - rho) > A's valid_until >= the moment A succeeded, because the drift allowance covers
-the clock-rate error rho. (B's grant on j cannot have come first: A's grant would then have
-had to wait for B's key on j to go, i.e. until after B succeeded, and A's lease would not have
-ended before B's success.) Counters never decrease, so B's grant on j returned >= T_A + 1,
-and T_B, the maximum over B's grants, is > T_A. Failed and partial attempts only increment or
-raise counters; their values are never handed out, so they cannot break this.
+S_A and G_B (the servers that granted B) are both majorities of N, so they share a server.
+(1) applies if one of the shared servers kept its data from A's confirmation to B's grant,
+(2) if all of them lost it.
 
-(2) j lost its data between A's confirmation and B's grant. Then j was quarantined from the
-first request it saw after the loss, for Q = quarantine_seconds, and touched no counter
-meanwhile. Its first counter for the lock after that was created from its own clock:
-fence_j := TIME in microseconds (every counter is created this way, on grant or raise), so
-B's grant returned > clock_j(t_c) >= t_c - eps with t_c >= t_loss + Q. Every counter value
-that exists at time t is <= t + eps (in microseconds since the epoch): it was created from a
-server clock (<= t + eps) and then only incremented by 1 per grant, which cannot outrun a
-clock that advances 10^6 per second (assumption 3), or raised to a value that already
-existed. So T_A <= t_loss + eps < t_c - Q + eps, and T_B > T_A as long as Q > 2 * eps.
+(1) A shared server j kept its data. On j, A's grant set `held`, and A's confirmation put
+fence_j >= T_A before A succeeded (j is in S_A). B's grant on j needs `held` absent, so it
+ran after A's key on j was gone: removed by A's release (after A succeeded), or expired, no
+earlier than A's start + ttl * (1 - rho) > A's valid_until >= the moment A succeeded,
+because the drift allowance covers the clock-rate error rho. (B's grant on j cannot have
+come first: A's grant would then have had to wait for B's key on j to go, i.e. until after B
+succeeded, and A's lease would not have ended before B's success.) Counters never decrease,
+so B's grant on j returned >= T_A + 1, and T_B, the maximum over B's grants, is > T_A.
+Failed and partial attempts only increment or raise counters; their values are never
+handed out, so they cannot break this.
+
+(2) All shared servers lost their data; take one, j, which lost it at t_loss, after A's
+confirmation and before B's grant. j was quarantined from the first request it saw after
+the loss, for Q = quarantine_seconds, and touched no counter meanwhile. Its first counter
+for the lock after that was created from its own clock: fence_j := TIME in microseconds
+(every counter is created this way, on grant or raise), so B's grant returned
+> clock_j(t_c) >= t_c - eps with t_c >= t_loss + Q. Every counter value that exists at time
+t is <= t + eps (in microseconds since the epoch): it was created from a server clock
+(<= t + eps) and then only incremented by 1 per grant, which cannot outrun a clock that
+advances 10^6 per second (assumption 3), or raised to a value that already existed. So
+T_A <= t_loss + eps < t_c - Q + eps, and T_B > T_A as long as Q > 2 * eps.
 
 Exact assumptions:
   1. A Redis server either keeps every key it acknowledged or loses all keys of this prefix
@@ -247,7 +253,9 @@ class _Server:
                 return await self.client.eval(script, len(keys), *keys, *args)
         except TimeoutError:
             return _Unreachable(f"timeout after {bound:.3f}s")
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: under uvloop a write on a transport the peer just closed raises
+            # it instead of a connection error (seen with a killed Redis).
             return _Unreachable(f"{type(exc).__name__}: {exc}")
 
 
@@ -331,6 +339,9 @@ class LockService:
         """`redis_urls`: one per region, as this process reaches it (lab: WAN-link URLs)."""
         if not redis_urls:
             raise ValueError("the lock service needs at least one Redis URL")
+        if len(set(redis_urls)) != len(redis_urls):
+            # The same server counted twice would fake a majority.
+            raise ValueError("the same Redis URL is listed twice")
         self.settings = settings or LockSettings()
         self._servers = [_Server(i, url, self.settings.op_timeout_seconds)
                          for i, url in enumerate(redis_urls)]

@@ -186,6 +186,7 @@ async def test_holder_excludes_others_and_non_holder_release_does_nothing(
     await locks.release(second)
 
 
+@pytest.mark.chaos
 async def test_majority_keeps_the_lock_when_one_redis_is_killed(
         trio: RedisTrio, locks: LockService) -> None:
     await all_ready(locks)
@@ -237,6 +238,7 @@ async def test_renewal_keeps_a_long_holder(locks: LockService) -> None:
     assert refused > 10
 
 
+@pytest.mark.chaos
 async def test_watchdog_cancels_the_work_when_renewal_loses_the_majority(
         trio: RedisTrio, locks: LockService) -> None:
     await all_ready(locks)
@@ -280,6 +282,7 @@ async def test_watchdog_cancels_the_work_when_renewal_loses_the_majority(
             await link.close()
 
 
+@pytest.mark.chaos
 async def test_a_slow_or_cut_region_does_not_slow_the_majority(
         trio: RedisTrio, locks: LockService) -> None:
     await all_ready(locks)
@@ -333,6 +336,7 @@ asyncio.run(main(json.loads(sys.argv[1])))
 """
 
 
+@pytest.mark.chaos
 async def test_paused_holder_is_fenced_off(trio: RedisTrio, locks: LockService,
                                            engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
@@ -393,6 +397,7 @@ async def test_paused_holder_is_fenced_off(trio: RedisTrio, locks: LockService,
             await proc.wait()
 
 
+@pytest.mark.chaos
 async def test_tokens_strictly_increase_across_partial_grants_and_an_empty_restart(
         trio: RedisTrio, locks: LockService) -> None:
     await all_ready(locks)
@@ -429,6 +434,7 @@ async def test_tokens_strictly_increase_across_partial_grants_and_an_empty_resta
     assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
 
 
+@pytest.mark.chaos
 async def test_tokens_increase_when_the_only_server_that_knew_the_last_token_lost_it(
         trio: RedisTrio, locks: LockService) -> None:
     """The hard case of the monotonicity argument: the new majority shares with the old one
