@@ -136,6 +136,7 @@ class RouterService:
     def _on_transition(self, t: Transition) -> None:
         self.metrics.state_changes.labels(t.region, t.old.value if t.old else "none",
                                           t.new.value).inc()
+        self.metrics.set_state(t.region, self.state_of(t.region))
         level = logging.WARNING if t.new == State.DOWN else logging.INFO
         log.log(level, "region %s: %s -> %s (%s)", t.region, t.old.value if t.old else "-",
                 t.new.value, t.reason, extra={"event": "region_state", "region": t.region})
