@@ -327,6 +327,30 @@ class ServerView:
     quarantine_ms: int | None = None
 
 
+class _Gates:
+    """Per-lock-name asyncio locks of one process, dropped when nobody uses them."""
+
+    def __init__(self) -> None:
+        self._gates: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def enter(self, name: str) -> asyncio.Lock:
+        """The gate of `name`, counted as used until `leave`."""
+        gate, users = self._gates.get(name) or (asyncio.Lock(), 0)
+        self._gates[name] = (gate, users + 1)
+        return gate
+
+    def leave(self, name: str) -> None:
+        """One user fewer; the gate goes when the last one leaves."""
+        gate, users = self._gates[name]
+        if users <= 1:
+            del self._gates[name]
+        else:
+            self._gates[name] = (gate, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._gates)
+
+
 class LockService:
     """Quorum locks with fencing tokens over one Redis per region.
 
@@ -346,6 +370,7 @@ class LockService:
         self._servers = [_Server(i, url, self.settings.op_timeout_seconds)
                          for i, url in enumerate(redis_urls)]
         self._background: set[asyncio.Task[Any]] = set()
+        self._gates = _Gates()  # hold() queues this process's tasks per lock name
         p = self.settings.key_prefix
         self._boot_key = f"{p}:boot"
         self._quarantine_key = f"{p}:quarantine"
@@ -445,6 +470,9 @@ class LockService:
              wait: float | None = None) -> HeldLock:
         """Async context manager: acquire, renew while the body runs, release on exit.
 
+        Tasks of this process that hold the same name queue locally first (one of them at a
+        time competes across the regions); `wait` bounds the local queue and the attempts.
+
         If the lease is lost (no renewal reached a majority before it ended) the body is
         cancelled and `LockLost` is raised from the `async with`.
         """
@@ -521,7 +549,7 @@ class LockService:
         """
         s = self.settings
         unit = max(s.retry_base_seconds, took)
-        cap = min(max(s.retry_max_seconds, 8 * unit), unit * 2 ** min(attempt, 16))
+        cap = min(max(s.retry_max_seconds, 4 * unit), unit * 2 ** min(attempt, 16))
         return random.uniform(0, cap)
 
     def _drift(self, ttl: float) -> float:

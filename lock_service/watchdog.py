@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from lock_service.errors import LockLost
+from lock_service.errors import LockLost, LockUnavailable
 from lock_service.quorum import Lease, LockService
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,33 @@ class HeldLock:
         self._cancelling = 0
         self._we_cancelled = False
         self._exiting = False
+        self._gate: asyncio.Lock | None = None
 
     async def __aenter__(self) -> Lease:
-        lease = await self.service.acquire(self.name, ttl=self.ttl, wait=self.wait)
+        service = self.service
+        wait = service.settings.acquire_wait_seconds if self.wait is None else self.wait
+        deadline = time.monotonic() + wait
+        # Tasks of this process queue for the lock locally first, so only one of them at a
+        # time competes across the regions: many local contenders would otherwise split the
+        # servers' votes among themselves and retry in a crowd.
+        gate = service._gates.enter(self.name)
+        try:
+            async with asyncio.timeout(wait):
+                await gate.acquire()
+        except TimeoutError:
+            service._gates.leave(self.name)
+            raise LockUnavailable(self.name, 0, "other tasks of this process held it") from None
+        except BaseException:
+            service._gates.leave(self.name)
+            raise
+        try:
+            lease = await service.acquire(self.name, ttl=self.ttl,
+                                          wait=max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            gate.release()
+            service._gates.leave(self.name)
+            raise
+        self._gate = gate
         self.lease = lease
         self._task = asyncio.current_task()
         if self._task is not None:
@@ -128,12 +152,17 @@ class HeldLock:
         self._exiting = True
         lease = self.lease
         assert lease is not None and self.watchdog is not None
-        await self.watchdog.stop()
         try:
+            await self.watchdog.stop()
             # Shielded: an outside cancellation must not leave our keys to expire.
             await asyncio.shield(self.service.release(lease))
         except Exception:  # a failed release only delays the next holder (keys expire)
             log.exception("releasing lock %s failed", lease.name)
+        finally:
+            if self._gate is not None:
+                self._gate.release()
+                self._gate = None
+                self.service._gates.leave(self.name)
         if not self._we_cancelled:
             if lease.lost and exc_type is None:
                 # The body ended after the loss without reaching an await (nothing to cancel).
