@@ -3,8 +3,8 @@
 Starts three real Redis servers (one per lab region) and, for a client in each region, WAN
 links to the other two regions' servers with the lab's default round-trip times times
 `--scale`. Measures, per client region, uncontended acquire / renew / release, and then
-one client per region contending for the same lock (hand-overs per second and acquire
-latency under contention). Prints one JSON document.
+several tasks per region contending for the same lock through `hold()` (hand-overs per
+second and wait to enter under contention). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _ms(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
 
 
-async def run(scale: float, rounds: int, contention_seconds: float) -> dict[str, Any]:
+async def run(scale: float, rounds: int, contention_seconds: float,
+              tasks: int = 1) -> dict[str, Any]:
     """Start the servers and links, measure, stop everything; returns the report."""
     from cluster.servers import start_redis
     from cluster.wan import REGIONS, Link, default_latency
@@ -74,7 +75,7 @@ async def run(scale: float, rounds: int, contention_seconds: float) -> dict[str,
                     release.append(t3 - t2)
                 report["by_client_region"][region] = {
                     "acquire": _ms(acquire), "renew": _ms(renew), "release": _ms(release)}
-            report["contended"] = await _contend(services, contention_seconds)
+            report["contended"] = await _contend(services, contention_seconds, tasks)
             for svc in services.values():
                 await svc.aclose()
         finally:
@@ -86,8 +87,9 @@ async def run(scale: float, rounds: int, contention_seconds: float) -> dict[str,
     return report
 
 
-async def _contend(services: dict[str, LockService], seconds: float) -> dict[str, Any]:
-    """One client per region takes the same lock over and over for `seconds`."""
+async def _contend(services: dict[str, LockService], seconds: float,
+                   tasks: int) -> dict[str, Any]:
+    """`tasks` tasks per region take the same lock with `hold()` over and over."""
     name = "bench:contended"
     waits: list[float] = []
     holds = dict.fromkeys(services, 0)
@@ -96,15 +98,14 @@ async def _contend(services: dict[str, LockService], seconds: float) -> dict[str
     async def client(region: str, svc: LockService) -> None:
         while time.monotonic() < stop_at:
             t0 = time.perf_counter()
-            lease = await svc.acquire(name, wait=30)
-            waits.append(time.perf_counter() - t0)
-            holds[region] += 1
-            await svc.release(lease)
+            async with svc.hold(name, wait=30):
+                waits.append(time.perf_counter() - t0)
+                holds[region] += 1
 
     start = time.monotonic()
-    await asyncio.gather(*(client(r, s) for r, s in services.items()))
+    await asyncio.gather(*(client(r, s) for r, s in services.items() for _ in range(tasks)))
     elapsed = time.monotonic() - start
-    return {"seconds": round(elapsed, 2),
+    return {"seconds": round(elapsed, 2), "tasks_per_region": tasks,
             "handovers_per_s": round(sum(holds.values()) / elapsed, 1),
             "holds_by_region": holds, "acquire": _ms(waits)}
 
@@ -115,9 +116,12 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="WAN round-trip scale")
     parser.add_argument("--rounds", type=int, default=40, help="samples per client region")
     parser.add_argument("--contention-seconds", type=float, default=5.0)
+    parser.add_argument("--tasks-per-region", type=int, default=4,
+                        help="contending tasks per region (they queue locally in hold())")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.scale, args.rounds, args.contention_seconds)),
-                     indent=2))
+    report = asyncio.run(run(args.scale, args.rounds, args.contention_seconds,
+                             args.tasks_per_region))
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -405,17 +405,22 @@ async def test_tokens_strictly_increase_across_partial_grants_and_an_empty_resta
     tokens: list[int] = []
     restarted_at = 0.0
 
-    async def worker(n: int) -> None:
+    async def worker(svc: LockService, n: int) -> None:
         nonlocal restarted_at
         for _ in range(n):
-            # Four workers at once: attempts collide and leave partial grants behind.
-            async with locks.hold(name, ttl=0.5, wait=10) as lease:
+            # Four clients at once: attempts collide and leave partial grants behind.
+            async with svc.hold(name, ttl=0.5, wait=10) as lease:
                 tokens.append(lease.fence)  # appended while holding: in holder order
                 if len(tokens) == 30:
                     await asyncio.to_thread(trio.restart_empty, 1)
                     restarted_at = time.time()
 
-    await asyncio.gather(*(worker(15) for _ in range(4)))
+    clients = [LockService(trio.urls, SETTINGS) for _ in range(4)]  # four "processes"
+    try:
+        await asyncio.gather(*(worker(svc, 15) for svc in clients))
+    finally:
+        for svc in clients:
+            await svc.aclose()
     assert restarted_at and len(tokens) == 60
     assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
     # Once out of quarantine the restarted server grants again, with a counter created from
@@ -486,7 +491,7 @@ async def test_tokens_increase_when_the_only_server_that_knew_the_last_token_los
             await link.close()
 
 
-async def test_twenty_contenders_increment_exactly(locks: LockService,
+async def test_twenty_contenders_increment_exactly(trio: RedisTrio, locks: LockService,
                                                   engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(text("create table lock_counter (id int primary key, "
@@ -502,10 +507,10 @@ async def test_twenty_contenders_increment_exactly(locks: LockService,
     most_inside = 0
     tokens: list[int] = []
 
-    async def contender() -> None:
+    async def contender(svc: LockService) -> None:
         nonlocal inside, most_inside
         for _ in range(rounds):
-            async with locks.hold(name, ttl=1.0, wait=30) as lease:
+            async with svc.hold(name, ttl=1.0, wait=30) as lease:
                 inside += 1
                 most_inside = max(most_inside, inside)
                 # Read and write in separate transactions, like a step that spans a
@@ -519,7 +524,15 @@ async def test_twenty_contenders_increment_exactly(locks: LockService,
                 tokens.append(lease.fence)
                 inside -= 1
 
-    await asyncio.gather(*(contender() for _ in range(contenders)))
+    # Five "processes" (clients with their own connections) of four tasks each: the tasks of
+    # one process queue locally, the processes contend through the Redis quorum.
+    clients = [LockService(trio.urls, SETTINGS) for _ in range(5)]
+    try:
+        await asyncio.gather(*(contender(clients[i % 5]) for i in range(contenders)))
+    finally:
+        for svc in clients:
+            await svc.aclose()
+    assert all(len(svc._gates) == 0 for svc in clients)
     async with engine.connect() as conn:
         value, fence = (await conn.execute(select(counter.c.value, counter.c.fence))).one()
     assert value == contenders * rounds
