@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import payments
 from region_node.node import Node
+from region_node.periodic import run_every
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,5 @@ class HoldExpiryWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set; errors are logged, never fatal."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("hold expiry pass failed")
-            try:
-                await asyncio.wait_for(stop.wait(), self.node.settings.hold_expiry_poll_seconds)
-            except TimeoutError:
-                pass
+        await run_every(stop, lambda: self.node.settings.hold_expiry_poll_seconds,
+                        self.run_once, "hold expiry pass")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from region_node.node import Node
+from region_node.periodic import run_every
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,4 @@ class KeyJanitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Purge every `interval` seconds until stopped; errors are logged, never fatal."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("idempotency key purge failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
+        await run_every(stop, lambda: self.interval, self.run_once, "idempotency key purge")

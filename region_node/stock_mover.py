@@ -27,6 +27,7 @@ from lock_service.quorum import LockService
 from region_node import orders, stock
 from region_node.errors import PaymentError, RegionUnavailable
 from region_node.node import Node
+from region_node.periodic import run_every
 from region_node.rpc import region_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,8 @@ class StockMover:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until stopped; errors are logged, never fatal."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("stock pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.node.settings.transfer_poll_seconds)
+        await run_every(stop, lambda: self.node.settings.transfer_poll_seconds, self.run_once,
+                        "stock pass")
 
 
 class QuorumStockLock:

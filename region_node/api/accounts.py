@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -72,23 +73,17 @@ async def _not_here(request: Request, acc_id: uuid.UUID) -> Response:
 @router.post("/{account_id}/deposits", status_code=201)
 async def deposit(account_id: str, body: Movement, request: Request) -> Response:
     """Fund an account from outside the ledger."""
-    acc_id = account_id_of(account_id)
-    node = node_of(request)
-    check_amount(body.amount, node.settings.max_amount)
-    home = home_of(request, acc_id)
-    if (forwarded := await owner_route(request, home)) is not None:
-        return forwarded
-
-    async def step(conn: AsyncConnection) -> Result:
-        return 201, await ledger.deposit(conn, region=node.region, account_id=acc_id,
-                                         amount=body.amount)
-
-    return await run_mutation(request, step, home=home)
+    return await _movement(request, account_id, body, ledger.deposit)
 
 
 @router.post("/{account_id}/withdrawals", status_code=201)
 async def withdraw(account_id: str, body: Movement, request: Request) -> Response:
     """Pay money out of the ledger; never below the available balance."""
+    return await _movement(request, account_id, body, ledger.withdraw)
+
+
+async def _movement(request: Request, account_id: str, body: Movement,
+                    move: Callable[..., Awaitable[dict[str, object]]]) -> Response:
     acc_id = account_id_of(account_id)
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
@@ -97,8 +92,7 @@ async def withdraw(account_id: str, body: Movement, request: Request) -> Respons
         return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
-        return 201, await ledger.withdraw(conn, region=node.region, account_id=acc_id,
-                                          amount=body.amount)
+        return 201, await move(conn, region=node.region, account_id=acc_id, amount=body.amount)
 
     return await run_mutation(request, step, home=home)
 
