@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import payment_states as st
 from region_node import payments, schema, stock
-from region_node.errors import Conflict
+from region_node.errors import Conflict, NotFound
 from region_node.outbox import write_event
 from region_node.payment_view import to_api as payment_api
 
@@ -81,8 +81,6 @@ async def place(conn: AsyncConnection, *, region: str, request: OrderRequest,
 
 async def get(conn: AsyncConnection, order_id: uuid.UUID) -> tuple[Row[Any], Row[Any] | None]:
     """An order and its payment (this region's copy)."""
-    from region_node.errors import NotFound
-
     order = (await conn.execute(sa.select(O).where(O.c.id == order_id))).one_or_none()
     if order is None:
         raise NotFound(f"No such order: '{order_id}'")

@@ -16,6 +16,7 @@ grant the giving region, a receipt the receiving region.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,6 @@ def split(stock: int, regions: list[str], mode: str, home: str) -> dict[str, int
 def home_for(sku: str, regions: list[str]) -> str:
     """The region that creates (and so owns) a SKU's row: a stable hash of its name, so
     two regions asked to create the same SKU send both requests to the same place."""
-    import hashlib
-
     ordered = sorted(regions)
     digest = int.from_bytes(hashlib.sha256(sku.encode()).digest()[:8], "big")
     return ordered[digest % len(ordered)]

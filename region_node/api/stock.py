@@ -68,7 +68,7 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
     payer_home = home_of(request, payer) or node.region
     if (forwarded := await owner_route(request, payer_home)) is not None:
         return forwarded
-    request_ = orders.OrderRequest(
+    order = orders.OrderRequest(
         order_id=node.new_id(payer_home), sku=body.sku, quantity=body.quantity,
         payment=payments.PaymentRequest(
             payment_id=node.new_id(payer_home), payer=payer, payee=payee,
@@ -78,9 +78,9 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
         mode = (await stock.get_sku(conn, body.sku)).mode
 
     async def step(conn: AsyncConnection) -> Result:
-        order, payment = await orders.place(conn, region=node.region, request=request_,
+        placed, payment = await orders.place(conn, region=node.region, request=order,
                                             hold_ttl=node.hold_ttl)
-        return 201, orders.to_api(order, payment)
+        return 201, orders.to_api(placed, payment)
 
     def pushed(body_: dict[str, Any]) -> None:
         payment = body_.get("payment") or {}
