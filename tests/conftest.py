@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,6 +24,28 @@ from region_node.migrate import upgrade
 
 TEMPLATE_DB = "paycluster_template"
 _db_counter = itertools.count()
+_OWN_BASETEMP: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each session a base temp dir of its own outside /tmp/pytest-of-<user>.
+
+    PostgreSQL runs as an unprivileged user and must walk down to its data dir. Every
+    pytest session that starts re-tightens /tmp/pytest-of-<user> to mode 0700, which
+    would cut a running session's PostgreSQL off from its files (PANIC) when two suites
+    run at once. A dir of our own is never touched by another session; we remove it at
+    the end.
+    """
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        base = Path(tempfile.mkdtemp(prefix="paycluster-pytest-"))
+        config.option.basetemp = str(base)
+        _OWN_BASETEMP.append(base)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the base temp dir this session created (servers are stopped by now)."""
+    for base in _OWN_BASETEMP:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
