@@ -9,6 +9,7 @@
     paycluster link list | cut A B [--mode reset|blackhole] [--one-way] | heal A B [--one-way]
                          | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
     paycluster region add NAME
+    paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
     paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N] [--no-router]
     paycluster bench [bench options, see `paycluster bench --help`]
 """
@@ -61,6 +62,9 @@ router_app = typer.Typer(help="Operate the lab's geo routers: state, drain, weig
 app.add_typer(link_app, name="link")
 app.add_typer(region_app, name="region")
 app.add_typer(router_app, name="router")
+failover_app = typer.Typer(help="Move the ownership of a home region between regions "
+                                "(the failover guard).", no_args_is_help=True)
+app.add_typer(failover_app, name="failover")
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -661,6 +665,69 @@ def region_add(name: Annotated[str, typer.Argument(help="region to add, e.g. us-
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} joined in {time.perf_counter() - t0:.1f}s; API at "
                   f"{region.api_url}")
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def failover_targets(cluster: Cluster, via: str) -> tuple[dict[str, Any], list[str]]:
+    """The failover guard's view of a lab: every region's API and store, and the quorum
+    lock's Redis servers as reached from region `via`."""
+    from replication.failover import RegionHandle
+
+    regions = {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
+    return regions, [url for _, url in sorted(cluster.lock_urls_of(via).items())]
+
+
+@failover_app.command("planned")
+def failover_planned(
+        home: Annotated[str, typer.Option("--home", help="home region whose accounts move")],
+        to: Annotated[str, typer.Option("--to", help="region that serves them afterwards")],
+        data_dir: DataDir = DEFAULT_DATA_DIR,
+        catch_up_timeout: Annotated[float, typer.Option(
+            min=0.1, help="seconds the takeover region gets to apply the old owner's "
+                          "changes up to the ban; then the handover is aborted")] = 10.0,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Planned handover with RPO 0: lock ownership:<home>, ban writes at the owner, wait
+    until every region applied them, restamp, the new owner takes the next epoch. Run it
+    again with the old owner as --to to fail back."""
+    import asyncio
+
+    from replication.failover import HandoverError, Step, planned_handover
+
+    try:
+        cluster = Cluster.load(data_dir)
+        regions, lock_urls = failover_targets(cluster, to)
+    except (ClusterError, KeyError) as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+    if to not in regions or home not in regions:
+        err_console.print(f"[red]unknown region:[/] choose from {', '.join(regions)}")
+        raise typer.Exit(1)
+
+    def show(step: Step) -> None:
+        if not as_json:
+            console.print(f"  {step.name:<12} {step.seconds * 1000:8.1f} ms  {step.detail}")
+
+    if not as_json:
+        console.print(f"planned handover of {home} to {to}")
+    try:
+        report = asyncio.run(planned_handover(regions, lock_urls, home, to,
+                                              catch_up_timeout=catch_up_timeout, on_step=show))
+    except HandoverError as exc:
+        if as_json and exc.report is not None:
+            typer.echo(json.dumps(exc.report.to_json(), indent=2))
+        err_console.print(f"[red]handover failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    window = report.unavailable_seconds
+    console.print(f"[green]✓[/] {to} serves {home} under epoch {report.new_epoch} (was "
+                  f"{report.from_region}, epoch {report.old_epoch}); writes for {home} "
+                  f"paused {0.0 if window is None else window * 1000:.0f} ms, total "
+                  f"{report.seconds:.2f}s")
 
 
 # --------------------------------------------------------------------------- routers

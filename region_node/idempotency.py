@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from region_node import schema
 from region_node.db import Database
 from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidRequest
+from region_node.ownership import assert_serving
 
 K = schema.idempotency_keys
 log = logging.getLogger(__name__)
@@ -68,8 +69,14 @@ class IdempotencyStore:
     """Claims, finishes and replays idempotency keys for one region."""
 
     def __init__(self, db: Database, redis: Redis | None, *, ttl_seconds: float,
-                 lock_seconds: float) -> None:
+                 lock_seconds: float, region: str | None = None) -> None:
         self.db = db
+        # With a region, every write of a key row is fenced like the business write: only
+        # the region serving the key's scope (home region), under an epoch without a ban,
+        # may insert, update or delete it (ownership.assert_serving). Two regions never
+        # write the same key row, and a claim left `started` by an earlier epoch's owner
+        # (its request was refused by the handover's ban) is dead: a retry takes it over.
+        self.region = region
         self.redis = redis
         self.ttl = timedelta(seconds=ttl_seconds)
         self.lock = timedelta(seconds=lock_seconds)
@@ -106,9 +113,10 @@ class IdempotencyStore:
         # The claim needs no flush of its own: the effect's commit, synchronous, flushes
         # the WAL up to and including it; a claim lost in a crash had no effect to guard.
         await conn.execute(sa.text("set local synchronous_commit = off"))
+        epoch = await self._fence(conn, scope)
         inserted = (await conn.execute(
             pg_insert(K).values(scope=scope, key=key, request_hash=req_hash, state="started",
-                                locked_at=now, expires_at=now + self.ttl)
+                                locked_at=now, expires_at=now + self.ttl, epoch=epoch)
             .on_conflict_do_nothing().returning(K.c.key))).first()
         if inserted is not None:
             return None
@@ -118,19 +126,26 @@ class IdempotencyStore:
             # An expired key is forgotten: the same key starts a new request.
             await conn.execute(K.update().where(K.c.scope == scope, K.c.key == key).values(
                 request_hash=req_hash, state="started", locked_at=now, response_status=None,
-                response_body=None, created_at=now, expires_at=now + self.ttl))
+                response_body=None, created_at=now, expires_at=now + self.ttl, epoch=epoch))
             return None
         if row.request_hash != req_hash:
             raise IdempotencyMismatch(_MISMATCH)
         if row.state == "finished":
             return StoredResponse(row.response_status, row.response_body)
-        if row.locked_at is not None and row.locked_at > now - self.lock:
+        earlier_epoch = epoch is not None and row.epoch is not None and row.epoch != epoch
+        if row.locked_at is not None and row.locked_at > now - self.lock and not earlier_epoch:
             raise IdempotencyInProgress(
                 "A request with this Idempotency-Key is still being processed; retry later")
         # The first attempt died without committing anything: this retry takes over.
         await conn.execute(K.update().where(K.c.scope == scope, K.c.key == key)
-                           .values(locked_at=now))
+                           .values(locked_at=now, epoch=epoch))
         return None
+
+    async def _fence(self, conn: AsyncConnection, scope: str) -> int | None:
+        """The ownership check before a key row write; the epoch (None: not fenced)."""
+        if self.region is None:
+            return None
+        return await assert_serving(conn, self.region, scope)
 
     async def finish(self, conn: AsyncConnection, scope: str, key: str, status: int,
                      body: dict[str, Any]) -> None:
@@ -142,12 +157,14 @@ class IdempotencyStore:
     async def finish_alone(self, scope: str, key: str, status: int, body: dict[str, Any]) -> None:
         """Record a response that had no effect to commit with (a 4xx decision)."""
         async def step(conn: AsyncConnection) -> None:
+            await self._fence(conn, scope)
             await self.finish(conn, scope, key, status, body)
         await self.db.transaction(step)
 
     async def release(self, scope: str, key: str) -> None:
         """Forget a claim whose request failed without an answer (5xx): a retry may run it."""
         async def step(conn: AsyncConnection) -> None:
+            await self._fence(conn, scope)
             await conn.execute(K.delete().where(K.c.scope == scope, K.c.key == key,
                                                 K.c.state == "started"))
         with contextlib.suppress(Exception):

@@ -1,10 +1,27 @@
 """Who serves which home region, as this region's store currently says.
 
-`region_ownership` replicates between regions and is edited only by failover
-(replication/ guard, under a majority lease). Reads here are a cached snapshot refreshed
-every `ownership_refresh_seconds`: a stale entry costs at most a forwarding hop that the
-receiving region refuses, never a write by the wrong region, because the writing
-transaction re-checks ownership under lock (see `assert_serving`).
+Ownership is an append-only log (migration 0004), so no row is ever written by two
+regions (which replication would count as an `update_origin_differs` conflict):
+
+- `ownership_epochs(home_region, epoch, serving_region)`: the owner of a home region is
+  its row with the highest epoch. Epoch 1 is inserted by the home region itself at its
+  first start (`OwnershipMap.bootstrap`); every later epoch by the region that takes over
+  (`take`), with the fencing token of the quorum lock `ownership:<home>` as the epoch, so
+  two regions never insert the same key (the failover guard, `replication.failover`).
+- `ownership_bans(home_region, epoch)`: inserted by the owner of that epoch when a planned
+  handover starts (`ban`); no write for the home is accepted under a banned epoch.
+
+Every writing transaction calls `assert_serving` first: it share-locks the current epoch
+row, then checks owner and ban. `ban` takes the same row FOR UPDATE before inserting the
+ban, so it waits for every writer that already passed the check, and every writer that
+comes later (READ COMMITTED: its next statement sees the committed ban) is refused. All
+writes of an epoch therefore commit before its ban in the owner's WAL, and logical
+replication applies an origin's transactions in commit order: a region that sees the
+ban has every write made under that epoch.
+
+Reads here are a cached snapshot refreshed every `ownership_refresh_seconds`: a stale
+entry costs at most a forwarding hop that the receiving region refuses (503, the client
+retries), never a write by the wrong region.
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,23 +39,34 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import schema
 from region_node.db import Database
-from region_node.errors import RegionUnavailable
+from region_node.errors import Conflict, RegionUnavailable
 
-OWN = schema.region_ownership
+EPOCHS = schema.ownership_epochs
+BANS = schema.ownership_bans
 log = logging.getLogger(__name__)
+
+_CURRENT = sa.text("""
+select distinct on (e.home_region) e.home_region, e.epoch, e.serving_region,
+       exists (select 1 from ownership_bans b
+                where b.home_region = e.home_region and b.epoch = e.epoch) as banned
+  from ownership_epochs e
+ order by e.home_region, e.epoch desc
+""")
 
 
 @dataclass(frozen=True)
 class Owner:
-    """The serving region of a home region and the ownership epoch."""
+    """The serving region of a home region, the ownership epoch, and whether writes under
+    that epoch are banned (a planned handover is in progress)."""
 
     home_region: str
     serving_region: str
     epoch: int
+    banned: bool = False
 
 
 class OwnershipMap:
-    """Cached view of `region_ownership` for one region node."""
+    """Cached view of the current ownership epochs for one region node."""
 
     def __init__(self, db: Database, region: str, refresh_seconds: float) -> None:
         self.db = db
@@ -47,14 +76,14 @@ class OwnershipMap:
         self._loaded_at = 0.0
 
     async def bootstrap(self) -> None:
-        """Claim our own home region if nobody serves it yet (first start of a region).
+        """Claim our own home region at epoch 1 if nobody did yet (first start of a region).
 
-        Only this region ever inserts the row keyed by its own name, so the insert cannot
-        collide with another region's under replication.
+        Only this region ever inserts (its own name, 1), so the insert cannot collide with
+        another region's under replication; a later epoch (a takeover) stays the owner.
         """
         async def step(conn: AsyncConnection) -> None:
-            await conn.execute(pg_insert(OWN).values(home_region=self.region,
-                                                   serving_region=self.region, epoch=1)
+            await conn.execute(pg_insert(EPOCHS).values(home_region=self.region, epoch=1,
+                                                      serving_region=self.region)
                                .on_conflict_do_nothing())
         await self.db.transaction(step)
         await self.refresh()
@@ -62,8 +91,9 @@ class OwnershipMap:
     async def refresh(self) -> None:
         """Reload the map from the store."""
         async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(OWN))).all()
-        self._owners = {r.home_region: Owner(r.home_region, r.serving_region, r.epoch)
+            rows = (await conn.execute(_CURRENT)).all()
+        self._owners = {r.home_region: Owner(r.home_region, r.serving_region, int(r.epoch),
+                                             bool(r.banned))
                         for r in rows}
         self._loaded_at = time.monotonic()
 
@@ -89,14 +119,79 @@ class OwnershipMap:
                 await asyncio.wait_for(stop.wait(), self.refresh_seconds)
 
 
+async def _current(conn: AsyncConnection, home_region: str, *,
+                   for_update: bool) -> sa.Row[Any, Any] | None:
+    query = (sa.select(EPOCHS.c.epoch, EPOCHS.c.serving_region)
+             .where(EPOCHS.c.home_region == home_region)
+             .order_by(EPOCHS.c.epoch.desc()).limit(1)
+             .with_for_update(read=not for_update))
+    return (await conn.execute(query)).one_or_none()
+
+
+async def _banned(conn: AsyncConnection, home_region: str, epoch: int) -> bool:
+    return (await conn.execute(sa.select(sa.literal(1)).where(
+        BANS.c.home_region == home_region, BANS.c.epoch == epoch))).first() is not None
+
+
 async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -> int:
-    """Inside a writing transaction: fail unless `region` serves `home_region`; returns the
-    epoch. The row is share-locked so a takeover cannot commit between check and write."""
-    row = (await conn.execute(sa.select(OWN).where(OWN.c.home_region == home_region)
-                              .with_for_update(read=True))).one_or_none()
+    """Inside a writing transaction: fail unless `region` serves `home_region` under an
+    epoch that is not banned; returns the epoch (0: the home is not in the log yet and
+    serves itself). The epoch row is share-locked, so a ban or takeover at this region
+    cannot commit between the check and the write."""
+    row = await _current(conn, home_region, for_update=False)
     serving = row.serving_region if row is not None else home_region
     if serving != region:
         raise RegionUnavailable(
             f"Region {region} does not serve home region {home_region} (served by {serving})",
             code="not_owner")
-    return int(row.epoch) if row is not None else 0
+    if row is None:
+        return 0
+    epoch = int(row.epoch)
+    if await _banned(conn, home_region, epoch):
+        raise RegionUnavailable(
+            f"Writes for home region {home_region} are paused for a handover; retry shortly",
+            code="ownership_handover")
+    return epoch
+
+
+async def ban(db: Database, region: str, home_region: str) -> int:
+    """At the owner: ban writes under the current epoch of `home_region`; returns it.
+
+    Waits for the writers that already passed `assert_serving` (FOR UPDATE on the epoch
+    row they share-lock). Idempotent. Conflict (409) if this region is not the owner.
+    """
+    async def step(conn: AsyncConnection) -> int:
+        row = await _current(conn, home_region, for_update=True)
+        if row is None or row.serving_region != region:
+            raise Conflict(f"Region {region} does not own home region {home_region}",
+                           code="not_owner")
+        await conn.execute(pg_insert(BANS).values(home_region=home_region, epoch=row.epoch,
+                                                  banned_by=region)
+                           .on_conflict_do_nothing())
+        return int(row.epoch)
+    return await db.transaction(step)
+
+
+async def take(db: Database, region: str, home_region: str, epoch: int) -> int:
+    """Make `region` the owner of `home_region` under `epoch` (a fencing token of the lock
+    `ownership:<home>`, held by the caller); returns the epoch.
+
+    Refused (409) unless `epoch` is above the current one and the current epoch, as this
+    region's store has it, is banned (which proves this store holds every write made
+    under it) or is already this region's. Idempotent for the same (region, epoch).
+    """
+    async def step(conn: AsyncConnection) -> int:
+        row = await _current(conn, home_region, for_update=True)
+        if row is not None and int(row.epoch) == epoch and row.serving_region == region:
+            return epoch
+        if row is not None and int(row.epoch) >= epoch:
+            raise Conflict(f"Epoch {epoch} of {home_region} is not above the current "
+                           f"epoch {row.epoch}", code="stale_epoch")
+        if (row is not None and row.serving_region != region
+                and not await _banned(conn, home_region, int(row.epoch))):
+            raise Conflict(f"Epoch {row.epoch} of {home_region} (served by "
+                           f"{row.serving_region}) is not banned here yet", code="not_banned")
+        await conn.execute(EPOCHS.insert().values(home_region=home_region, epoch=epoch,
+                                                  serving_region=region))
+        return epoch
+    return await db.transaction(step)

@@ -26,6 +26,7 @@ from region_node.payment_view import to_api
 
 P = schema.payments
 R = schema.refunds
+E = schema.ownership_epochs
 
 PAYER_BRANCH = "payer-hold"
 
@@ -103,6 +104,10 @@ async def create_payment(conn: AsyncConnection, *, region: str, request: Payment
         "amount": request.amount, "currency": request.currency,
         "capture_method": request.capture_method, "description": request.description,
         "home_region": request.payer_home, "payee_home": request.payee_home,
+        # The ownership epoch the payment is written under: the transaction share-locks
+        # that epoch's row first (ownership.assert_serving), so it cannot change here.
+        "epoch": sa.select(sa.func.max(E.c.epoch))
+                   .where(E.c.home_region == request.payer_home).scalar_subquery(),
     }
     if request.capture_method == "manual":
         async def hold() -> None:

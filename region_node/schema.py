@@ -124,6 +124,9 @@ idempotency_keys = sa.Table(
     sa.Column("response_body", JSONB, nullable=True),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("expires_at", TS, nullable=False),
+    # Ownership epoch of the claim (migration 0004): a `started` claim of an earlier epoch
+    # is dead (that epoch's writes ended with its ban), so a retry may take it over.
+    sa.Column("epoch", sa.BigInteger, nullable=True),
     sa.CheckConstraint("state in ('started','finished')", name="ck_idem_state"),
 )
 sa.Index("ix_idem_expires", idempotency_keys.c.expires_at)
@@ -162,6 +165,25 @@ region_ownership = sa.Table(
     sa.Column("serving_region", sa.Text, nullable=False),
     sa.Column("epoch", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+)
+
+# Ownership as an append-only log (migration 0004): the owner of a home region is its row
+# with the highest epoch; a ban row stops writes under that epoch (planned handover).
+# `region_ownership` above is no longer written.
+ownership_epochs = sa.Table(
+    "ownership_epochs", metadata,
+    sa.Column("home_region", sa.Text, primary_key=True),
+    sa.Column("epoch", sa.BigInteger, primary_key=True),
+    sa.Column("serving_region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+ownership_bans = sa.Table(
+    "ownership_bans", metadata,
+    sa.Column("home_region", sa.Text, primary_key=True),
+    sa.Column("epoch", sa.BigInteger, primary_key=True),
+    sa.Column("banned_by", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
 )
 
 heartbeats = sa.Table(
@@ -259,7 +281,8 @@ orders = sa.Table(
 
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
-    "region_ownership", "heartbeats", "transfers", "transfer_results",
+    "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
+    "transfer_results",
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
 )
 """Tables every region publishes (its own changes) and subscribes to (everyone else's).
