@@ -11,10 +11,11 @@ regions (which replication would count as an `update_origin_differs` conflict):
 - `ownership_bans(home_region, epoch)`: inserted by the owner of that epoch when a planned
   handover starts (`ban`); no write for the home is accepted under a banned epoch.
 
-Every writing transaction calls `assert_serving` first: it share-locks the current epoch
-row, then checks owner and ban. `ban` takes the same row FOR UPDATE before inserting the
-ban, so it waits for every writer that already passed the check, and every writer that
-comes later (READ COMMITTED: its next statement sees the committed ban) is refused. All
+Every writing transaction calls `assert_serving` first: it takes the home region's
+ownership lock (a transaction-scoped advisory lock) shared, then reads owner and ban.
+`ban` takes the same lock exclusive before inserting the ban, so it waits for every
+writer that already passed the check, and every writer that comes later queues behind
+it and then (READ COMMITTED: its next statement sees the committed ban) is refused. All
 writes of an epoch therefore commit before its ban in the owner's WAL, and logical
 replication applies an origin's transactions in commit order: a region that sees the
 ban has every write made under that epoch.
@@ -119,26 +120,39 @@ class OwnershipMap:
                 await asyncio.wait_for(stop.wait(), self.refresh_seconds)
 
 
+# Writers of a home region take this advisory lock shared, a ban or takeover takes it
+# exclusive. PostgreSQL queues heavyweight locks fairly: once a ban waits, later writers
+# queue behind it, so it waits only for the writers in flight (a FOR UPDATE on a row that
+# writers share-lock without pause could starve). Class id: "own" in ASCII.
+LOCK_CLASS = 0x6F776E
+_LOCK_SHARED = sa.text("select pg_advisory_xact_lock_shared(:cls, hashtext(:home))")
+_LOCK_EXCLUSIVE = sa.text("select pg_advisory_xact_lock(:cls, hashtext(:home))")
+_CURRENT_OF = sa.text("""
+select e.epoch, e.serving_region,
+       exists (select 1 from ownership_bans b
+                where b.home_region = e.home_region and b.epoch = e.epoch) as banned
+  from ownership_epochs e
+ where e.home_region = :home
+ order by e.epoch desc limit 1
+""")
+
+
 async def _current(conn: AsyncConnection, home_region: str, *,
-                   for_update: bool) -> sa.Row[Any, Any] | None:
-    query = (sa.select(EPOCHS.c.epoch, EPOCHS.c.serving_region)
-             .where(EPOCHS.c.home_region == home_region)
-             .order_by(EPOCHS.c.epoch.desc()).limit(1)
-             .with_for_update(read=not for_update))
-    return (await conn.execute(query)).one_or_none()
-
-
-async def _banned(conn: AsyncConnection, home_region: str, epoch: int) -> bool:
-    return (await conn.execute(sa.select(sa.literal(1)).where(
-        BANS.c.home_region == home_region, BANS.c.epoch == epoch))).first() is not None
+                   exclusive: bool) -> sa.Row[Any, Any] | None:
+    """Lock the home region's ownership (shared for writers, exclusive for a ban or a
+    takeover), then read its current epoch. Two statements: under READ COMMITTED the read
+    takes its snapshot after the lock is granted, so it sees a ban committed meanwhile."""
+    await conn.execute(_LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED,
+                       {"cls": LOCK_CLASS, "home": home_region})
+    return (await conn.execute(_CURRENT_OF, {"home": home_region})).one_or_none()
 
 
 async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -> int:
     """Inside a writing transaction: fail unless `region` serves `home_region` under an
     epoch that is not banned; returns the epoch (0: the home is not in the log yet and
-    serves itself). The epoch row is share-locked, so a ban or takeover at this region
-    cannot commit between the check and the write."""
-    row = await _current(conn, home_region, for_update=False)
+    serves itself). The home's ownership lock is held shared until commit, so a ban or
+    takeover at this region cannot commit between the check and the write."""
+    row = await _current(conn, home_region, exclusive=False)
     serving = row.serving_region if row is not None else home_region
     if serving != region:
         raise RegionUnavailable(
@@ -147,7 +161,7 @@ async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -
     if row is None:
         return 0
     epoch = int(row.epoch)
-    if await _banned(conn, home_region, epoch):
+    if row.banned:
         raise RegionUnavailable(
             f"Writes for home region {home_region} are paused for a handover; retry shortly",
             code="ownership_handover")
@@ -157,11 +171,12 @@ async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -
 async def ban(db: Database, region: str, home_region: str) -> int:
     """At the owner: ban writes under the current epoch of `home_region`; returns it.
 
-    Waits for the writers that already passed `assert_serving` (FOR UPDATE on the epoch
-    row they share-lock). Idempotent. Conflict (409) if this region is not the owner.
+    Waits for the writers that already passed `assert_serving` (the home's ownership lock,
+    exclusive; later writers queue behind it and then see the ban). Idempotent. Conflict
+    (409) if this region is not the owner.
     """
     async def step(conn: AsyncConnection) -> int:
-        row = await _current(conn, home_region, for_update=True)
+        row = await _current(conn, home_region, exclusive=True)
         if row is None or row.serving_region != region:
             raise Conflict(f"Region {region} does not own home region {home_region}",
                            code="not_owner")
@@ -181,14 +196,13 @@ async def take(db: Database, region: str, home_region: str, epoch: int) -> int:
     under it) or is already this region's. Idempotent for the same (region, epoch).
     """
     async def step(conn: AsyncConnection) -> int:
-        row = await _current(conn, home_region, for_update=True)
+        row = await _current(conn, home_region, exclusive=True)
         if row is not None and int(row.epoch) == epoch and row.serving_region == region:
             return epoch
         if row is not None and int(row.epoch) >= epoch:
             raise Conflict(f"Epoch {epoch} of {home_region} is not above the current "
                            f"epoch {row.epoch}", code="stale_epoch")
-        if (row is not None and row.serving_region != region
-                and not await _banned(conn, home_region, int(row.epoch))):
+        if row is not None and row.serving_region != region and not row.banned:
             raise Conflict(f"Epoch {row.epoch} of {home_region} (served by "
                            f"{row.serving_region}) is not banned here yet", code="not_banned")
         await conn.execute(EPOCHS.insert().values(home_region=home_region, epoch=epoch,
