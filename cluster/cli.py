@@ -10,6 +10,7 @@
                          | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
     paycluster region add NAME
     paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
+    paycluster durability show | set REGION local|regional [--buddy B]
     paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N] [--no-router]
     paycluster bench [bench options, see `paycluster bench --help`]
 """
@@ -65,6 +66,10 @@ app.add_typer(router_app, name="router")
 failover_app = typer.Typer(help="Move the ownership of a home region between regions "
                                 "(the failover guard).", no_args_is_help=True)
 app.add_typer(failover_app, name="failover")
+durability_app = typer.Typer(help="Durability mode per region: local (asynchronous) or "
+                                  "regional (a buddy region's subscription is a synchronous "
+                                  "standby).", no_args_is_help=True)
+app.add_typer(durability_app, name="durability")
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -728,6 +733,58 @@ def failover_planned(
                   f"{report.from_region}, epoch {report.old_epoch}); writes for {home} "
                   f"paused {0.0 if window is None else window * 1000:.0f} ms, total "
                   f"{report.seconds:.2f}s")
+
+
+@durability_app.command("set")
+def durability_set(
+        region: Annotated[str, typer.Argument(help="region whose commits change")],
+        mode: Annotated[str, typer.Argument(help="local or regional")],
+        buddy: Annotated[str | None, typer.Option(
+            "--buddy", help="regional: the region that has every commit at ack time")] = None,
+        data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Change a region's durability mode at runtime (ALTER SYSTEM + reload, no restart)."""
+    from replication.durability import set_durability
+
+    try:
+        cluster = Cluster.load(data_dir)
+        dsn = cluster.region(region).dsn
+        buddy_dsn = cluster.region(buddy).dsn if buddy is not None else None
+        state = set_durability(dsn, region, mode, buddy, buddy_dsn)
+    except (ClusterError, KeyError, ValueError, TimeoutError) as exc:
+        err_console.print(f"[red]could not set durability:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {region}: {state.mode}"
+                  + (f", buddy {state.buddy} ({state.standby}: {state.sync_state})"
+                     if state.mode == "regional" else ""))
+
+
+@durability_app.command("show")
+def durability_show(data_dir: DataDir = DEFAULT_DATA_DIR,
+                    as_json: Annotated[bool, typer.Option("--json",
+                                                          help="machine-readable")] = False,
+                    ) -> None:
+    """Every region's durability mode, buddy and the buddy's sync state."""
+    import psycopg
+
+    from replication.durability import durability
+
+    try:
+        cluster = Cluster.load(data_dir)
+        states = [durability(r.dsn, r.name, cluster.names) for r in cluster.regions]
+    except (ClusterError, psycopg.Error) as exc:
+        err_console.print(f"[red]cannot read durability:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps([s.to_json() for s in states], indent=2))
+        return
+    table = Table(title="durability", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("region", "mode", "buddy", "standby", "sync state"):
+        table.add_column(column)
+    for st in states:
+        table.add_row(st.region, st.mode, st.buddy or "-", st.standby or "-",
+                      st.sync_state or "-")
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- routers

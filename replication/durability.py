@@ -1,0 +1,110 @@
+"""Durability modes of a region (ARCHITECTURE.md section 3), settable at runtime.
+
+- ``local``: a commit is acknowledged when the region's own store has it; the other
+  regions converge asynchronously (``synchronous_standby_names`` empty).
+- ``regional``: the region names a failover **buddy**; the buddy's subscription to this
+  region (its walsender's ``application_name`` is the slot name
+  ``pc_<region>_to_<buddy>``, see `replication.wiring`) is the synchronous standby, so a
+  commit returns only once the buddy has applied and flushed it: every acknowledged
+  payment already exists in the buddy region. The price is one buddy round trip per
+  commit, and commits wait while the buddy is unreachable.
+
+Set with ``ALTER SYSTEM`` and a configuration reload, so it survives restarts and needs
+no node restart. Commits that ask for ``synchronous_commit = off`` (idempotency claims)
+never wait, by design: they guard no effect.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from replication.wiring import slot_name, subscription_name
+
+MODES = ("local", "regional")
+
+
+@dataclass(frozen=True)
+class Durability:
+    """A region's durability mode as its store has it, and the buddy's standby state."""
+
+    region: str
+    mode: str
+    buddy: str | None
+    standby: str | None
+    sync_state: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"region": self.region, "mode": self.mode, "buddy": self.buddy,
+                "standby": self.standby, "sync_state": self.sync_state}
+
+
+def _names_for(region: str, mode: str, buddy: str | None) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode == "local":
+        return ""
+    if not buddy or buddy == region:
+        raise ValueError("regional mode needs a buddy region other than the region itself")
+    return f'FIRST 1 ("{slot_name(region, buddy)}")'
+
+
+def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
+                   buddy_dsn: str | None = None, timeout: float = 10.0) -> Durability:
+    """Put `region` (its store at `dsn`) into `mode`; waits until new sessions see it.
+
+    With `buddy_dsn`, the buddy's subscription to `region` commits what it applies
+    synchronously (``synchronous_commit = on``; the subscription default ``off`` makes the
+    buddy confirm only after its WAL writer's next flush, some 200 ms later); `local`
+    mode sets it back to ``off`` there.
+    """
+    names = _names_for(region, mode, buddy)
+    if buddy_dsn is not None:
+        with psycopg.connect(buddy_dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("alter subscription {} set (synchronous_commit = {})").format(
+                sql.Identifier(subscription_name(region)),
+                sql.Literal("on" if names else "off")))
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        if names:
+            conn.execute(sql.SQL("alter system set synchronous_standby_names = {}")
+                         .format(sql.Literal(names)))
+        else:
+            conn.execute("alter system reset synchronous_standby_names")
+        conn.execute("select pg_reload_conf()")
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("show synchronous_standby_names").fetchone()
+        if row is not None and str(row[0]) == names:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{region}: synchronous_standby_names still {row} after reload")
+        time.sleep(0.02)
+    return durability(dsn, region, [r for r in (region, buddy) if r])
+
+
+def durability(dsn: str, region: str, regions: list[str] | None = None) -> Durability:
+    """The mode `region`'s store is in, its buddy (found among `regions`, else the
+    standby's name), and the buddy walsender's sync_state (``sync`` while the buddy keeps
+    up; None if it is not connected)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("show synchronous_standby_names").fetchone()
+        names = str(row[0]) if row else ""
+        match = re.search(r'"?(pc_[a-z0-9_]+)"?', names)
+        standby = match.group(1) if match else None
+        state = None
+        if standby is not None:
+            got = conn.execute("select sync_state from pg_stat_replication "
+                               "where application_name = %s", (standby,)).fetchone()
+            state = str(got[0]) if got else None
+    if standby is None:
+        return Durability(region, "local", None, None, None)
+    buddy = next((r for r in regions or [] if r != region and slot_name(region, r) == standby),
+                 standby)
+    return Durability(region, "regional", buddy, standby, state)
