@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import schema
 from region_node.db import Database
-from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidRequest
+from region_node.errors import (
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidRequest,
+    RegionUnavailable,
+)
 from region_node.ownership import assert_serving
 
 K = schema.idempotency_keys
@@ -188,14 +194,24 @@ class IdempotencyStore:
         Never another region's keys: a delete of a row that region inserted would be a
         replication conflict (delete_origin_differs) there.
         """
-        async def step(conn: AsyncConnection) -> int:
-            doomed = (sa.select(K.c.scope, K.c.key)
-                      .where(K.c.scope.in_(scopes), K.c.expires_at <= sa.func.now())
-                      .limit(limit).with_for_update(skip_locked=True))
-            result = await conn.execute(K.delete().where(
-                sa.tuple_(K.c.scope, K.c.key).in_(doomed)))
-            return int(result.rowcount or 0)
-        return await self.db.transaction(step)
+        def step_for(scope: str) -> Callable[[AsyncConnection], Awaitable[int]]:
+            async def step(conn: AsyncConnection) -> int:
+                await self._fence(conn, scope)
+                doomed = (sa.select(K.c.scope, K.c.key)
+                          .where(K.c.scope == scope, K.c.expires_at <= sa.func.now())
+                          .limit(limit).with_for_update(skip_locked=True))
+                result = await conn.execute(K.delete().where(
+                    sa.tuple_(K.c.scope, K.c.key).in_(doomed)))
+                return int(result.rowcount or 0)
+            return step
+
+        purged = 0
+        for scope in scopes:
+            try:
+                purged += await self.db.transaction(step_for(scope))
+            except RegionUnavailable:
+                continue  # not (or no longer) ours: its owner purges it
+        return purged
 
 
 _MISMATCH = ("Keys for idempotent requests can only be used with the same parameters they "

@@ -245,10 +245,15 @@ async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
             "created_at": refund_row.created_at.isoformat()}
 
 
-async def expired_holds(conn: AsyncConnection, *, limit: int) -> list[uuid.UUID]:
-    """Manual payments whose hold has run out, locked so two workers never take the same."""
+async def expired_holds(conn: AsyncConnection, *, limit: int,
+                        home_region: str | None = None) -> list[uuid.UUID]:
+    """Manual payments (of `home_region`, if given) whose hold has run out, locked so two
+    workers never take the same."""
+    query = sa.select(P.c.id).where(P.c.status == st.REQUIRES_CAPTURE,
+                                    P.c.hold_expires_at <= sa.func.now())
+    if home_region is not None:
+        query = query.where(P.c.home_region == home_region)
     rows = (await conn.execute(
-        sa.select(P.c.id).where(P.c.status == st.REQUIRES_CAPTURE,
-                                P.c.hold_expires_at <= sa.func.now())
-        .order_by(P.c.hold_expires_at).limit(limit).with_for_update(skip_locked=True))).all()
+        query.order_by(P.c.hold_expires_at).limit(limit).with_for_update(skip_locked=True))
+    ).all()
     return [r.id for r in rows]
