@@ -14,9 +14,10 @@ import contextlib
 import logging
 import uuid
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import transfers
+from region_node import schema, transfers
 from region_node.errors import PaymentError
 from region_node.node import Node
 from region_node.ownership import assert_serving
@@ -56,6 +57,12 @@ class TransferWorker:
     async def settle(self, payment_id: uuid.UUID, outcome: transfers.TransferOutcome) -> None:
         """Finish our payment from the payee region's answer (no-op if already done)."""
         async def step(conn: AsyncConnection) -> None:
+            home = (await conn.execute(sa.select(schema.payments.c.home_region).where(
+                schema.payments.c.id == payment_id))).scalar_one_or_none()
+            if home is None:
+                return
+            # Only the payer home's current owner finishes its payments (ownership fence).
+            await assert_serving(conn, self.node.region, home)
             await transfers.settle(conn, region=self.node.region, payment_id=payment_id,
                                    outcome=outcome)
         await self.node.db.transaction(step)
@@ -108,8 +115,11 @@ class TransferWorker:
             except PaymentError as exc:
                 log.info("transfer %s not applied: %s", message.id, exc.message)
         for payment_id, outcome in settleable:
-            await self.settle(payment_id, outcome)
-            done += 1
+            try:
+                await self.settle(payment_id, outcome)
+                done += 1
+            except PaymentError as exc:
+                log.info("payment %s not settled here: %s", payment_id, exc.message)
         return done
 
     async def run(self, stop: asyncio.Event) -> None:

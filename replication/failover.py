@@ -13,8 +13,8 @@ Ownership is an append-only log (`ownership_epochs`, `ownership_bans`; see
    store. Logical replication applies an origin's transactions in commit order, and all
    of A's writes under E committed before the ban, so a region that has the ban has
    every write for H. On timeout: abort (A takes epoch T itself, which lifts the ban);
-5. **restamp**: rows of H that B will update next (accounts, payments, orders,
-   idempotency keys) were last written by A. PostgreSQL counts an update of a row whose
+5. **restamp**: rows of H that B will update next (accounts, payments, idempotency
+   keys) were last written by A. PostgreSQL counts an update of a row whose
    last change came from another origin as ``update_origin_differs`` (a conflict the
    monitor treats as an SLO breach), so in every region except B these rows are
    rewritten unchanged in a session bound to that region's replication origin of its
@@ -50,12 +50,12 @@ from replication.wiring import set_enabled, subscription_name
 log = logging.getLogger("replication.failover")
 
 RESTAMPED: tuple[tuple[str, str], ...] = (
-    ("accounts", "home_region"), ("payments", "home_region"), ("orders", "home_region"),
-    ("idempotency_keys", "scope"),
+    ("accounts", "home_region"), ("payments", "home_region"), ("idempotency_keys", "scope"),
 )
 """Replicated tables whose rows of a home region its owner updates (or deletes) after
 inserting them, and the column that names the home region. Insert-only tables need no
-restamp."""
+restamp; nor do orders and stock allotments, which the selling region keeps writing
+whoever owns the buyer's home."""
 
 
 class HandoverError(RuntimeError):
