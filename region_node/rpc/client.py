@@ -4,6 +4,7 @@ request id and trace context carried along in metadata."""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import grpc
 
@@ -58,44 +59,38 @@ class PeerClients:
             self._channels[peer] = channel
         return pb_grpc.RegionStub(channel)
 
+    async def _call(self, peer: str, method: str, request: Any, deadline: float | None) -> Any:
+        """One unary call: the deadline, our metadata, and the peer's error rebuilt as the
+        domain error it raised (transport failures as RegionUnavailable)."""
+        stub_method = getattr(self._stub(peer), method)
+        try:
+            return await stub_method(request, timeout=deadline or self.deadline,
+                                     metadata=call_metadata(self.region))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
     async def forward(self, peer: str, request: pb.ForwardRequest,
                       deadline: float | None = None) -> pb.ForwardResponse:
         """Run a public API request at `peer`."""
-        try:
-            response: pb.ForwardResponse = await self._stub(peer).Forward(
-                request, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
-        return response
+        reply: pb.ForwardResponse = await self._call(peer, "Forward", request, deadline)
+        return reply
 
     async def apply_transfer(self, peer: str, message: pb.TransferMessage,
                              deadline: float | None = None) -> pb.TransferResult:
         """Push a transfer message to the payee's region."""
-        try:
-            result: pb.TransferResult = await self._stub(peer).ApplyTransfer(
-                message, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        result: pb.TransferResult = await self._call(peer, "ApplyTransfer", message, deadline)
         return result
 
     async def ownership(self, peer: str, deadline: float | None = None) -> pb.OwnershipReply:
         """A peer's view of ownership."""
-        try:
-            reply: pb.OwnershipReply = await self._stub(peer).GetOwnership(
-                pb.OwnershipRequest(), timeout=deadline or self.deadline,
-                metadata=call_metadata(self.region))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        reply: pb.OwnershipReply = await self._call(peer, "GetOwnership",
+                                                    pb.OwnershipRequest(), deadline)
         return reply
 
     async def grant_stock(self, peer: str, request: pb.StockGrantRequest,
                           deadline: float | None = None) -> pb.StockGrantReply:
         """Ask `peer` to give units of a SKU to this region."""
-        try:
-            reply: pb.StockGrantReply = await self._stub(peer).GrantStock(
-                request, timeout=deadline or self.deadline, metadata=call_metadata(self.region))
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from err
+        reply: pb.StockGrantReply = await self._call(peer, "GrantStock", request, deadline)
         return reply
 
     async def close(self) -> None:

@@ -19,7 +19,7 @@ from region_node.logs import new_traceparent, request_id, traceparent
 from region_node.node import Node
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
-from region_node.rpc.client import FORWARDED_FROM, ORIGIN_KEY
+from region_node.rpc.client import FORWARDED_FROM
 from region_node.rpc.errors import status_for, trailers_for
 from region_node.transfer_worker import TransferWorker
 
@@ -146,12 +146,3 @@ async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferW
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC serving on %s:%d", host, port)
     return server, service
-
-
-def origin_of(context: grpc.aio.ServicerContext) -> str | None:
-    """The region that made this call (from metadata)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ORIGIN_KEY and isinstance(value, str):
-            return value
-    return None
-
