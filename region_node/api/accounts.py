@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from region_node import ledger
 from region_node.api.models import Movement, OpenAccount, check_amount
 from region_node.api.mutation import Result, node_of, run_mutation
-from region_node.api.routing import forward, home_of, known_home, owner_route
+from region_node.api.routing import existing_id, from_owner, home_of, known_home, owner_route
 from region_node.errors import InvalidRequest, NotFound
 from region_node.ids import parse_id
 
@@ -21,10 +21,7 @@ router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
 def account_id_of(raw: str) -> uuid.UUID:
     """Path id -> UUID; anything else is simply not an account we have."""
-    parsed = parse_id(raw)
-    if parsed is None:
-        raise NotFound(f"No such account: '{raw}'")
-    return parsed
+    return existing_id(raw, "account")
 
 
 @router.post("", status_code=201)
@@ -57,17 +54,9 @@ async def get_account(account_id: str, request: Request,
     try:
         async with node_of(request).db.engine.connect() as conn:
             account = await ledger.get_account(conn, acc_id)
-    except NotFound:
-        return await _not_here(request, acc_id)
+    except NotFound as missing:
+        return await from_owner(request, missing)
     return JSONResponse(account.to_api())
-
-
-async def _not_here(request: Request, acc_id: uuid.UUID) -> Response:
-    """A row not replicated here yet may exist at its owner: ask before saying 404."""
-    owner = getattr(request.state, "owner", None)
-    if owner is not None and owner != node_of(request).region:
-        return await forward(request, owner)
-    raise NotFound(f"No such account: '{acc_id}'")
 
 
 @router.post("/{account_id}/deposits", status_code=201)
@@ -128,6 +117,6 @@ async def entries(account_id: str, request: Request,
     try:
         async with node_of(request).db.engine.connect() as conn:
             page = await ledger.list_entries(conn, acc_id, limit=limit, starting_after=cursor)
-    except NotFound:
-        return await _not_here(request, acc_id)
+    except NotFound as missing:
+        return await from_owner(request, missing)
     return JSONResponse(page)

@@ -13,25 +13,14 @@ from region_node import payment_states as st
 from region_node import payments
 from region_node.api.models import Cancel, Capture, CreatePayment, Refund, check_amount
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
-from region_node.api.routing import forward, home_of, owner_route
+from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.errors import InvalidRequest, NotFound
-from region_node.ids import parse_id
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
 
 def _payment_id(raw: str) -> uuid.UUID:
-    parsed = parse_id(raw)
-    if parsed is None:
-        raise NotFound(f"No such payment: '{raw}'")
-    return parsed
-
-
-def _account_param(raw: str, param: str) -> uuid.UUID:
-    parsed = parse_id(raw)
-    if parsed is None:
-        raise NotFound(f"No such account: '{raw}'", param=param)
-    return parsed
+    return existing_id(raw, "payment")
 
 
 def _push_if_processing(request: Request) -> AfterCommit:
@@ -50,8 +39,8 @@ async def create(body: CreatePayment, request: Request) -> Response:
     saga (status `processing` until the payee's region has credited it)."""
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
-    payer = _account_param(body.payer, "payer")
-    payee = _account_param(body.payee, "payee")
+    payer = existing_id(body.payer, "account", "payer")
+    payee = existing_id(body.payee, "account", "payee")
     if payer == payee:
         raise InvalidRequest("payer and payee must be different accounts", param="payee")
     payer_home = home_of(request, payer) or node.region
@@ -82,11 +71,8 @@ async def get(payment_id: str, request: Request,
     try:
         async with node_of(request).db.engine.connect() as conn:
             row = await payments.get_payment(conn, pid)
-    except NotFound:
-        owner = getattr(request.state, "owner", None)
-        if owner is not None and owner != node_of(request).region:
-            return await forward(request, owner)
-        raise
+    except NotFound as missing:
+        return await from_owner(request, missing)
     return JSONResponse(payments.to_api(row))
 
 

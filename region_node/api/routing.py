@@ -9,7 +9,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from region_node.api.mutation import node_of
-from region_node.errors import InvalidRequest, RegionUnavailable
+from region_node.errors import InvalidRequest, NotFound, RegionUnavailable
+from region_node.ids import parse_id
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
 
@@ -32,6 +33,23 @@ def home_of(request: Request, value: uuid.UUID | None) -> str | None:
     if any(o.home_region == home for o in node.ownership.snapshot()):
         return home
     return None
+
+
+def existing_id(raw: str, what: str, param: str | None = None) -> uuid.UUID:
+    """A client-given id; one that is not a UUID names nothing we have: 404."""
+    parsed = parse_id(raw)
+    if parsed is None:
+        raise NotFound(f"No such {what}: '{raw}'", param=param)
+    return parsed
+
+
+async def from_owner(request: Request, missing: NotFound) -> Response:
+    """A row that is not here may not have replicated yet: ask its owner (recorded by
+    `owner_route`) before answering 404."""
+    owner = getattr(request.state, "owner", None)
+    if owner is not None and owner != node_of(request).region:
+        return await forward(request, owner)
+    raise missing
 
 
 def known_home(request: Request, home: str) -> str:

@@ -13,9 +13,8 @@ from region_node import orders, payments, stock
 from region_node import payment_states as st
 from region_node.api.models import CreateOrder, CreateSku, check_amount
 from region_node.api.mutation import Result, node_of, run_mutation
-from region_node.api.routing import home_of, owner_route
-from region_node.errors import InvalidRequest, NotFound
-from region_node.ids import parse_id
+from region_node.api.routing import existing_id, home_of, owner_route
+from region_node.errors import InvalidRequest
 
 router = APIRouter(tags=["stock"])
 
@@ -60,9 +59,8 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
     under the SKU's quorum lock when the allotment runs low."""
     node = node_of(request)
     check_amount(body.amount, node.settings.max_amount)
-    payer, payee = parse_id(body.payer), parse_id(body.payee)
-    if payer is None or payee is None:
-        raise NotFound("No such account", param="payer" if payer is None else "payee")
+    payer = existing_id(body.payer, "account", "payer")
+    payee = existing_id(body.payee, "account", "payee")
     if payer == payee:
         raise InvalidRequest("payer and payee must be different accounts", param="payee")
     payer_home = home_of(request, payer) or node.region
@@ -111,9 +109,7 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
 @router.get("/v1/orders/{order_id}")
 async def get_order(order_id: str, request: Request) -> Response:
     """An order, its status (reserved, confirmed, released) and its payment."""
-    parsed = parse_id(order_id)
-    if parsed is None:
-        raise NotFound(f"No such order: '{order_id}'")
+    parsed = existing_id(order_id, "order")
     if (forwarded := await owner_route(request, home_of(request, parsed), write=False)):
         return forwarded
     async with node_of(request).db.engine.connect() as conn:
