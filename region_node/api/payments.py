@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Body, Query, Request
@@ -23,13 +24,36 @@ def _payment_id(raw: str) -> uuid.UUID:
     return existing_id(raw, "payment")
 
 
-def _push_if_processing(request: Request) -> AfterCommit:
+def push_if_processing(request: Request,
+                       payment_of: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
+                       ) -> AfterCommit:
     """After commit: a cross-region payment that just went `processing` is delivered now,
-    in the background (the replicated message row is the fallback)."""
+    in the background (the replicated message row is the fallback). `payment_of` finds
+    the payment in the response body."""
     def hook(body: dict[str, Any]) -> None:
-        if body.get("status") == st.PROCESSING:
-            request.app.state.transfer_worker.push_soon(uuid.UUID(body["id"]))
+        payment = payment_of(body)
+        if payment.get("status") == st.PROCESSING:
+            request.app.state.transfer_worker.push_soon(uuid.UUID(payment["id"]))
     return hook
+
+
+def new_payment(request: Request, *, payer: str, payee: str, amount: int, currency: str,
+                capture_method: str = "automatic",
+                description: str | None = None) -> payments.PaymentRequest:
+    """Check the parties and the amount of a new payment and give it an id stamped with
+    the payer's home region (the region serving that home executes it)."""
+    node = node_of(request)
+    check_amount(amount, node.settings.max_amount)
+    payer_id = existing_id(payer, "account", "payer")
+    payee_id = existing_id(payee, "account", "payee")
+    if payer_id == payee_id:
+        raise InvalidRequest("payer and payee must be different accounts", param="payee")
+    payer_home = home_of(request, payer_id) or node.region
+    return payments.PaymentRequest(
+        payment_id=node.new_id(payer_home), payer=payer_id, payee=payee_id,
+        payer_home=payer_home, payee_home=home_of(request, payee_id) or payer_home,
+        amount=amount, currency=currency, capture_method=capture_method,
+        description=description)
 
 
 @router.post("", status_code=201)
@@ -38,27 +62,19 @@ async def create(body: CreatePayment, request: Request) -> Response:
     serving the payer's home executes it; a payee in another home region is paid by a
     saga (status `processing` until the payee's region has credited it)."""
     node = node_of(request)
-    check_amount(body.amount, node.settings.max_amount)
-    payer = existing_id(body.payer, "account", "payer")
-    payee = existing_id(body.payee, "account", "payee")
-    if payer == payee:
-        raise InvalidRequest("payer and payee must be different accounts", param="payee")
-    payer_home = home_of(request, payer) or node.region
-    if (forwarded := await owner_route(request, payer_home)) is not None:
+    req = new_payment(request, payer=body.payer, payee=body.payee, amount=body.amount,
+                      currency=body.currency, capture_method=body.capture_method,
+                      description=body.description)
+    if (forwarded := await owner_route(request, req.payer_home)) is not None:
         return forwarded
-    req = payments.PaymentRequest(
-        payment_id=node.new_id(payer_home), payer=payer, payee=payee, payer_home=payer_home,
-        payee_home=home_of(request, payee) or payer_home, amount=body.amount,
-        currency=body.currency, capture_method=body.capture_method,
-        description=body.description)
 
     async def step(conn: AsyncConnection) -> Result:
         row = await payments.create_payment(conn, region=node.region, request=req,
                                             hold_ttl=node.hold_ttl)
         return 201, payments.to_api(row)
 
-    return await run_mutation(request, step, home=payer_home,
-                              after_commit=_push_if_processing(request))
+    return await run_mutation(request, step, home=req.payer_home,
+                              after_commit=push_if_processing(request))
 
 
 @router.get("/{payment_id}")
@@ -92,7 +108,7 @@ async def capture(payment_id: str, request: Request,
         return 200, payments.to_api(row)
 
     return await run_mutation(request, step, home=home,
-                              after_commit=_push_if_processing(request))
+                              after_commit=push_if_processing(request))
 
 
 @router.post("/{payment_id}/cancel")

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import orders, payments, stock
-from region_node import payment_states as st
-from region_node.api.models import CreateOrder, CreateSku, check_amount
+from region_node import orders, stock
+from region_node.api.models import CreateOrder, CreateSku
 from region_node.api.mutation import Result, node_of, run_mutation
+from region_node.api.payments import new_payment, push_if_processing
 from region_node.api.routing import existing_id, home_of, owner_route
-from region_node.errors import InvalidRequest
 
 router = APIRouter(tags=["stock"])
 
@@ -58,20 +54,13 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
     the payer's home, from its own allotment; more stock is taken from other regions
     under the SKU's quorum lock when the allotment runs low."""
     node = node_of(request)
-    check_amount(body.amount, node.settings.max_amount)
-    payer = existing_id(body.payer, "account", "payer")
-    payee = existing_id(body.payee, "account", "payee")
-    if payer == payee:
-        raise InvalidRequest("payer and payee must be different accounts", param="payee")
-    payer_home = home_of(request, payer) or node.region
+    payment = new_payment(request, payer=body.payer, payee=body.payee, amount=body.amount,
+                          currency=body.currency)
+    payer_home = payment.payer_home
     if (forwarded := await owner_route(request, payer_home)) is not None:
         return forwarded
-    order = orders.OrderRequest(
-        order_id=node.new_id(payer_home), sku=body.sku, quantity=body.quantity,
-        payment=payments.PaymentRequest(
-            payment_id=node.new_id(payer_home), payer=payer, payee=payee,
-            payer_home=payer_home, payee_home=home_of(request, payee) or payer_home,
-            amount=body.amount, currency=body.currency))
+    order = orders.OrderRequest(order_id=node.new_id(payer_home), sku=body.sku,
+                                quantity=body.quantity, payment=payment)
     async with node.db.engine.connect() as conn:
         mode = (await stock.get_sku(conn, body.sku)).mode
 
@@ -80,10 +69,7 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
                                             hold_ttl=node.hold_ttl)
         return 201, orders.to_api(placed, payment)
 
-    def pushed(body_: dict[str, Any]) -> None:
-        payment = body_.get("payment") or {}
-        if payment.get("status") == st.PROCESSING:
-            request.app.state.transfer_worker.push_soon(uuid.UUID(payment["id"]))
+    pushed = push_if_processing(request, lambda order_body: order_body.get("payment") or {})
 
     async def attempt() -> Response:
         return await run_mutation(request, step, home=payer_home, after_commit=pushed,
