@@ -27,14 +27,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from bench.stats import percentile
 from cluster.lab import Cluster, start_cluster
 
 REGIONS = ("us-east", "eu-west", "ap-southeast")
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
 
 
 async def _setup(clients: dict[str, httpx.AsyncClient]) -> dict[str, tuple[list[str], str]]:
@@ -94,7 +90,8 @@ async def _run_mode(clients: dict[str, httpx.AsyncClient],
     return {"mode": mode, "orders": len(latencies), "errors": errors,
             "orders_per_s": len(latencies) / elapsed,
             "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
-            "p95_ms": _pct(latencies, 0.95) * 1000, "p99_ms": _pct(latencies, 0.99) * 1000}
+            "p95_ms": percentile(sorted(latencies), 95) * 1000,
+            "p99_ms": percentile(sorted(latencies), 99) * 1000}
 
 
 async def _bench(cluster: Cluster, concurrency: int, duration: float) -> list[dict[str, Any]]:

@@ -28,8 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -40,6 +39,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
+from bench.stats import TimedRun, percentile
 from cluster.cli import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError, pg_bin
@@ -110,30 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- payments
 
-@dataclass
-class PaymentsRun:
-    """One timed batch of payments."""
-
-    payments: int = 0
-    errors: int = 0
-    error_kinds: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-
-    @property
-    def per_second(self) -> float:
-        """Successful payments per second."""
-        return self.payments / self.seconds if self.seconds else 0.0
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan if empty)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 async def _create_pairs(client: httpx.AsyncClient, pairs: int) -> list[tuple[str, str]]:
     async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
         resp = await client.post(path, json=body,
@@ -160,9 +136,9 @@ async def _create_pairs(client: httpx.AsyncClient, pairs: int) -> list[tuple[str
 
 async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]],
                          concurrency: int, amount: int, duration: float | None,
-                         count: int | None, idempotency: bool = True) -> PaymentsRun:
+                         count: int | None, idempotency: bool = True) -> TimedRun:
     """Run payments from `concurrency` clients until `duration` s pass or `count` are sent."""
-    run = PaymentsRun()
+    run = TimedRun()
     remaining = [count if count is not None else -1]
     deadline = time.perf_counter() + (duration if count is None and duration else math.inf)
 
@@ -190,7 +166,7 @@ async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]]
                 continue
             elapsed = (time.perf_counter() - t0) * 1000
             if resp.status_code == 201 and resp.json().get("status") == "succeeded":
-                run.payments += 1
+                run.ok += 1
                 run.latencies_ms.append(elapsed)
             else:
                 run.errors += 1
@@ -331,7 +307,7 @@ async def _bench_rounds(args: argparse.Namespace, api_url: str,
                     tps = await asyncio.to_thread(pgbench_run, target, args.concurrency,
                                                   args.pgbench_jobs, seconds)
             lat = run.latencies_ms
-            r = Round(n, run.payments, run.errors, dict(run.error_kinds), round(run.seconds, 3),
+            r = Round(n, run.ok, run.errors, dict(run.error_kinds), round(run.seconds, 3),
                       round(run.per_second, 1), round(percentile(lat, 50), 2),
                       round(percentile(lat, 95), 2), round(percentile(lat, 99), 2),
                       round(tps, 1) if tps is not None else None,

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
+from bench.stats import TimedRun, percentile
 from cluster.cli import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError
@@ -103,36 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- load
 
 
-@dataclass
-class Run:
-    """One timed measurement of one path."""
-
-    ok: int = 0
-    errors: int = 0
-    error_kinds: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-
-    @property
-    def per_second(self) -> float:
-        """Successful requests per second."""
-        return self.ok / self.seconds if self.seconds else 0.0
-
-
 Call = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan if empty)."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(1, math.ceil(pct / 100 * len(sorted_values))) - 1]
-
-
 async def drive(client: httpx.AsyncClient, call: Call, expect: int, concurrency: int,
-                duration: float) -> Run:
+                duration: float) -> TimedRun:
     """`concurrency` clients calling `call` back to back for `duration` seconds."""
-    run = Run()
+    run = TimedRun()
     deadline = time.perf_counter() + duration
 
     async def loop(i: int) -> None:
@@ -216,7 +194,7 @@ class Result:
     rounds_rps: dict[str, list[float]]
 
 
-def summarize(name: str, concurrency: int, runs: dict[str, list[Run]]) -> Result:
+def summarize(name: str, concurrency: int, runs: dict[str, list[TimedRun]]) -> Result:
     """Medians of requests/s over the rounds; percentiles over every request of a path."""
     rps = {p: statistics.median(r.per_second for r in runs[p]) for p in PATHS}
     lat = {p: sorted(x for r in runs[p] for x in r.latencies_ms) for p in PATHS}
@@ -250,7 +228,7 @@ async def _bench(args: argparse.Namespace, api_url: str, router_url: str) -> lis
                 for path in PATHS:
                     await drive(clients[path], call, expect, top, args.warmup)
             for concurrency in args.concurrency:
-                runs: dict[str, list[Run]] = {p: [] for p in PATHS}
+                runs: dict[str, list[TimedRun]] = {p: [] for p in PATHS}
                 for n in range(args.rounds):
                     # Alternate the order, so a drift in the machine's state hits both paths.
                     for path in PATHS if n % 2 == 0 else tuple(reversed(PATHS)):
