@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Body, Query, Request
@@ -96,52 +96,51 @@ async def get(payment_id: str, request: Request,
 async def capture(payment_id: str, request: Request,
                   body: Capture | None = Body(None)) -> Response:
     """Capture a held payment, fully or partly (TCC confirm)."""
-    pid = _payment_id(payment_id)
-    node = node_of(request)
     amount = body.amount if body else None
-    home = home_of(request, pid)
-    if (forwarded := await owner_route(request, home)) is not None:
-        return forwarded
 
-    async def step(conn: AsyncConnection) -> Result:
-        row = await payments.capture(conn, region=node.region, payment_id=pid, amount=amount)
+    async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
+        row = await payments.capture(conn, region=region, payment_id=pid, amount=amount)
         return 200, payments.to_api(row)
 
-    return await run_mutation(request, step, home=home,
-                              after_commit=push_if_processing(request))
+    return await _on_payment(request, payment_id, act, push_if_processing(request))
 
 
 @router.post("/{payment_id}/cancel")
 async def cancel(payment_id: str, request: Request,
                  body: Cancel | None = Body(None)) -> Response:
     """Release a held payment (TCC cancel)."""
-    pid = _payment_id(payment_id)
-    node = node_of(request)
     reason = body.cancellation_reason if body else "requested_by_customer"
-    home = home_of(request, pid)
-    if (forwarded := await owner_route(request, home)) is not None:
-        return forwarded
 
-    async def step(conn: AsyncConnection) -> Result:
-        row = await payments.cancel(conn, region=node.region, payment_id=pid, reason=reason)
+    async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
+        row = await payments.cancel(conn, region=region, payment_id=pid, reason=reason)
         return 200, payments.to_api(row)
 
-    return await run_mutation(request, step, home=home)
+    return await _on_payment(request, payment_id, act)
 
 
 @router.post("/{payment_id}/refunds", status_code=201)
 async def refund(payment_id: str, request: Request,
                  body: Refund | None = Body(None)) -> Response:
     """Refund a captured payment, fully or partly."""
-    pid = _payment_id(payment_id)
-    node = node_of(request)
     amount = body.amount if body else None
+
+    async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
+        return 201, await payments.refund(conn, region=region, payment_id=pid, amount=amount)
+
+    return await _on_payment(request, payment_id, act)
+
+
+async def _on_payment(request: Request, payment_id: str,
+                      act: Callable[[AsyncConnection, str, uuid.UUID], Awaitable[Result]],
+                      after_commit: AfterCommit | None = None) -> Response:
+    """Run a step on an existing payment at the region that serves its home."""
+    pid = _payment_id(payment_id)
+    region = node_of(request).region
     home = home_of(request, pid)
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
-        return 201, await payments.refund(conn, region=node.region, payment_id=pid,
-                                          amount=amount)
+        return await act(conn, region, pid)
 
-    return await run_mutation(request, step, home=home)
+    return await run_mutation(request, step, home=home, after_commit=after_commit)
