@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
 
 async def open_account(client: httpx.AsyncClient, currency: str = "USD", *, kind: str = "customer",
@@ -60,3 +65,73 @@ def check_ledger(db_url: str) -> LedgerReport:
             "left join payments p on p.payer_id = a.id and p.status = 'requires_capture' "
             "group by a.id having a.held <> coalesce(sum(p.amount_held), 0)").fetchall()
     return LedgerReport(unbalanced, mismatches, negative, totals, held)
+
+
+def cluster_view(dsn: str) -> dict[str, Any]:
+    """One region's copy of every account and payment, and how many are processing."""
+    with psycopg.connect(dsn) as conn:
+        accounts = conn.execute("select id, kind, balance, held, status from accounts "
+                                "order by id").fetchall()
+        payments = conn.execute("select id, status, amount, amount_captured, amount_refunded "
+                                "from payments order by id").fetchall()
+        processing = conn.execute("select count(*) from payments where status = 'processing'"
+                                  ).fetchone()[0]  # type: ignore[index]
+    return {"accounts": accounts, "payments": payments, "processing": processing}
+
+
+def cluster_ledger_checks(dsn: str, deposits: int) -> None:
+    """Invariants of one region's copy once the cluster is quiet: double entry, balances
+    equal their entries, money conserved with nothing in transit, no negative available
+    balance, zero replication conflicts, one credit posting per succeeded payment."""
+    with psycopg.connect(dsn) as conn:
+        unbalanced = conn.execute(
+            "select journal_id from journal_entries group by journal_id, currency "
+            "having sum(amount) <> 0").fetchall()
+        assert unbalanced == []
+        mismatched = conn.execute(
+            "select a.id from accounts a left join journal_entries e on e.account_id = a.id "
+            "group by a.id having a.balance <> coalesce(sum(e.amount), 0)").fetchall()
+        assert mismatched == []
+        by_kind = dict(conn.execute(
+            "select kind, sum(balance)::bigint from accounts group by kind").fetchall())
+        users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
+        in_transit = by_kind.get("clearing", 0)
+        assert users + in_transit == deposits, by_kind
+        assert in_transit == 0, "nothing is in transit once every saga has finished"
+        assert -by_kind.get("funding", 0) == deposits
+        negative = conn.execute("select id from accounts where not allow_overdraft "
+                                "and balance - held < 0").fetchall()
+        assert negative == []
+        conflicts = conn.execute(
+            "select subname, confl_insert_exists + confl_update_origin_differs "
+            "+ confl_update_exists + confl_update_missing + confl_delete_origin_differs "
+            "+ confl_delete_missing + confl_multiple_unique_conflicts, apply_error_count "
+            "from pg_stat_subscription_stats").fetchall()
+        assert conflicts and all(c == 0 and e == 0 for _, c, e in conflicts), conflicts
+        postings = conn.execute(
+            "select p.id, p.status, count(distinct e.journal_id) filter "
+            "(where e.entry_type in ('payment', 'transfer_in')) from payments p "
+            "left join journal_entries e on e.payment_id = p.id group by p.id, p.status"
+            ).fetchall()
+        for pid, status, credited in postings:
+            assert credited == (1 if status == "succeeded" else 0), (pid, status, credited)
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+async def until(check: Callable[[], Any], what: str, within: float = 30) -> None:
+    """Poll `check` (a plain function) from async code until it is truthy."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)

@@ -25,7 +25,7 @@ import pytest
 from cluster.cli import failover_targets
 from cluster.lab import Cluster, start_cluster
 from replication.failover import HandoverError, HandoverReport, planned_handover
-from tests.test_multiregion import _ledger_checks, _view
+from tests.helpers import cluster_ledger_checks, cluster_view
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chaos]
 
@@ -127,7 +127,7 @@ def _largest_gap(acks: list[Ack], start: float, end: float) -> float:
 async def _quiesce(cluster: Cluster, expect: int, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while True:
-        views = [_view(cluster.region(r).dsn) for r in REGIONS]
+        views = [cluster_view(cluster.region(r).dsn) for r in REGIONS]
         same = all(v["accounts"] == views[0]["accounts"] and v["payments"] == views[0]["payments"]
                    for v in views)
         processing = sum(v["processing"] for v in views)
@@ -214,7 +214,7 @@ async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> N
     await _quiesce(cluster, len(acked))
     for region in REGIONS:
         dsn = cluster.region(region).dsn
-        _ledger_checks(dsn, deposits)
+        cluster_ledger_checks(dsn, deposits)
         with psycopg.connect(dsn) as conn:
             rows = conn.execute("select id::text, epoch from payments where home_region = %s",
                                 (HOME,)).fetchall()

@@ -19,6 +19,7 @@ import pytest
 
 from cluster.lab import Cluster, start_cluster
 from cluster.servers import start_redis
+from tests.helpers import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chaos,
               pytest.mark.slow]
@@ -73,7 +74,7 @@ async def _sale(cluster: Cluster, shoppers: dict[str, Any], sku: str, *,
     clients: dict[str, httpx.AsyncClient] = shoppers["clients"]
     created = await clients["us-east"].post("/v1/skus", json={"sku": sku, "stock": STOCK})
     assert created.status_code == 201, created.text
-    await _until(lambda: all(_has_sku(cluster, r, sku) for r in REGIONS), "sku everywhere")
+    await until(lambda: all(_has_sku(cluster, r, sku) for r in REGIONS), "sku everywhere")
     rng = random.Random(sku)
     outcome = {"ok": 0, "out_of_stock": 0, "refused": 0, "other": 0}
     placed: list[str] = []
@@ -134,13 +135,6 @@ def _sold(cluster: Cluster, sku: str) -> int:
         row = conn.execute("select coalesce(sum(sold), 0) from sku_allotments where sku = %s",
                            (sku,)).fetchone()
     return int(row[0]) if row else 0
-
-
-async def _until(check: Any, what: str, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def _quiesce(cluster: Cluster, sku: str, within: float = 60) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.lab import REGION_NAMES, Cluster, read_cluster, start_cluster
 from geo_router.client import RouterAdmin, metric_value, resolve
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
 
@@ -49,18 +50,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def client(lab: Cluster, region: str | None = None, router: int = 0) -> httpx.Client:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -32,6 +31,7 @@ from cluster.lab import (
     stop_cluster,
 )
 from cluster.wan import WanControl, default_latency
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
 
@@ -47,18 +47,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def account_in_db(dsn: str, account_id: str) -> bool:

@@ -16,7 +16,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import psycopg
@@ -24,6 +23,7 @@ import pytest
 
 from cluster.lab import Cluster, start_cluster
 from cluster.wan import WanControl
+from tests.helpers import cluster_ledger_checks, cluster_view, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ async def _quiesce(cluster: Cluster, expect_payments: int, within: float = 90.0)
     """Wait until no payment is processing anywhere and every region holds the same rows."""
     deadline = time.monotonic() + within
     while True:
-        views = [_view(_dsn(cluster, r)) for r in REGIONS]
+        views = [cluster_view(_dsn(cluster, r)) for r in REGIONS]
         processing = sum(v["processing"] for v in views)
         same = all(v["accounts"] == views[0]["accounts"] and v["payments"] == views[0]["payments"]
                    for v in views)
@@ -94,52 +94,6 @@ async def _quiesce(cluster: Cluster, expect_payments: int, within: float = 90.0)
             f"no quiescence: processing={processing}, identical={same}, "
             f"payments={[len(v['payments']) for v in views]}")
         await asyncio.sleep(0.5)
-
-
-def _view(dsn: str) -> dict[str, Any]:
-    with psycopg.connect(dsn) as conn:
-        accounts = conn.execute("select id, kind, balance, held, status from accounts "
-                                "order by id").fetchall()
-        payments = conn.execute("select id, status, amount, amount_captured, amount_refunded "
-                                "from payments order by id").fetchall()
-        processing = conn.execute("select count(*) from payments where status = 'processing'"
-                                  ).fetchone()[0]  # type: ignore[index]
-    return {"accounts": accounts, "payments": payments, "processing": processing}
-
-
-def _ledger_checks(dsn: str, deposits: int) -> None:
-    with psycopg.connect(dsn) as conn:
-        unbalanced = conn.execute(
-            "select journal_id from journal_entries group by journal_id, currency "
-            "having sum(amount) <> 0").fetchall()
-        assert unbalanced == []
-        mismatched = conn.execute(
-            "select a.id from accounts a left join journal_entries e on e.account_id = a.id "
-            "group by a.id having a.balance <> coalesce(sum(e.amount), 0)").fetchall()
-        assert mismatched == []
-        by_kind = dict(conn.execute(
-            "select kind, sum(balance)::bigint from accounts group by kind").fetchall())
-        users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
-        in_transit = by_kind.get("clearing", 0)
-        assert users + in_transit == deposits, by_kind
-        assert in_transit == 0, "nothing is in transit once every saga has finished"
-        assert -by_kind.get("funding", 0) == deposits
-        negative = conn.execute("select id from accounts where not allow_overdraft "
-                                "and balance - held < 0").fetchall()
-        assert negative == []
-        conflicts = conn.execute(
-            "select subname, confl_insert_exists + confl_update_origin_differs "
-            "+ confl_update_exists + confl_update_missing + confl_delete_origin_differs "
-            "+ confl_delete_missing + confl_multiple_unique_conflicts, apply_error_count "
-            "from pg_stat_subscription_stats").fetchall()
-        assert conflicts and all(c == 0 and e == 0 for _, c, e in conflicts), conflicts
-        postings = conn.execute(
-            "select p.id, p.status, count(distinct e.journal_id) filter "
-            "(where e.entry_type in ('payment', 'transfer_in')) from payments p "
-            "left join journal_entries e on e.payment_id = p.id group by p.id, p.status"
-            ).fetchall()
-        for pid, status, credited in postings:
-            assert credited == (1 if status == "succeeded" else 0), (pid, status, credited)
 
 
 async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
@@ -193,7 +147,7 @@ async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
         deposits = OPENING_BALANCE * len(accounts)
         stored = None
         for region in REGIONS:
-            _ledger_checks(_dsn(cluster, region), deposits)
+            cluster_ledger_checks(_dsn(cluster, region), deposits)
             with psycopg.connect(_dsn(cluster, region)) as conn:
                 ids = [str(r[0]) for r in conn.execute("select id from payments").fetchall()]
             assert len(ids) == len(set(ids))
@@ -250,7 +204,7 @@ async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
         payer = (await clients[a].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
         await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 100_000})
         payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
-        await _until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated to payer side")
+        await until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated to payer side")
 
         wan.cut(a, b)  # both directions, every service: a partition between a and b
         cut_at = time.monotonic()
@@ -306,7 +260,7 @@ async def test_compensation_and_read_consistency(cluster: Cluster) -> None:
         payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
         closed = await clients[c].post(f"/v1/accounts/{payee}/close")
         assert closed.status_code == 200 and closed.headers["Paycluster-Served-By"] == b
-        await _until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated")
+        await until(lambda: _has_row(_dsn(cluster, a), payee), "payee replicated")
         created = await clients[c].post("/v1/payments", json={
             "payer": payer, "payee": payee, "amount": 4_000, "currency": "USD"})
         assert created.status_code == 201, created.text
@@ -316,7 +270,7 @@ async def test_compensation_and_read_consistency(cluster: Cluster) -> None:
         for region in REGIONS:
             failed = (await clients[region].get(f"/v1/payments/{pid}")).json()
             assert failed["failure_code"] == "account_closed"
-        await _until(lambda: all(_balance(_dsn(cluster, r), payer) == 9_000 for r in REGIONS),
+        await until(lambda: all(_balance(_dsn(cluster, r), payer) == 9_000 for r in REGIONS),
                      "refund visible everywhere")
 
         local = await clients[c].get(f"/v1/accounts/{payer}")
@@ -354,13 +308,6 @@ def _has_row(dsn: str, account_id: str) -> bool:
     with psycopg.connect(dsn) as conn:
         return conn.execute("select 1 from accounts where id = %s", (account_id,)
                             ).fetchone() is not None
-
-
-async def _until(check: Any, what: str, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def _until_status(client: httpx.AsyncClient, pid: str, status: str,
