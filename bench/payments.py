@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
-from bench.stats import TimedRun, percentile
+from bench.stats import TimedRun, percentile, stop_lab
 from cluster.cli import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError, pg_bin
@@ -433,19 +432,7 @@ def _self_started(args: argparse.Namespace) -> int:
                     self_started=True)
         return code
     finally:
-        # Ignore further Ctrl-C / SIGTERM while stopping: a half-stopped lab would leak.
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-        try:
-            with console.status("stopping the region ..."):
-                cluster.stop()
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-        if temp and code == 0:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        elif temp:
-            console.print(f"kept {data_dir} for the logs")
+        stop_lab(cluster, console, "region", data_dir if temp else None, keep=code != 0)
 
 
 if __name__ == "__main__":

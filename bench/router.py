@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from bench.stats import TimedRun, percentile
+from bench.stats import TimedRun, percentile, stop_lab
 from cluster.cli import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError
@@ -343,19 +342,7 @@ def _self_started(args: argparse.Namespace) -> int:
         code = _run(args, region.api_url, cluster.router_url, self_started=True)
         return code
     finally:
-        # Ignore further Ctrl-C / SIGTERM while stopping: a half-stopped lab would leak.
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-        try:
-            with console.status("stopping the lab ..."):
-                cluster.stop()
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-        if temp and code == 0:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        elif temp:
-            console.print(f"kept {data_dir} for the logs")
+        stop_lab(cluster, console, "lab", data_dir if temp else None, keep=code != 0)
 
 
 if __name__ == "__main__":
