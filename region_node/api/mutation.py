@@ -40,16 +40,14 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     """
     node = node_of(request)
     home = home or node.region
-    inner = step
 
     async def fenced(conn: AsyncConnection) -> Result:
         await assert_serving(conn, node.region, home)
-        return await inner(conn)
+        return await step(conn)
 
-    step = fenced
     key = request.headers.get("idempotency-key")
     if key is None:
-        status, body = await node.db.transaction(step)
+        status, body = await node.db.transaction(fenced)
         if after_commit is not None:
             after_commit(body)
         return JSONResponse(body, status)
@@ -62,7 +60,7 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
         return JSONResponse(stored.body, stored.status, headers={"Idempotent-Replayed": "true"})
 
     async def step_and_record(conn: AsyncConnection) -> Result:
-        status, body = await step(conn)
+        status, body = await fenced(conn)
         await node.idempotency.finish(conn, scope, key, status, body)
         return status, body
 
