@@ -40,6 +40,35 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class Unauthenticated(PaymentError):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    http_status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(PaymentError):
+    """The caller's key is valid but may not touch this resource or route (403)."""
+
+    http_status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class RateLimited(PaymentError):
+    """The caller's key is over its rate limit (429); retry after `retry_after` seconds."""
+
+    http_status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message, code=code, param=param)
+        self.retry_after = retry_after
+
+
 class InsufficientFunds(PaymentError):
     """The payer's available balance does not cover the amount."""
 

@@ -32,8 +32,9 @@ def ensure_database(url: str) -> None:
             conn.execute(f'create database "{dbname}"')
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Create the database if needed and migrate it to `revision`."""
+def upgrade(url: str, revision: str = "heads") -> None:
+    """Create the database if needed and migrate it to `revision` (default: every head, so
+    independent revisions branching from the same parent all apply)."""
     ensure_database(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

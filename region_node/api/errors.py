@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from region_node.errors import InvalidRequest, NotFound, PaymentError
+from region_node.errors import (
+    InvalidRequest,
+    NotFound,
+    PaymentError,
+    RateLimited,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +40,14 @@ _CODES = {
 
 
 def error_response(exc: PaymentError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The HTTP response for a domain error."""
-    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
+    """The HTTP response for a domain error (429 carries Retry-After in whole seconds,
+    401 a WWW-Authenticate challenge)."""
+    headers = dict(headers or {})
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="paycluster"'
+    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers or None)
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:

@@ -17,6 +17,9 @@ _TO_GRPC: list[tuple[type[e.PaymentError], grpc.StatusCode]] = [
     (e.IdempotencyMismatch, grpc.StatusCode.ALREADY_EXISTS),
     (e.PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (e.Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (e.RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.InsufficientFunds, grpc.StatusCode.FAILED_PRECONDITION),
     (e.NotFound, grpc.StatusCode.NOT_FOUND),
     (e.Conflict, grpc.StatusCode.ABORTED),
@@ -30,6 +33,9 @@ _BY_CODE: dict[str, type[e.PaymentError]] = {
     "insufficient_funds": e.InsufficientFunds,
     "resource_missing": e.NotFound,
     "region_unavailable": e.RegionUnavailable,
+    "invalid_api_key": e.Unauthenticated,
+    "forbidden": e.Forbidden,
+    "rate_limited": e.RateLimited,
 }
 _BY_TYPE_AND_STATUS: dict[grpc.StatusCode, type[e.PaymentError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: e.InvalidRequest,
@@ -38,6 +44,8 @@ _BY_TYPE_AND_STATUS: dict[grpc.StatusCode, type[e.PaymentError]] = {
     grpc.StatusCode.ABORTED: e.Conflict,
     grpc.StatusCode.ALREADY_EXISTS: e.IdempotencyMismatch,
     grpc.StatusCode.RESOURCE_EXHAUSTED: e.PayloadTooLarge,
+    grpc.StatusCode.UNAUTHENTICATED: e.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: e.Forbidden,
 }
 
 
@@ -54,6 +62,8 @@ def trailers_for(exc: e.PaymentError) -> tuple[tuple[str, str], ...]:
     items = [("error-type", exc.type), ("error-code", exc.code)]
     if exc.param is not None:
         items.append(("error-param", exc.param))
+    if isinstance(exc, e.RateLimited):
+        items.append(("retry-after", f"{exc.retry_after:.3f}"))
     return tuple(items)
 
 
@@ -69,4 +79,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> e.PaymentError:
         return e.RegionUnavailable(f"Peer region unavailable: {message}")
     err_code = meta["error-code"]
     cls = _BY_CODE.get(err_code) or _BY_TYPE_AND_STATUS.get(code, e.PaymentError)
+    if issubclass(cls, e.RateLimited):
+        return cls(message, code=err_code, param=meta.get("error-param"),
+                   retry_after=float(meta.get("retry-after", "1")))
     return cls(message, code=err_code, param=meta.get("error-param"))
