@@ -21,6 +21,7 @@ from region_node.hold_expiry import HoldExpiryWorker
 from region_node.janitor import KeyJanitor
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
+from region_node.rate_limit import RateLimiter
 from region_node.rpc.server import start_grpc_server
 from region_node.stock_mover import QuorumStockLock, StockMover
 from region_node.transfer_worker import TransferWorker
@@ -83,12 +84,18 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                     await asyncio.wait_for(task, 5)
             await bus.close()
             await lock_service.aclose()
+            await rate_limiter.aclose()
             await node.close()
 
     app = FastAPI(title="paycluster region node", version="1.0.0", lifespan=lifespan,
                   description="Public API v1: accounts, deposits, payments (automatic and "
                               "manual capture), refunds. Amounts are integer minor units.")
     app.state.node = node
+    # Per-key limits, checked by the auth dependency (api/auth.py) after authentication.
+    rate_limiter = RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_second,
+                                        settings.rate_limit_burst,
+                                        fallback_seconds=settings.rate_limit_fallback_seconds)
+    app.state.rate_limiter = rate_limiter
     errors.install(app)
     app.include_router(accounts.router)
     app.include_router(payments.router)

@@ -54,3 +54,12 @@ class RegionSettings(BaseSettings):
     # the lab: the own Redis directly, the others through WAN links). Empty: own Redis.
     lock_redis_urls: dict[str, str] = Field(default_factory=dict)
     lock_ttl_seconds: float = Field(5.0, gt=0)
+
+    # Rate limits per API key (token bucket in this region's Redis, shared by its nodes).
+    # Defaults for principals without limits of their own: high enough that a busy
+    # merchant (the benchmark: ~200 payments/s on one key) is never throttled.
+    rate_limit_per_second: float = Field(1000.0, gt=0)
+    rate_limit_burst: int = Field(2000, ge=1)
+    # While Redis is unreachable each node limits on its own; it probes Redis again after
+    # this many seconds.
+    rate_limit_fallback_seconds: float = Field(5.0, gt=0)

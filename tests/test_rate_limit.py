@@ -1,0 +1,159 @@
+"""Rate limits per API key: token buckets in the region's real Redis.
+
+The limiter is tested directly (two limiters on one Redis stand for two nodes of a
+region) and through the HTTP API (429 in the error shape with Retry-After, recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from cluster.servers import RegionServers, free_port
+from region_node.errors import RateLimited
+from region_node.rate_limit import KEY_PREFIX, RateLimiter
+
+pytestmark = pytest.mark.integration
+
+
+def _key() -> str:
+    """A bucket no other test (or earlier run on this Redis) has touched."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def limiter(servers: RegionServers) -> AsyncIterator[RateLimiter]:
+    """A limiter with generous defaults on the session's Redis."""
+    lim = RateLimiter.from_url(servers.redis.url, 1000, 2000)
+    try:
+        yield lim
+    finally:
+        await lim.aclose()
+
+
+async def _admitted(limiter: RateLimiter, key: str, n: int, rate: float | None,
+                    burst: int | None) -> int:
+    count = 0
+    for _ in range(n):
+        try:
+            await limiter.take(key, rate, burst)
+            count += 1
+        except RateLimited:
+            pass
+    return count
+
+
+async def test_past_the_limit_refused_with_retry_after_then_recovers(
+        limiter: RateLimiter) -> None:
+    key = _key()
+    for _ in range(3):
+        await limiter.take(key, 2.0, 3)  # the burst
+    with pytest.raises(RateLimited) as refused:
+        await limiter.take(key, 2.0, 3)
+    # One token comes back every 0.5 s; the bucket was just emptied.
+    assert 0.3 < refused.value.retry_after <= 0.5
+    assert refused.value.http_status == 429
+    assert refused.value.to_body()["error"]["type"] == "rate_limit_error"
+    await asyncio.sleep(refused.value.retry_after)
+    await limiter.take(key, 2.0, 3)  # recovered: one token back
+    with pytest.raises(RateLimited):
+        await limiter.take(key, 2.0, 3)
+
+
+async def test_two_nodes_on_one_redis_share_the_bucket(servers: RegionServers) -> None:
+    a = RateLimiter.from_url(servers.redis.url, 0.01, 5)
+    b = RateLimiter.from_url(servers.redis.url, 0.01, 5)
+    key = _key()
+    try:
+        assert await _admitted(a, key, 3, None, None) == 3
+        assert await _admitted(b, key, 3, None, None) == 2
+        with pytest.raises(RateLimited):
+            await a.take(key)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_concurrent_clients_admitted_within_the_bucket_bound(
+        servers: RegionServers) -> None:
+    """20 clients (on 4 'nodes') hammer one key for ~1.5 s: admitted <= burst + rate * t."""
+    rate, burst = 40.0, 10
+    nodes = [RateLimiter.from_url(servers.redis.url, rate, burst) for _ in range(4)]
+    key = _key()
+    admitted = refused = 0
+    deadline = time.monotonic() + 1.5
+
+    async def client(lim: RateLimiter) -> None:
+        nonlocal admitted, refused
+        while time.monotonic() < deadline:
+            try:
+                await lim.take(key)
+                admitted += 1
+            except RateLimited:
+                refused += 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(client(nodes[i % 4]) for i in range(20)))
+    finally:
+        elapsed = time.monotonic() - started
+        for lim in nodes:
+            await lim.aclose()
+    bound = burst + rate * elapsed
+    assert refused > 0
+    # Never more than the bucket allows (+1: a token landing between our clock readings).
+    assert admitted <= bound + 1, (admitted, bound)
+    # And not starved either: the refill really is handed out.
+    assert admitted >= burst + rate * (elapsed - 0.5) * 0.8, (admitted, bound)
+
+
+async def test_one_key_does_not_limit_another(limiter: RateLimiter) -> None:
+    busy, quiet = _key(), _key()
+    assert await _admitted(limiter, busy, 5, 0.01, 2) == 2
+    assert await _admitted(limiter, quiet, 2, 0.01, 2) == 2
+
+
+async def test_per_principal_limits_override_the_defaults(limiter: RateLimiter) -> None:
+    assert limiter.limits(None, None) == (1000.0, 2000)
+    assert limiter.limits(5.0, 7) == (5.0, 7)
+    key = _key()
+    assert await _admitted(limiter, key, 10, 0.01, 7) == 7
+    # The same (empty) bucket under the defaults refills at 1000/s: 20 ms give 10 tokens.
+    await asyncio.sleep(0.02)
+    assert await _admitted(limiter, key, 10, None, None) == 10
+
+
+async def test_idle_buckets_expire(servers: RegionServers, limiter: RateLimiter) -> None:
+    key = _key()
+    await limiter.take(key, 10.0, 5)
+    redis = Redis.from_url(servers.redis.url)
+    try:
+        ttl_ms = await redis.pttl(KEY_PREFIX + key)
+    finally:
+        await redis.aclose()
+    # Time to refill completely (0.5 s) plus a second of margin.
+    assert 0 < ttl_ms <= 1500
+
+
+async def test_redis_unreachable_fails_open_to_a_local_bucket(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No Redis listening: requests are not refused for that, yet a key is still bounded
+    by a per-node bucket, and the outage is logged once, not per request."""
+    lim = RateLimiter.from_url(f"redis://127.0.0.1:{free_port()}/0", 0.01, 3,
+                               fallback_seconds=60)
+    key = _key()
+    caplog.set_level(logging.WARNING, logger="region_node.rate_limit")
+    try:
+        assert await _admitted(lim, key, 5, None, None) == 3
+        assert lim.degraded
+        assert await _admitted(lim, _key(), 2, None, None) == 2
+    finally:
+        await lim.aclose()
+    outage_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage_lines) == 1
