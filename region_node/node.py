@@ -16,6 +16,7 @@ from region_node.metrics import NodeMetrics
 from region_node.ownership import OwnershipMap
 from region_node.regions import RegionCatalog
 from region_node.rpc.client import PeerClients
+from region_node.rpc.tls import RpcTls
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Node:
                    catalog=RegionCatalog(settings.region_codes),
                    ownership=OwnershipMap(db, settings.region, settings.ownership_refresh_seconds),
                    peers=PeerClients(settings.region, settings.peers,
-                                     settings.grpc_deadline_seconds))
+                                     settings.grpc_deadline_seconds,
+                                     tls=RpcTls.from_settings(settings)))
 
     def new_id(self, home_region: str) -> uuid.UUID:
         """A UUIDv7 stamped with `home_region` (see region_node.regions)."""

@@ -17,10 +17,12 @@ import httpx
 import psycopg
 import pytest
 
+from cluster.pki import TlsFiles, ensure_cluster_pki
 from cluster.servers import RegionServers, free_port, start_region_servers
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.migrate import upgrade
+from region_node.rpc.tls import RpcTls
 
 TEMPLATE_DB = "paycluster_template"
 _db_counter = itertools.count()
@@ -114,18 +116,40 @@ async def client(settings: RegionSettings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def pki_files(servers: RegionServers, region: str) -> TlsFiles:
+    """The session's cluster CA and `region`'s certificate, next to the session's servers
+    (created on first use, reused afterwards)."""
+    return ensure_cluster_pki(Path(servers.postgres.data_dir).parent.parent, [region])[region]
+
+
+def tls_overrides(servers: RegionServers, region: str) -> dict[str, object]:
+    """RegionSettings fields that give `region`'s in-process node mutual TLS on gRPC."""
+    files = pki_files(servers, region)
+    return {"tls_ca_file": str(files.ca_file), "tls_cert_file": str(files.cert_file),
+            "tls_key_file": str(files.key_file)}
+
+
+def rpc_tls(servers: RegionServers, region: str) -> RpcTls:
+    """What a gRPC client acting as `region` presents (for tests that dial nodes directly)."""
+    files = pki_files(servers, region)
+    return RpcTls.from_files(files.ca_file, files.cert_file, files.key_file)
+
+
 @contextlib.asynccontextmanager
 async def two_regions(servers: RegionServers, **overrides: object) -> AsyncIterator[
         tuple[httpx.AsyncClient, httpx.AsyncClient, str, str, dict[str, int]]]:
     """Nodes us-east and eu-west in this process, each with its own database and a real
-    gRPC server, peers of each other (no replication between them)."""
+    gRPC server (mutual TLS, certificates of the session's cluster CA), peers of each
+    other (no replication between them)."""
     ports = {"us-east": free_port(), "eu-west": free_port()}
     with fresh_database(servers) as db_a, fresh_database(servers) as db_b:
         sa = region_settings(servers, db_a, region="us-east", grpc_port=ports["us-east"],
                              peers={"eu-west": f"127.0.0.1:{ports['eu-west']}"},
-                             transfer_poll_seconds=0.05, **overrides)
+                             transfer_poll_seconds=0.05,
+                             **{**tls_overrides(servers, "us-east"), **overrides})
         sb = region_settings(servers, db_b, region="eu-west", grpc_port=ports["eu-west"],
                              peers={"us-east": f"127.0.0.1:{ports['us-east']}"},
-                             transfer_poll_seconds=0.05, **overrides)
+                             transfer_poll_seconds=0.05,
+                             **{**tls_overrides(servers, "eu-west"), **overrides})
         async with app_client(sa) as a, app_client(sb) as b:
             yield a, b, db_a, db_b, ports

@@ -20,7 +20,7 @@ from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
-from tests.conftest import two_regions
+from tests.conftest import rpc_tls, two_regions
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,9 @@ async def test_grpc_error_mapping_and_health(servers: RegionServers) -> None:
         assert resp.status_code == 402, resp.text
         assert resp.json()["error"]["code"] == "insufficient_funds"
         assert resp.headers["Paycluster-Served-By"] == "us-east"
-        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0)
+        tls = rpc_tls(servers, "us-east")
+        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0,
+                              tls=tls)
         try:
             with pytest.raises(e.InvalidRequest) as invalid:
                 await clients.apply_transfer("eu-west", pb.TransferMessage(
@@ -116,14 +118,16 @@ async def test_grpc_error_mapping_and_health(servers: RegionServers) -> None:
             assert invalid.value.param == "id"
             with pytest.raises(e.RegionUnavailable):
                 await PeerClients("us-east", {"ap-southeast": f"127.0.0.1:{free_port()}"},
-                                  1.0).ownership("ap-southeast")
+                                  1.0, tls=tls).ownership("ap-southeast")
             reply = await clients.ownership("eu-west")
             assert reply.region == "eu-west"
             assert [(x.home_region, x.serving_region) for x in reply.entries] == [
                 ("eu-west", "eu-west")]
         finally:
             await clients.close()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['eu-west']}") as channel:
+        async with grpc.aio.secure_channel(
+                f"127.0.0.1:{ports['eu-west']}", tls.channel_credentials(),
+                options=tls.channel_options("eu-west")) as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="paycluster.v1.Region"), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -153,7 +157,8 @@ def test_error_mapping_round_trip(error: e.PaymentError, status: grpc.StatusCode
 
 async def test_request_id_and_trace_cross_regions(servers: RegionServers) -> None:
     async with two_regions(servers) as (_a, _b, _db_a, _db_b, ports):
-        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0)
+        clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0,
+                              tls=rpc_tls(servers, "us-east"))
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
         rid_token = request_id.set("rid-propagation-1")
         trace_token = traceparent.set(f"00-{trace_id}-00f067aa0ba902b7-01")

@@ -13,6 +13,7 @@ from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.errors import from_rpc_error
+from region_node.rpc.tls import RpcTls
 
 ORIGIN_KEY = "paycluster-origin"
 """gRPC metadata key naming the calling region."""
@@ -40,10 +41,13 @@ def call_metadata(origin: str) -> tuple[tuple[str, str], ...]:
 class PeerClients:
     """gRPC stubs for every other region, addressed as configured in `peers`."""
 
-    def __init__(self, region: str, peers: dict[str, str], deadline: float) -> None:
+    def __init__(self, region: str, peers: dict[str, str], deadline: float,
+                 tls: RpcTls | None = None) -> None:
         self.region = region
         self.peers = dict(peers)
         self.deadline = deadline
+        # With TLS every channel is mutual TLS and checks the peer's certificate name.
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, peer: str) -> pb_grpc.RegionStub:
@@ -52,10 +56,16 @@ class PeerClients:
             raise RegionUnavailable(f"No route to region '{peer}'")
         channel = self._channels.get(peer)
         if channel is None:
-            channel = grpc.aio.insecure_channel(target, options=[
+            options: list[tuple[str, Any]] = [
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2_000)])
+                ("grpc.max_reconnect_backoff_ms", 2_000)]
+            if self.tls is not None:
+                channel = grpc.aio.secure_channel(
+                    target, self.tls.channel_credentials(),
+                    options=options + self.tls.channel_options(peer))
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
             self._channels[peer] = channel
         return pb_grpc.RegionStub(channel)
 

@@ -21,6 +21,7 @@ from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.client import FORWARDED_FROM
 from region_node.rpc.errors import status_for, trailers_for
+from region_node.rpc.tls import RpcTls
 from region_node.transfer_worker import TransferWorker
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,16 @@ async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferW
     pb_grpc.add_RegionServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{host}:{node.settings.grpc_port}")
+    tls = RpcTls.from_settings(node.settings)
+    address = f"{host}:{node.settings.grpc_port}"
+    # With TLS files configured only mutual TLS is served: no plaintext port at all.
+    port = (server.add_secure_port(address, tls.server_credentials()) if tls is not None
+            else server.add_insecure_port(address))
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC port {node.settings.grpc_port}")
     await server.start()
     for name in ("", "paycluster.v1.Region"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gRPC serving on %s:%d", host, port)
+    log.info("gRPC serving on %s:%d (%s)", host, port,
+             "mutual TLS" if tls is not None else "plaintext")
     return server, service
