@@ -34,6 +34,7 @@ from geo_router.catalog import CatalogError
 from geo_router.config import RouterSettings
 from geo_router.proxy import Proxy
 from geo_router.service import RouterService
+from region_node.logs import RedactFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +53,10 @@ class JsonFormatter(logging.Formatter):
         for key in ("event", "region", "request_id", "status", "reason"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
-        if record.exc_info:
+        # exc_text first: the redaction filter leaves the scrubbed traceback there.
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        elif record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(settings.site))
+    # No API key or card number in a log line (the proxy logs paths and upstream errors).
+    handler.addFilter(RedactFilter())
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     # httpx logs every request at INFO: far too much for a proxy.
     logging.getLogger("httpx").setLevel(logging.WARNING)

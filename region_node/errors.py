@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from region_node.redact import scrub
+
 
 class PaymentError(Exception):
     """Base of every error a client may see. `type` and `code` are stable identifiers."""
@@ -18,10 +20,14 @@ class PaymentError(Exception):
         self.param = param
 
     def to_body(self) -> dict[str, dict[str, str]]:
-        """The one error shape: {"error": {"type", "code", "message", "param"?}}."""
-        err = {"type": self.type, "code": self.code, "message": self.message}
+        """The one error shape: {"error": {"type", "code", "message", "param"?}}.
+
+        Messages may echo what the client sent ("Unknown region '...'"): scrubbed here, the
+        one place every error body is built, so no key or card number is echoed or stored
+        (idempotent replays store this body)."""
+        err = {"type": self.type, "code": self.code, "message": scrub(self.message)}
         if self.param is not None:
-            err["param"] = self.param
+            err["param"] = scrub(self.param)
         return {"error": err}
 
 

@@ -37,6 +37,7 @@ from region_node.errors import (
     RegionUnavailable,
 )
 from region_node.ownership import assert_serving
+from region_node.redact import scrub
 
 K = schema.idempotency_keys
 log = logging.getLogger(__name__)
@@ -69,6 +70,18 @@ def validate_key(key: str) -> str:
             f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters",
             code="invalid_idempotency_key", param="Idempotency-Key")
     return key
+
+
+def storage_key(key: str) -> str:
+    """The form a client's key is stored in (SQL and Redis).
+
+    Keys are the client's choice, and some put a card number or an API key in them. Such a
+    key is stored as its SHA-256: the same key always maps to the same stored form, so the
+    semantics do not change, and the raw value is never written anywhere. Other keys are
+    stored as sent (readable when debugging)."""
+    if scrub(key) == key:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 class IdempotencyStore:

@@ -8,6 +8,8 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from region_node.redact import scrub, scrub_value
+
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 traceparent: ContextVar[str | None] = ContextVar("traceparent", default=None)
 """W3C trace context of the current request, passed on to every call to another region."""
@@ -41,15 +43,66 @@ class JsonFormatter(logging.Formatter):
         for key in ("event", "method", "path", "status", "duration_ms"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        # exc_text first: the redaction filter leaves the scrubbed traceback there.
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        elif record.exc_info:
+            entry["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
+
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+class RedactFilter(logging.Filter):
+    """Scrubs every record before any formatter sees it: no API key, webhook secret or
+    full card number reaches a log line (region_node/redact.py).
+
+    The message is rendered (msg % args) and scrubbed, the traceback rendered into
+    `exc_text` and scrubbed, and every string in `extra=` fields scrubbed. Installed on
+    the handlers (a filter on the root logger would not see child loggers' records).
+    """
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drops it."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: log what we have, scrubbed
+            message = f"{record.msg!s} {record.args!r}"
+        clean = scrub(message)
+        if clean != message:
+            # Rendered once, scrubbed; formatters that need the args (uvicorn's access
+            # formatter) only run where nothing had to be hidden.
+            record.msg = clean
+            record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS and isinstance(value, str | dict | list | tuple):
+                setattr(record, key, scrub_value(value))
+        return True
+
+
+def install_redaction(handlers: list[logging.Handler] | None = None) -> None:
+    """Add the RedactFilter to `handlers` (default: every handler of the root logger)."""
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
 
 
 def setup(region: str, level: str = "INFO") -> None:
     """Route the root logger to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(region))
+    handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from region_node.errors import InvalidRequest
 from region_node.money import is_known_currency
+from region_node.redact import scrub
 
 Amount = Annotated[StrictInt, Field(gt=0, description="minor units, a positive integer")]
 
@@ -24,6 +25,12 @@ def _currency(value: str) -> str:
     if len(code) != 3 or not is_known_currency(code):
         raise ValueError(f"unknown currency '{value}'")
     return code
+
+
+def _free_text(value: str | None) -> str | None:
+    """Free text is stored and shown back: card numbers masked (first six, last four) and
+    secrets hidden before it gets anywhere."""
+    return None if value is None else scrub(value)
 
 
 class OpenAccount(Body):
@@ -54,6 +61,7 @@ class CreatePayment(Body):
     description: str | None = Field(None, max_length=500)
 
     _check_currency = field_validator("currency")(_currency)
+    _mask_description = field_validator("description")(_free_text)
 
 
 class Capture(Body):

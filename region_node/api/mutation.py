@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, PaymentError
-from region_node.idempotency import request_hash, validate_key
+from region_node.idempotency import request_hash, storage_key, validate_key
 from region_node.node import Node
 from region_node.ownership import assert_serving
 
@@ -52,7 +52,7 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
             after_commit(body)
         return JSONResponse(body, status)
 
-    validate_key(key)
+    key = storage_key(validate_key(key))
     scope = home
     req_hash = request_hash(request.method, request.url.path, await request.body())
     stored = await node.idempotency.claim(scope, key, req_hash)

@@ -1,0 +1,101 @@
+"""Masking of card numbers and secrets in free text: logs, error messages, stored text.
+
+- `mask_card_numbers`: a run of 13-19 digits (single spaces or dashes allowed between
+  digits, as people write card numbers) that passes the Luhn check becomes the first
+  six digits, stars, and the last four (PCI DSS allows showing those): "411111******1111".
+- `redact_secrets`: API keys (`pck_<prefix>_<secret>`) keep their public prefix only
+  (`pck_<prefix>_****`), webhook secrets become `whsec_****`, and a bearer token after
+  `Bearer` becomes `****`.
+- `scrub`: both, secrets first (a secret may contain digits that look like a card; masked
+  first, the rest of the secret would no longer match its pattern and leak).
+
+Built for the hot path: the patterns are compiled once, a string without a digit run or
+a secret marker costs one regex scan, and the Luhn check runs only on candidates.
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "*"
+
+# Digits with at most one space or dash between two digits; 13-19 digits in all; not
+# glued to other digits (a 25-digit reference number is not a card).
+_CARD_CANDIDATE = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+# Cheap first pass (one character-class loop): is there any long run of digits at all?
+_DIGIT_RUN = re.compile(r"\d[\d -]{11,}\d")
+_SEPARATORS = re.compile(r"[ -]")
+# A UUID (our ids, request ids) can hold 16 decimal digits in its first three groups
+# (8-4-4) or a 4-4-4-4 run next to hex letters; never a card, never masked.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                   r"[0-9a-fA-F]{12}")
+
+# API keys: pck_<12 [a-z0-9]>_<40 [A-Za-z0-9]>; matched loosely (any secret length from
+# 8 on) so a truncated or malformed key is hidden as well.
+_API_KEY = re.compile(r"pck_([a-z0-9]{1,32})_[A-Za-z0-9]{8,}")
+_WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]{8,}")
+# A bearer token (token68 characters); short words after "bearer" in prose are left alone.
+_BEARER = re.compile(r"(?i)(\bbearer\s+)(?!\*{4})[A-Za-z0-9._~+/=-]{6,}")
+_SECRET_HINT = re.compile(r"pck_|whsec_|(?i:bearer)")
+
+
+def luhn_valid(digits: str) -> bool:
+    """True when the string of digits passes the Luhn (mod 10) check."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _in_uuid(text: str, start: int, end: int) -> bool:
+    lo = max(0, start - 36)
+    for m in _UUID.finditer(text, lo, min(len(text), end + 36)):
+        if m.start() < end and start < m.end():
+            return True
+    return False
+
+
+def mask_card_numbers(text: str) -> str:
+    """Replace every Luhn-valid 13-19 digit run with first six + stars + last four."""
+    if not _DIGIT_RUN.search(text):
+        return text
+
+    def repl(m: re.Match[str]) -> str:
+        digits = _SEPARATORS.sub("", m.group())
+        if not luhn_valid(digits) or _in_uuid(text, m.start(), m.end()):
+            return m.group()
+        return digits[:6] + MASK * (len(digits) - 10) + digits[-4:]
+
+    return _CARD_CANDIDATE.sub(repl, text)
+
+
+def redact_secrets(text: str) -> str:
+    """Hide API keys (all but their public prefix), webhook secrets and bearer tokens."""
+    if not _SECRET_HINT.search(text):
+        return text
+    text = _API_KEY.sub(lambda m: f"pck_{m.group(1)}_****", text)
+    text = _WEBHOOK_SECRET.sub("whsec_****", text)
+    return _BEARER.sub(lambda m: m.group(1) + "****", text)
+
+
+def scrub(text: str) -> str:
+    """Secrets hidden, then card numbers masked: the text is safe to log, echo or store."""
+    return mask_card_numbers(redact_secrets(text))
+
+
+def scrub_value(value: object) -> object:
+    """`scrub` applied inside str, dicts, lists and tuples; anything else is returned as is."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_value(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(scrub_value(v) for v in value)
+    return value
