@@ -25,6 +25,7 @@ from region_node.rate_limit import RateLimiter
 from region_node.rpc.server import start_grpc_server
 from region_node.stock_mover import QuorumStockLock, StockMover
 from region_node.transfer_worker import TransferWorker
+from region_node.webhooks.delivery import WebhookWorker
 from replication.monitor import ConvergenceMonitor, HeartbeatWriter
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             workers += [HoldExpiryWorker(node).run, KeyJanitor(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
                         NotificationConsumer(node.db, settings).run,
-                        transfer_worker.run, stock_mover.run]
+                        transfer_worker.run, stock_mover.run, WebhookWorker(node).run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)

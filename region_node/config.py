@@ -34,6 +34,16 @@ class RegionSettings(BaseSettings):
     outbox_poll_seconds: float = Field(0.2, gt=0)
     outbox_batch: int = Field(200, ge=1)
     hold_expiry_poll_seconds: float = Field(1.0, gt=0)
+    # Webhooks (region_node/webhooks/): retries back off from `webhook_retry_base_seconds`
+    # (doubling, capped at the max interval, with jitter) until the event is
+    # `webhook_max_age_seconds` old, then the delivery is marked failed.
+    webhook_poll_seconds: float = Field(0.1, gt=0)
+    webhook_batch: int = Field(200, ge=1)
+    webhook_concurrency: int = Field(32, ge=1)
+    webhook_timeout_seconds: float = Field(5.0, gt=0)
+    webhook_retry_base_seconds: float = Field(30.0, gt=0)
+    webhook_retry_max_interval_seconds: float = Field(3600.0, gt=0)
+    webhook_max_age_seconds: float = Field(86400.0, gt=0)
     events_stream: str = "PAYCLUSTER_EVENTS"
     events_subject_prefix: str = "paycluster.events"
     run_workers: bool = True

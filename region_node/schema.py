@@ -7,7 +7,7 @@ insert, because these tables replicate between regions (see ARCHITECTURE.md sect
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = sa.MetaData()
 
@@ -140,9 +140,13 @@ outbox = sa.Table(
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("published_at", TS, nullable=True),
+    # Set by the webhook fan-out once the event's deliveries exist (migration 0006).
+    sa.Column("webhooks_fanned_out_at", TS, nullable=True),
 )
 sa.Index("ix_outbox_unpublished", outbox.c.region, outbox.c.id,
          postgresql_where=sa.text("published_at is null"))
+sa.Index("ix_outbox_webhooks_pending", outbox.c.region, outbox.c.id,
+         postgresql_where=sa.text("webhooks_fanned_out_at is null"))
 
 # The idempotent consumer's effect: one row per event, however often it is delivered.
 notifications = sa.Table(
@@ -279,11 +283,96 @@ orders = sa.Table(
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
 )
 
+# --------------------------------------------------------------------------- webhooks
+# Insert-only (migration 0006): deletions and secret rotations are rows of their own, and
+# a delivery and its attempts are written only by the region whose outbox held the event.
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("principal_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("event_types", ARRAY(sa.Text), nullable=False),
+    # Endpoints registered by an admin receive every event of the cluster.
+    sa.Column("receives_all", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+sa.Index("ix_webhook_endpoints_principal", webhook_endpoints.c.principal_id)
+
+# A secret is active until its own `expires_at`, or until a later secret of the endpoint
+# (a rotation) retires it at that secret's `previous_expire_at`.
+webhook_secrets = sa.Table(
+    "webhook_secrets", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("endpoint_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("expires_at", TS, nullable=True),
+    sa.Column("previous_expire_at", TS, nullable=True),
+)
+sa.Index("ix_webhook_secrets_endpoint", webhook_secrets.c.endpoint_id, webhook_secrets.c.id)
+
+webhook_endpoint_deletions = sa.Table(
+    "webhook_endpoint_deletions", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("endpoint_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("deleted_by", UUID(as_uuid=True), nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+sa.Index("ix_webhook_deletions_endpoint", webhook_endpoint_deletions.c.endpoint_id)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("endpoint_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("event_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_delivery"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("delivery_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("endpoint_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("attempted_at", TS, nullable=False, server_default=_now()),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("next_attempt_at", TS, nullable=True),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempt"),
+)
+sa.Index("ix_webhook_attempts_endpoint", webhook_attempts.c.endpoint_id,
+         webhook_attempts.c.delivery_id)
+
+# Local (not replicated): the retry schedule of this region's pending deliveries. A row
+# leaves the queue when its delivery succeeded or finally failed.
+webhook_queue = sa.Table(
+    "webhook_queue", metadata,
+    sa.Column("delivery_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("endpoint_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("event_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("due_at", TS, nullable=False, server_default=_now()),
+    sa.Column("lease_until", TS, nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+sa.Index("ix_webhook_queue_due", webhook_queue.c.due_at)
+
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
     "transfer_results",
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
+    "webhook_endpoints", "webhook_secrets", "webhook_endpoint_deletions", "webhook_deliveries",
+    "webhook_attempts",
 )
 """Tables every region publishes (its own changes) and subscribes to (everyone else's).
 The outbox and the consumer's notifications stay local: each region relays its own."""

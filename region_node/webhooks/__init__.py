@@ -1,0 +1,1 @@
+"""Signed webhooks: endpoints, secrets, signing, the delivery worker (issue #7)."""

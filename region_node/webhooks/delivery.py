@@ -1,0 +1,269 @@
+"""The webhook delivery worker: fan out new events, POST due deliveries, log every attempt.
+
+Each pass (one at a time per worker, so it holds at most one pooled connection and never
+competes with payments for the pool):
+1. records the outcome of finished HTTP attempts (one transaction for all of them);
+2. fans out this region's new outbox events (region_node/webhooks/fanout.py);
+3. leases due queue rows (`FOR UPDATE SKIP LOCKED`, so several nodes of a region share
+   the queue) and starts one POST task per row, up to `webhook_concurrency` in flight.
+
+Delivery is at least once: a node that crashes mid-POST leaves the lease to expire and
+the row is sent again, with the same event id, which receivers dedupe on. A 2xx answer is
+delivered; anything else is retried with exponential backoff and jitter until the event
+is `webhook_max_age_seconds` old, then the delivery is marked failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from region_node import schema
+from region_node.node import Node
+from region_node.webhooks.fanout import fan_out
+from region_node.webhooks.signing import SIGNATURE_HEADER, sign
+from region_node.webhooks.store import DEL, EP, active_secrets
+
+log = logging.getLogger(__name__)
+
+Q = schema.webhook_queue
+ATT = schema.webhook_attempts
+
+ERROR_MAX_CHARS = 200
+# A lease outlives the longest POST by this much, so it never expires under a live task.
+LEASE_MARGIN_SECONDS = 30.0
+
+
+def retry_delay(failures: int, *, base: float, cap: float,
+                rand: float | None = None) -> float:
+    """Seconds to wait after the `failures`-th failed attempt.
+
+    Exponential (`base`, 2x, 4x, ... up to `cap`) with "equal jitter": half the step
+    fixed, half random, so receivers that fail together are not retried in lockstep.
+    """
+    step = min(cap, base * 2 ** max(failures - 1, 0))
+    r = random.random() if rand is None else rand
+    return step / 2 + r * step / 2
+
+
+def short_error(exc: BaseException) -> str:
+    """A one-line, bounded description of a failed POST (never the response body)."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:ERROR_MAX_CHARS]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One leased delivery to attempt."""
+
+    delivery_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    event_id: uuid.UUID
+    body: str
+    attempt: int
+    created_at: datetime
+    url: str | None
+    secrets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt, waiting to be recorded."""
+
+    job: Job
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+    @property
+    def delivered(self) -> bool:
+        """2xx means the receiver has it."""
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class WebhookWorker:
+    """Delivers the webhook events of this node's region (see the module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.settings
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._outcomes: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set; survives database and receiver failures."""
+        poll = self.settings.webhook_poll_seconds
+        stopper = asyncio.create_task(self._wake_on(stop))
+        try:
+            while not stop.is_set():
+                busy = False
+                try:
+                    busy = await self.run_once()
+                except Exception:
+                    log.exception("webhook worker: pass failed; retrying")
+                if busy:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+                self._wake.clear()
+        finally:
+            stopper.cancel()
+            await self.close()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    async def run_once(self) -> bool:
+        """One pass; True when there is probably more to do right away."""
+        await self.flush()
+        s = self.settings
+        marked, _ = await self.node.db.transaction(lambda conn: fan_out(
+            conn, region=self.node.region, limit=s.webhook_batch,
+            new_delivery_id=lambda: self.node.new_id(self.node.region),
+            wait_for_parties=timedelta(seconds=s.replication_slo_seconds)))
+        capacity = s.webhook_concurrency - len(self._inflight)
+        jobs: list[Job] = []
+        if capacity > 0:
+            jobs = await self.node.db.transaction(lambda conn: self._claim(conn, capacity))
+            for job in jobs:
+                task = asyncio.create_task(self._attempt(job))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        return marked >= s.webhook_batch or (capacity > 0 and len(jobs) >= capacity)
+
+    async def close(self) -> None:
+        """Let in-flight POSTs finish (bounded by their timeout), record them, close."""
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self.settings.webhook_timeout_seconds + 1)
+        for task in list(self._inflight):
+            task.cancel()  # its lease expires and the delivery is retried: nothing is lost
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _claim(self, conn: AsyncConnection, limit: int) -> list[Job]:
+        lease = timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
+        due = (sa.select(Q.c.delivery_id)
+               .where(Q.c.due_at <= sa.func.now(),
+                      sa.or_(Q.c.lease_until.is_(None), Q.c.lease_until < sa.func.now()))
+               .order_by(Q.c.due_at).limit(limit).with_for_update(skip_locked=True))
+        rows = (await conn.execute(
+            Q.update().where(Q.c.delivery_id.in_(due.scalar_subquery()))
+            .values(lease_until=sa.func.now() + lease).returning(*Q.c))).all()
+        if not rows:
+            return []
+        endpoint_ids = {r.endpoint_id for r in rows}
+        urls = {r.id: r.url for r in (await conn.execute(
+            sa.select(EP.c.id, EP.c.url).where(
+                EP.c.id.in_(endpoint_ids),
+                ~sa.exists().where(DEL.c.endpoint_id == EP.c.id)))).all()}
+        secrets = await active_secrets(conn, endpoint_ids)
+        return [Job(delivery_id=r.delivery_id, endpoint_id=r.endpoint_id, event_id=r.event_id,
+                    body=r.body, attempt=r.attempts + 1, created_at=r.created_at,
+                    url=urls.get(r.endpoint_id),
+                    secrets=tuple(secrets.get(r.endpoint_id, ())))
+                for r in rows]
+
+    # ------------------------------------------------------------------ sending
+
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client (opened on first use, inside the running loop)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.settings.webhook_concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds),
+                headers={"User-Agent": "paycluster-webhooks/1"})
+        return self._session
+
+    async def _attempt(self, job: Job) -> None:
+        started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        if job.url is None:
+            error = "endpoint deleted"
+        elif not job.secrets:
+            error = "endpoint has no active secret"
+        else:
+            body = job.body.encode()
+            headers = {"Content-Type": "application/json",
+                       SIGNATURE_HEADER: sign(body, job.secrets),
+                       "Paycluster-Event-Id": str(job.event_id),
+                       "Paycluster-Delivery-Attempt": str(job.attempt)}
+            try:
+                # Redirects are not followed: the registered URL is the only destination.
+                async with self.session().post(job.url, data=body, headers=headers,
+                                               allow_redirects=False) as resp:
+                    status = resp.status
+                    await resp.read()
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection refused, timeout, reset, bad URL...
+                error = short_error(exc)
+        self._outcomes.append(Outcome(job, status, error,
+                                      int((time.perf_counter() - started) * 1000)))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ recording
+
+    async def flush(self) -> int:
+        """Record every finished attempt in one transaction; returns how many."""
+        if not self._outcomes:
+            return 0
+        batch = list(self._outcomes)
+        await self.node.db.transaction(lambda conn: self._record(conn, batch))
+        del self._outcomes[:len(batch)]
+        return len(batch)
+
+    async def _record(self, conn: AsyncConnection, batch: list[Outcome]) -> None:
+        s = self.settings
+        now = datetime.now(UTC)
+        max_age = timedelta(seconds=s.webhook_max_age_seconds)
+        for o in batch:
+            job = o.job
+            next_at: datetime | None = None
+            final = o.delivered or job.url is None or not job.secrets
+            if not final:
+                delay = retry_delay(job.attempt, base=s.webhook_retry_base_seconds,
+                                    cap=s.webhook_retry_max_interval_seconds)
+                next_at = now + timedelta(seconds=delay)
+                final = next_at - job.created_at > max_age
+            outcome = "delivered" if o.delivered else ("failed" if final else "retrying")
+            values: dict[str, Any] = {
+                "id": self.node.new_id(self.node.region), "delivery_id": job.delivery_id,
+                "endpoint_id": job.endpoint_id, "attempt": job.attempt,
+                "attempted_at": now - timedelta(milliseconds=o.duration_ms),
+                "status_code": o.status_code, "error": o.error, "duration_ms": o.duration_ms,
+                "outcome": outcome, "next_attempt_at": None if final else next_at,
+                "region": self.node.region}
+            # A retried flush (commit outcome unknown) finds its attempt already logged.
+            await conn.execute(insert(ATT).values(**values)
+                               .on_conflict_do_nothing(constraint="uq_webhook_attempt"))
+            if final:
+                await conn.execute(Q.delete().where(Q.c.delivery_id == job.delivery_id))
+            else:
+                await conn.execute(Q.update().where(Q.c.delivery_id == job.delivery_id)
+                                   .values(attempts=job.attempt, due_at=next_at,
+                                           lease_until=None))

@@ -1,0 +1,371 @@
+"""Signed webhooks: the verify function, and delivery to a real local HTTP receiver.
+
+The receiver is an aiohttp server on 127.0.0.1 in the test's event loop; payments go
+through the real API of an in-process node (its WebhookWorker running) on real
+PostgreSQL / Redis / NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from region_node.config import RegionSettings
+from region_node.db import Database
+from region_node.ids import new_id
+from region_node.webhooks import store
+from region_node.webhooks.delivery import retry_delay
+from region_node.webhooks.signing import (
+    SIGNATURE_HEADER,
+    SignatureError,
+    compute,
+    new_secret,
+    parse,
+    sign,
+    verify,
+)
+from tests.conftest import app_client
+from tests.helpers import open_account
+
+WAIT = 30.0
+"""Upper bound of every wait; a healthy run needs a small fraction of it."""
+
+FAST = {"webhook_poll_seconds": 0.05, "webhook_retry_base_seconds": 0.2,
+        "webhook_retry_max_interval_seconds": 1.0, "webhook_timeout_seconds": 2.0}
+"""Retry schedule squeezed from minutes to fractions of a second for the tests."""
+
+
+# --------------------------------------------------------------------------- verify
+
+BODY = b'{"id":"evt_1","type":"payment.succeeded"}'
+
+
+def test_verify_accepts_a_genuine_signature() -> None:
+    secret = new_secret()
+    assert secret.startswith("whsec_") and len(secret) == 46
+    header = sign(BODY, [secret], timestamp=1_800_000_000)
+    verify(BODY, header, secret, now=1_800_000_010)
+
+
+def test_verify_rejects_a_tampered_body() -> None:
+    secret = new_secret()
+    header = sign(BODY, [secret], timestamp=1_800_000_000)
+    with pytest.raises(SignatureError, match="tampered"):
+        verify(BODY.replace(b"succeeded", b"failed"), header, secret, now=1_800_000_000)
+
+
+def test_verify_rejects_a_stale_timestamp() -> None:
+    secret = new_secret()
+    header = sign(BODY, [secret], timestamp=1_800_000_000)
+    verify(BODY, header, secret, now=1_800_000_300)  # exactly at the tolerance: fine
+    with pytest.raises(SignatureError, match="stale"):
+        verify(BODY, header, secret, now=1_800_000_301)
+    with pytest.raises(SignatureError, match="stale"):  # from the future, too
+        verify(BODY, header, secret, now=1_799_999_000)
+    verify(BODY, header, secret, tolerance=3600, now=1_800_001_000)
+
+
+def test_verify_rejects_a_wrong_secret() -> None:
+    header = sign(BODY, [new_secret()], timestamp=1_800_000_000)
+    with pytest.raises(SignatureError, match="wrong secret"):
+        verify(BODY, header, new_secret(), now=1_800_000_000)
+
+
+@pytest.mark.parametrize("header", ["", "t=123", "v1=abc", "t=abc,v1=00", "garbage",
+                                    "t=1,t=2,v1=00", "t=-5,v1=00"])
+def test_verify_rejects_malformed_headers(header: str) -> None:
+    with pytest.raises(SignatureError, match="malformed"):
+        verify(BODY, header, new_secret(), now=1)
+
+
+def test_verify_accepts_any_of_several_signatures() -> None:
+    old, new = new_secret(), new_secret()
+    header = sign(BODY, [old, new], timestamp=1_800_000_000)
+    ts, sigs = parse(header)
+    assert ts == 1_800_000_000 and sigs == [compute(BODY, old, ts), compute(BODY, new, ts)]
+    verify(BODY, header, old, now=ts)
+    verify(BODY, header, new, now=ts)
+    with pytest.raises(SignatureError):
+        verify(BODY, header, new_secret(), now=ts)
+    # An unknown future scheme next to v1 is ignored, not an error.
+    verify(BODY, header + ",v2=deadbeef", new, now=ts)
+
+
+def test_retry_delay_grows_exponentially_with_bounded_jitter() -> None:
+    lows = [retry_delay(n, base=30, cap=3600, rand=0.0) for n in range(1, 10)]
+    highs = [retry_delay(n, base=30, cap=3600, rand=1.0) for n in range(1, 10)]
+    assert highs[:7] == [30, 60, 120, 240, 480, 960, 1920]
+    assert highs[7:] == [3600, 3600]  # capped
+    assert lows == [h / 2 for h in highs]
+    # Up to a day of retries at the defaults is a few dozen attempts, not thousands.
+    total, attempts = 0.0, 0
+    while total < 86400:
+        attempts += 1
+        total += retry_delay(attempts, base=30, cap=3600, rand=0.5)
+    assert 25 < attempts < 60
+
+
+# --------------------------------------------------------------------------- receiver
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A real HTTP endpoint on 127.0.0.1 that records what it gets.
+
+    `fail_first` answers 500 to the first n requests of every event id (counting
+    redeliveries), then 200.
+    """
+
+    fail_first: int = 0
+    received: dict[str, list[Received]] = field(default_factory=dict)
+    url: str = ""
+    _tries: Counter[str] = field(default_factory=Counter)
+
+    def by_path(self, path: str) -> list[Received]:
+        return self.received.get(path, [])
+
+    def event_ids(self, path: str) -> list[str]:
+        return [json.loads(r.body)["id"] for r in self.by_path(path)]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event_id = json.loads(body)["id"]
+        key = f"{request.path}:{event_id}"
+        self._tries[key] += 1
+        if self._tries[key] <= self.fail_first:
+            return web.Response(status=500, text="not yet")
+        self.received.setdefault(request.path, []).append(
+            Received(body, dict(request.headers), time.monotonic()))
+        return web.Response(status=200, text="ok")
+
+
+@contextlib.asynccontextmanager
+async def receiver(**kwargs: Any) -> AsyncIterator[Receiver]:
+    """Run a Receiver on a free port; stopped on exit, even on failure."""
+    rec = Receiver(**kwargs)
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", rec.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        rec.url = f"http://127.0.0.1:{port}"
+        yield rec
+    finally:
+        await runner.cleanup()
+
+
+async def wait_until(check: Callable[[], Any], what: str, within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- setup
+
+@contextlib.asynccontextmanager
+async def node(settings: RegionSettings, **overrides: Any
+               ) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
+    """An in-process node with fast webhook retries, and a pool on its database."""
+    fast = settings.model_copy(update={**FAST, **overrides})
+    db = Database(settings.database_url, pool_size=2, max_overflow=0)
+    try:
+        async with app_client(fast) as client:
+            yield client, db
+    finally:
+        await db.dispose()
+
+
+async def register(db: Database, url: str, *, principal: uuid.UUID | None = None,
+                   receives_all: bool = True, event_types: list[str] | None = None
+                   ) -> tuple[uuid.UUID, str]:
+    """An endpoint straight in the store (the routes are tested separately)."""
+    async def step(conn: Any) -> tuple[uuid.UUID, str]:
+        ep, secret = await store.create_endpoint(
+            conn, endpoint_id=new_id(), secret_id=new_id(),
+            principal_id=principal or uuid.uuid4(), url=url,
+            event_types=event_types or ["*"], receives_all=receives_all,
+            home_region="us-east")
+        return ep.id, secret
+    return await db.transaction(step)
+
+
+async def pay(client: httpx.AsyncClient, payer: str, payee: str, amount: int = 100) -> str:
+    resp = await client.post("/v1/payments", json={"payer": payer, "payee": payee,
+                                                   "amount": amount, "currency": "USD"})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+async def attempts_of(db: Database, endpoint_id: uuid.UUID) -> list[dict[str, Any]]:
+    async with db.engine.connect() as conn:
+        return await store.delivery_log(conn, endpoint_id, limit=1000)
+
+
+async def log_when(db: Database, endpoint_id: uuid.UUID, status: str) -> list[dict[str, Any]]:
+    """The endpoint's delivery log once its newest delivery has `status`."""
+    deadline = time.monotonic() + WAIT
+    while not (log := await attempts_of(db, endpoint_id)) or log[0]["status"] != status:
+        assert time.monotonic() < deadline, log
+        await asyncio.sleep(0.05)
+    return log
+
+
+# --------------------------------------------------------------------------- delivery
+
+@pytest.mark.integration
+async def test_delivered_event_is_signed_and_verifies(settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, db):
+        endpoint_id, secret = await register(db, rec.url + "/hook")
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+        payment_id = await pay(client, payer, payee, 250)
+        await wait_until(lambda: rec.by_path("/hook"), "the event at the receiver")
+
+        got = rec.by_path("/hook")[0]
+        verify(got.body, got.headers[SIGNATURE_HEADER], secret)
+        event = json.loads(got.body)
+        assert event["type"] == "payment.succeeded"
+        assert event["data"]["id"] == payment_id and event["data"]["amount"] == 250
+        assert got.headers["Paycluster-Event-Id"] == event["id"]
+        with pytest.raises(SignatureError):
+            verify(got.body + b" ", got.headers[SIGNATURE_HEADER], secret)
+        with pytest.raises(SignatureError):
+            verify(got.body, got.headers[SIGNATURE_HEADER], new_secret())
+
+        log = await log_when(db, endpoint_id, "delivered")
+        assert len(log) == 1
+        assert [a["status_code"] for a in log[0]["attempts"]] == [200]
+
+
+@pytest.mark.integration
+async def test_failing_receiver_gets_the_event_later(settings: RegionSettings) -> None:
+    async with receiver(fail_first=3) as rec, node(settings) as (client, db):
+        endpoint_id, secret = await register(db, rec.url + "/flaky")
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+        await pay(client, payer, payee)
+        started = time.monotonic()
+        await wait_until(lambda: rec.by_path("/flaky"), "the event after three 500s")
+        elapsed = time.monotonic() - started
+        got = rec.by_path("/flaky")[0]
+        verify(got.body, got.headers[SIGNATURE_HEADER], secret)
+        assert got.headers["Paycluster-Delivery-Attempt"] == "4"
+        # Backoff: at least the fixed halves of 0.2 + 0.4 + 0.8 s passed before attempt 4.
+        assert elapsed >= 0.7, elapsed
+        log = await log_when(db, endpoint_id, "delivered")
+        attempts = log[0]["attempts"]
+        assert [a["outcome"] for a in attempts] == ["retrying"] * 3 + ["delivered"]
+        assert [a["status_code"] for a in attempts] == [500, 500, 500, 200]
+        assert [a["error"] for a in attempts[:3]] == ["HTTP 500"] * 3
+        assert all(a["next_attempt_at"] for a in attempts[:3])
+        assert attempts[3]["next_attempt_at"] is None
+
+
+@pytest.mark.integration
+async def test_unreachable_receiver_fails_after_max_age(settings: RegionSettings) -> None:
+    async with receiver() as rec:
+        dead_url = rec.url + "/gone"
+    # The receiver is stopped: connection refused on every attempt.
+    async with node(settings, webhook_max_age_seconds=1.5) as (client, db):
+        endpoint_id, _ = await register(db, dead_url)
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+        await pay(client, payer, payee)
+        log = await log_when(db, endpoint_id, "failed")
+        attempts = log[0]["attempts"]
+        assert len(attempts) >= 2 and attempts[-1]["outcome"] == "failed"
+        assert all(a["status_code"] is None for a in attempts)
+        assert all("Connect" in a["error"] and len(a["error"]) <= 200 for a in attempts)
+
+
+@pytest.mark.integration
+async def test_rotation_signs_with_both_secrets_until_the_old_expires(
+        settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, db):
+        endpoint_id, old = await register(db, rec.url + "/rot")
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+
+        async def rotate(conn: Any) -> tuple[str, Any]:
+            return await store.rotate_secret(conn, endpoint_id=endpoint_id, secret_id=new_id(),
+                                             expire_old_after=timedelta(seconds=3))
+        new, _expires = await db.transaction(rotate)
+        assert new != old
+        await pay(client, payer, payee)
+        await wait_until(lambda: len(rec.by_path("/rot")) == 1, "the first event")
+        got = rec.by_path("/rot")[0]
+        _, sigs = parse(got.headers[SIGNATURE_HEADER])
+        assert len(sigs) == 2
+        verify(got.body, got.headers[SIGNATURE_HEADER], old)
+        verify(got.body, got.headers[SIGNATURE_HEADER], new)
+
+        await asyncio.sleep(3.2)  # the old secret's grace period ends
+        await pay(client, payer, payee)
+        await wait_until(lambda: len(rec.by_path("/rot")) == 2, "the second event")
+        got = rec.by_path("/rot")[1]
+        _, sigs = parse(got.headers[SIGNATURE_HEADER])
+        assert len(sigs) == 1
+        verify(got.body, got.headers[SIGNATURE_HEADER], new)
+        with pytest.raises(SignatureError):
+            verify(got.body, got.headers[SIGNATURE_HEADER], old)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_concurrent_payments_are_delivered_exactly_once_per_endpoint(
+        settings: RegionSettings) -> None:
+    n = 200
+    async with receiver() as rec, node(settings) as (client, db):
+        await register(db, rec.url + "/a")
+        await register(db, rec.url + "/b", event_types=["payment.succeeded"])
+        await register(db, rec.url + "/c", event_types=["order.*"])
+        payers = [await open_account(client, deposit=100_000) for _ in range(10)]
+        payee = await open_account(client, kind="merchant")
+        sem = asyncio.Semaphore(25)
+        committed: dict[str, float] = {}
+
+        async def one(i: int) -> None:
+            async with sem:
+                pid = await pay(client, payers[i % len(payers)], payee, 10)
+                committed[pid] = time.monotonic()
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        pay_seconds = time.monotonic() - started
+        await wait_until(lambda: len(set(rec.event_ids("/a"))) >= n
+                         and len(set(rec.event_ids("/b"))) >= n, f"{n} events at a and b")
+        await asyncio.sleep(0.5)  # give a stray duplicate the chance to show up
+        for path in ("/a", "/b"):
+            ids = rec.event_ids(path)
+            assert len(ids) == n and len(set(ids)) == n, (path, len(ids), len(set(ids)))
+            payments = {json.loads(r.body)["data"]["id"] for r in rec.by_path(path)}
+            assert payments == set(committed)
+        assert rec.by_path("/c") == []  # no order events were produced
+        latencies = sorted((r.at - committed[json.loads(r.body)["data"]["id"]]) * 1000
+                           for r in rec.by_path("/a"))
+        p50 = latencies[len(latencies) // 2]
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        print(f"\n{n} payments in {pay_seconds:.2f} s; commit -> receiver latency "
+              f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {latencies[-1]:.0f} ms")
