@@ -140,13 +140,9 @@ outbox = sa.Table(
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("published_at", TS, nullable=True),
-    # Set by the webhook fan-out once the event's deliveries exist (migration 0006).
-    sa.Column("webhooks_fanned_out_at", TS, nullable=True),
 )
 sa.Index("ix_outbox_unpublished", outbox.c.region, outbox.c.id,
          postgresql_where=sa.text("published_at is null"))
-sa.Index("ix_outbox_webhooks_pending", outbox.c.region, outbox.c.id,
-         postgresql_where=sa.text("webhooks_fanned_out_at is null"))
 
 # The idempotent consumer's effect: one row per event, however often it is delivered.
 notifications = sa.Table(
@@ -365,6 +361,15 @@ webhook_queue = sa.Table(
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
 )
 sa.Index("ix_webhook_queue_due", webhook_queue.c.due_at)
+
+# Local: outbox events not fanned out yet (a trigger on `outbox` inserts them in the
+# event's own transaction; the fan-out deletes them).
+webhook_pending_events = sa.Table(
+    "webhook_pending_events", metadata,
+    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
 
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",

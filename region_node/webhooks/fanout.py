@@ -1,11 +1,13 @@
 """Fan-out: turn this region's new outbox events into one delivery per interested endpoint.
 
 The outbox is local to the region that wrote the event, so only that region ever fans an
-event out: no two regions deliver the same event. A batch of outbox rows is claimed with
-`FOR UPDATE SKIP LOCKED`, its deliveries (replicated) and queue rows (local) are inserted
-and the rows are marked, all in one transaction: after a crash either everything of the
-batch exists or the rows are still unmarked and fanned out again (at least once, and the
-unique (endpoint, event) key keeps it to one delivery each).
+event out: no two regions deliver the same event. A trigger on the outbox adds every new
+event to `webhook_pending_events` in the event's own transaction (migration 0006). A
+batch of pending rows is claimed with `FOR UPDATE SKIP LOCKED`, its deliveries
+(replicated) and queue rows (local) are inserted and the pending rows deleted, all in one
+transaction: after a crash either everything of the batch exists or the rows are still
+pending and fanned out again (at least once; the unique (endpoint, event) key keeps it to
+one delivery each).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from region_node import schema
 from region_node.webhooks.store import EP, not_deleted
 
 OUTBOX = schema.outbox
+PENDING = schema.webhook_pending_events
 DLV = schema.webhook_deliveries
 Q = schema.webhook_queue
 
@@ -88,18 +91,19 @@ async def _principals_of(conn: AsyncConnection, account_ids: set[str]
 async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
                   new_delivery_id: Callable[[], uuid.UUID],
                   wait_for_parties: timedelta) -> tuple[int, int]:
-    """Fan out up to `limit` unmarked outbox events of `region` in the caller's transaction.
+    """Fan out up to `limit` pending outbox events of `region` in the caller's transaction.
 
-    Returns (events marked, deliveries created). An event about an account this region has
+    Returns (events done, deliveries created). An event about an account this region has
     not replicated yet (a cross-region payee) is left for a later pass, for at most
     `wait_for_parties` after it was written; after that it goes to whoever is known.
     """
     events = (await conn.execute(
         sa.select(OUTBOX.c.id, OUTBOX.c.event_type, OUTBOX.c.aggregate_id, OUTBOX.c.payload,
                   OUTBOX.c.created_at)
-        .where(OUTBOX.c.region == region, OUTBOX.c.webhooks_fanned_out_at.is_(None))
-        .order_by(OUTBOX.c.id).limit(limit)
-        .with_for_update(skip_locked=True))).all()
+        .join(PENDING, PENDING.c.event_id == OUTBOX.c.id)
+        .where(PENDING.c.region == region)
+        .order_by(PENDING.c.event_id).limit(limit)
+        .with_for_update(of=PENDING, skip_locked=True))).all()
     if not events:
         return 0, 0
     subscribers = [Subscriber(r.id, r.principal_id, tuple(r.event_types), r.receives_all)
@@ -121,30 +125,33 @@ async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
 
     now = datetime.now(UTC)
     done: list[uuid.UUID] = []
-    created = 0
+    rows: list[dict[str, Any]] = []
+    bodies: dict[uuid.UUID, tuple[str, datetime]] = {}
     for e in events:
         owners = {principals.get(a) for a in parties.get(e.id, [])}
         unknown = any(a not in principals for a in parties.get(e.id, []))
         if unknown and now - e.created_at < wait_for_parties:
             continue  # the account's row has not replicated here yet: look again later
+        done.append(e.id)
         targets = [s for s in subscribers if s.wants(e.event_type)
                    and (s.receives_all or s.principal_id in owners)]
-        body = event_body(e.payload, e.created_at)
-        for s in targets:
-            delivery_id = new_delivery_id()
-            inserted = (await conn.execute(
-                insert(DLV).values(id=delivery_id, endpoint_id=s.id, event_id=e.id,
-                                   event_type=e.event_type, region=region)
-                .on_conflict_do_nothing(constraint="uq_webhook_delivery")
-                .returning(DLV.c.id))).scalar_one_or_none()
-            if inserted is None:
-                continue  # fanned out before (a retried batch): its queue row exists
-            await conn.execute(Q.insert().values(
-                delivery_id=delivery_id, endpoint_id=s.id, event_id=e.id, body=body,
-                created_at=e.created_at))
-            created += 1
-        done.append(e.id)
+        if targets:
+            bodies[e.id] = (event_body(e.payload, e.created_at), e.created_at)
+        rows += [{"id": new_delivery_id(), "endpoint_id": s.id, "event_id": e.id,
+                  "event_type": e.event_type, "region": region} for s in targets]
+    created = 0
+    if rows:
+        # A delivery that exists already (a batch fanned out twice) returns no row, so it
+        # gets no second queue row.
+        inserted = (await conn.execute(
+            insert(DLV).values(rows).on_conflict_do_nothing(constraint="uq_webhook_delivery")
+            .returning(DLV.c.id, DLV.c.endpoint_id, DLV.c.event_id))).all()
+        if inserted:
+            await conn.execute(Q.insert().values([
+                {"delivery_id": r.id, "endpoint_id": r.endpoint_id, "event_id": r.event_id,
+                 "body": bodies[r.event_id][0], "created_at": bodies[r.event_id][1]}
+                for r in inserted]))
+        created = len(inserted)
     if done:
-        await conn.execute(OUTBOX.update().where(OUTBOX.c.id.in_(done))
-                           .values(webhooks_fanned_out_at=sa.func.now()))
+        await conn.execute(PENDING.delete().where(PENDING.c.event_id.in_(done)))
     return len(done), created

@@ -1,4 +1,4 @@
-"""Signed webhooks: endpoints, secrets, deletions, deliveries, attempts, the local queue.
+"""Signed webhooks: endpoints, secrets, deletions, deliveries, attempts, local queues.
 
 Revision ID: 0006
 Revises: 0004
@@ -22,7 +22,8 @@ depends_on = None
 #   of the endpoint at that time (the old secrets' rows stay as they were);
 # - only the region that produced an event (its outbox is local) fans it out and
 #   delivers it: its `webhook_deliveries` and `webhook_attempts` rows have one writer.
-# `webhook_queue` is local: the mutable retry schedule of this region's deliveries.
+# `webhook_queue` (the mutable retry schedule of this region's deliveries) and
+# `webhook_pending_events` (events not fanned out yet) are local.
 DDL = """
 CREATE TABLE webhook_endpoints (
     id UUID PRIMARY KEY,
@@ -93,12 +94,25 @@ CREATE TABLE webhook_queue (
 );
 CREATE INDEX ix_webhook_queue_due ON webhook_queue (due_at);
 
--- The fan-out marks an outbox row once its deliveries exist (the relay's published_at
--- pattern). Rows written before this migration count as done: no endpoint existed.
-ALTER TABLE outbox ADD COLUMN webhooks_fanned_out_at TIMESTAMPTZ DEFAULT now();
-ALTER TABLE outbox ALTER COLUMN webhooks_fanned_out_at DROP DEFAULT;
-CREATE INDEX ix_outbox_webhooks_pending ON outbox (region, id)
-    WHERE webhooks_fanned_out_at IS NULL;
+-- Local: the outbox events not fanned out yet, filled by a trigger in the transaction
+-- that writes the event (so none is missed, whatever code path writes the outbox) and
+-- emptied by the fan-out. A table of its own, not a column of the outbox: the relay
+-- holds its outbox rows locked while it publishes a batch, and marking those rows would
+-- wait for it (up to a second per batch of delivery latency).
+CREATE TABLE webhook_pending_events (
+    event_id UUID PRIMARY KEY,
+    region TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE FUNCTION webhook_pending_from_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO webhook_pending_events (event_id, region) VALUES (NEW.id, NEW.region);
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER outbox_webhook_pending AFTER INSERT ON outbox
+    FOR EACH ROW EXECUTE FUNCTION webhook_pending_from_outbox();
 """
 
 
@@ -107,7 +121,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX IF EXISTS ix_outbox_webhooks_pending")
-    op.execute("ALTER TABLE outbox DROP COLUMN IF EXISTS webhooks_fanned_out_at")
-    op.execute("DROP TABLE IF EXISTS webhook_queue, webhook_attempts, webhook_deliveries, "
-               "webhook_endpoint_deletions, webhook_secrets, webhook_endpoints")
+    op.execute("DROP TRIGGER IF EXISTS outbox_webhook_pending ON outbox")
+    op.execute("DROP FUNCTION IF EXISTS webhook_pending_from_outbox()")
+    op.execute("DROP TABLE IF EXISTS webhook_pending_events, webhook_queue, webhook_attempts, "
+               "webhook_deliveries, webhook_endpoint_deletions, webhook_secrets, "
+               "webhook_endpoints")
