@@ -7,6 +7,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TextIO
 
 from region_node.redact import scrub, scrub_value
 
@@ -98,9 +99,10 @@ def install_redaction(handlers: list[logging.Handler] | None = None) -> None:
             handler.addFilter(RedactFilter())
 
 
-def setup(region: str, level: str = "INFO") -> None:
-    """Route the root logger to stderr as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup(region: str, level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route the root logger to `stream` (default stderr) as JSON lines, scrubbed of keys,
+    secrets and card numbers."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(region))
     handler.addFilter(RedactFilter())
     root = logging.getLogger()

@@ -7,17 +7,22 @@ region) and through the HTTP API (429 in the error shape with Retry-After, recov
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+from grpc.aio import Metadata
 from redis.asyncio import Redis
 
 from cluster.servers import RegionServers, free_port
+from region_node.api.errors import error_response
 from region_node.errors import RateLimited
 from region_node.rate_limit import KEY_PREFIX, RateLimiter
+from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +162,17 @@ async def test_redis_unreachable_fails_open_to_a_local_bucket(
         await lim.aclose()
     outage_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(outage_lines) == 1
+
+
+def test_retry_after_survives_the_hop_between_regions() -> None:
+    """A 429 raised by the region a request was forwarded to comes back as the same
+    RateLimited, Retry-After included (gRPC status, trailers, then the HTTP mapping)."""
+    err = RateLimited("Too many requests; retry after 3 s", retry_after=2.25)
+    rpc_error = grpc.aio.AioRpcError(status_for(err), Metadata(), Metadata(*trailers_for(err)),
+                                     err.message)
+    back = from_rpc_error(rpc_error)
+    assert isinstance(back, RateLimited)
+    assert back.retry_after == pytest.approx(2.25)
+    resp = error_response(back)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "3"
+    assert json.loads(bytes(resp.body))["error"]["code"] == "rate_limited"
