@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import schema
 from region_node.node import Node
+from region_node.redact import scrub
 from region_node.webhooks.fanout import fan_out
 from region_node.webhooks.signing import SIGNATURE_HEADER, sign
 from region_node.webhooks.store import DEL, EP, active_secrets
@@ -60,7 +61,9 @@ def retry_delay(failures: int, *, base: float, cap: float,
 
 def short_error(exc: BaseException) -> str:
     """A one-line, bounded description of a failed POST (never the response body)."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    # Masked before it is stored and replicated: an exception may quote the URL, and a
+    # receiver's URL may carry a token or a card-like number.
+    text = scrub(f"{type(exc).__name__}: {exc}".replace("\n", " "))
     return text[:ERROR_MAX_CHARS]
 
 
