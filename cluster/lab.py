@@ -52,6 +52,9 @@ from typing import Any, TypeVar, cast
 import psutil
 
 from cluster.nodes import READY_TIMEOUT, NodeProcess, node_env, start_node
+from cluster.pg_tls import ClientSpec, GatewayProcess, ServerSpec, start_gateways
+from cluster.pg_tls import load_config as load_gateway_config
+from cluster.pki import ensure_cluster_pki, region_tls_files
 from cluster.servers import (
     NatsServer,
     PostgresServer,
@@ -307,6 +310,8 @@ class Region:
     api_port: int = 0
     grpc_port: int = 0
     peers: dict[str, str] = field(default_factory=dict)
+    # Where other regions reach this region's PostgreSQL: its TLS gateway (cluster.pg_tls).
+    pg_gateway_port: int = 0
 
     @property
     def api_url(self) -> str:
@@ -335,6 +340,7 @@ class Region:
             "api_url": self.api_url,
             "api_port": self.api_port,
             "grpc_port": self.grpc_port,
+            "pg_gateway_port": self.pg_gateway_port,
             "peers": dict(self.peers),
             "postgres_dsn": self.dsn,
             "redis_url": self.servers.redis.url,
@@ -358,6 +364,8 @@ class Cluster:
     data_dir: Path
     regions: list[Region] = field(default_factory=list)
     wan: WanProcess | None = None
+    # The TLS gateways that carry replication between the regions (cluster.pg_tls).
+    pg_tls: GatewayProcess | None = None
     links: list[dict[str, Any]] = field(default_factory=list)
     wan_scale: float = 1.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -444,13 +452,50 @@ class Cluster:
 
     def region_dbs(self) -> dict[str, Any]:
         """Every region as replication.wiring sees it: its DSN, and where each other region
-        reaches its PostgreSQL (the postgres link from that region)."""
+        reaches its PostgreSQL: the subscriber's TLS gateway to it (cluster.pg_tls), which
+        crosses the postgres WAN link; subscriptions log in as the replication role."""
+        from replication.tls import REPLICATION_ROLE
         from replication.wiring import RegionDb
 
+        gateway = self.pg_tls
+
+        def reach(src: str, dst: str) -> tuple[str, int]:
+            if gateway is None:  # a lab recorded before the gateways existed
+                return "127.0.0.1", self.link_port(src, dst, "postgres")
+            return "127.0.0.1", gateway.client_port(src, dst)
+
         return {r.name: RegionDb(r.name, r.dsn, reach={
-                    o.name: ("127.0.0.1", self.link_port(o.name, r.name, "postgres"))
-                    for o in self.regions if o.name != r.name})
+                    o.name: reach(o.name, r.name) for o in self.regions if o.name != r.name},
+                    replication_user=REPLICATION_ROLE if gateway is not None else "postgres")
                 for r in self.regions}
+
+    def gateway_specs(self) -> tuple[list[ServerSpec], list[ClientSpec]]:
+        """The TLS gateways of the lab: one server gateway per region (its PostgreSQL's
+        socket), one client gateway per ordered region pair (through the postgres WAN
+        link); client ports already in use are kept, new ones picked."""
+        kept: dict[tuple[str, str], int] = {}
+        if self.pg_tls is not None:
+            kept = {(c.src, c.dst): c.port for c in load_gateway_config(
+                Path(self.pg_tls.config))[1]}
+        files = {r.name: region_tls_files(self.data_dir, r.name) for r in self.regions}
+        servers_ = [ServerSpec(r.name, r.pg_gateway_port, str(r.servers.postgres.socket_path),
+                               str(files[r.name].ca_file), str(files[r.name].cert_file),
+                               str(files[r.name].key_file)) for r in self.regions]
+        clients = [ClientSpec(src.name, dst.name, kept.get((src.name, dst.name)) or free_port(),
+                              "127.0.0.1", self.link_port(src.name, dst.name, "postgres"),
+                              files[dst.name].name, str(files[src.name].ca_file),
+                              str(files[src.name].cert_file), str(files[src.name].key_file))
+                   for src in self.regions for dst in self.regions if src is not dst]
+        return servers_, clients
+
+    def restart_gateways(self) -> None:
+        """(Re)start the TLS gateways for the current regions; live replication connections
+        drop and reconnect within a second (wal_retrieve_retry_interval)."""
+        servers_, clients = self.gateway_specs()
+        if self.pg_tls is not None:
+            self.pg_tls.stop()
+        self.pg_tls = start_gateways(self.data_dir, servers_, clients)
+        self.write()
 
     def lock_urls_of(self, name: str) -> dict[str, str]:
         """PAYCLUSTER_LOCK_REDIS_URLS of region `name`: its own Redis directly, every other
@@ -461,7 +506,9 @@ class Cluster:
 
     def _node_extra_env(self, region: Region) -> dict[str, str]:
         env = {"PAYCLUSTER_GRPC_PORT": str(region.grpc_port),
-               "PAYCLUSTER_PEERS": json.dumps(region.peers)}
+               "PAYCLUSTER_PEERS": json.dumps(region.peers),
+               # Mutual TLS on gRPC with the region's certificate (cluster.pki).
+               **region_tls_files(self.data_dir, region.name).node_env(sorted(region.peers))}
         if self.wan is not None:
             env["PAYCLUSTER_LOCK_REDIS_URLS"] = json.dumps(self.lock_urls_of(region.name))
         env.update(self.extra_env)
@@ -517,6 +564,8 @@ class Cluster:
                 "extra_env": dict(self.extra_env),
                 "regions": {r.name: r.to_json() for r in self.regions},
                 "wan": _with_start_time(self.wan.to_json()) if self.wan is not None else None,
+                "pg_tls": (_with_start_time(self.pg_tls.to_json()) if self.pg_tls is not None
+                           else None),
                 "links": list(self.links),
                 "router_env": dict(self.router_env),
                 "routers": [_with_start_time(r.to_json()) for r in self.routers],
@@ -529,6 +578,7 @@ class Cluster:
         with self._lock:
             regions = list(reversed(self.regions))
             wan = self.wan
+            gateway = self.pg_tls
             routers = list(self.routers)
         # Routers first: clients stop reaching the nodes before the nodes go away.
         _run_parallel(_quietly(RouterProcess.stop), routers, "router-stop")
@@ -536,6 +586,8 @@ class Cluster:
                       [r.node for r in regions if r.node is not None], "node-stop")
         if wan is not None:
             _quietly(WanProcess.stop)(wan)
+        if gateway is not None:
+            _quietly(GatewayProcess.stop)(gateway)
         _run_parallel(_quietly(Region.stop), regions, "region-stop")
         with contextlib.suppress(ClusterError, OSError):
             stop_cluster(self.data_dir)
@@ -576,6 +628,10 @@ class Cluster:
                                      started_at=wan.get("started_at"),
                                      control_url=str(wan["control_url"]),
                                      scale=float(wan.get("scale", cluster.wan_scale)))
+        gateway = doc.get("pg_tls")
+        if isinstance(gateway, dict):
+            cluster.pg_tls = GatewayProcess("pg_tls", **_proc_args(gateway),
+                                            config=str(gateway.get("config") or ""))
         for name, entry in doc.get("regions", {}).items():
             cluster.regions.append(_region_from_json(name, entry, cluster))
         for entry in doc.get("routers") or []:
@@ -601,7 +657,8 @@ def _region_from_json(name: str, entry: dict[str, Any], cluster: Cluster) -> Reg
                    monitor_port=int(entry["nats"].get("monitor_port", 0))))
     region = Region(name, servers, api_port=int(entry["api_port"]),
                     grpc_port=int(entry.get("grpc_port") or 0),
-                    peers=dict(entry.get("peers") or {}))
+                    peers=dict(entry.get("peers") or {}),
+                    pg_gateway_port=int(entry.get("pg_gateway_port") or 0))
     node = entry.get("node")
     if isinstance(node, dict):
         extra = {**dict(node.get("env") or {}), **cluster.extra_env}
@@ -761,8 +818,12 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
             cluster.regions.append(region)
         cluster.write()
 
+    # Secure by default: every lab has its CA and region certificates (reused on restart),
+    # and its PostgreSQL admits replication only through the TLS gateways.
+    ensure_cluster_pki(cluster.data_dir, list(names))
+
     def servers_of(name: str) -> Region:
-        return Region(name, start_region_servers(name, cluster.data_dir))
+        return Region(name, start_region_servers(name, cluster.data_dir, gateway=True))
 
     step = _Steps()
     _run_parallel(servers_of, names, "region-start", on_done=record)
@@ -772,6 +833,7 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     for region in cluster.regions:
         region.api_port = free_port()
         region.grpc_port = free_port() if multi else 0
+        region.pg_gateway_port = free_port() if multi else 0
     if multi:
         targets = {r.name: _service_ports(r) for r in cluster.regions}
         pairs = [(a, b) for a in names for b in names if a != b]
@@ -781,6 +843,8 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
         cluster.links = [_link_record(s) for s in states]
         cluster.write()
         step.done("WAN emulator with %d links", len(cluster.links))
+        cluster.restart_gateways()
+        step.done("TLS gateways for replication")
     for region in cluster.regions:
         _migrate(region.dsn)
     step.done("migrations")
@@ -817,7 +881,9 @@ class _Steps:
 
 
 def _service_ports(region: Region) -> dict[str, int]:
-    return {"postgres": region.servers.postgres.port, "grpc": region.grpc_port,
+    # PostgreSQL is reached across the WAN only through the region's TLS gateway.
+    return {"postgres": region.pg_gateway_port or region.servers.postgres.port,
+            "grpc": region.grpc_port,
             "redis": region.servers.redis.port}
 
 
@@ -850,8 +916,9 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
         raise ClusterError(f"the nodes of {', '.join(missing)} are not running")
     for known in cluster.names:
         link_rtt(name, known)  # a ValueError now rather than after starting servers
-    region = Region(name, start_region_servers(name, cluster.data_dir), api_port=free_port(),
-                    grpc_port=free_port())
+    ensure_cluster_pki(cluster.data_dir, [name])
+    region = Region(name, start_region_servers(name, cluster.data_dir, gateway=True),
+                    api_port=free_port(), grpc_port=free_port(), pg_gateway_port=free_port())
     provision_lock_servers([region.servers.redis.url])  # brand new, never granted a lock
     existing = list(cluster.regions)
     with cluster._lock:
@@ -864,6 +931,8 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
         for other in existing:
             if not other.grpc_port:
                 other.grpc_port = free_port()
+            if not other.pg_gateway_port:
+                other.pg_gateway_port = free_port()
         targets = {r.name: _service_ports(r) for r in cluster.regions}
         pairs = [p for o in existing for p in ((o.name, name), (name, o.name))]
         with cluster.wan_control() as wan:
@@ -872,6 +941,7 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
                                 spec["target_port"], rtt_ms=spec["rtt_ms"])
                 cluster.links.append(_link_record(state))
         cluster.write()
+        cluster.restart_gateways()
         from replication import wiring
 
         _migrate(region.dsn)
@@ -930,6 +1000,9 @@ def _processes(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]
             wan = doc.get("wan")
             if isinstance(wan, dict) and isinstance(wan.get("pid"), int):
                 yield "wan", "wan", wan
+            gateway = doc.get("pg_tls")
+            if isinstance(gateway, dict) and isinstance(gateway.get("pid"), int):
+                yield "pg_tls", "pg_tls", gateway
             continue
         for region_name, region in regions:
             for kind in kinds:
@@ -986,7 +1059,7 @@ def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[s
             log.exception("stopping %s %s (pid %s) failed", region_name, kind, entry["pid"])
         return region_name, kind, int(entry["pid"])
 
-    for phase in (("router",), ("node",), ("wan",), _SERVER_KINDS):
+    for phase in (("router",), ("node",), ("wan", "pg_tls"), _SERVER_KINDS):
         batch = [p for p in procs if p[1] in phase]
         stopped += _run_parallel(stop_one, batch, "stop")
     doc["status"] = "stopped"

@@ -199,6 +199,13 @@ def ensure_region_cert(directory: Path, region: str) -> TlsFiles:
     return TlsFiles(ca_cert, cert_path, key_path, name)
 
 
+def region_tls_files(data_dir: Path, region: str) -> TlsFiles:
+    """Where region `region`'s TLS files live under `data_dir` (made by ensure_cluster_pki)."""
+    directory = data_dir.resolve() / PKI_DIR
+    return TlsFiles(directory / "ca.crt", directory / f"{region}.crt",
+                    directory / f"{region}.key", cert_name(region))
+
+
 def ensure_cluster_pki(data_dir: Path, regions: list[str] | tuple[str, ...]
                        ) -> dict[str, TlsFiles]:
     """The CA and a certificate for every region under `<data_dir>/pki/` (idempotent).

@@ -230,6 +230,11 @@ class PostgresServer(ServerProcess):
         """libpq URL for a database on this server."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    @property
+    def socket_path(self) -> Path:
+        """The server's unix socket (only if started with `gateway=True`)."""
+        return self.data_dir / "socket" / f".s.PGSQL.{self.port}"
+
     def sqlalchemy_url(self, database: str = "postgres") -> str:
         """SQLAlchemy URL (psycopg 3 driver) for a database on this server."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -271,8 +276,14 @@ def _chown_tree(path: Path, user: str) -> None:
 
 
 def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.0,
-                   settings: dict[str, str] | None = None) -> PostgresServer:
-    """Init (if needed) and start PostgreSQL 18 with its data under `data_dir`."""
+                   settings: dict[str, str] | None = None,
+                   gateway: bool = False) -> PostgresServer:
+    """Init (if needed) and start PostgreSQL 18 with its data under `data_dir`.
+
+    With `gateway` the replication role is admitted only on the server's unix socket
+    (`PostgresServer.socket_path`), where the region's TLS gateway connects
+    (cluster.pg_tls), and refused on TCP.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     user = _pg_user()
@@ -287,8 +298,12 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
             capture_output=True, text=True, cwd=data_dir, check=False, **_as_user(user))
         if init.returncode != 0:
             raise ServerStartError(f"initdb failed: {init.stderr or init.stdout}")
+    extra: dict[str, str] = {}
+    if gateway:
+        extra = {"unix_socket_directories": str(_install_gateway_auth(pgdata, user)),
+                 "unix_socket_permissions": "0700"}
     port = port or free_port()
-    merged = {**PG_SETTINGS, **(settings or {}), "port": str(port)}
+    merged = {**PG_SETTINGS, **(settings or {}), **extra, "port": str(port)}
     cmd = [str(pg_bin("postgres")), "-D", str(pgdata)]
     for key, value in merged.items():
         cmd += ["-c", f"{key}={value}"]
@@ -303,6 +318,25 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
         server.kill()
         raise
     return server
+
+
+def _install_gateway_auth(pgdata: Path, user: str | None) -> Path:
+    """pg_hba.conf that admits the replication role only on the unix socket (where the
+    region's TLS gateway connects, cluster.pg_tls), and that socket's folder, which only
+    the server's user (and root) may enter. Returns the folder."""
+    from replication.tls import hba_conf
+
+    socket_dir = pgdata.parent / "socket"
+    socket_dir.mkdir(mode=0o700, exist_ok=True)
+    socket_dir.chmod(0o700)
+    if len(str(socket_dir)) > 90:  # sun_path holds 107 bytes with "/.s.PGSQL.<port>"
+        raise ServerStartError(f"data dir path too long for a unix socket: {socket_dir}")
+    (pgdata / "pg_hba.conf").write_text(hba_conf())
+    if user:
+        entry = pwd.getpwnam(user)
+        for path in (socket_dir, pgdata / "pg_hba.conf"):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    return socket_dir
 
 
 def _wait_pg_ready(server: PostgresServer, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -436,15 +470,19 @@ class RegionServers:
         }
 
 
-def start_region_servers(region: str, data_dir: Path) -> RegionServers:
+def start_region_servers(region: str, data_dir: Path,
+                         gateway: bool = False) -> RegionServers:
     """Start PostgreSQL, Redis and NATS for one region under data_dir/<region>/.
+
+    `gateway`: PostgreSQL admits replication only through the region's TLS gateway
+    (see `start_postgres`).
 
     If any of them fails, the ones already started are stopped before the error propagates.
     """
     base = data_dir / region
     started: list[ServerProcess] = []
     try:
-        pg = start_postgres(base / "postgres")
+        pg = start_postgres(base / "postgres", gateway=gateway)
         started.append(pg)
         rd = start_redis(base / "redis")
         started.append(rd)

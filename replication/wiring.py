@@ -119,6 +119,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from region_node.schema import REPLICATED_TABLES
+from replication.tls import ensure_replication_role
 
 log = logging.getLogger("replication.wiring")
 
@@ -176,12 +177,15 @@ class RegionDb:
     `dsn` is how this process (the operator) reaches the database. `reach` maps another
     region's name to the (host, port) at which *that* region reaches this region's
     PostgreSQL, e.g. the local port of the WAN link from that region to this one; a
-    region not in `reach` uses the host and port of `dsn`.
+    region not in `reach` uses the host and port of `dsn`. `replication_user` is the role
+    other regions' subscriptions log in as here (the lab: replication.tls.REPLICATION_ROLE,
+    through its TLS gateways; bare test servers: postgres).
     """
 
     name: str
     dsn: str
     reach: Mapping[str, Endpoint] = field(default_factory=dict)
+    replication_user: str = "postgres"
 
     @property
     def dbname(self) -> str:
@@ -248,10 +252,12 @@ def _origin_lsn(conn: psycopg.Connection[dict[str, Any]], subid: int) -> str | N
 def create_publication(dsn: str, tables: Sequence[str] = REPLICATED_TABLES) -> bool:
     """Create the region's publication of `tables`; if it exists, make its table set match.
 
+    Also makes sure the replication role subscribers log in as exists and may read them.
     Returns True when something was created or changed.
     """
     wanted = sorted(tables)
     with _connect(dsn) as conn:
+        ensure_replication_role(conn, wanted)
         exists = conn.execute("select 1 from pg_publication where pubname = %s",
                               (PUBLICATION,)).fetchone()
         table_list = sql.SQL(", ").join(sql.Identifier(t) for t in wanted)
@@ -277,7 +283,7 @@ def subscribe(subscriber_dsn: str, subscriber_region: str, publisher_region: str
 
     The subscription is `sub_<publisher>`, its slot `pc_<publisher>_to_<subscriber>`.
     Idempotent: returns False if the subscription already exists (its connection is
-    updated if the publisher's host/port changed), True when it was created.
+    updated if the publisher's host/port or the user changed), True when it was created.
     """
     name = subscription_name(publisher_region)
     slot = slot_name(publisher_region, subscriber_region)
@@ -468,7 +474,7 @@ def wire_cluster(regions: Mapping[str, RegionDb] | Iterable[RegionDb], *,
                             "with copy_data=false would lose them (use add_region)")
             host, port = pub.endpoint_for(sub.name)
             if subscribe(sub.dsn, sub.name, pub.name, host, port, dbname=pub.dbname,
-                         streaming=streaming):
+                         streaming=streaming, user=pub.replication_user):
                 created.append((sub.name, pub.name))
     return created
 
@@ -643,7 +649,8 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
         for region in regions.values():
             host, port = region.endpoint_for(new.name)
             subscribe(new.dsn, new.name, region.name, host, port, dbname=region.dbname,
-                      create_slot=False, enabled=False, streaming=streaming)
+                      create_slot=False, enabled=False, streaming=streaming,
+                      user=region.replication_user)
         with _connect(new.dsn) as conn:
             new_origin = {r["publisher"]: f"pg_{r['subid']}" for r in
                           (status_row(x) for x in conn.execute(STATUS_SQL))}
@@ -737,7 +744,7 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
     for region in regions.values():
         host, port = new.endpoint_for(region.name)
         subscribe(region.dsn, region.name, new.name, host, port, dbname=new.dbname,
-                  streaming=streaming)
+                  streaming=streaming, user=new.replication_user)
     wait_until_replicating(new.dsn, timeout=timeout)
     for region in regions.values():
         wait_until_replicating(region.dsn, timeout=timeout, publishers=[new.name])

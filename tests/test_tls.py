@@ -3,19 +3,30 @@
 gRPC: a region's server takes only clients that present a certificate of the cluster CA
 (none, or one of another CA, is refused in the handshake: UNAVAILABLE); clients check the
 server's certificate names the region they meant to reach.
+
+PostgreSQL (on a running lab): every replication connection is TLS with the subscriber's
+certificate (`pg_stat_ssl` of every walsender), and the replication role is refused
+without TLS, without a client certificate, or with a certificate of another CA.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg.conninfo import make_conninfo
 
-from cluster.pki import create_ca, issue_cert
+from cluster.lab import Cluster, start_cluster
+from cluster.pki import create_ca, issue_cert, region_tls_files
 from cluster.servers import RegionServers, free_port
 from region_node.rpc.tls import RpcTls, cert_name
+from replication.tls import REPLICATION_ROLE
+from replication.wiring import ident, wait_until_replicating
 from tests.conftest import app_client, fresh_database, pki_files, region_settings, tls_overrides
 
 pytestmark = pytest.mark.integration
@@ -98,3 +109,110 @@ def test_pki_is_idempotent(tmp_path: Path) -> None:
     for files in first.values():
         assert files.key_file.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------- on a lab
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A two-region lab without WAN delay; stopped even on failure."""
+    cluster = start_cluster(tmp_path_factory.mktemp("tls-lab"), regions=2, wan_scale=0)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+WALSENDERS_SQL = """
+select a.application_name, a.usename, a.client_addr is null as via_socket
+  from pg_stat_activity a
+ where a.backend_type = 'walsender'
+ order by a.application_name
+"""
+
+
+def _gateway_events(lab: Cluster) -> list[dict[str, object]]:
+    assert lab.pg_tls is not None
+    events = []
+    for line in lab.pg_tls.log_path.read_text().splitlines():
+        if line.startswith("{") and '"event"' in line:
+            events.append(json.loads(line))
+    return events
+
+
+@pytest.mark.multiregion
+def test_every_replication_connection_goes_through_mutual_tls(lab: Cluster) -> None:
+    for region in lab.regions:
+        wait_until_replicating(region.dsn, timeout=60)
+    events = _gateway_events(lab)
+    for publisher in lab.regions:
+        with psycopg.connect(publisher.dsn, autocommit=True) as conn:
+            senders = conn.execute(WALSENDERS_SQL).fetchall()
+            conninfos = [r[0] for r in conn.execute("select subconninfo from pg_subscription")]
+        subscribers = [r.name for r in lab.regions if r.name != publisher.name]
+        # One walsender per subscriber, logged in as the replication role, and arrived on
+        # the unix socket: through the publisher's TLS gateway, the only way pg_hba allows.
+        assert senders == [(f"pc_{ident(publisher.name)}_to_{ident(s)}", REPLICATION_ROLE, True)
+                           for s in sorted(subscribers, key=ident)], senders
+        for subscriber in subscribers:
+            # The publisher's gateway saw the subscriber's certificate, over TLS 1.3...
+            assert any(e["event"] == "accepted" and e["region"] == publisher.name
+                       and e["peer"] == cert_name(subscriber) and e["version"] == "TLSv1.3"
+                       for e in events), events
+            # ...and the subscriber's gateway checked the publisher's.
+            assert any(e["event"] == "connected" and e["src"] == subscriber
+                       and e["dst"] == publisher.name and e["peer"] == cert_name(publisher.name)
+                       for e in events), events
+        # This region's subscriptions go to its own client gateways, as the role.
+        assert lab.pg_tls is not None
+        ports = {lab.pg_tls.client_port(publisher.name, s) for s in subscribers}
+        assert len(conninfos) == len(subscribers)
+        for info in conninfos:
+            assert f"user={REPLICATION_ROLE}" in info
+            assert int(info.split("port=")[1].split()[0]) in ports, info
+
+
+def _connect(port: int, **params: str) -> psycopg.Connection[tuple[object, ...]]:
+    conninfo = make_conninfo(host="127.0.0.1", port=str(port), dbname="paycluster",
+                             user=REPLICATION_ROLE, connect_timeout="5", **params)
+    return psycopg.connect(conninfo, autocommit=True)
+
+
+@pytest.mark.multiregion
+def test_replication_role_needs_tls_and_a_cluster_certificate(lab: Cluster,
+                                                               tmp_path: Path) -> None:
+    publisher, subscriber = lab.regions[0], lab.regions[1]
+    direct = publisher.servers.postgres.port
+    gateway = publisher.pg_gateway_port
+    via_wan = lab.link_port(subscriber.name, publisher.name, "postgres")
+    files = region_tls_files(lab.data_dir, subscriber.name)
+    # libpq 17+ can speak TLS from the first byte, as the gateways do.
+    direct_tls = {"sslnegotiation": "direct", "sslmode": "verify-full",
+                  "sslrootcert": str(files.ca_file)}
+    other_ca, other_key = create_ca(tmp_path / "other", "someone else's CA")
+    issue_cert(other_ca, other_key, cert_name(subscriber.name), tmp_path / "other" / "x.crt",
+               tmp_path / "other" / "x.key")
+    # No client certificate may be picked up from ~/.postgresql by accident.
+    no_cert = {"sslcert": str(tmp_path / "none.crt"), "sslkey": str(tmp_path / "none.key")}
+
+    # Straight to PostgreSQL over TCP: the role is refused whatever it presents.
+    with pytest.raises(psycopg.OperationalError, match=r"pg_hba\.conf rejects"):
+        _connect(direct, sslmode="disable")
+    # To the gateway without TLS, with TLS but no certificate, with another CA's: refused.
+    with pytest.raises(psycopg.OperationalError):
+        _connect(gateway, sslmode="disable")
+    with pytest.raises(psycopg.OperationalError):
+        _connect(gateway, **direct_tls, **no_cert)
+    with pytest.raises(psycopg.OperationalError):
+        _connect(gateway, **direct_tls, sslcert=str(tmp_path / "other" / "x.crt"),
+                 sslkey=str(tmp_path / "other" / "x.key"))
+    # A cluster certificate gets in, at the gateway and across the WAN link to it.
+    for port in (gateway, via_wan):
+        with _connect(port, **direct_tls, sslcert=str(files.cert_file),
+                      sslkey=str(files.key_file)) as conn:
+            row = conn.execute("select current_user, inet_client_addr() is null").fetchone()
+            assert row == (REPLICATION_ROLE, True)
+    refused = [e for e in _gateway_events(lab)
+               if e["event"] == "refused" and e.get("gateway") == "server"]
+    assert len(refused) >= 3, refused
