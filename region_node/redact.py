@@ -19,12 +19,13 @@ import re
 
 MASK = "*"
 
-# Digits with at most one space or dash between two digits; 13-19 digits in all; not
-# glued to other digits (a 25-digit reference number is not a card).
-_CARD_CANDIDATE = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+# A run of digit groups joined by single spaces or dashes ("4111 1111-1111 1111 7"), taken
+# whole: the card inside is found group by group (see _mask_run), so a card followed by
+# another number ("<card>-2", "<card> 3 items") is still caught.
+_DIGIT_GROUPS = re.compile(r"\d+(?:[ -]\d+)*")
+_GROUP_SPLIT = re.compile(r"([ -])")
 # Cheap first pass (one character-class loop): is there any long run of digits at all?
 _DIGIT_RUN = re.compile(r"\d[\d -]{11,}\d")
-_SEPARATORS = re.compile(r"[ -]")
 # A UUID (our ids, request ids) can hold 16 decimal digits in its first three groups
 # (8-4-4) or a 4-4-4-4 run next to hex letters; never a card, never masked.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
@@ -60,18 +61,46 @@ def _in_uuid(text: str, start: int, end: int) -> bool:
     return False
 
 
+def _masked(digits: str) -> str:
+    return digits[:6] + MASK * (len(digits) - 10) + digits[-4:]
+
+
+def _mask_run(run: str) -> str:
+    """Mask every card in a run of digit groups: from each group, the longest following
+    window of whole groups with 13-19 digits that passes Luhn (a card is never split
+    inside a group; more than 19 digits glued together are not a card)."""
+    parts = _GROUP_SPLIT.split(run)
+    groups, seps = parts[0::2], parts[1::2]
+    out: list[str] = []
+    i = 0
+    while i < len(groups):
+        hit, total = -1, 0
+        for j in range(i, len(groups)):
+            total += len(groups[j])
+            if total > 19:
+                break
+            if total >= 13 and luhn_valid("".join(groups[i:j + 1])):
+                hit = j
+        end = i if hit < 0 else hit
+        out.append(groups[i] if hit < 0 else _masked("".join(groups[i:hit + 1])))
+        if end + 1 < len(groups):
+            out.append(seps[end])
+        i = end + 1
+    return "".join(out)
+
+
 def mask_card_numbers(text: str) -> str:
-    """Replace every Luhn-valid 13-19 digit run with first six + stars + last four."""
+    """Replace every Luhn-valid 13-19 digit number with first six + stars + last four."""
     if not _DIGIT_RUN.search(text):
         return text
 
     def repl(m: re.Match[str]) -> str:
-        digits = _SEPARATORS.sub("", m.group())
-        if not luhn_valid(digits) or _in_uuid(text, m.start(), m.end()):
-            return m.group()
-        return digits[:6] + MASK * (len(digits) - 10) + digits[-4:]
+        run = m.group()
+        if sum(ch.isdigit() for ch in run) < 13 or _in_uuid(text, m.start(), m.end()):
+            return run
+        return _mask_run(run)
 
-    return _CARD_CANDIDATE.sub(repl, text)
+    return _DIGIT_GROUPS.sub(repl, text)
 
 
 def redact_secrets(text: str) -> str:
