@@ -11,6 +11,8 @@
     paycluster region add NAME
     paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
     paycluster durability show | set REGION local|regional [--buddy B]
+    paycluster drill planned|crash|partition --region R [--duration S] [--rate N]
+                     [--report DIR] [--data-dir DIR] [--wan-scale X] [--durability MODE]
     paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N] [--no-router]
     paycluster bench [bench options, see `paycluster bench --help`]
 """
@@ -37,6 +39,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cluster.drill_cli import drill_app
 from cluster.lab import (
     REGION_NAMES,
     Cluster,
@@ -70,6 +73,7 @@ durability_app = typer.Typer(help="Durability mode per region: local (asynchrono
                                   "regional (a buddy region's subscription is a synchronous "
                                   "standby).", no_args_is_help=True)
 app.add_typer(durability_app, name="durability")
+app.add_typer(drill_app, name="drill")
 
 
 def make_console(stderr: bool = False) -> Console:

@@ -1,0 +1,585 @@
+"""Failover drills: rehearse losing a region under load and measure what users would feel.
+
+    paycluster drill planned|crash|partition --region R [--duration S] [--rate N]
+                     [--report DIR] [--data-dir DIR] [--wan-scale X]
+                     [--durability local|regional] [--to B] [--drain]
+
+A drill runs on the lab in `--data-dir` if one is running there, else on a lab of its own
+(3 regions, the WAN emulator, one geo router), stopped at the end even on failure or
+Ctrl-C. It
+
+1. opens and funds accounts in every region (through the router);
+2. starts the client workload (`cluster.drill_workload`): payments through the geo router
+   from clients in every region at `--rate` per second, half of them paid by accounts
+   homed in R, each retried with its Idempotency-Key on 503, every attempt recorded; and
+   samples every region's convergence monitor (`/v1/replication/status`);
+3. injects the fault a quarter of the way in:
+   - **planned**: `replication.failover.planned_handover` of home R to its takeover
+     region (R's durability buddy, else the next region), then failback the same way;
+   - **crash**: SIGKILL of R's node and PostgreSQL, takeover by the takeover region
+     (`replication.failover.crash_takeover`), restart of R, its lost tail listed for
+     reconciliation, rejoin, failback;
+   - **partition**: every WAN link to and from R cut; takeover by the majority; heal;
+     failback;
+4. stops the workload, waits until the regions converge, and measures RTO per
+   disruptive event, RPO, duplicates, errors by code, max replication lag, replication
+   conflicts and the ledger invariants in every region (`cluster.drill_measure`,
+   `cluster.invariants`);
+5. writes the report (`cluster.drill_report`: terminal table, report.json, report.md,
+   timeline.png).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cluster.demo import read_view
+from cluster.drill_measure import (
+    Disruption,
+    Loss,
+    StoredPayment,
+    disruption,
+    loss,
+    max_lag,
+    stored_payments,
+    timeline,
+)
+from cluster.drill_workload import Attempt, LagSampler, Workload
+from cluster.invariants import Finding, conflict_counts, ledger_findings
+from cluster.lab import Cluster, running_pids, start_cluster
+
+log = logging.getLogger("cluster.drill")
+
+KINDS = ("planned", "crash", "partition")
+
+DRILL_NODE_ENV: dict[str, str] = {"PAYCLUSTER_TRANSFER_POLL_SECONDS": "0.1"}
+"""Node settings of a lab the drill starts itself."""
+
+DRILL_ROUTER_ENV: dict[str, str] = {
+    # A dead region is noticed within ~1 s, a new owner within half a second.
+    "PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "0.5",
+    "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "0.4",
+    "PAYCLUSTER_ROUTER_FALL": "2",
+    "PAYCLUSTER_ROUTER_OWNERSHIP_REFRESH_SECONDS": "0.5",
+}
+"""Router settings of a lab the drill starts itself."""
+
+CONVERGE_TIMEOUT = 120.0
+"""Seconds the regions get to converge after the workload stopped."""
+
+RTO_BOUND_PLANNED = 10.0
+"""The issue's bound on a planned handover's RTO on this machine."""
+
+
+class DrillError(RuntimeError):
+    """The drill could not run (or finish) its fault sequence."""
+
+
+@dataclass
+class DrillConfig:
+    """What to drill and how hard."""
+
+    kind: str
+    region: str
+    duration: float = 15.0
+    rate: float = 20.0
+    to: str | None = None
+    durability: str | None = None
+    drain: bool = False
+    cut_mode: str = "blackhole"
+    seed: int = 0
+    hold: float | None = None
+    """Seconds between the takeover and the failback (default: a third of the duration)."""
+    settle: float = 2.0
+    """Seconds of workload after the failback, before it stops."""
+    cross_share: float = 0.2
+
+    def validate(self, regions: list[str]) -> None:
+        """ValueError for an unknown kind or region, or an unusable setting."""
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.region not in regions:
+            raise ValueError(f"unknown region {self.region!r}; the lab has "
+                             f"{', '.join(regions)}")
+        if self.to is not None and (self.to not in regions or self.to == self.region):
+            raise ValueError(f"--to must be another region of {', '.join(regions)}")
+        if len(regions) < 3 and self.kind != "planned":
+            raise ValueError("crash and partition drills need 3 regions (a majority)")
+        if self.durability not in (None, "local", "regional"):
+            raise ValueError("durability must be local or regional")
+        if self.duration <= 0 or self.rate <= 0:
+            raise ValueError("duration and rate must be positive")
+
+
+@dataclass
+class Event:
+    """Something the drill did, at `at` seconds since t0 (`wall`: unix time)."""
+
+    at: float
+    name: str
+    detail: str = ""
+    wall: float = 0.0
+    disruptive: bool = False
+
+
+@dataclass
+class Check:
+    """One of the issue's pass criteria: name, whether it holds, and the figure."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class DrillResult:
+    """Everything the report shows."""
+
+    config: DrillConfig
+    run_id: str
+    started_at: str
+    regions: list[str]
+    takeover: str
+    durability: str
+    data_dir: str
+    events: list[Event] = field(default_factory=list)
+    disruptions: list[Disruption] = field(default_factory=list)
+    loss: Loss | None = None
+    findings: list[Finding] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    handovers: list[dict[str, Any]] = field(default_factory=list)
+    lost_tail: list[dict[str, Any]] | None = None
+    fence: dict[str, Any] | None = None
+    max_lag: dict[str, Any] = field(default_factory=dict)
+    converged_after: float | None = None
+    diverged: list[str] = field(default_factory=list)
+    workload: dict[str, Any] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the drill ran to the end and every check passed."""
+        return self.error is None and bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def fault(self) -> Disruption | None:
+        """The disruption after the fault itself."""
+        return self.disruptions[0] if self.disruptions else None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (report.json)."""
+        return {
+            "kind": self.config.kind, "region": self.config.region, "ok": self.ok,
+            "config": asdict(self.config), "run_id": self.run_id,
+            "started_at": self.started_at, "regions": self.regions,
+            "takeover": self.takeover, "durability": self.durability,
+            "data_dir": self.data_dir, "seconds": round(self.seconds, 2),
+            "error": self.error,
+            "rto": None if self.fault is None else {
+                "first_success_s": self.fault.rto_first, "stable_s": self.fault.rto_stable},
+            "rpo": None if self.loss is None else {
+                "count": self.loss.rpo_count, "amount": self.loss.missing_amount},
+            "duplicates": None if self.loss is None else self.loss.duplicates,
+            "checks": [asdict(c) for c in self.checks],
+            "events": [asdict(e) for e in self.events],
+            "disruptions": [d.to_json() for d in self.disruptions],
+            "loss": None if self.loss is None else self.loss.to_json(),
+            "errors_by_code": self.errors_by_code,
+            "invariants": [f.to_json() for f in self.findings],
+            "handovers": self.handovers, "lost_tail": self.lost_tail, "fence": self.fence,
+            "max_lag": self.max_lag, "converged_after_s": self.converged_after,
+            "diverged": self.diverged, "workload": self.workload,
+            "timeline": self.timeline,
+        }
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+def auth_headers(cluster: Cluster) -> dict[str, str]:
+    """The headers every /v1 call of the drill carries (the lab's admin key once the lab
+    has one: `Cluster.auth_headers`); the one place they come from."""
+    fn = getattr(cluster, "auth_headers", None)
+    return dict(fn()) if callable(fn) else {}
+
+
+@contextlib.contextmanager
+def drill_lab(data_dir: Path | None, wan_scale: float = 0.25,
+              on_status: Callable[[str], None] | None = None,
+              shield: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+              ) -> Iterator[Cluster]:
+    """The running lab in `data_dir` if there is one (with a geo router: one is started
+    for the drill if it has none, and stopped afterwards), else a lab of the drill's own
+    in `data_dir` (or a temp dir), stopped on exit whatever happens. `shield` (e.g. the
+    CLI's signal guard) is entered while stopping, so a second Ctrl-C cannot cut the
+    stop short."""
+    say = on_status or (lambda _msg: None)
+    guard = shield or contextlib.nullcontext
+    if data_dir is not None and running_pids(data_dir):
+        cluster = Cluster.load(data_dir)
+        started_router = None
+        if not any(r.is_running() for r in cluster.routers):
+            say("the lab runs no geo router: starting one for the drill")
+            started_router = cluster.start_router()
+        try:
+            yield cluster
+        finally:
+            if started_router is not None:
+                say("stopping the drill's router")
+                with contextlib.suppress(Exception):
+                    started_router.stop()
+                with cluster._lock:
+                    cluster.routers.remove(started_router)
+                cluster.write()
+        return
+    run_dir = data_dir or Path(tempfile.mkdtemp(prefix="paycluster-drill-"))
+    say(f"starting a 3-region lab in {run_dir} (WAN scale {wan_scale:g})")
+    cluster = start_cluster(run_dir, regions=3, wan_scale=wan_scale, routers=1,
+                            extra_env=dict(DRILL_NODE_ENV), router_env=dict(DRILL_ROUTER_ENV))
+    try:
+        yield cluster
+    finally:
+        with guard():
+            say("stopping the drill's lab")
+            cluster.stop()
+
+
+def takeover_region(cluster: Cluster, home: str, wanted: str | None = None) -> str:
+    """Who takes over `home`: `wanted`, else its durability buddy, else the next region."""
+    if wanted is not None:
+        return wanted
+    from replication.durability import durability
+
+    names = cluster.names
+    with contextlib.suppress(Exception):
+        state = durability(cluster.region(home).dsn, home, names)
+        if state.buddy in names and state.buddy != home:
+            return str(state.buddy)
+    return names[(names.index(home) + 1) % len(names)]
+
+
+def owner_of(dsn: str, home: str) -> tuple[int, str] | None:
+    """(epoch, serving region) of `home` in the store at `dsn`: the ownership log's
+    newest row."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+        row = conn.execute("select epoch, serving_region from ownership_epochs "
+                           "where home_region = %s order by epoch desc limit 1",
+                           (home,)).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _handles(cluster: Cluster) -> dict[str, Any]:
+    from replication.failover import RegionHandle
+
+    return {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
+
+
+def _lock_urls(cluster: Cluster, via: str) -> list[str]:
+    return [url for _, url in sorted(cluster.lock_urls_of(via).items())]
+
+
+def _with_headers(fn: Callable[..., Any], headers: Mapping[str, str],
+                  kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` plus `headers=` if `fn` takes it (the guard's functions gain it with the
+    lab's API keys)."""
+    if headers and "headers" in inspect.signature(fn).parameters:
+        return {**kwargs, "headers": dict(headers)}
+    return kwargs
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State of one drill run: clock, events, the workload, the lab."""
+
+    def __init__(self, cluster: Cluster, config: DrillConfig,
+                 say: Callable[[str], None]) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.say = say
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()
+        self.headers = auth_headers(cluster)
+        self.events: list[Event] = []
+        self.handovers: list[dict[str, Any]] = []
+        self.takeover = takeover_region(cluster, config.region, config.to)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def event(self, name: str, detail: str = "", disruptive: bool = False) -> Event:
+        ev = Event(round(self.now(), 4), name, detail, time.time(), disruptive)
+        self.events.append(ev)
+        self.say(f"  t={ev.at:6.2f}s  {name}" + (f": {detail}" if detail else ""))
+        return ev
+
+    async def sleep_until(self, at: float) -> None:
+        delay = at - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------ building blocks
+
+    async def handover(self, to: str, label: str) -> Any:
+        """A planned handover of the drilled region's home to `to` (optionally drained
+        at the routers meanwhile); recorded as an event and in `handovers`."""
+        from replication.failover import HandoverError, Step, planned_handover
+
+        home = self.config.region
+        source = self.current_owner()
+        drained = self.drain(source) if self.config.drain and source != to else None
+
+        def step(s: Step) -> None:
+            if s.name in ("ban", "take", "abort", "handed back"):
+                self.event(f"{label}: {s.name}", s.detail)
+
+        self.event(label, f"planned handover of {home} from {source} to {to}",
+                   disruptive=True)
+        kwargs = _with_headers(planned_handover, self.headers, {"on_step": step})
+        try:
+            report = await planned_handover(_handles(self.cluster),
+                                            _lock_urls(self.cluster, to), home, to, **kwargs)
+        except HandoverError as exc:
+            if exc.report is not None:
+                self.handovers.append({"label": label, **exc.report.to_json()})
+            raise DrillError(f"{label} failed: {exc}") from exc
+        finally:
+            if drained is not None:
+                self.undrain(drained)
+        self.handovers.append({"label": label, **report.to_json()})
+        self.event(f"{label} done", f"{to} serves {home} under epoch {report.new_epoch}; "
+                   f"writes paused {1000 * (report.unavailable_seconds or 0):.0f} ms")
+        return report
+
+    def current_owner(self) -> str:
+        """Who serves the drilled home now, per the first store that answers."""
+        for name in [self.takeover, self.config.region, *self.cluster.names]:
+            with contextlib.suppress(Exception):
+                owner = owner_of(self.cluster.region(name).dsn, self.config.region)
+                if owner is not None:
+                    return owner[1]
+        return self.config.region
+
+    def drain(self, region: str) -> str:
+        for router in self.cluster.routers:
+            with router.admin() as admin:
+                admin.drain(region)
+        self.event("drain", f"{region} drained at the router(s)")
+        return region
+
+    def undrain(self, region: str) -> None:
+        for router in self.cluster.routers:
+            with contextlib.suppress(Exception), router.admin() as admin:
+                admin.undrain(region)
+        self.event("undrain", f"{region} undrained at the router(s)")
+
+    # ------------------------------------------------------------ fault sequences
+
+    async def planned(self, fault_at: float, hold: float) -> None:
+        await self.sleep_until(fault_at)
+        await self.handover(self.takeover, "fault")
+        await asyncio.sleep(hold)
+        await self.handover(self.config.region, "failback")
+
+    async def crash(self, fault_at: float, hold: float) -> None:
+        raise DrillError("crash drill: replication.failover.crash_takeover is not "
+                         "available yet")
+
+    async def partition(self, fault_at: float, hold: float) -> None:
+        raise DrillError("partition drill: replication.failover.crash_takeover is not "
+                         "available yet")
+
+
+async def run_drill_async(cluster: Cluster, config: DrillConfig,
+                          say: Callable[[str], None] | None = None) -> DrillResult:
+    """Run one drill on `cluster` (see the module docstring); never raises for a failed
+    fault sequence: the result carries the error, and what was measured so far."""
+    say = say or (lambda _msg: None)
+    config.validate(cluster.names)
+    run = _Run(cluster, config, say)
+    home = config.region
+    result = DrillResult(config, uuid.uuid4().hex[:10],
+                         datetime.now(UTC).isoformat(timespec="seconds"), cluster.names,
+                         run.takeover, "local", str(cluster.data_dir))
+    if config.durability is not None:
+        from replication.durability import set_durability
+
+        buddy = run.takeover if config.durability == "regional" else None
+        await asyncio.to_thread(
+            set_durability, cluster.region(home).dsn, home, config.durability, buddy,
+            cluster.region(run.takeover).dsn)
+    result.durability = _durability_of(cluster, home)
+    say(f"drill {config.kind} of {home} (takeover {run.takeover}, durability "
+        f"{result.durability}), {config.rate:g} payments/s for {config.duration:g}s+")
+    before = {r.name: await asyncio.to_thread(conflict_counts, r.dsn) for r in cluster.regions}
+    apis = {r.name: r.api_url for r in cluster.regions}
+    sampler = LagSampler(apis, run.t0, run.headers)
+    hold = config.hold if config.hold is not None else max(3.0, config.duration / 3)
+    fault_at = max(2.0, config.duration / 4)
+    async with Workload(cluster.router_url, cluster.names, focus=home, rate=config.rate,
+                        t0=run.t0, run_id=result.run_id, headers=run.headers,
+                        seed=config.seed, cross_share=config.cross_share) as work:
+        accounts = await work.open_accounts()
+        # The clock starts with the workload: everything is measured from here.
+        run.t0 = work.t0 = sampler.t0 = time.monotonic()
+        run.event("workload", f"{config.rate:g} payments/s through {cluster.router_url}")
+        sampler.start()
+        stop = asyncio.Event()
+        load = asyncio.create_task(work.run(stop))
+        try:
+            try:
+                await getattr(run, config.kind)(fault_at, hold)
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+                run.event("drill error", result.error)
+            await run.sleep_until(max(config.duration, run.now() + config.settle))
+        finally:
+            stop.set()
+            await load
+            run.event("workload stopped", f"{len(work.intents)} payments, "
+                      f"{len(work.attempts)} attempts")
+        await sampler.stop()
+    result.events, result.handovers = run.events, run.handovers
+    end = run.now()
+
+    # Converged final state, then the figures.
+    result.converged_after, result.diverged = await _converge(cluster)
+    stored = {r.name: await asyncio.to_thread(stored_payments, r.dsn, result.run_id)
+              for r in cluster.regions}
+    final = stored[home]
+    result.loss = loss(work.intents, final)
+    for name, rows in stored.items():
+        if {p.id for p in rows} != {p.id for p in final}:
+            result.diverged.append(f"{name} has {len(rows)} drill payments, {home} "
+                                   f"{len(final)}")
+    for region in cluster.regions:
+        result.findings += await asyncio.to_thread(ledger_findings, region.name, region.dsn,
+                                                   before[region.name])
+    disruptive = [e for e in result.events if e.disruptive]
+    for i, ev in enumerate(disruptive):
+        until = disruptive[i + 1].at if i + 1 < len(disruptive) else end
+        result.disruptions.append(disruption(work.attempts, home, ev.name, ev.at, until))
+    result.errors_by_code = dict(sorted(_count(
+        a.code or f"http_{a.status}" for a in work.attempts if not a.answered).items()))
+    overall, pair = max_lag(sampler.samples)
+    others, other_pair = max_lag(sampler.samples, exclude=home)
+    result.max_lag = {"seconds": overall, "pair": pair, "excluding_region_seconds": others,
+                      "excluding_region_pair": other_pair,
+                      "breaches": sorted({b for s in sampler.samples for b in s.breaches}),
+                      "unreachable_samples": sum(1 for s in sampler.samples if s.error)}
+    result.timeline = [asdict(s) for s in timeline(work.attempts, sampler.samples, home, end)]
+    result.workload = _workload_figures(work, accounts.deposited, end)
+    result.seconds = end
+    result.checks = _checks(result, final)
+    result.attempts = work.attempts
+    return result
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def _durability_of(cluster: Cluster, home: str) -> str:
+    from replication.durability import durability
+
+    try:
+        state = durability(cluster.region(home).dsn, home, cluster.names)
+    except Exception:
+        return "unknown"
+    return state.mode if state.mode == "local" else f"regional (buddy {state.buddy})"
+
+
+def _workload_figures(work: Workload, deposited: int, end: float) -> dict[str, Any]:
+    results = _count(i.result for i in work.intents)
+    return {"payments": len(work.intents), "attempts": len(work.attempts),
+            "retries": len(work.attempts) - len(work.intents), "results": results,
+            "rate_per_s": round(len(work.intents) / end, 2) if end else None,
+            "acknowledged": sum(1 for i in work.intents if i.payment_id),
+            "focus_payments": sum(1 for i in work.intents if i.home == work.focus),
+            "deposited": deposited}
+
+
+async def _converge(cluster: Cluster, within: float = CONVERGE_TIMEOUT
+                    ) -> tuple[float | None, list[str]]:
+    """Wait until every region's copy of the ledger is identical and nothing is
+    `processing`; (seconds it took, []) or (None, what still differs)."""
+    started = time.monotonic()
+    last: list[str] = []
+    while time.monotonic() - started < within:
+        try:
+            views = {r.name: await asyncio.to_thread(read_view, r.dsn)
+                     for r in cluster.regions}
+        except Exception as exc:
+            last = [f"cannot read a store: {exc}"]
+        else:
+            prints = {v.fingerprint for v in views.values()}
+            busy = {n: v.processing for n, v in views.items() if v.processing}
+            if len(prints) == 1 and not busy:
+                return round(time.monotonic() - started, 2), []
+            last = [f"{len(prints)} different views"] + [f"{n}: {c} processing"
+                                                          for n, c in busy.items()]
+        await asyncio.sleep(0.5)
+    return None, last
+
+
+def _checks(result: DrillResult, final: list[StoredPayment]) -> list[Check]:
+    """The issue's pass criteria for this kind of drill."""
+    checks: list[Check] = []
+    lossy = result.loss
+    assert lossy is not None
+    checks.append(Check("drill ran to the end", result.error is None, result.error or ""))
+    checks.append(Check("regions converged", result.converged_after is not None
+                        and not result.diverged,
+                        "; ".join(result.diverged) or f"in {result.converged_after}s"))
+    kind = result.config.kind
+    regional = result.durability.startswith("regional")
+    if kind != "crash" or regional:
+        checks.append(Check("RPO 0", lossy.rpo_count == 0,
+                            f"{lossy.rpo_count} acknowledged payments missing "
+                            f"({lossy.missing_amount} minor units)"))
+    checks.append(Check("no duplicates", lossy.duplicates == 0,
+                        f"{len(lossy.duplicate_keys)} keys charged twice, "
+                        f"{len(lossy.client_saw_two_ids)} keys answered with two ids"))
+    broken = [f for f in result.findings if not f.ok]
+    checks.append(Check("invariants hold in every region", not broken,
+                        "; ".join(f"{f.region}: {f.name}: {f.detail}" for f in broken)
+                        or f"{len(result.findings)} checks"))
+    fault = result.fault
+    if kind == "planned":
+        rto = None if fault is None else fault.rto_stable
+        checks.append(Check(f"RTO < {RTO_BOUND_PLANNED:g} s", rto is not None
+                            and rto < RTO_BOUND_PLANNED, f"stable after {rto} s"))
+        back = [h for h in result.handovers if h.get("label") == "failback"]
+        clean = bool(back) and not back[-1].get("aborted") and \
+            back[-1].get("to_region") == result.config.region
+        checks.append(Check("failback clean", clean,
+                            "" if not back else f"{back[-1].get('from_region')} -> "
+                            f"{back[-1].get('to_region')}, epoch {back[-1].get('new_epoch')}"))
+    return checks
+
+
+def run_drill(cluster: Cluster, config: DrillConfig,
+              say: Callable[[str], None] | None = None) -> DrillResult:
+    """Synchronous `run_drill_async`."""
+    return asyncio.run(run_drill_async(cluster, config, say))

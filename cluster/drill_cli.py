@@ -1,0 +1,105 @@
+"""`paycluster drill planned|crash|partition`: the failover drills on the command line
+(see cluster/drill.py for what each does and cluster/drill_report.py for the report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+drill_app = typer.Typer(help="Rehearse losing a region under load (through the geo router) "
+                             "and report RTO, RPO, duplicates, client errors, invariants "
+                             "and replication lag.", no_args_is_help=True)
+
+RegionOpt = Annotated[str, typer.Option("--region", "-r", help="the region to fail")]
+Duration = Annotated[float, typer.Option(
+    "--duration", min=1.0, help="seconds of workload (at least: it runs on until the "
+                                "failback is done and a few seconds after)")]
+Rate = Annotated[float, typer.Option("--rate", min=0.1, help="payments per second, in total")]
+ReportDir = Annotated[Path | None, typer.Option(
+    "--report", help="directory for report.json, report.md, timeline.png "
+                     "(default: <data dir>/drills/<kind>-<run id>)")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", "-d", help="a running lab to drill on; without one running there, the "
+                             "drill starts its own there (default: a temp dir) and stops it "
+                             "afterwards")]
+WanScaleOpt = Annotated[float, typer.Option(
+    "--wan-scale", min=0.0, help="round-trip multiplier of a lab the drill starts")]
+DurabilityOpt = Annotated[str | None, typer.Option(
+    "--durability", help="put the region in local or regional mode first (regional: the "
+                         "takeover region is its buddy); default: leave it as it is")]
+ToOpt = Annotated[str | None, typer.Option(
+    "--to", help="the takeover region (default: the region's buddy, else the next one)")]
+DrainOpt = Annotated[bool, typer.Option(
+    "--drain/--no-drain", help="drain the handing-over region at the routers during a "
+                               "planned handover")]
+CutModeOpt = Annotated[str, typer.Option(
+    "--cut-mode", help="partition: blackhole (traffic held) or reset (connections reset)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the workload")]
+
+
+def _run(kind: str, region: str, duration: float, rate: float, report: Path | None,
+         data_dir: Path | None, wan_scale: float, durability: str | None, to: str | None,
+         drain: bool, cut_mode: str, seed: int) -> None:
+    import asyncio
+
+    from cluster.cli import _shielded, _Stop, _terminate_as_interrupt, console, err_console
+    from cluster.drill import DrillConfig, DrillError, drill_lab, run_drill_async
+    from cluster.drill_report import print_report, write_report
+    from cluster.lab import ClusterError
+    from cluster.servers import ServerStartError
+
+    config = DrillConfig(kind, region, duration=duration, rate=rate, to=to,
+                         durability=durability, drain=drain, cut_mode=cut_mode, seed=seed)
+    ok = False
+    with _terminate_as_interrupt():
+        try:
+            with drill_lab(data_dir, wan_scale, on_status=console.print,
+                           shield=_shielded) as cluster:
+                result = asyncio.run(run_drill_async(cluster, config, console.print))
+                target = report or (cluster.data_dir / "drills"
+                                    / f"{kind}-{result.run_id}")
+                paths = write_report(result, target)
+                print_report(result, console)
+                console.print(f"report: {paths['md']} ({paths['json'].name}, "
+                              f"{paths['png'].name})")
+                ok = result.ok
+        except (ClusterError, ServerStartError, DrillError, ValueError) as exc:
+            err_console.print(f"[red]drill failed:[/] {exc}")
+        except (KeyboardInterrupt, _Stop):
+            err_console.print("interrupted; the lab the drill started was stopped")
+            raise typer.Exit(130) from None
+    if not ok:
+        raise typer.Exit(1)
+
+
+@drill_app.command("planned")
+def planned(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
+            report: ReportDir = None, data_dir: DataDirOpt = None,
+            wan_scale: WanScaleOpt = 0.25, durability: DurabilityOpt = None,
+            to: ToOpt = None, drain: DrainOpt = False, seed: SeedOpt = 0) -> None:
+    """Planned handover of the region's accounts to the takeover region, then failback."""
+    _run("planned", region, duration, rate, report, data_dir, wan_scale, durability, to,
+         drain, "blackhole", seed)
+
+
+@drill_app.command("crash")
+def crash(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
+          report: ReportDir = None, data_dir: DataDirOpt = None,
+          wan_scale: WanScaleOpt = 0.25, durability: DurabilityOpt = None,
+          to: ToOpt = None, seed: SeedOpt = 0) -> None:
+    """SIGKILL the region's node and PostgreSQL; takeover; restart, reconcile, failback."""
+    _run("crash", region, duration, rate, report, data_dir, wan_scale, durability, to,
+         False, "blackhole", seed)
+
+
+@drill_app.command("partition")
+def partition(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
+              report: ReportDir = None, data_dir: DataDirOpt = None,
+              wan_scale: WanScaleOpt = 0.25, durability: DurabilityOpt = None,
+              to: ToOpt = None, cut_mode: CutModeOpt = "blackhole",
+              seed: SeedOpt = 0) -> None:
+    """Cut every WAN link of the region; takeover by the majority; heal; failback."""
+    _run("partition", region, duration, rate, report, data_dir, wan_scale, durability, to,
+         False, cut_mode, seed)

@@ -1,0 +1,107 @@
+"""Fault injection for the failover drills, on a lab's processes and WAN emulator.
+
+- `crash_region`: SIGKILL of a region's node and of its PostgreSQL - the postmaster's
+  whole process group (the lab starts every server in a session of its own, so the
+  group id is the pid it recorded), so no backend survives to finish a commit - by pid,
+  after checking the pid is still the process the lab started.
+- `restart_store` / `restart_node`: bring them back on the same ports and data, and
+  record the new pids in cluster.json.
+- `isolate_region` / `heal_region`: cut (or heal) every WAN link to and from a region:
+  replication, gRPC and the lock quorum's Redis, both directions. The geo router talks to
+  the nodes directly, so clients still reach the isolated region - as they would a
+  region whose inter-region links failed while its front door stayed up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import psutil
+
+from cluster.lab import Cluster
+from cluster.servers import PostgresServer, ServerProcess, start_postgres
+
+
+class FaultError(RuntimeError):
+    """A fault could not be injected or undone."""
+
+
+def _kill_group(proc: ServerProcess, timeout: float = 10.0) -> int:
+    """SIGKILL `proc`'s process group (it leads one: see cluster.servers.spawn) and wait
+    until every member is gone; returns how many processes were killed."""
+    if not proc.is_running():
+        raise FaultError(f"{proc.kind} (pid {proc.pid}) is not running, or not ours")
+    try:
+        members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        members = []
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:  # not a group leader after all: the pid itself, then what it forked
+            for member in members:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    if alive:
+        raise FaultError(f"still alive after SIGKILL: {[p.pid for p in alive]}")
+    popen = proc._popen
+    if popen is not None:
+        with contextlib.suppress(Exception):
+            popen.wait(1)
+    return len(members)
+
+
+def crash_region(cluster: Cluster, name: str) -> dict[str, int]:
+    """SIGKILL region `name`'s node and PostgreSQL (Redis and NATS stay up: the drill
+    loses the region's compute and store, not the lock quorum's member). Returns the pids
+    killed."""
+    region = cluster.region(name)
+    killed: dict[str, int] = {}
+    if region.node is not None and region.node.is_running():
+        killed["node"] = region.node.pid
+        _kill_group(region.node)
+    killed["postgres"] = region.servers.postgres.pid
+    _kill_group(region.servers.postgres)
+    return killed
+
+
+def restart_store(cluster: Cluster, name: str, timeout: float = 60.0) -> PostgresServer:
+    """Start region `name`'s PostgreSQL again on its port and data (crash recovery runs),
+    and record the new pid."""
+    region = cluster.region(name)
+    old = region.servers.postgres
+    if old.is_running():
+        raise FaultError(f"{name}'s PostgreSQL (pid {old.pid}) is still running")
+    server = start_postgres(old.data_dir, port=old.port, timeout=timeout)
+    region.servers.postgres = server
+    cluster.write()
+    return server
+
+
+def restart_node(cluster: Cluster, name: str) -> None:
+    """Start region `name`'s node again (after a crash) and record its pid."""
+    cluster.restart_node(name)
+
+
+def _peers(cluster: Cluster, name: str) -> list[str]:
+    return [r for r in cluster.names if r != name]
+
+
+def isolate_region(cluster: Cluster, name: str, mode: str = "blackhole") -> float:
+    """Cut every WAN link between `name` and the other regions, both directions; returns
+    the time (time.time) the last cut took effect."""
+    with cluster.wan_control() as wan:
+        for other in _peers(cluster, name):
+            wan.cut(name, other, mode=mode)  # type: ignore[arg-type]
+    return time.time()
+
+
+def heal_region(cluster: Cluster, name: str) -> None:
+    """Heal every WAN link between `name` and the other regions."""
+    with cluster.wan_control() as wan:
+        for other in _peers(cluster, name):
+            wan.heal(name, other)

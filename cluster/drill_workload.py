@@ -1,0 +1,365 @@
+"""The failover drill's client workload: payments through the geo router from simulated
+clients in every region, at a fixed total rate, each attempt recorded.
+
+Every client says where it is with `X-Client-Region` (geo_router README, "How a request is
+routed"), so one router serves clients of every region exactly as the per-region routers
+would. A payment is one *intent* with its own Idempotency-Key; the client retries it with
+the SAME key on 503 / 409 (key in use) / 429 / 502 / 504 and on transport errors, as a
+real client would, until it is answered or its retry budget runs out. Each attempt is
+recorded (when it started, how long it took, what came back), so the drill can tell when
+writes for a region's users failed and when they succeeded again. The key is also written
+into the payment's `description`, so that the stores themselves show whether a key was
+ever charged twice.
+
+Accounts (payers homed in every region, funded; payees in every region) are opened
+before the fault, through the router too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+CURRENCY = "USD"
+CLIENT_REGION = "X-Client-Region"
+RETRY_STATUS = frozenset({409, 429, 502, 503, 504})
+"""Answers a client retries with the same Idempotency-Key (the request may not have run)."""
+DESCRIPTION_PREFIX = "drill"
+"""Payments of a drill carry `drill:<run>:<key>` as their description."""
+
+
+@dataclass
+class Attempt:
+    """One HTTP attempt of a payment intent, as the client saw it.
+
+    `started` is in seconds since the drill's t0 (time.monotonic based); `outcome` is
+    ``ok`` (201/200), ``declined`` (402: an answer, not an outage), ``error`` (any other
+    status) or ``exception`` (no answer: `code` is the exception's class).
+    """
+
+    key: str
+    n: int
+    client: str
+    home: str
+    started: float
+    latency: float
+    outcome: str
+    status: int | None = None
+    code: str | None = None
+    payment_id: str | None = None
+    served_by: str | None = None
+
+    @property
+    def ended(self) -> float:
+        """When the answer (or the failure) arrived, seconds since t0."""
+        return self.started + self.latency
+
+    @property
+    def answered(self) -> bool:
+        """The system worked: acknowledged or declined by the business rules."""
+        return self.outcome in ("ok", "declined")
+
+
+@dataclass
+class Intent:
+    """A logical payment: one key, retried until acknowledged, declined or given up."""
+
+    key: str
+    client: str
+    payer: str
+    home: str
+    payee: str
+    amount: int
+    created: float
+    attempts: int = 0
+    payment_id: str | None = None
+    acked_at: float | None = None
+    result: str = "pending"
+    ids_seen: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DrillAccounts:
+    """The accounts a drill opened: payers per home region (funded), payees per region."""
+
+    payers: dict[str, list[str]]
+    payees: dict[str, list[str]]
+    deposited: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+class Workload:
+    """Payments through the router at `rate` per second in total, spread evenly over the
+    client regions; payers homed in `focus` make up `focus_share` of them (so RTO for the
+    drilled region's users is measured on enough samples); `cross_share` of payments go
+    to a payee homed in another region (a cross-region saga)."""
+
+    def __init__(self, router_url: str, regions: list[str], *, focus: str, rate: float,
+                 t0: float, run_id: str, headers: Mapping[str, str] | None = None,
+                 seed: int = 0, focus_share: float = 0.5, cross_share: float = 0.2,
+                 give_up_after: float = 30.0, request_timeout: float = 10.0) -> None:
+        self.router_url = router_url
+        self.regions = list(regions)
+        self.focus = focus
+        self.rate = rate
+        self.t0 = t0
+        self.run_id = run_id
+        self.headers = dict(headers or {})
+        self.rng = random.Random(seed)
+        self.focus_share = focus_share
+        self.cross_share = cross_share
+        self.give_up_after = give_up_after
+        self.request_timeout = request_timeout
+        self.attempts: list[Attempt] = []
+        self.intents: list[Intent] = []
+        self.accounts: DrillAccounts | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._serial = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Workload:
+        self._client = httpx.AsyncClient(
+            base_url=self.router_url, timeout=self.request_timeout,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The HTTP client (to the router)."""
+        if self._client is None:
+            raise RuntimeError("use the workload in `async with`")
+        return self._client
+
+    def now(self) -> float:
+        """Seconds since the drill's t0."""
+        return time.monotonic() - self.t0
+
+    # ---------------------------------------------------------------- accounts
+
+    async def _setup_post(self, client_region: str, path: str, body: dict[str, Any]
+                          ) -> dict[str, Any]:
+        """POST before the fault: retried with one key; anything but 2xx is fatal."""
+        headers = {**self.headers, CLIENT_REGION: client_region,
+                   "Idempotency-Key": f"drill-setup-{uuid.uuid4()}"}
+        last = ""
+        for attempt in range(8):
+            try:
+                resp = await self.client.post(path, json=body, headers=headers)
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            else:
+                if resp.status_code in (200, 201):
+                    doc: dict[str, Any] = resp.json()
+                    return doc
+                last = f"{resp.status_code} {resp.text[:300]}"
+                if resp.status_code not in RETRY_STATUS:
+                    break
+            await asyncio.sleep(0.1 * 2 ** attempt)
+        raise RuntimeError(f"POST {path} through the router failed: {last}")
+
+    async def open_accounts(self, payers_per_region: int = 4, payees_per_region: int = 2,
+                            balance: int = 10_000_000) -> DrillAccounts:
+        """Open and fund payers, open payees, in every region (through the router, each as
+        a client of its home region)."""
+
+        async def open_one(home: str, kind: str, deposit: int) -> str:
+            doc = await self._setup_post(home, "/v1/accounts", {
+                "currency": CURRENCY, "kind": kind, "home_region": home})
+            account = str(doc["id"])
+            if deposit:
+                await self._setup_post(home, f"/v1/accounts/{account}/deposits",
+                                       {"amount": deposit})
+            return account
+
+        payers: dict[str, list[str]] = {}
+        payees: dict[str, list[str]] = {}
+        for home in self.regions:
+            payers[home] = list(await asyncio.gather(*(
+                open_one(home, "customer", balance) for _ in range(payers_per_region))))
+            payees[home] = list(await asyncio.gather(*(
+                open_one(home, "merchant", 0) for _ in range(payees_per_region))))
+        self.accounts = DrillAccounts(payers, payees,
+                                      balance * payers_per_region * len(self.regions))
+        return self.accounts
+
+    # ---------------------------------------------------------------- payments
+
+    def _plan(self, client: str) -> Intent:
+        assert self.accounts is not None
+        others = [r for r in self.regions if r != self.focus] or [self.focus]
+        home = self.focus if self.rng.random() < self.focus_share else self.rng.choice(others)
+        payee_home = home
+        if self.rng.random() < self.cross_share:
+            payee_home = self.rng.choice([r for r in self.regions if r != home] or [home])
+        # No long digit runs in the key: the nodes mask card-number-like runs (13+ digits)
+        # in descriptions, which would hide the key from the duplicate check.
+        self._serial += 1
+        key = f"drill-{self.run_id}-n{self._serial}x{uuid.uuid4().hex[:8]}"
+        return Intent(key=key, client=client,
+                      payer=self.rng.choice(self.accounts.payers[home]), home=home,
+                      payee=self.rng.choice(self.accounts.payees[payee_home]),
+                      amount=self.rng.randint(1, 500), created=self.now())
+
+    async def _attempt(self, intent: Intent, body: dict[str, Any]) -> Attempt:
+        intent.attempts += 1
+        headers = {**self.headers, CLIENT_REGION: intent.client,
+                   "Idempotency-Key": intent.key}
+        started = time.monotonic()
+        at = started - self.t0
+        try:
+            resp = await self.client.post("/v1/payments", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return Attempt(intent.key, intent.attempts, intent.client, intent.home, at,
+                           time.monotonic() - started, "exception", code=type(exc).__name__)
+        latency = time.monotonic() - started
+        served = resp.headers.get("paycluster-served-by")
+        if resp.status_code in (200, 201):
+            return Attempt(intent.key, intent.attempts, intent.client, intent.home, at, latency,
+                           "ok", resp.status_code, payment_id=str(resp.json()["id"]),
+                           served_by=served)
+        code: str | None = None
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            code = str(resp.json()["error"]["code"])
+        outcome = "declined" if resp.status_code == 402 else "error"
+        return Attempt(intent.key, intent.attempts, intent.client, intent.home, at, latency,
+                       outcome, resp.status_code, code or f"http_{resp.status_code}",
+                       served_by=served)
+
+    async def _pay(self, intent: Intent) -> None:
+        body = {"payer": intent.payer, "payee": intent.payee, "amount": intent.amount,
+                "currency": CURRENCY,
+                "description": f"{DESCRIPTION_PREFIX}:{self.run_id}:{intent.key}"}
+        deadline = intent.created + self.give_up_after
+        backoff = 0.1
+        while True:
+            attempt = await self._attempt(intent, body)
+            self.attempts.append(attempt)
+            if attempt.payment_id is not None:
+                intent.ids_seen.append(attempt.payment_id)
+                intent.payment_id = intent.payment_id or attempt.payment_id
+                intent.acked_at = attempt.ended
+                intent.result = "acked"
+                return
+            retry = attempt.outcome == "exception" or attempt.status in RETRY_STATUS
+            if not retry:
+                intent.result = attempt.outcome if attempt.outcome == "declined" else "failed"
+                return
+            if self.now() + backoff > deadline:
+                intent.result = "gave_up"
+                return
+            # Jittered backoff, capped: a client hammering a failing region helps nobody.
+            await asyncio.sleep(backoff * (0.5 + self.rng.random()))
+            backoff = min(backoff * 1.5, 1.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start payments at the configured rate until `stop` is set, then wait for every
+        intent to be answered or to give up."""
+        interval = 1.0 / self.rate
+        started = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            client = self.regions[n % len(self.regions)]
+            intent = self._plan(client)
+            self.intents.append(intent)
+            task = asyncio.create_task(self._pay(intent))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            n += 1
+            # Fixed schedule (open loop): a slow answer does not slow the arrivals down,
+            # as with real users.
+            delay = started + n * interval - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- lag sampling
+
+
+@dataclass
+class LagSample:
+    """One reading of one region's monitor: lag per pair (peer -> region), or why not."""
+
+    at: float
+    region: str
+    pairs: dict[str, float | None]
+    breaches: list[str]
+    conflicts: int
+    error: str | None = None
+
+
+class LagSampler:
+    """Reads every region's `/v1/replication/status` (its convergence monitor) directly,
+    every `every` seconds, in the background."""
+
+    def __init__(self, apis: Mapping[str, str], t0: float,
+                 headers: Mapping[str, str] | None = None, every: float = 0.5) -> None:
+        self.apis = dict(apis)
+        self.t0 = t0
+        self.headers = dict(headers or {})
+        self.every = every
+        self.samples: list[LagSample] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin sampling."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop after the current round."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _one(self, client: httpx.AsyncClient, region: str, url: str) -> LagSample:
+        at = time.monotonic() - self.t0
+        try:
+            resp = await client.get(f"{url}/v1/replication/status", headers=self.headers)
+            resp.raise_for_status()
+            doc = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return LagSample(at, region, {}, [], 0, error=type(exc).__name__)
+        pairs: dict[str, float | None] = {}
+        breaches: list[str] = []
+        conflicts = 0
+        for name, pair in (doc.get("pairs") or {}).items():
+            lag = pair.get("lag_seconds")
+            pairs[name] = None if lag is None else float(lag)
+            if pair.get("breach"):
+                breach = pair["breach"]
+                cause = breach.get("cause") if isinstance(breach, dict) else breach
+                breaches.append(f"{name}: {cause}")
+            conflicts += sum(int(v) for v in (pair.get("conflicts") or {}).values())
+        return LagSample(at, region, pairs, breaches, conflicts)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=min(2.0, self.every * 2)) as client:
+            while not self._stop.is_set():
+                self.samples.extend(await asyncio.gather(*(
+                    self._one(client, region, url) for region, url in self.apis.items())))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.every)

@@ -1,0 +1,94 @@
+"""The ledger invariants of one region's copy, as findings rather than assertions, for
+tools that report (the failover drill) instead of failing a test.
+
+The same checks as `tests/helpers.py`'s `cluster_ledger_checks` (ARCHITECTURE.md
+section 6), meant for a quiet cluster: double entry, balances equal their entries, money
+conserved (customers + merchants + in transit == what came in through the funding
+accounts), nothing in transit, no negative available balance, zero replication
+conflicts and apply errors, one credit posting per succeeded payment. Conservation is
+checked against the funding accounts rather than a caller's deposit count, so it also
+holds in a lab that other clients used before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+CONFLICT_SUM = ("confl_insert_exists + confl_update_origin_differs + confl_update_exists "
+                "+ confl_update_missing + confl_delete_origin_differs + confl_delete_missing "
+                "+ confl_multiple_unique_conflicts")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One invariant in one region: whether it holds, and the evidence if not."""
+
+    region: str
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def conflict_counts(dsn: str) -> dict[str, tuple[int, int]]:
+    """Per subscription of the store at `dsn`: (conflicts, apply errors) since the
+    counters were last reset."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute(f"select subname, {CONFLICT_SUM}, apply_error_count "
+                            "from pg_stat_subscription_stats").fetchall()
+    return {str(name): (int(c), int(e)) for name, c, e in rows}
+
+
+def ledger_findings(region: str, dsn: str,
+                    conflicts_before: dict[str, tuple[int, int]] | None = None
+                    ) -> list[Finding]:
+    """Check the invariants in `region`'s store. `conflicts_before` (from
+    `conflict_counts`) makes the conflict check count only what happened since then."""
+    found: list[Finding] = []
+
+    def add(name: str, rows: list[Any] | bool, detail: str = "") -> None:
+        ok = rows if isinstance(rows, bool) else not rows
+        if not ok and not detail and not isinstance(rows, bool):
+            detail = f"{len(rows)} rows, e.g. {rows[:3]}"
+        found.append(Finding(region, name, ok, "" if ok else detail))
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        add("journals balance", conn.execute(
+            "select journal_id, currency, sum(amount) from journal_entries "
+            "group by journal_id, currency having sum(amount) <> 0").fetchall())
+        add("balances equal entries", conn.execute(
+            "select a.id, a.balance, coalesce(sum(e.amount), 0) from accounts a "
+            "left join journal_entries e on e.account_id = a.id group by a.id "
+            "having a.balance <> coalesce(sum(e.amount), 0)").fetchall())
+        by_kind = {str(k): int(v) for k, v in conn.execute(
+            "select kind, coalesce(sum(balance), 0)::bigint from accounts group by kind")}
+        users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
+        in_transit = by_kind.get("clearing", 0)
+        came_in = -by_kind.get("funding", 0)
+        add("money conserved", users + in_transit == came_in,
+            f"customers+merchants {users} + in transit {in_transit} != deposits {came_in}")
+        add("nothing in transit", in_transit == 0, f"{in_transit} in clearing accounts")
+        add("no negative available balance", conn.execute(
+            "select id, balance, held from accounts where not allow_overdraft "
+            "and balance - held < 0").fetchall())
+        add("one credit per succeeded payment", conn.execute(
+            "select id, status, credited from (select p.id, p.status, "
+            "count(distinct e.journal_id) filter (where e.entry_type in "
+            "('payment', 'transfer_in')) as credited from payments p "
+            "left join journal_entries e on e.payment_id = p.id group by p.id, p.status) t "
+            "where credited <> case when status = 'succeeded' then 1 else 0 end").fetchall())
+    before = conflicts_before or {}
+    counts = conflict_counts(dsn)
+    grown = {sub: (c - before.get(sub, (0, 0))[0], e - before.get(sub, (0, 0))[1])
+             for sub, (c, e) in counts.items()}
+    add("zero replication conflicts", all(c == 0 for c, _ in grown.values()),
+        f"conflicts per subscription: { {s: c for s, (c, _) in grown.items() if c} }")
+    found.append(Finding(region, "apply errors (informational)", True,
+                         ", ".join(f"{s}: {e}" for s, (_, e) in grown.items() if e)))
+    return found
