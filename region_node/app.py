@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
+from region_node import ownership
 from region_node.api import accounts, cluster_info, errors, health, payments, stock
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
@@ -19,6 +20,7 @@ from region_node.event_bus import EventBus
 from region_node.event_consumer import NotificationConsumer
 from region_node.hold_expiry import HoldExpiryWorker
 from region_node.janitor import KeyJanitor
+from region_node.leases import OwnershipLeases
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
 from region_node.rate_limit import RateLimiter
@@ -31,6 +33,21 @@ from replication.monitor import ConvergenceMonitor, HeartbeatWriter
 log = logging.getLogger(__name__)
 
 Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def _ownership_leases(node: Node, settings: RegionSettings) -> OwnershipLeases | None:
+    """The node's ownership leases, registered as its write guard; None for a node
+    without a lock quorum of several regions (nobody else could take over its home)."""
+    if len(settings.lock_redis_urls) < 2:
+        return None
+    urls = [url for _, url in sorted(settings.lock_redis_urls.items())]
+    leases = OwnershipLeases(node.db, settings.region, urls,
+                             ttl=settings.ownership_lease_ttl_seconds,
+                             renew=settings.ownership_lease_renew_seconds,
+                             margin=settings.ownership_lease_margin_seconds,
+                             op_timeout=settings.ownership_lease_op_timeout_seconds)
+    ownership.register_guard(settings.region, leases)
+    return leases
 
 
 def create_app(settings: RegionSettings | None = None) -> FastAPI:
@@ -55,6 +72,12 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         lock_service = LockService(lock_urls, LockSettings(redis_urls=lock_urls,
                                                            ttl_seconds=settings.lock_ttl_seconds))
         stock_mover = StockMover(node, QuorumStockLock(lock_service))
+        leases = _ownership_leases(node, settings)
+        app.state.leases = leases
+        if leases is not None:
+            # Before serving: writes need the lease (an earlier run's must expire first).
+            await leases.start(wait=settings.ownership_lease_ttl_seconds + 2.0)
+            workers.append(leases.run)
         app.state.stock_mover = stock_mover
         workers.append(node.ownership.run)
         workers.append(HeartbeatWriter(node.db.engine, settings.region,
@@ -84,6 +107,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
             await bus.close()
+            if leases is not None:
+                ownership.register_guard(settings.region, None)
+                await leases.aclose()
             await lock_service.aclose()
             await rate_limiter.aclose()
             await node.close()

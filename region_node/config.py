@@ -74,6 +74,14 @@ class RegionSettings(BaseSettings):
     lock_redis_urls: dict[str, str] = Field(default_factory=dict)
     lock_ttl_seconds: float = Field(5.0, gt=0)
 
+    # Ownership leases (region_node.leases): the serving region of a home region holds
+    # the quorum lock ownership:<home>; writes stop `margin` before it would end, so a
+    # region cut off from the majority stops writing before anyone can take over.
+    ownership_lease_ttl_seconds: float = Field(3.0, gt=0, le=15.0)
+    ownership_lease_renew_seconds: float = Field(1.0, gt=0)
+    ownership_lease_margin_seconds: float = Field(1.0, gt=0)
+    ownership_lease_op_timeout_seconds: float = Field(0.5, gt=0)
+
     # Rate limits per API key (token bucket in this region's Redis, shared by its nodes).
     # Defaults for principals without limits of their own: high enough that a busy
     # merchant (the benchmark: ~200 payments/s on one key) is never throttled.

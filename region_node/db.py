@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 # 40001 serialization_failure, 40P01 deadlock_detected: the step is safe to run again.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
+TRANSACTION_TIMEOUT = "25P04"
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -62,6 +63,12 @@ class Database:
                     await asyncio.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 0.5)
                     continue
+                if sqlstate(exc) == TRANSACTION_TIMEOUT:
+                    # Bounded by the ownership lease (ownership.assert_serving): nothing
+                    # committed, the session is gone; the client retries.
+                    raise RegionUnavailable("the write would have outlived this region's "
+                                            "ownership lease; retry",
+                                            code="lease_lost") from exc
                 if isinstance(exc, OperationalError | InterfaceError) and sqlstate(exc) is None:
                     raise RegionUnavailable("the region's database is unavailable") from exc
                 raise

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -46,7 +47,7 @@ EPOCHS = schema.ownership_epochs
 BANS = schema.ownership_bans
 log = logging.getLogger(__name__)
 
-_CURRENT = sa.text("""
+CURRENT_ALL = sa.text("""
 select distinct on (e.home_region) e.home_region, e.epoch, e.serving_region,
        exists (select 1 from ownership_bans b
                 where b.home_region = e.home_region and b.epoch = e.epoch) as banned
@@ -92,7 +93,7 @@ class OwnershipMap:
     async def refresh(self) -> None:
         """Reload the map from the store."""
         async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(_CURRENT)).all()
+            rows = (await conn.execute(CURRENT_ALL)).all()
         self._owners = {r.home_region: Owner(r.home_region, r.serving_region, int(r.epoch),
                                              bool(r.banned))
                         for r in rows}
@@ -120,12 +121,40 @@ class OwnershipMap:
                 await asyncio.wait_for(stop.wait(), self.refresh_seconds)
 
 
+class WriteGuard(Protocol):
+    """What `assert_serving` asks besides the log: the region's ownership leases
+    (`region_node.leases.OwnershipLeases`)."""
+
+    def budget_ms(self, home: str) -> int | None:
+        """How long a write transaction starting now may take, or None (no lease)."""
+
+    def check(self, home: str, epoch: int) -> None:
+        """Raise 503 lease_lost unless a valid lease with token `epoch` is held."""
+
+
+_GUARDS: dict[str, WriteGuard] = {}
+
+
+def register_guard(region: str, guard: WriteGuard | None) -> None:
+    """Make every `assert_serving` for `region` in this process also require `guard`'s
+    lease (None: remove it). A region node registers its leases at start."""
+    if guard is None:
+        _GUARDS.pop(region, None)
+    else:
+        _GUARDS[region] = guard
+
+
 # Writers of a home region take this advisory lock shared, a ban or takeover takes it
 # exclusive. PostgreSQL queues heavyweight locks fairly: once a ban waits, later writers
 # queue behind it, so it waits only for the writers in flight (a FOR UPDATE on a row that
 # writers share-lock without pause could starve). Class id: "own" in ASCII.
 LOCK_CLASS = 0x6F776E
 _LOCK_SHARED = sa.text("select pg_advisory_xact_lock_shared(:cls, hashtext(:home))")
+# The same, and the transaction may not outlive the lease (PostgreSQL 17+: the session
+# is ended and nothing commits if it does; the timer starts here, before the lock wait).
+_LOCK_SHARED_BOUNDED = sa.text(
+    "select pg_advisory_xact_lock_shared(:cls, hashtext(:home)), "
+    "set_config('transaction_timeout', :budget, true)")
 _LOCK_EXCLUSIVE = sa.text("select pg_advisory_xact_lock(:cls, hashtext(:home))")
 _CURRENT_OF = sa.text("""
 select e.epoch, e.serving_region,
@@ -138,12 +167,18 @@ select e.epoch, e.serving_region,
 
 
 async def _current(conn: AsyncConnection, home_region: str, *,
-                   exclusive: bool) -> sa.Row[Any, Any] | None:
+                   exclusive: bool, budget_ms: int | None = None) -> sa.Row[Any, Any] | None:
     """Lock the home region's ownership (shared for writers, exclusive for a ban or a
     takeover), then read its current epoch. Two statements: under READ COMMITTED the read
-    takes its snapshot after the lock is granted, so it sees a ban committed meanwhile."""
-    await conn.execute(_LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED,
-                       {"cls": LOCK_CLASS, "home": home_region})
+    takes its snapshot after the lock is granted, so it sees a ban committed meanwhile.
+    `budget_ms` bounds the whole transaction (`transaction_timeout`)."""
+    params: dict[str, Any] = {"cls": LOCK_CLASS, "home": home_region}
+    if exclusive:
+        await conn.execute(_LOCK_EXCLUSIVE, params)
+    elif budget_ms is not None:
+        await conn.execute(_LOCK_SHARED_BOUNDED, {**params, "budget": str(budget_ms)})
+    else:
+        await conn.execute(_LOCK_SHARED, params)
     return (await conn.execute(_CURRENT_OF, {"home": home_region})).one_or_none()
 
 
@@ -151,8 +186,15 @@ async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -
     """Inside a writing transaction: fail unless `region` serves `home_region` under an
     epoch that is not banned; returns the epoch (0: the home is not in the log yet and
     serves itself). The home's ownership lock is held shared until commit, so a ban or
-    takeover at this region cannot commit between the check and the write."""
-    row = await _current(conn, home_region, exclusive=False)
+    takeover at this region cannot commit between the check and the write.
+
+    With a write guard registered for `region` (a node's ownership leases), the region
+    must also hold a valid lease whose token is that epoch, with more than the lease
+    margin left, and the transaction is bounded to end before the lease does
+    (`region_node.leases`); else 503 ``lease_lost``."""
+    guard = _GUARDS.get(region)
+    budget = guard.budget_ms(home_region) if guard is not None else None
+    row = await _current(conn, home_region, exclusive=False, budget_ms=budget)
     serving = row.serving_region if row is not None else home_region
     if serving != region:
         raise RegionUnavailable(
@@ -165,6 +207,8 @@ async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -
         raise RegionUnavailable(
             f"Writes for home region {home_region} are paused for a handover; retry shortly",
             code="ownership_handover")
+    if guard is not None:
+        guard.check(home_region, epoch)
     return epoch
 
 
@@ -187,13 +231,33 @@ async def ban(db: Database, region: str, home_region: str) -> int:
     return await db.transaction(step)
 
 
-async def take(db: Database, region: str, home_region: str, epoch: int) -> int:
-    """Make `region` the owner of `home_region` under `epoch` (a fencing token of the lock
-    `ownership:<home>`, held by the caller); returns the epoch.
+async def current(db: Database, home_region: str) -> tuple[int, str, bool] | None:
+    """(epoch, serving region, banned) of `home_region` in this store; None if unknown."""
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(_CURRENT_OF, {"home": home_region})).one_or_none()
+    return None if row is None else (int(row.epoch), str(row.serving_region), bool(row.banned))
+
+
+async def check_takeable(db: Database, region: str, home_region: str) -> None:
+    """Conflict (409 ``not_banned``) unless a planned take of `home_region` by `region`
+    could succeed now: the current epoch is ours, or banned in this store (caught up)."""
+    row = await current(db, home_region)
+    if row is not None and row[1] != region and not row[2]:
+        raise Conflict(f"Epoch {row[0]} of {home_region} (served by {row[1]}) is not banned "
+                       "here yet", code="not_banned")
+
+
+async def take(db: Database, region: str, home_region: str, epoch: int, *,
+               forced: bool = False, takeover: dict[str, Any] | None = None) -> int:
+    """Make `region` the owner of `home_region` under `epoch` (the fencing token of the
+    lease ``ownership:<home>``, held by `region`: `region_node.leases`); returns it.
 
     Refused (409) unless `epoch` is above the current one and the current epoch, as this
     region's store has it, is banned (which proves this store holds every write made
-    under it) or is already this region's. Idempotent for the same (region, epoch).
+    under it) or is already this region's. `forced` (a crash or partition takeover: the
+    old owner cannot ban) skips the ban check; the takeover is then recorded in
+    ``ownership_takeovers`` with `takeover` (from_region, from_epoch, positions,
+    detail). Idempotent for the same (region, epoch).
     """
     async def step(conn: AsyncConnection) -> int:
         row = await _current(conn, home_region, exclusive=True)
@@ -202,10 +266,30 @@ async def take(db: Database, region: str, home_region: str, epoch: int) -> int:
         if row is not None and int(row.epoch) >= epoch:
             raise Conflict(f"Epoch {epoch} of {home_region} is not above the current "
                            f"epoch {row.epoch}", code="stale_epoch")
-        if row is not None and row.serving_region != region and not row.banned:
+        if (not forced and row is not None and row.serving_region != region
+                and not row.banned):
             raise Conflict(f"Epoch {row.epoch} of {home_region} (served by "
                            f"{row.serving_region}) is not banned here yet", code="not_banned")
         await conn.execute(EPOCHS.insert().values(home_region=home_region, epoch=epoch,
                                                   serving_region=region))
+        if forced or takeover is not None:
+            info = dict(takeover or {})
+            await conn.execute(_TAKEOVER, {
+                "home": home_region, "epoch": epoch, "region": region,
+                "from_region": info.get("from_region",
+                                        row.serving_region if row is not None else None),
+                "from_epoch": info.get("from_epoch", int(row.epoch) if row is not None
+                                       else None),
+                "forced": forced, "positions": json.dumps(info.get("positions") or {}),
+                "detail": info.get("detail")})
         return epoch
     return await db.transaction(step)
+
+
+_TAKEOVER = sa.text("""
+insert into ownership_takeovers (home_region, epoch, serving_region, from_region, from_epoch,
+                                 forced, positions, detail)
+values (:home, :epoch, :region, :from_region, :from_epoch, :forced,
+        cast(:positions as jsonb), :detail)
+on conflict do nothing
+""")

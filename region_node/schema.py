@@ -374,7 +374,7 @@ webhook_pending_events = sa.Table(
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
-    "transfer_results",
+    "transfer_results", "ownership_takeovers", "reconciliation_items",
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
     "webhook_endpoints", "webhook_secrets", "webhook_endpoint_deletions", "webhook_deliveries",
     "webhook_attempts",

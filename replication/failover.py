@@ -45,7 +45,8 @@ from psycopg import sql
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
-from replication.wiring import set_enabled, subscription_name
+from replication.align import align, cut_off, lsn_int
+from replication.wiring import set_enabled, slot_name, subscription_name
 
 log = logging.getLogger("replication.failover")
 
@@ -99,6 +100,13 @@ class HandoverReport:
     seconds: float = 0.0
     aborted: bool = False
     error: str | None = None
+    # Crash / partition takeovers (`crash_takeover`): forced, the old owner's durability
+    # mode as found, each survivor's position in its stream when it was cut off, and
+    # the position every survivor holds after alignment (the lost tail starts there).
+    forced: bool = False
+    durability: str | None = None
+    positions: dict[str, str | None] = field(default_factory=dict)
+    aligned_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -123,21 +131,25 @@ def _has_ban(dsn: str, home: str, epoch: int) -> bool:
 
 
 def restamp(dsn: str, home: str, publisher: str, timeout: float = 10.0) -> int:
-    """In the store at `dsn`: rewrite, unchanged, the rows of `home` in RESTAMPED tables as
-    if they had arrived from `publisher` (the replication origin of the subscription to
-    it), so that `publisher`'s later updates of them are not counted as conflicts. The
-    subscription is paused meanwhile (an origin serves one session at a time). Returns
-    the number of rows rewritten."""
+    """In the store at `dsn`: rewrite, unchanged, the rows of `home` in RESTAMPED tables
+    whose last change did not come from `publisher` (its replication origin here, read
+    with ``pg_xact_commit_timestamp_origin(xmin)``; needs ``track_commit_timestamp``), as
+    if they had arrived from `publisher`, so that `publisher`'s later updates of them are
+    not counted as conflicts. Rows that already carry `publisher`'s origin are left alone
+    (after a failback most of them do). The subscription is paused meanwhile (an origin
+    serves one session at a time). Returns the number of rows rewritten."""
     rows = 0
     sub = subscription_name(publisher)
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         found = conn.execute(
-            """select oid from pg_subscription where subname = %s and subdbid =
-               (select oid from pg_database where datname = current_database())""",
+            """select s.oid, o.roident from pg_subscription s
+                 left join pg_replication_origin o on o.roname = 'pg_' || s.oid::text
+                where s.subname = %s and s.subdbid =
+                      (select oid from pg_database where datname = current_database())""",
             (sub,)).fetchone()
         if found is None:
             raise HandoverError(f"no subscription {sub} in {dsn}")
-        subid = int(found[0])
+        subid, roident = int(found[0]), found[1]
         set_enabled(dsn, publisher, False)
         try:
             deadline = time.monotonic() + timeout
@@ -150,9 +162,12 @@ def restamp(dsn: str, home: str, publisher: str, timeout: float = 10.0) -> int:
             try:
                 with conn.transaction():
                     for table, column in RESTAMPED:
-                        cur = conn.execute(sql.SQL("update {t} set {c} = {c} where {c} = %s")
-                                           .format(t=sql.Identifier(table),
-                                                   c=sql.Identifier(column)), (home,))
+                        cur = conn.execute(
+                            sql.SQL("update {t} set {c} = {c} where {c} = %s and "
+                                    "(pg_xact_commit_timestamp_origin(xmin)).roident "
+                                    "is distinct from %s")
+                            .format(t=sql.Identifier(table), c=sql.Identifier(column)),
+                            (home, roident))
                         rows += max(cur.rowcount, 0)
             finally:
                 conn.execute("select pg_replication_origin_session_reset()")
@@ -192,13 +207,17 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> di
 async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Sequence[str],
                            home: str, to: str, *, catch_up_timeout: float = 10.0,
                            lock_wait: float = 10.0, lock_ttl: float = 10.0,
-                           on_step: Callable[[Step], None] | None = None) -> HandoverReport:
+                           on_step: Callable[[Step], None] | None = None,
+                           headers: Mapping[str, str] | None = None) -> HandoverReport:
     """Hand the ownership of `home` over to region `to` (see the module docstring).
 
     `regions` must list every region of the cluster (every store is restamped).
-    `lock_urls` are the quorum lock's Redis servers as reached from here. Raises
-    HandoverError (with the report) if it cannot start or had to abort; after an abort
-    the old owner serves `home` again under a new epoch.
+    `lock_urls` are the quorum lock's Redis servers as reached from here (only used
+    when the nodes run without ownership leases; with leases the old owner releases its
+    lease and `to`'s node acquires it, waiting up to `lock_wait`). `headers` go with
+    every API call (e.g. the admin key: `Cluster.auth_headers()`). Raises HandoverError
+    (with the report) if it cannot start or had to abort; after an abort the old owner
+    serves `home` again under a new epoch.
     """
     if to not in regions:
         raise HandoverError(f"unknown region {to!r}")
@@ -216,7 +235,8 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
     if source not in regions:
         raise HandoverError(f"owner {source} of {home} is not among the regions given", report)
 
-    async with httpx.AsyncClient(timeout=15.0) as client:
+    async with httpx.AsyncClient(timeout=max(15.0, lock_wait + 5.0),
+                                 headers=dict(headers or {})) as client:
         # 1. The pair source -> to must not be stale (as `to`'s monitor sees it).
         resp = await client.get(f"{regions[to].api_url}/v1/replication/status")
         resp.raise_for_status()
@@ -226,6 +246,13 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
                                 f"{(pair or {}).get('breach') or 'not monitored'}", report)
         clock.done("precheck", f"{source}->{to} lag "
                    f"{(pair or {}).get('lag_seconds')}s, no breach")
+        if await _leases_enabled(client, regions[to]):
+            await _handover_leased(client, regions, home, source, to, report, clock,
+                                   catch_up_timeout, lock_wait)
+            report.seconds = round(time.monotonic() - started, 4)
+            if report.aborted:
+                raise HandoverError(report.error or "handover aborted", report)
+            return report
 
         locks = LockService(list(lock_urls), LockSettings(redis_urls=list(lock_urls),
                                                          ttl_seconds=lock_ttl))
@@ -258,18 +285,8 @@ async def _handover_locked(client: httpx.AsyncClient, regions: Mapping[str, Regi
     restamped: list[str] = []
     try:
         # 3. Catch-up: the ban (and so every write under the epoch) in every other store.
-        deadline = ban_at + catch_up_timeout
-        waiting = set(others)
-        while waiting:
-            for name in sorted(waiting):
-                if await asyncio.to_thread(_has_ban, regions[name].dsn, home, epoch):
-                    waiting.discard(name)
-            if not waiting:
-                break
-            if time.monotonic() > deadline:
-                raise HandoverError(f"catch-up timed out after {catch_up_timeout}s: "
-                                    f"{sorted(waiting)} have not applied {source}'s ban")
-            await asyncio.sleep(0.01)
+        await _catch_up(regions, home, source, epoch, ban_at + catch_up_timeout,
+                        catch_up_timeout)
         clock.done("catch-up", f"{', '.join(others)} applied {source}'s changes up to the ban")
         # 4. Restamp H's rows everywhere but the new owner.
         counts = {}
@@ -308,18 +325,240 @@ async def _handover_locked(client: httpx.AsyncClient, regions: Mapping[str, Regi
     clock.done("take", f"{to} serves {home} under epoch {token}")
 
 
+async def _catch_up(regions: Mapping[str, RegionHandle], home: str, source: str, epoch: int,
+                    deadline: float, bound: float) -> None:
+    """Wait until every region but `source` has `source`'s ban of `epoch`."""
+    waiting = {r for r in regions if r != source}
+    while waiting:
+        for name in sorted(waiting):
+            if await asyncio.to_thread(_has_ban, regions[name].dsn, home, epoch):
+                waiting.discard(name)
+        if not waiting:
+            break
+        if time.monotonic() > deadline:
+            raise HandoverError(f"catch-up timed out after {bound}s: "
+                                f"{sorted(waiting)} have not applied {source}'s ban")
+        await asyncio.sleep(0.01)
+
+
+async def _leases_enabled(client: httpx.AsyncClient, region: RegionHandle) -> bool:
+    """Whether `region`'s node holds ownership leases (multi-region lock quorum)."""
+    resp = await client.get(f"{region.api_url}/v1/admin/ownership/leases")
+    return resp.status_code == 200 and bool(resp.json().get("enabled"))
+
+
+async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle],
+                           home: str, source: str, to: str, report: HandoverReport,
+                           clock: _Clock, catch_up_timeout: float, lock_wait: float) -> None:
+    """The handover with ownership leases: ban, catch-up, restamp, the old owner
+    releases its lease, the new owner acquires it and takes its token as the epoch."""
+    banned = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/ban",
+                         {"home_region": home})
+    ban_at = time.monotonic()
+    epoch = int(banned["epoch"])
+    report.old_epoch = epoch
+    clock.done("ban", f"{source} banned writes for {home} under epoch {epoch}")
+    restamped: list[str] = []
+    try:
+        await _catch_up(regions, home, source, epoch, ban_at + catch_up_timeout,
+                        catch_up_timeout)
+        clock.done("catch-up", f"every other region applied {source}'s changes up to the ban")
+        counts = {}
+        for name in regions:
+            if name == to:
+                continue
+            restamped.append(name)
+            counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
+        clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
+        released = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/release",
+                               {"home_region": home})
+        clock.done("release", f"{source} gave back its lease (token {released.get('token')})")
+    except Exception as exc:
+        await _abort(client, regions, home, source, None, report, clock, ban_at, restamped,
+                     exc, lock_wait)
+        return
+    try:
+        took = await _post(client, f"{regions[to].api_url}/v1/admin/ownership/take",
+                           {"home_region": home, "wait": lock_wait})
+    except HandoverError as exc:
+        # `to` refused (not caught up, or no lease): it inserted nothing.
+        await _abort(client, regions, home, source, None, report, clock, ban_at, restamped,
+                     exc, lock_wait)
+        return
+    except httpx.HTTPError as exc:
+        owner = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
+        if owner is None or owner[1] != to or owner[0] <= epoch:
+            report.aborted, report.error = True, (
+                f"take at {to} got no answer ({exc!r}); {home} stays banned under epoch "
+                f"{epoch}: run the handover again")
+            clock.done("unknown", report.error)
+            return
+        took = {"epoch": owner[0]}
+    report.new_epoch = int(took["epoch"])
+    report.unavailable_seconds = round(time.monotonic() - ban_at, 4)
+    clock.done("take", f"{to} acquired the lease and serves {home} under epoch "
+                       f"{report.new_epoch}")
+
+
 async def _abort(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle], home: str,
-                 source: str, token: int, report: HandoverReport, clock: _Clock,
-                 ban_at: float, restamped: list[str], exc: Exception) -> None:
+                 source: str, token: int | None, report: HandoverReport, clock: _Clock,
+                 ban_at: float, restamped: list[str], exc: Exception,
+                 lock_wait: float = 10.0) -> None:
     """Hand back: rows restamped for the new owner go back to the old owner's origin,
-    then the old owner takes the (unused) token as its next epoch, which has no ban."""
+    then the old owner takes the (unused) token as its next epoch, which has no ban
+    (with leases, `token` None: the old owner acquires its lease again and takes the
+    new token)."""
     report.aborted, report.error = True, f"{type(exc).__name__}: {exc}"
     clock.done("abort", report.error)
     for name in restamped:
         if name != source:
             await asyncio.to_thread(restamp, regions[name].dsn, home, source)
-    await _post(client, f"{regions[source].api_url}/v1/admin/ownership/take",
-                {"home_region": home, "epoch": token})
-    report.new_epoch = token
+    body: dict[str, Any] = ({"home_region": home, "epoch": token} if token is not None
+                            else {"home_region": home, "wait": lock_wait})
+    took = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/take", body)
+    report.new_epoch = int(took["epoch"])
     report.unavailable_seconds = round(time.monotonic() - ban_at, 4)
-    clock.done("handed back", f"{source} serves {home} again under epoch {token}")
+    clock.done("handed back", f"{source} serves {home} again under epoch "
+                              f"{report.new_epoch}")
+
+
+# --------------------------------------------------------------------------- crash takeover
+
+
+def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> str:
+    """``regional`` if `dead` runs with `to` as its synchronous buddy, else ``local``.
+
+    Read from `dead`'s store when it answers (a partition: the operator may still reach
+    it), else from `to`'s subscription to `dead` (regional mode makes it commit
+    synchronously: `replication.durability.set_durability`)."""
+    handle = regions.get(dead)
+    if handle is not None:
+        try:
+            with psycopg.connect(handle.dsn, autocommit=True, connect_timeout=2) as conn:
+                row = conn.execute("show synchronous_standby_names").fetchone()
+            return "regional" if row and slot_name(dead, to) in str(row[0]) else "local"
+        except psycopg.OperationalError:
+            pass
+    with psycopg.connect(regions[to].dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("select subsynccommit from pg_subscription where subname = %s",
+                           (subscription_name(dead),)).fetchone()
+    return "regional" if row and str(row[0]) in ("on", "remote_apply", "remote_write") \
+        else "local"
+
+
+def _quarantine_inbound(handle: RegionHandle, survivors: Sequence[str]) -> list[str]:
+    """Best effort, if the old owner's store answers (a partition): pause its
+    subscriptions to the survivors, so that after the heal it does not apply the new
+    owner's updates on top of rows it changed in its tail (`replication.reconcile`
+    decides how it comes back). Returns the subscriptions paused."""
+    paused = []
+    for name in survivors:
+        try:
+            set_enabled(handle.dsn, name, False)
+            paused.append(name)
+        except (psycopg.Error, OSError):
+            break
+    return paused
+
+
+async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str, *,
+                         dead: str | None = None, headers: Mapping[str, str] | None = None,
+                         lease_wait: float = 15.0, accept_data_loss: bool = False,
+                         reason: str = "crash",
+                         on_step: Callable[[Step], None] | None = None) -> HandoverReport:
+    """Forced takeover of `home` by region `to` when its owner is dead or cut off (crash
+    or partition); no ban is possible. Returns the report (HandoverError if refused).
+
+    `regions`: every surviving region, plus the old owner's handle if known (its store
+    is read if it answers, never required). `dead`: the old owner (default: the owner
+    in `to`'s store). Steps:
+
+    1. **durability**: in ``regional`` mode with `to` as the old owner's buddy every
+       acknowledged commit is already at `to` (RPO 0); otherwise (``local``) the
+       unreplicated tail is lost for now, and the takeover is refused unless
+       `accept_data_loss`;
+    2. **cut off**: every survivor disables its subscription to the old owner and
+       records its position (`replication.align.cut_off`): the old owner's tail is
+       never applied silently when it comes back; if the old owner's store answers,
+       its own subscriptions to the survivors are paused too;
+    3. **align**: `to` must be the survivor furthest ahead in the old owner's stream
+       (else HandoverError naming it); every other survivor gets the rows it lacks
+       (`replication.align.align`), so all hold the same prefix;
+    4. **restamp** the home's rows everywhere but `to` (as in a planned handover);
+    5. **take**: `to`'s node acquires the lease ``ownership:<home>`` (waiting up to
+       `lease_wait` s: the old owner's lease must expire first, so the old owner has
+       stopped writing) and inserts its token as the new epoch, forced, recorded in
+       ``ownership_takeovers`` with the positions.
+
+    `headers` go with every API call (e.g. the admin key). `reason` is recorded.
+    """
+    if to not in regions:
+        raise HandoverError(f"unknown region {to!r}")
+    started = time.monotonic()
+    current = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
+    if current is None:
+        raise HandoverError(f"{to} knows no owner of home region {home}")
+    old = dead or current[1]
+    report = HandoverReport(home, old, to, old_epoch=current[0], forced=True)
+    clock = _Clock(report, on_step)
+    if current[1] == to and dead is None:
+        report.new_epoch = current[0]
+        clock.done("noop", f"{to} already serves {home} (epoch {current[0]})")
+        return report
+    if old == to:
+        raise HandoverError(f"{to} cannot take over from itself", report)
+    survivors = [r for r in regions if r != old]
+    report.durability = await asyncio.to_thread(_durability_of, regions, old, to)
+    if report.durability != "regional" and not accept_data_loss:
+        raise HandoverError(
+            f"{old} ran in {report.durability} mode (not regional with {to} as its buddy): "
+            f"its acknowledged but unreplicated payments would be lost for now; pass "
+            f"accept_data_loss to take over anyway (the tail is listed on its return)",
+            report)
+    clock.done("durability", f"{old} in {report.durability} mode")
+
+    # 2. Cut the old owner off every survivor; where did each one stop?
+    positions = await asyncio.gather(*(asyncio.to_thread(cut_off, regions[s].dsn, old)
+                                       for s in survivors))
+    report.positions = dict(zip(survivors, positions, strict=True))
+    paused: list[str] = []
+    if old in regions:
+        paused = await asyncio.to_thread(_quarantine_inbound, regions[old], survivors)
+    clock.done("cut off", ", ".join(f"{s} at {p}" for s, p in report.positions.items())
+               + (f"; {old} paused its subscriptions to {', '.join(paused)}" if paused else ""))
+
+    # 3. Every survivor at `to`'s position.
+    ahead = max(survivors, key=lambda s: (lsn_int(report.positions[s]), s == to))
+    if lsn_int(report.positions[ahead]) > lsn_int(report.positions[to]):
+        raise HandoverError(f"{ahead} has applied more of {old}'s stream than {to} "
+                            f"({report.positions[ahead]} > {report.positions[to]}): take "
+                            f"over at {ahead}", report)
+    report.aligned_at = report.positions[to]
+    aligned = {}
+    for name in survivors:
+        if name != to:
+            changed = await asyncio.to_thread(align, regions[to].dsn, regions[name].dsn, old)
+            aligned[name] = sum(changed.values())
+    clock.done("align", ", ".join(f"{n}: {c} rows" for n, c in aligned.items())
+               or "nothing to align")
+
+    # 4. Restamp, 5. take.
+    counts = {}
+    for name in survivors:
+        if name != to:
+            counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
+    clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
+    async with httpx.AsyncClient(timeout=lease_wait + 15.0,
+                                 headers=dict(headers or {})) as client:
+        took = await _post(client, f"{regions[to].api_url}/v1/admin/ownership/take", {
+            "home_region": home, "forced": True, "wait": lease_wait,
+            "takeover": {"from_region": old, "from_epoch": current[0],
+                         "positions": {"aligned_at": report.aligned_at,
+                                       "cut_off": report.positions},
+                         "detail": reason}})
+    report.new_epoch = int(took["epoch"])
+    report.unavailable_seconds = None
+    report.seconds = round(time.monotonic() - started, 4)
+    clock.done("take", f"{to} acquired the lease and serves {home} under epoch "
+                       f"{report.new_epoch} (forced)")
+    return report

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -52,15 +54,83 @@ async def ownership_ban(request: Request) -> JSONResponse:
 
 @router.post("/v1/admin/ownership/take")
 async def ownership_take(request: Request) -> JSONResponse:
-    """Internal (failover guard): make this region the owner of `home_region` under
-    `epoch` (the fencing token of the quorum lock `ownership:<home>`, held by the caller).
-    409 unless the current epoch is banned in this region's store (caught up) or ours."""
+    """Internal (failover guard): make this region the owner of `home_region`.
+
+    With ownership leases (a multi-region node): this node acquires the lease
+    ``ownership:<home>`` itself, waiting up to `wait` seconds (default: one lease ttl + 2
+    s) for an old owner's lease to expire, and takes its token as the new epoch. Without
+    `forced`, 409 unless the current epoch is banned in this region's store (caught up)
+    or ours; `forced: true` (crash or partition takeover) skips that and records the
+    takeover with `takeover` ({from_region, from_epoch, positions, detail}). Without
+    leases: `epoch` (a fencing token held by the caller) is required.
+    Answers ``{home_region, epoch, region}``."""
     node = node_of(request)
     body = await request.json()
     home = _admin_home(body)
-    epoch = body.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-        raise InvalidRequest("epoch must be a positive integer", param="epoch")
-    await own.take(node.db, node.region, home, epoch)
+    leases = getattr(request.app.state, "leases", None)
+    if leases is not None:
+        wait = body.get("wait", leases.ttl + 2.0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
+            raise InvalidRequest("wait must be a number of seconds", param="wait")
+        takeover = body.get("takeover")
+        epoch = await leases.take(home, wait=float(wait), forced=body.get("forced") is True,
+                                  takeover=takeover if isinstance(takeover, dict) else None)
+    else:
+        epoch = body.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise InvalidRequest("epoch must be a positive integer", param="epoch")
+        await own.take(node.db, node.region, home, epoch)
     await node.ownership.refresh()
     return JSONResponse({"home_region": home, "epoch": epoch, "region": node.region})
+
+
+@router.post("/v1/admin/ownership/release")
+async def ownership_release(request: Request) -> JSONResponse:
+    """Internal (failover guard, planned handover after ban and restamp): give the lease
+    of `home_region` back; this node never re-acquires it by itself afterwards (a later
+    take does). Answers ``{home_region, region, token}`` (token None: none was held)."""
+    home = _admin_home(await request.json())
+    leases = getattr(request.app.state, "leases", None)
+    token = await leases.release(home) if leases is not None else None
+    return JSONResponse({"home_region": home, "region": node_of(request).region,
+                         "token": token})
+
+
+@router.get("/v1/admin/ownership/leases")
+async def ownership_leases(request: Request) -> JSONResponse:
+    """The ownership leases this node holds (token, seconds left) and its recent lease
+    events (acquired, lost, released)."""
+    leases = getattr(request.app.state, "leases", None)
+    if leases is None:
+        return JSONResponse({"region": node_of(request).region, "enabled": False,
+                             "leases": [], "events": []})
+    now = time.monotonic()
+    return JSONResponse({"region": node_of(request).region, "enabled": True,
+                         "ttl_seconds": leases.ttl, "margin_seconds": leases.margin,
+                         "leases": leases.snapshot(),
+                         "events": [{"ago_seconds": round(now - t, 3), "home_region": h,
+                                     "event": e} for t, h, e in leases.events]})
+
+
+@router.get("/v1/admin/reconciliation")
+async def reconciliation(request: Request) -> JSONResponse:
+    """Items listed for reconciliation after a forced takeover (a returning region's
+    transactions no survivor had: `replication.reconcile`), and the forced takeovers,
+    as this region's store has them. Never applied by the system."""
+    node = node_of(request)
+    async with node.db.engine.connect() as conn:
+        items = (await conn.execute(sa.text(
+            "select home_region, takeover_epoch, item_id::text as item_id, item_kind, "
+            "lost_region, listed_by, epoch, status, currency, amount, committed_at, detail "
+            "from reconciliation_items order by home_region, takeover_epoch, committed_at"
+        ))).mappings().all()
+        takeovers = (await conn.execute(sa.text(
+            "select home_region, epoch, serving_region, from_region, from_epoch, forced, "
+            "positions, detail, created_at from ownership_takeovers order by created_at"
+        ))).mappings().all()
+
+    def plain(row: Any) -> dict[str, Any]:
+        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+    return JSONResponse({"region": node.region, "items": [plain(r) for r in items],
+                         "takeovers": [plain(r) for r in takeovers]})
