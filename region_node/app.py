@@ -13,7 +13,17 @@ from fastapi import FastAPI
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
 from region_node import ownership
-from region_node.api import accounts, cluster_info, errors, health, payments, stock
+from region_node.api import (
+    accounts,
+    admin,
+    auth,
+    cluster_info,
+    errors,
+    health,
+    payments,
+    stock,
+)
+from region_node.api.audit_trail import AuditTrail
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
@@ -23,6 +33,7 @@ from region_node.janitor import KeyJanitor
 from region_node.leases import OwnershipLeases
 from region_node.node import Node
 from region_node.outbox_relay import OutboxRelay
+from region_node.principals import Authenticator
 from region_node.rate_limit import RateLimiter
 from region_node.rpc.server import start_grpc_server
 from region_node.stock_mover import QuorumStockLock, StockMover
@@ -118,6 +129,8 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                   description="Public API v1: accounts, deposits, payments (automatic and "
                               "manual capture), refunds. Amounts are integer minor units.")
     app.state.node = node
+    # Every /v1 route authenticates its caller (api/auth.py); keys are cached briefly.
+    auth.install(app, Authenticator(node.db.engine, settings.auth_cache_seconds))
     # Per-key limits, checked by the auth dependency (api/auth.py) after authentication.
     rate_limiter = RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_second,
                                         settings.rate_limit_burst,
@@ -129,6 +142,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(stock.router)
     app.include_router(health.router)
     app.include_router(cluster_info.router)
+    app.include_router(admin.router)
+    # Innermost: the audit trail sees the request id and the matched route.
+    app.add_middleware(AuditTrail)
     # Outermost first: the request id and metrics see everything, including 413s.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=node.metrics, region=settings.region)

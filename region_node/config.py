@@ -82,6 +82,10 @@ class RegionSettings(BaseSettings):
     ownership_lease_margin_seconds: float = Field(1.0, gt=0)
     ownership_lease_op_timeout_seconds: float = Field(0.5, gt=0)
 
+    # How long a node trusts an authenticated API key without asking its store again: the
+    # bound on how late a revocation bites on other nodes (plus replication lag elsewhere).
+    auth_cache_seconds: float = Field(5.0, ge=0)
+
     # Rate limits per API key (token bucket in this region's Redis, shared by its nodes).
     # Defaults for principals without limits of their own: high enough that a busy
     # merchant (the benchmark: ~200 payments/s on one key) is never throttled.

@@ -41,6 +41,8 @@ class Account:
     allow_overdraft: bool
     status: str
     created_at: datetime
+    # The principal the account belongs to (None for system accounts).
+    principal_id: uuid.UUID | None = None
 
     @property
     def available(self) -> int:
@@ -59,6 +61,7 @@ class Account:
             "available": self.available, "held": self.held,
             "allow_overdraft": self.allow_overdraft, "status": self.status,
             "created_at": self.created_at.isoformat(),
+            "principal_id": str(self.principal_id) if self.principal_id else None,
         }
 
 
@@ -67,15 +70,18 @@ def _account(row: Row[tuple[object, ...]]) -> Account:
     return Account(id=m["id"], currency=m["currency"], kind=m["kind"],
                    home_region=m["home_region"], balance=m["balance"], held=m["held"],
                    allow_overdraft=m["allow_overdraft"], status=m["status"],
-                   created_at=m["created_at"])
+                   created_at=m["created_at"], principal_id=m.get("principal_id"))
 
 
 async def open_account(conn: AsyncConnection, *, account_id: uuid.UUID, currency: str,
-                       kind: str, home_region: str, allow_overdraft: bool = False) -> Account:
-    """Open an empty account (its id stamped with its home region by the caller)."""
+                       kind: str, home_region: str, allow_overdraft: bool = False,
+                       principal_id: uuid.UUID | None = None) -> Account:
+    """Open an empty account (its id stamped with its home region by the caller) that
+    belongs to `principal_id`."""
     row = (await conn.execute(
         A.insert().values(id=account_id, currency=currency, kind=kind, home_region=home_region,
-                          allow_overdraft=allow_overdraft).returning(*A.c))).one()
+                          allow_overdraft=allow_overdraft, principal_id=principal_id)
+        .returning(*A.c))).one()
     return _account(row)
 
 

@@ -30,6 +30,8 @@ accounts = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="open"),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+    # The principal the account belongs to (migration 0005); None for system accounts.
+    sa.Column("principal_id", UUID(as_uuid=True), nullable=True),
     sa.CheckConstraint("kind in ('customer','merchant','funding','clearing')",
                        name="ck_account_kind"),
     sa.CheckConstraint("status in ('open','closed')", name="ck_account_status"),
@@ -369,6 +371,54 @@ webhook_pending_events = sa.Table(
     sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("region", sa.Text, nullable=False),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+# --------------------------------------------------------------------------- security
+
+# Who may call the API (migration 0005). All insert-only: a key is revoked by a row in
+# api_key_revocations, never by an update; see region_node/principals.py.
+principals = sa.Table(
+    "principals", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("rate_per_second", sa.Float, nullable=True),
+    sa.Column("rate_burst", sa.Integer, nullable=True),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("role in ('admin','merchant','customer')", name="ck_principal_role"),
+)
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("principal_id", UUID(as_uuid=True), nullable=False),
+    # Random, so only the region that created the key ever inserts this prefix.
+    sa.Column("prefix", sa.Text, nullable=False, unique=True),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+)
+
+api_key_revocations = sa.Table(
+    "api_key_revocations", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("key_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("revoked_at", TS, nullable=False, server_default=_now()),
+)
+
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("at", TS, nullable=False, server_default=_now()),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("key_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("principal_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("resource", sa.Text, nullable=True),
+    sa.Column("request_id", sa.Text, nullable=True),
+    sa.Column("status", sa.Integer, nullable=False),
 )
 
 REPLICATED_TABLES: tuple[str, ...] = (

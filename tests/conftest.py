@@ -22,9 +22,23 @@ from cluster.servers import RegionServers, free_port, start_region_servers
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.migrate import upgrade
+from region_node.principals import BootstrapAdmin, bootstrap_admin_sync
 from region_node.rpc.tls import RpcTls
 
 TEMPLATE_DB = "paycluster_template"
+ADMIN: list[BootstrapAdmin] = []
+"""The session's bootstrap admin (inserted into the template, so every test database has
+it); `admin_key()` and `auth_headers()` read it."""
+
+
+def admin_key() -> str:
+    """The bootstrap admin's API key of this test session."""
+    return ADMIN[0].key
+
+
+def auth_headers(key: str | None = None) -> dict[str, str]:
+    """`Authorization: Bearer <key>` (default: the session's admin key)."""
+    return {"Authorization": f"Bearer {key or admin_key()}"}
 _db_counter = itertools.count()
 _OWN_BASETEMP: list[Path] = []
 
@@ -56,6 +70,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegionServers]
     region = start_region_servers("us-east", tmp_path_factory.mktemp("servers"))
     try:
         upgrade(region.postgres.dsn(TEMPLATE_DB))
+        ADMIN[:] = [bootstrap_admin_sync(region.postgres.dsn(TEMPLATE_DB), "us-east")]
         yield region
     finally:
         region.stop()
@@ -100,12 +115,15 @@ def settings(servers: RegionServers, db_url: str) -> RegionSettings:
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings: RegionSettings) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process node (lifespan and workers running) and an HTTP client for it."""
+async def app_client(settings: RegionSettings, key: str | None = None
+                     ) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process node (lifespan and workers running) and an HTTP client for it that
+    sends `key` (default: the session's admin key) on every request."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://node",
+                                     headers=auth_headers(key)) as client:
             yield client
 
 

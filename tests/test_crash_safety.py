@@ -20,6 +20,7 @@ import pytest
 
 from cluster.nodes import start_node
 from cluster.servers import RegionServers
+from tests.conftest import auth_headers
 from tests.helpers import check_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -37,7 +38,8 @@ async def test_sigkill_during_load(servers: RegionServers, db_url: str, tmp_path
         "PAYCLUSTER_EVENTS_SUBJECT_PREFIX": f"crash.{uuid.uuid4().hex[:8]}",
     })
     try:
-        async with httpx.AsyncClient(base_url=node.api_url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=node.api_url, timeout=10,
+                                     headers=auth_headers()) as client:
             accounts = []
             for _ in range(8):
                 acc = (await client.post("/v1/accounts", json={"currency": "USD"})).json()["id"]

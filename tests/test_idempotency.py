@@ -155,8 +155,15 @@ async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: 
         body = {"payer": payer, "payee": payee, "amount": 100, "currency": "USD"}
         import json
 
+        from region_node.api.auth import bind_to_principal
         from region_node.idempotency import request_hash
-        req_hash = request_hash("POST", "/v1/payments", json.dumps(body).encode())
+        from region_node.principals import Principal
+        from tests.conftest import ADMIN
+        admin = Principal(ADMIN[0].principal_id, "bootstrap-admin", "admin", ADMIN[0].key_id,
+                          None, None)
+        # Requests are bound to the caller's principal (the admin key of the test client).
+        req_hash = bind_to_principal(
+            request_hash("POST", "/v1/payments", json.dumps(body).encode()), admin)
         with psycopg.connect(db_url) as conn:
             conn.execute(
                 "insert into idempotency_keys (scope, key, request_hash, state, locked_at, "

@@ -5,18 +5,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import ledger
+from region_node import access, ledger, principals
+from region_node.api.auth import caller, principal_of
 from region_node.api.models import Movement, OpenAccount, check_amount
 from region_node.api.mutation import Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, known_home, owner_route
 from region_node.errors import InvalidRequest, NotFound
 from region_node.ids import parse_id
 
-router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
+router = APIRouter(prefix="/v1/accounts", tags=["accounts"], dependencies=[Depends(caller)])
 
 
 def account_id_of(raw: str) -> uuid.UUID:
@@ -30,14 +31,26 @@ async def open_account(body: OpenAccount, request: Request) -> Response:
     the region serving that home opens it."""
     node = node_of(request)
     home = known_home(request, body.home_region or node.region)
+    principal = principal_of(request)
+    owner_id = principal.id
+    if body.principal_id is not None:
+        named = parse_id(body.principal_id)
+        if named is None:
+            raise InvalidRequest("principal_id must be a principal id", param="principal_id")
+        if named != principal.id:
+            access.require_admin(principal)  # only an admin opens accounts for others
+        owner_id = named
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 
     async def step(conn: AsyncConnection) -> Result:
+        if owner_id != principal.id:
+            await principals.get_principal(conn, owner_id)  # 404 for an unknown principal
         account = await ledger.open_account(conn, account_id=node.new_id(home),
                                             currency=body.currency, kind=body.kind,
                                             home_region=home,
-                                            allow_overdraft=body.allow_overdraft)
+                                            allow_overdraft=body.allow_overdraft,
+                                            principal_id=owner_id)
         return 201, account.to_api()
 
     return await run_mutation(request, step, home=home)
@@ -56,18 +69,21 @@ async def get_account(account_id: str, request: Request,
             account = await ledger.get_account(conn, acc_id)
     except NotFound as missing:
         return await from_owner(request, missing)
+    access.require(principal_of(request), [account.principal_id], "account")
     return JSONResponse(account.to_api())
 
 
 @router.post("/{account_id}/deposits", status_code=201)
 async def deposit(account_id: str, body: Movement, request: Request) -> Response:
-    """Fund an account from outside the ledger."""
+    """Fund an account from outside the ledger (admins only: money enters the cluster)."""
+    access.require_admin(principal_of(request))
     return await _movement(request, account_id, body, ledger.deposit)
 
 
 @router.post("/{account_id}/withdrawals", status_code=201)
 async def withdraw(account_id: str, body: Movement, request: Request) -> Response:
-    """Pay money out of the ledger; never below the available balance."""
+    """Pay money out of the ledger; never below the available balance (the account's
+    principal, or an admin)."""
     return await _movement(request, account_id, body, ledger.withdraw)
 
 
@@ -80,7 +96,10 @@ async def _movement(request: Request, account_id: str, body: Movement,
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 
+    principal = principal_of(request)
+
     async def step(conn: AsyncConnection) -> Result:
+        await access.require_account(conn, principal, acc_id)
         return 201, await move(conn, region=node.region, account_id=acc_id, amount=body.amount)
 
     return await run_mutation(request, step, home=home)
@@ -94,7 +113,10 @@ async def close(account_id: str, request: Request) -> Response:
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 
+    principal = principal_of(request)
+
     async def step(conn: AsyncConnection) -> Result:
+        await access.require_account(conn, principal, acc_id)
         return 200, (await ledger.close_account(conn, acc_id)).to_api()
 
     return await run_mutation(request, step, home=home)
@@ -116,6 +138,7 @@ async def entries(account_id: str, request: Request,
         return forwarded
     try:
         async with node_of(request).db.engine.connect() as conn:
+            await access.require_account(conn, principal_of(request), acc_id)
             page = await ledger.list_entries(conn, acc_id, limit=limit, starting_after=cursor)
     except NotFound as missing:
         return await from_owner(request, missing)

@@ -6,14 +6,16 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from region_node import ownership as own
+from region_node.api.auth import caller
 from region_node.api.mutation import node_of
 from region_node.errors import InvalidRequest
 
-router = APIRouter(tags=["cluster"])
+# Every route needs a key; /v1/admin/* and /v1/replication/* an admin's (api/auth.py).
+router = APIRouter(tags=["cluster"], dependencies=[Depends(caller)])
 
 
 @router.get("/v1/replication/status")

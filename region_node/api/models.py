@@ -40,6 +40,8 @@ class OpenAccount(Body):
     kind: Literal["customer", "merchant"] = "customer"
     home_region: str | None = Field(None, max_length=64)
     allow_overdraft: StrictBool = False
+    # Whose account it is: the caller's by default; an admin may name another principal.
+    principal_id: str | None = Field(None, max_length=64)
 
     _check_currency = field_validator("currency")(_currency)
 
@@ -109,3 +111,13 @@ def check_amount(amount: int, maximum: int) -> None:
     if amount > maximum:
         raise InvalidRequest(f"Amount must be at most {maximum}", code="amount_too_large",
                              param="amount")
+
+
+class CreatePrincipal(Body):
+    """POST /v1/admin/principals."""
+
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["admin", "merchant", "customer"]
+    rate_per_second: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    rate_burst: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
+    home_region: str | None = Field(None, max_length=64)

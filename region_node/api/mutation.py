@@ -9,6 +9,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from region_node.api.audit_trail import mark_audited, record_in
+from region_node.api.auth import bind_to_principal
 from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, PaymentError
 from region_node.idempotency import request_hash, storage_key, validate_key
 from region_node.node import Node
@@ -43,18 +45,24 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
 
     async def fenced(conn: AsyncConnection) -> Result:
         await assert_serving(conn, node.region, home)
-        return await step(conn)
+        status, body = await step(conn)
+        # The audit row commits (or not) with the effect itself (api/audit_trail.py).
+        await record_in(conn, request, status, body)
+        return status, body
 
     key = request.headers.get("idempotency-key")
     if key is None:
         status, body = await node.db.transaction(fenced)
+        mark_audited(request)
         if after_commit is not None:
             after_commit(body)
         return JSONResponse(body, status)
 
     key = storage_key(validate_key(key))
     scope = home
-    req_hash = request_hash(request.method, request.url.path, await request.body())
+    req_hash = bind_to_principal(
+        request_hash(request.method, request.url.path, await request.body()),
+        getattr(request.state, "principal", None))
     stored = await node.idempotency.claim(scope, key, req_hash)
     if stored is not None:
         return JSONResponse(stored.body, stored.status, headers={"Idempotent-Replayed": "true"})
@@ -82,6 +90,7 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     except BaseException:
         await node.idempotency.release(scope, key)
         raise
+    mark_audited(request)
     await node.idempotency.remember(scope, key, req_hash, status, body)
     if after_commit is not None:
         after_commit(body)

@@ -6,18 +6,19 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from region_node import access, payments
 from region_node import payment_states as st
-from region_node import payments
+from region_node.api.auth import caller, principal_of
 from region_node.api.models import Cancel, Capture, CreatePayment, Refund, check_amount
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.errors import InvalidRequest, NotFound
 
-router = APIRouter(prefix="/v1/payments", tags=["payments"])
+router = APIRouter(prefix="/v1/payments", tags=["payments"], dependencies=[Depends(caller)])
 
 
 def _payment_id(raw: str) -> uuid.UUID:
@@ -67,8 +68,11 @@ async def create(body: CreatePayment, request: Request) -> Response:
                       description=body.description)
     if (forwarded := await owner_route(request, req.payer_home)) is not None:
         return forwarded
+    principal = principal_of(request)
 
     async def step(conn: AsyncConnection) -> Result:
+        # The payer must be the caller's (a 403 rolls back before any money moves).
+        await access.require_account(conn, principal, req.payer, "payer account")
         row = await payments.create_payment(conn, region=node.region, request=req,
                                             hold_ttl=node.hold_ttl)
         return 201, payments.to_api(row)
@@ -87,6 +91,7 @@ async def get(payment_id: str, request: Request,
     try:
         async with node_of(request).db.engine.connect() as conn:
             row = await payments.get_payment(conn, pid)
+            await access.require_payment(conn, principal_of(request), pid)
     except NotFound as missing:
         return await from_owner(request, missing)
     return JSONResponse(payments.to_api(row))
@@ -95,52 +100,59 @@ async def get(payment_id: str, request: Request,
 @router.post("/{payment_id}/capture")
 async def capture(payment_id: str, request: Request,
                   body: Capture | None = Body(None)) -> Response:
-    """Capture a held payment, fully or partly (TCC confirm)."""
+    """Capture a held payment, fully or partly (TCC confirm); the payer's principal."""
     amount = body.amount if body else None
 
     async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
         row = await payments.capture(conn, region=region, payment_id=pid, amount=amount)
         return 200, payments.to_api(row)
 
-    return await _on_payment(request, payment_id, act, push_if_processing(request))
+    return await _on_payment(request, payment_id, act, (access.PAYER,),
+                             push_if_processing(request))
 
 
 @router.post("/{payment_id}/cancel")
 async def cancel(payment_id: str, request: Request,
                  body: Cancel | None = Body(None)) -> Response:
-    """Release a held payment (TCC cancel)."""
+    """Release a held payment (TCC cancel); the payer's or the payee's principal."""
     reason = body.cancellation_reason if body else "requested_by_customer"
 
     async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
         row = await payments.cancel(conn, region=region, payment_id=pid, reason=reason)
         return 200, payments.to_api(row)
 
-    return await _on_payment(request, payment_id, act)
+    return await _on_payment(request, payment_id, act, (access.PAYER, access.PAYEE))
 
 
 @router.post("/{payment_id}/refunds", status_code=201)
 async def refund(payment_id: str, request: Request,
                  body: Refund | None = Body(None)) -> Response:
-    """Refund a captured payment, fully or partly."""
+    """Refund a captured payment, fully or partly; the payee's principal (the merchant
+    refunds, as with Stripe)."""
     amount = body.amount if body else None
 
     async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
         return 201, await payments.refund(conn, region=region, payment_id=pid, amount=amount)
 
-    return await _on_payment(request, payment_id, act)
+    return await _on_payment(request, payment_id, act, (access.PAYEE,))
 
 
 async def _on_payment(request: Request, payment_id: str,
                       act: Callable[[AsyncConnection, str, uuid.UUID], Awaitable[Result]],
-                      after_commit: AfterCommit | None = None) -> Response:
-    """Run a step on an existing payment at the region that serves its home."""
+                      parties: tuple[str, ...], after_commit: AfterCommit | None = None
+                      ) -> Response:
+    """Run a step on an existing payment at the region that serves its home, if the caller
+    owns one of its `parties` (or is an admin)."""
     pid = _payment_id(payment_id)
     region = node_of(request).region
     home = home_of(request, pid)
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 
+    principal = principal_of(request)
+
     async def step(conn: AsyncConnection) -> Result:
+        await access.require_payment(conn, principal, pid, parties)
         return await act(conn, region, pid)
 
     return await run_mutation(request, step, home=home, after_commit=after_commit)

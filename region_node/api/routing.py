@@ -8,6 +8,8 @@ import uuid
 from fastapi import Request
 from fastapi.responses import Response
 
+from region_node.api.audit_trail import mark_audited
+from region_node.api.auth import principal_header
 from region_node.api.mutation import node_of
 from region_node.errors import InvalidRequest, NotFound, RegionUnavailable
 from region_node.ids import parse_id
@@ -88,11 +90,18 @@ async def forward(request: Request, owner: str) -> Response:
             f"Region {node.region} does not serve this data and will not forward it twice; "
             "retry shortly", code="misrouted")
     body = await request.body()
+    # The principal this region authenticated goes along instead of the key itself: the
+    # owner may not have the key yet (it replicates), see api/auth.py.
+    carried = principal_header(request)
+    sent = [pb.Header(name=k, value=v) for k, v in request.headers.items()
+            if k.lower() in FORWARD_HEADERS
+            and not (carried is not None and k.lower() == "authorization")]
+    if carried is not None:
+        sent.append(pb.Header(name=carried[0], value=carried[1]))
     reply = await node.peers.forward(owner, pb.ForwardRequest(
         method=request.method, path=request.url.path, query=request.url.query,
-        headers=[pb.Header(name=k, value=v) for k, v in request.headers.items()
-                 if k.lower() in FORWARD_HEADERS],
-        body=body, origin_region=node.region))
+        headers=sent, body=body, origin_region=node.region))
+    mark_audited(request)  # the owner wrote the audit row
     headers = {h.name: h.value for h in reply.headers
                if h.name.lower() not in ("x-request-id", "content-length",
                                          SERVED_BY.lower(), OWNER.lower())}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import orders, stock
+from region_node import access, orders, stock
+from region_node.api.auth import caller, principal_of, require_admin
 from region_node.api.models import CreateOrder, CreateSku
 from region_node.api.mutation import Result, node_of, run_mutation
 from region_node.api.payments import new_payment, push_if_processing
 from region_node.api.routing import existing_id, home_of, owner_route
 
-router = APIRouter(tags=["stock"])
+router = APIRouter(tags=["stock"], dependencies=[Depends(caller)])
 
 
 def _cluster_regions(request: Request) -> list[str]:
@@ -20,7 +21,7 @@ def _cluster_regions(request: Request) -> list[str]:
     return sorted({node.region, *node.settings.peers})
 
 
-@router.post("/v1/skus", status_code=201)
+@router.post("/v1/skus", status_code=201, dependencies=[Depends(require_admin)])
 async def create_sku(body: CreateSku, request: Request) -> Response:
     """Create a SKU whose stock is split into per-region allotments (escrow), or kept
     whole at one region with every reservation under the global lock (strict)."""
@@ -63,11 +64,14 @@ async def create_order(body: CreateOrder, request: Request) -> Response:
                                 quantity=body.quantity, payment=payment)
     async with node.db.engine.connect() as conn:
         mode = (await stock.get_sku(conn, body.sku)).mode
+    principal = principal_of(request)
 
     async def step(conn: AsyncConnection) -> Result:
-        placed, payment = await orders.place(conn, region=node.region, request=order,
-                                            hold_ttl=node.hold_ttl)
-        return 201, orders.to_api(placed, payment)
+        # The payer must be the caller's (a 403 rolls back before stock or money moves).
+        await access.require_account(conn, principal, payment.payer, "payer account")
+        placed, payment_row = await orders.place(conn, region=node.region, request=order,
+                                                 hold_ttl=node.hold_ttl)
+        return 201, orders.to_api(placed, payment_row)
 
     pushed = push_if_processing(request, lambda order_body: order_body.get("payment") or {})
 
@@ -100,4 +104,10 @@ async def get_order(order_id: str, request: Request) -> Response:
         return forwarded
     async with node_of(request).db.engine.connect() as conn:
         order, payment = await orders.get(conn, parsed)
+        if payment is not None:
+            access.require(principal_of(request),
+                           await access.parties_of(conn, payment.payer_id, payment.payee_id),
+                           "order")
+        else:
+            access.require(principal_of(request), [], "order")
     return JSONResponse(orders.to_api(order, payment))

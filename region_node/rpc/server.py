@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import stock, transfers
+from region_node.api.auth import trusted_forward_headers
 from region_node.errors import InvalidRequest, PaymentError
 from region_node.logs import new_traceparent, request_id, traceparent
 from region_node.node import Node
@@ -66,7 +67,10 @@ class RegionService(pb_grpc.RegionServicer):
                       context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         """Replay a public API request against this node's own app."""
         async def call() -> pb.ForwardResponse:
-            headers = {h.name: h.value for h in request.headers}
+            # A peer (authenticated by mutual TLS) may carry the caller's principal; our
+            # own app trusts it only with this process's token (api/auth.py).
+            headers = trusted_forward_headers(self.app, {h.name: h.value
+                                                         for h in request.headers})
             headers[FORWARDED_FROM] = request.origin_region or "unknown"
             # The call's metadata wins over copied headers: it is this hop's context.
             if request_id.get():
