@@ -217,7 +217,8 @@ def scan_files(paths: list[Path], cards: list[str], secrets: list[str]) -> dict[
 async def run_workload(client: httpx.AsyncClient, cards: list[str],
                        keys: list[str]) -> tuple[list[str], list[httpx.Response]]:
     """Payments whose descriptions and idempotency keys carry the cards and keys, reads
-    and bad requests that carry them; returns the payment ids and every response."""
+    and bad requests that carry them; returns the payment ids and every response. keys[0]
+    is replaced by a real merchant key made through the admin API."""
     responses: list[httpx.Response] = []
     bogus_token = keys[-1]
 
@@ -226,9 +227,19 @@ async def run_workload(client: httpx.AsyncClient, cards: list[str],
         responses.append(resp)
         return resp
 
+    # A real merchant, made through the admin API (its name carries a card number too);
+    # its key replaces the first fake one, and it opens the payee account itself.
+    made = await call("POST", "/v1/admin/principals", json={
+        "name": f"Shop of {spellings(cards[0])[1]}", "role": "merchant"})
+    assert made.status_code == 201, made.text
+    keys[0] = made.json()["api_key"]["key"]
+    # The one response that shows the key (once, by design); the name in it is masked.
+    responses.remove(made)
+    assert leaks(made.text, cards, []) == []
+    merchant = {"Authorization": f"Bearer {keys[0]}"}
     payer = (await call("POST", "/v1/accounts", json={"currency": "USD"})).json()["id"]
-    payee = (await call("POST", "/v1/accounts", json={"currency": "USD",
-                                                      "kind": "merchant"})).json()["id"]
+    payee = (await call("POST", "/v1/accounts", json={"currency": "USD", "kind": "merchant"},
+                        headers=merchant)).json()["id"]
     dep = await call("POST", f"/v1/accounts/{payer}/deposits", json={"amount": 10**8})
     assert dep.status_code == 201, dep.text
     ids = []
@@ -249,6 +260,9 @@ async def run_workload(client: httpx.AsyncClient, cards: list[str],
         assert replay.status_code == 201 and replay.json()["id"] == ids[-1], replay.text
         # Reads and bad requests echoing the number and the key.
         await call("GET", f"/v1/payments/{ids[-1]}", params={"note": spelled, "k": key})
+        seen = await call("GET", f"/v1/payments/{ids[-1]}", params={"pan": card},
+                          headers=merchant)
+        assert seen.status_code == 200, seen.text
         await call("GET", f"/v1/payments/{card}")
         await call("GET", f"/v1/accounts/{key}/entries", params={"cursor": card})
         await call("POST", "/v1/accounts", json={"currency": "USD", "home_region": spelled})
@@ -338,6 +352,10 @@ def _lab_workload(lab: Cluster, admin: dict[str, str], cards: list[str],
                 **{"Idempotency-Key": f"lab-{spelled}"})
             assert resp.status_code == 201, resp.text
             ids.append(resp.json()["id"])
+            # Through the geo router too: it logs paths of what it proxies.
+            router = lab.routers[0].url
+            http.get(f"{router}/v1/payments/{ids[-1]}", params={"pan": spelled, "k": key})
+            http.get(f"{router}/v1/accounts/{card}", headers={"Authorization": f"Bearer {key}"})
             for region in (a, b):
                 http.get(f"{region.api_url}/v1/payments/{card}", params={"pan": spelled})
                 post(f"{region.api_url}/v1/accounts", {"currency": "USD",
@@ -355,14 +373,14 @@ def _lab_workload(lab: Cluster, admin: dict[str, str], cards: list[str],
 @pytest.mark.timeout(240)
 def test_lab_cluster_logs_files_and_databases_hold_no_card_or_key(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Two regions as `paycluster up` runs them (node processes logging to node.log, their
-    PostgreSQL, Redis and NATS): after the workload, no file under the data dir (logs and
-    the servers' data files alike) and no row in either region's database holds a full
-    card number or a key."""
+    """Two regions and a geo router as `paycluster up` runs them (nodes logging to node.log,
+    the router to router.log, each region's PostgreSQL, Redis and NATS): after the
+    workload, no file under the data dir (logs and the servers' data files alike) and no
+    row in either region's database holds a full card number or a key."""
     data_dir = tmp_path_factory.mktemp("leaklab")
     cards = [luhn_number(n) for n in range(13, 20)]
     keys = [fake_key(), fake_key()]
-    lab = start_cluster(data_dir, regions=2, wan_scale=0)
+    lab = start_cluster(data_dir, regions=2, wan_scale=0, routers=1)
     try:
         admin_keys = _find_keys(read_cluster(data_dir))
         admin = {"Authorization": f"Bearer {admin_keys[0]}"} if admin_keys else {}
@@ -385,8 +403,8 @@ def test_lab_cluster_logs_files_and_databases_hold_no_card_or_key(
     assert sorted(stored) == sorted(f"lab {i} {masked(c)} pck_{keys[i % 2].split('_')[1]}_****"
                                     for i, c in enumerate(cards))
     files = [p for p in data_dir.rglob("*") if p.is_file() and not p.is_symlink()]
-    logs_seen = [p for p in files if p.name == "node.log"]
-    assert len(logs_seen) == 2 and all(p.stat().st_size > 0 for p in logs_seen)
+    logs_seen = [p for p in files if p.name in ("node.log", "router.log")]
+    assert len(logs_seen) == 3 and all(p.stat().st_size > 0 for p in logs_seen)
     assert scan_files(files, cards, keys) == {}
     # The bootstrap admin key lives in cluster.json (mode 0600) and nowhere else.
     assert scan_files([p for p in files if p.name != "cluster.json"], [], admin_keys) == {}

@@ -14,15 +14,18 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import pytest
 from grpc.aio import Metadata
 from redis.asyncio import Redis
 
 from cluster.servers import RegionServers, free_port
 from region_node.api.errors import error_response
+from region_node.config import RegionSettings
 from region_node.errors import RateLimited
 from region_node.rate_limit import KEY_PREFIX, RateLimiter
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
+from tests.conftest import app_client
 
 pytestmark = pytest.mark.integration
 
@@ -176,3 +179,48 @@ def test_retry_after_survives_the_hop_between_regions() -> None:
     resp = error_response(back)
     assert resp.status_code == 429 and resp.headers["retry-after"] == "3"
     assert json.loads(bytes(resp.body))["error"]["code"] == "rate_limited"
+
+
+# ---------------------------------------------------------------- through the HTTP API
+
+async def _limited_key(client: httpx.AsyncClient, rate: float, burst: int) -> str:
+    """A merchant created through the admin API with its own limit; its new API key."""
+    resp = await client.post("/v1/admin/principals", json={
+        "name": f"limited-{uuid.uuid4().hex[:6]}", "role": "merchant",
+        "rate_per_second": rate, "rate_burst": burst})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["rate_per_second"] == rate and resp.json()["rate_burst"] == burst
+    key: str = resp.json()["api_key"]["key"]
+    return key
+
+
+async def test_http_429_in_the_error_shape_with_retry_after_then_recovery(
+        client: httpx.AsyncClient) -> None:
+    key = await _limited_key(client, 1.0, 3)
+    auth = {"Authorization": f"Bearer {key}"}
+    opened = await client.post("/v1/accounts", json={"currency": "USD"}, headers=auth)
+    assert opened.status_code == 201, opened.text
+    account = opened.json()["id"]
+    for _ in range(2):
+        assert (await client.get(f"/v1/accounts/{account}", headers=auth)).status_code == 200
+    refused = await client.get(f"/v1/accounts/{account}", headers=auth)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["code"] == "rate_limited"
+    retry_after = int(refused.headers["Retry-After"])
+    assert retry_after == 1  # one token per second: back within a second
+    # Another key (the admin's) is not affected while this one is throttled.
+    assert (await client.get(f"/v1/accounts/{account}")).status_code == 200
+    await asyncio.sleep(retry_after)
+    assert (await client.get(f"/v1/accounts/{account}", headers=auth)).status_code == 200
+
+
+async def test_http_two_nodes_of_a_region_share_a_keys_bucket(
+        client: httpx.AsyncClient, settings: RegionSettings) -> None:
+    """Two node apps on the region's one database and one Redis: a key's burst is spent
+    across both, not once per node."""
+    key = await _limited_key(client, 0.01, 4)
+    async with app_client(settings, key) as a, app_client(settings, key) as b:
+        codes = [(await node.post("/v1/accounts", json={"currency": "USD"})).status_code
+                 for node in (a, b, a, b, a, b)]
+    assert codes == [201, 201, 201, 201, 429, 429]

@@ -121,3 +121,5 @@ class CreatePrincipal(Body):
     rate_per_second: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
     rate_burst: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
     home_region: str | None = Field(None, max_length=64)
+
+    _mask_name = field_validator("name")(_free_text)
