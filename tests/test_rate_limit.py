@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,7 +20,7 @@ import pytest
 from grpc.aio import Metadata
 from redis.asyncio import Redis
 
-from cluster.servers import RegionServers, free_port
+from cluster.servers import RegionServers, free_port, start_redis
 from region_node.api.errors import error_response
 from region_node.config import RegionSettings
 from region_node.errors import RateLimited
@@ -224,3 +225,41 @@ async def test_http_two_nodes_of_a_region_share_a_keys_bucket(
         codes = [(await node.post("/v1/accounts", json={"currency": "USD"})).status_code
                  for node in (a, b, a, b, a, b)]
     assert codes == [201, 201, 201, 201, 429, 429]
+
+
+async def test_script_reloaded_after_redis_forgot_it(servers: RegionServers,
+                                                     limiter: RateLimiter) -> None:
+    """EVALSHA with fallback: a restarted (or flushed) Redis has no script cache; the next
+    call loads the script again instead of failing (or failing open)."""
+    key = _key()
+    await limiter.take(key, 0.01, 2)
+    redis = Redis.from_url(servers.redis.url)
+    try:
+        await redis.script_flush()
+    finally:
+        await redis.aclose()
+    await limiter.take(key, 0.01, 2)
+    assert not limiter.degraded
+    with pytest.raises(RateLimited):
+        await limiter.take(key, 0.01, 2)
+
+
+async def test_shared_buckets_resume_when_redis_is_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    lim = RateLimiter.from_url(f"redis://127.0.0.1:{port}/0", 1000, 10,
+                               fallback_seconds=0.2)
+    caplog.set_level(logging.WARNING, logger="region_node.rate_limit")
+    redis = None
+    try:
+        await lim.take(_key())
+        assert lim.degraded
+        redis = await asyncio.to_thread(start_redis, tmp_path / "redis", port)
+        await asyncio.sleep(0.25)
+        await lim.take(_key())
+        assert not lim.degraded
+    finally:
+        await lim.aclose()
+        if redis is not None:
+            redis.stop()
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
