@@ -249,7 +249,7 @@ async def run_workload(client: httpx.AsyncClient, cards: list[str],
         resp = await call("POST", "/v1/payments", json={
             "payer": payer, "payee": payee, "amount": 100 + i, "currency": "USD",
             "description": f"order {i} card {spelled} api {key}"},
-            headers={"Idempotency-Key": f"pay-{spelled}-{i}"})
+            headers={"Idempotency-Key": f"pay-{spelled}-{i}", "X-Request-Id": f"rq-{spelled}"})
         assert resp.status_code == 201, resp.text
         ids.append(resp.json()["id"])
         # The replay of that key answers from the stored response.
@@ -263,7 +263,7 @@ async def run_workload(client: httpx.AsyncClient, cards: list[str],
         seen = await call("GET", f"/v1/payments/{ids[-1]}", params={"pan": card},
                           headers=merchant)
         assert seen.status_code == 200, seen.text
-        await call("GET", f"/v1/payments/{card}")
+        await call("GET", f"/v1/payments/{card}", headers={"X-Request-Id": key})
         await call("GET", f"/v1/accounts/{key}/entries", params={"cursor": card})
         await call("POST", "/v1/accounts", json={"currency": "USD", "home_region": spelled})
         await call("POST", "/v1/accounts", json={"currency": card})

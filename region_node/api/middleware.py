@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from region_node.errors import PayloadTooLarge
 from region_node.logs import new_traceparent, request_id, traceparent
 from region_node.metrics import NodeMetrics
+from region_node.redact import scrub
 
 
 class RequestContext:
@@ -31,7 +32,9 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        # The client's id goes into every log line and the audit trail: scrubbed like any
+        # other client text (someone will send a card number or a key as a request id).
+        rid = scrub(headers.get(b"x-request-id", b"").decode("latin-1")[:128]) or uuid.uuid4().hex
         token = request_id.set(rid)
         trace = traceparent.set(new_traceparent(
             headers.get(b"traceparent", b"").decode("latin-1") or None))
