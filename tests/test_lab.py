@@ -8,6 +8,8 @@ Real servers throughout (PostgreSQL 18, Redis, NATS, region nodes, the emulator 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,10 +58,11 @@ def account_in_db(dsn: str, account_id: str) -> bool:
                             (account_id,)).fetchone() is not None
 
 
-def open_account(api_url: str, home: str) -> str:
-    """Open an account homed in `home` through the region at `api_url`; its id."""
+def open_account(api_url: str, home: str, auth: dict[str, str]) -> str:
+    """Open an account homed in `home` through the region at `api_url` (with the `auth`
+    headers: the lab's admin key); its id."""
     resp = httpx.post(f"{api_url}/v1/accounts", json={"currency": "USD", "home_region": home},
-                      headers={"Idempotency-Key": f"lab-{uuid.uuid4()}"}, timeout=10)
+                      headers={"Idempotency-Key": f"lab-{uuid.uuid4()}", **auth}, timeout=10)
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -78,6 +81,15 @@ def processes_under(path: Path) -> list[psutil.Process]:
 
 def test_three_regions_are_ready_and_cluster_json_lists_every_link(lab: Cluster) -> None:
     doc = read_cluster(lab.data_dir)
+    # The bootstrap admin key is in cluster.json, which only its owner may read.
+    assert stat.S_IMODE(os.stat(lab.cluster_file).st_mode) == 0o600
+    assert doc["admin_key"] == lab.admin_key and lab.admin_key.startswith("pck_")
+    for name in REGION_NAMES:
+        who = httpx.get(f"{lab.region(name).api_url}/v1/admin/audit", timeout=5,
+                        headers=lab.auth_headers())
+        assert who.status_code == 200, (name, who.text)
+        assert httpx.get(f"{lab.region(name).api_url}/v1/admin/audit",
+                         timeout=5).status_code == 401
     assert doc["status"] == "running"
     assert list(doc["regions"]) == list(REGION_NAMES)
     for name, region in doc["regions"].items():
@@ -87,6 +99,7 @@ def test_three_regions_are_ready_and_cluster_json_lists_every_link(lab: Cluster)
             assert is_ours(region[kind]), f"{name} {kind} is not running"
         assert region["grpc_port"] and region["postgres_dsn"].endswith("/paycluster")
     assert is_ours(doc["wan"]) and doc["wan"]["control_url"].startswith("http://127.0.0.1:")
+    assert is_ours(doc["pg_tls"])
 
     links = doc["links"]
     pairs = [(a, b) for a in REGION_NAMES for b in REGION_NAMES if a != b]
@@ -96,7 +109,8 @@ def test_three_regions_are_ready_and_cluster_json_lists_every_link(lab: Cluster)
     regions = doc["regions"]
     for link in links:
         dst = regions[link["dst"]]
-        want = {"postgres": dst["postgres"]["port"], "grpc": dst["grpc_port"],
+        # PostgreSQL is reached across the WAN through the region's TLS gateway only.
+        want = {"postgres": dst["pg_gateway_port"], "grpc": dst["grpc_port"],
                 "redis": dst["redis"]["port"]}[link["service"]]
         assert link["target"] == f"127.0.0.1:{want}"
         assert link["rtt_ms"] == pytest.approx(
@@ -121,12 +135,14 @@ def test_replication_runs_through_the_postgres_links(lab: Cluster) -> None:
                         == ("ap-southeast", "eu-west", "postgres"))
 
         before = down_bytes()
-        account = open_account(lab.region("us-east").api_url, "eu-west")  # forwarded
+        account = open_account(lab.region("us-east").api_url, "eu-west",
+                               lab.auth_headers())  # forwarded
         wait_for(lambda: account_in_db(lab.region("ap-southeast").dsn, account), 10,
                  "the eu-west account to replicate to ap-southeast")
         assert down_bytes() > before
     for name in REGION_NAMES:
-        status = httpx.get(f"{lab.region(name).api_url}/v1/replication/status", timeout=5).json()
+        status = httpx.get(f"{lab.region(name).api_url}/v1/replication/status", timeout=5,
+                           headers=lab.auth_headers()).json()
         assert {p["from"] for p in status["pairs"].values()} == set(REGION_NAMES) - {name}
         assert all(p["apply_running"] for p in status["pairs"].values()), status
 
@@ -139,7 +155,7 @@ def test_cut_link_holds_replication_until_heal(lab: Cluster) -> None:
                                                           ("ap-southeast", "eu-west")}
         assert all(lk["cut"] == "blackhole" for lk in cut) and len(cut) == 2 * len(WAN_SERVICES)
         try:
-            account = open_account(eu.api_url, "eu-west")
+            account = open_account(eu.api_url, "eu-west", lab.auth_headers())
             wait_for(lambda: account_in_db(us.dsn, account), 10,
                      "the account to reach us-east over its healthy link")
             time.sleep(1.0)
@@ -181,7 +197,8 @@ def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) ->
     data_dir = tmp_path / "lab"
     cluster = start_cluster(data_dir, regions=3, wan_scale=0.0, detach=True)
     try:
-        before = open_account(cluster.region("us-east").api_url, "ap-southeast")
+        before = open_account(cluster.region("us-east").api_url, "ap-southeast",
+                              cluster.auth_headers())
         wait_for(lambda: account_in_db(cluster.region("us-east").dsn, before), 10,
                  "the account to replicate before the new region joins")
         old_nodes = {r.name: r.node.pid for r in cluster.regions if r.node is not None}
@@ -198,11 +215,14 @@ def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) ->
             assert "us-west" in entry["peers"]
         # The new region got the data that existed before it joined, and replicates on.
         assert account_in_db(added.dsn, before)
-        after = open_account(added.api_url, "eu-west")  # forwarded from us-west to eu-west
+        # The bootstrap admin key came to the new region with the donor's copy.
+        after = open_account(added.api_url, "eu-west",
+                             cluster.auth_headers())  # forwarded from us-west to eu-west
         for name in (*REGION_NAMES, "us-west"):
             wait_for(lambda n=name: account_in_db(doc["regions"][n]["postgres_dsn"], after),
                      10, f"the new account to reach {name}")
-        status = httpx.get(f"{added.api_url}/v1/replication/status", timeout=5).json()
+        status = httpx.get(f"{added.api_url}/v1/replication/status", timeout=5,
+                           headers=cluster.auth_headers()).json()
         assert {p["from"] for p in status["pairs"].values()} == set(REGION_NAMES)
         assert len(processes_under(data_dir.resolve())) >= 4 * 4 + 1  # the check below sees
     finally:
