@@ -1,0 +1,299 @@
+"""The return of a region that lost its ownership in a forced takeover (crash or
+partition): list its lost tail for reconciliation, then bring it back consistently.
+
+**Lost tail** (`lost_tail`). At the takeover every survivor cut the old owner's stream
+off at one aligned position (`replication.align`, ``ownership_takeovers.positions``).
+Whatever the returning region committed itself and no survivor has is its tail: in
+``local`` durability mode, payments it acknowledged in the last moments before the crash
+(or, in a partition, before its lease ran out). They are found by content, not by LSN:
+rows of the returning region's store whose last change was local (replication origin
+0) and that no survivor has (by primary key). Payments are listed with their journal
+entries and amounts per currency; journals without a lost payment (a deposit, a
+withdrawal) are listed on their own. The items are written to ``reconciliation_items``
+in the current owner's store (it replicates to every region; readable through
+``GET /v1/admin/reconciliation``), keyed by (home, takeover epoch, item) so a rerun
+adds nothing. They are never applied: an operator settles them with the customers.
+
+**Rejoin** (`rejoin_region`). The returning store holds a tail the others never saw, and
+its rows carry origins that no longer match (the survivors restamped the home's rows for
+the new owner), so it cannot simply resume streaming. The simplest correct way back is
+a rebuild: the region's database is dropped and re-created, and it joins the cluster
+again like a new region (`replication.wiring.add_region`: one copy from a donor
+snapshot, then streams from everyone). Its node then sees that the new owner serves its
+home and never tries to take the lease; ownership fails back the planned way
+(`replication.failover.planned_handover`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from replication.failover import RegionHandle
+
+if TYPE_CHECKING:
+    from cluster.lab import Cluster
+    from replication.wiring import AddRegionReport
+
+
+class ReconcileError(RuntimeError):
+    """The tail could not be listed or the region not brought back."""
+
+
+@dataclass
+class LostTail:
+    """What the returning region committed that no survivor has (see module docstring)."""
+
+    home: str
+    returning: str
+    owner: str | None
+    takeover_epoch: int | None
+    aligned_at: str | None
+    payments: list[dict[str, Any]] = field(default_factory=list)
+    journals: list[dict[str, Any]] = field(default_factory=list)
+    journal_entries: int = 0
+    amount_by_currency: dict[str, int] = field(default_factory=dict)
+    other_rows: dict[str, int] = field(default_factory=dict)
+    recorded: int = 0
+
+    @property
+    def count(self) -> int:
+        """Number of lost payments."""
+        return len(self.payments)
+
+    @property
+    def ledger_rows(self) -> int:
+        """Lost ledger rows (payments, journal entries): 0 means only non-ledger rows
+        (heartbeats, ...) are in the tail."""
+        return len(self.payments) + self.journal_entries
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {**asdict(self), "count": self.count}
+
+
+def _libpq(dsn: str) -> str:
+    return dsn.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(_libpq(dsn), autocommit=True, connect_timeout=5)
+    conn.execute("set timezone = 'UTC'")
+    return conn
+
+
+_LOCAL = "(pg_xact_commit_timestamp_origin(t.xmin)).roident = 0"
+
+_LOCAL_PAYMENTS = f"""
+select t.id::text, t.home_region, t.status, t.amount, t.currency, t.epoch,
+       t.payer_id::text, t.payee_id::text, pg_xact_commit_timestamp(t.xmin)
+  from payments t where {_LOCAL}
+"""
+
+_LOCAL_ENTRIES = f"""
+select t.id::text, t.journal_id::text, t.payment_id::text, t.account_id::text, t.amount,
+       t.currency, t.entry_type, pg_xact_commit_timestamp(t.xmin)
+  from journal_entries t where {_LOCAL}
+"""
+
+# Tables whose local rows (other than payments and journal entries) are counted when a
+# survivor lacks them: heartbeats and the like, which need no reconciliation.
+_OTHER_TABLES = ("accounts", "refunds", "transfers", "transfer_results", "idempotency_keys",
+                 "heartbeats", "tcc_barrier")
+
+
+def _present(dsns: list[str], table: str, ids: list[str]) -> set[str]:
+    """Which of `ids` (primary key `id`) any of the stores at `dsns` has."""
+    found: set[str] = set()
+    if not ids:
+        return found
+    for dsn in dsns:
+        with _connect(dsn) as conn:
+            found |= {str(r[0]) for r in conn.execute(
+                f"select id::text from {table} where id = any(%s::uuid[])", (ids,))}
+    return found
+
+
+def _takeover(dsn: str, home: str, returning: str) -> tuple[int, str | None] | None:
+    with _connect(dsn) as conn:
+        row = conn.execute(
+            "select epoch, positions->>'aligned_at' from ownership_takeovers "
+            "where home_region = %s and from_region = %s order by epoch desc limit 1",
+            (home, returning)).fetchone()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def _owner(dsn: str, home: str) -> str | None:
+    with _connect(dsn) as conn:
+        row = conn.execute("select serving_region from ownership_epochs where home_region = %s "
+                           "order by epoch desc limit 1", (home,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], home: str, *,
+              record: bool = True) -> LostTail:
+    """List the returning region's transactions that no survivor has (its lost tail),
+    and with `record` write them to ``reconciliation_items`` in the current owner's
+    store (never applied). The returning region's PostgreSQL must be up (its node need
+    not be); every survivor's store must answer. Synchronous (psycopg)."""
+    if not survivors:
+        raise ReconcileError("no survivor given")
+    dsns = [h.dsn for h in survivors.values()]
+    first = next(iter(survivors.values()))
+    owner = _owner(first.dsn, home)
+    owner_handle = survivors.get(owner or "")
+    taken = _takeover(owner_handle.dsn if owner_handle else first.dsn, home, returning.name)
+    tail = LostTail(home, returning.name, owner, taken[0] if taken else None,
+                    taken[1] if taken else None)
+    with _connect(returning.dsn) as conn:
+        payments = conn.execute(_LOCAL_PAYMENTS).fetchall()
+        entries = conn.execute(_LOCAL_ENTRIES).fetchall()
+        others = {t: [str(r[0]) for r in conn.execute(
+            f"select t.id::text from {t} t where {_LOCAL}")]
+            for t in _OTHER_TABLES if _has_id(conn, t)}
+    have_pay = _present(dsns, "payments", [str(p[0]) for p in payments])
+    have_entry = _present(dsns, "journal_entries", [str(e[0]) for e in entries])
+    lost_entries = [e for e in entries if str(e[0]) not in have_entry]
+    by_payment: dict[str, list[dict[str, Any]]] = {}
+    by_journal: dict[str, list[dict[str, Any]]] = {}
+    for e in lost_entries:
+        item = {"id": e[0], "journal_id": e[1], "payment_id": e[2], "account_id": e[3],
+                "amount": int(e[4]), "currency": e[5], "entry_type": e[6],
+                "committed_at": e[7].isoformat() if e[7] else None}
+        if e[2] is not None:
+            by_payment.setdefault(str(e[2]), []).append(item)
+        else:
+            by_journal.setdefault(str(e[1]), []).append(item)
+    for p in payments:
+        if str(p[0]) in have_pay:
+            continue
+        tail.payments.append({
+            "id": p[0], "home_region": p[1], "status": p[2], "amount": int(p[3]),
+            "currency": p[4], "epoch": None if p[5] is None else int(p[5]), "payer": p[6],
+            "payee": p[7], "committed_at": p[8].isoformat() if p[8] else None,
+            "entries": by_payment.pop(str(p[0]), [])})
+        tail.amount_by_currency[p[4]] = tail.amount_by_currency.get(p[4], 0) + int(p[3])
+    # Entries of payments the survivors have (e.g. a capture posted in the tail), and
+    # journals without a payment (deposits, withdrawals).
+    for key, items in [*by_payment.items(), *by_journal.items()]:
+        tail.journals.append({"journal_id": items[0]["journal_id"], "payment_id":
+                              items[0]["payment_id"], "entries": items,
+                              "amount": sum(i["amount"] for i in items if i["amount"] > 0),
+                              "currency": items[0]["currency"],
+                              "committed_at": items[0]["committed_at"], "key": key})
+    tail.journal_entries = len(lost_entries)
+    for table, ids in others.items():
+        missing = len(ids) - len(_present(dsns, table, ids))
+        if missing:
+            tail.other_rows[table] = missing
+    if record and tail.takeover_epoch is not None and owner_handle is not None:
+        tail.recorded = _record(owner_handle, tail)
+    return tail
+
+
+def _has_id(conn: psycopg.Connection[Any], table: str) -> bool:
+    return conn.execute("select 1 from information_schema.columns where table_name = %s "
+                        "and column_name = 'id'", (table,)).fetchone() is not None
+
+
+def _record(owner: RegionHandle, tail: LostTail) -> int:
+    """Insert the tail's items into ``reconciliation_items`` at the owner (only the
+    owner inserts them: the keys are never written by two regions)."""
+    rows: list[tuple[Any, ...]] = []
+    for p in tail.payments:
+        rows.append((tail.home, tail.takeover_epoch, p["id"], "payment", tail.returning,
+                     owner.name, p["epoch"], p["status"], p["currency"], p["amount"],
+                     p["committed_at"], json.dumps(p)))
+    for j in tail.journals:
+        rows.append((tail.home, tail.takeover_epoch, j["journal_id"], "journal",
+                     tail.returning, owner.name, None, None, j["currency"], j["amount"],
+                     j["committed_at"], json.dumps(j)))
+    inserted = 0
+    with _connect(owner.dsn) as conn, conn.transaction():
+        for row in rows:
+            cur = conn.execute(
+                "insert into reconciliation_items (home_region, takeover_epoch, item_id, "
+                "item_kind, lost_region, listed_by, epoch, status, currency, amount, "
+                "committed_at, detail) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                "%s::jsonb) on conflict do nothing", row)
+            inserted += max(cur.rowcount, 0)
+    return inserted
+
+
+def _drop_slots(dsn: str, database: str | None = None, name: str | None = None,
+                timeout: float = 15.0) -> None:
+    """Drop replication slots (of `database`, or the one called `name`) once inactive."""
+    deadline = time.monotonic() + timeout
+    with _connect(dsn) as conn:
+        while True:
+            rows = conn.execute(
+                "select slot_name, active_pid from pg_replication_slots where "
+                "(%s::text is null or database = %s) and (%s::text is null or slot_name = %s)",
+                (database, database, name, name)).fetchall()
+            if not rows:
+                return
+            for slot, pid in rows:
+                if pid is not None:
+                    conn.execute("select pg_terminate_backend(%s)", (pid,))
+                else:
+                    conn.execute("select pg_drop_replication_slot(%s)", (slot,))
+            if time.monotonic() > deadline:
+                raise ReconcileError(f"slots {[r[0] for r in rows]} stay active")
+            time.sleep(0.1)
+
+
+def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
+    """Start region `name`'s PostgreSQL again (after a crash: recovery runs) on its port
+    and data, the way the lab first started it (with the TLS gateway's unix socket when
+    it had one: `cluster.servers.start_postgres(gateway=...)`); a running one is left
+    alone. Records the new pid in cluster.json."""
+    from cluster.servers import start_postgres
+
+    region = cluster.region(name)
+    pg = region.servers.postgres
+    if pg.is_running():
+        return
+    gateway = (Path(pg.data_dir) / "socket").is_dir()
+    region.servers.postgres = start_postgres(Path(pg.data_dir), port=pg.port, timeout=timeout,
+                                             gateway=gateway)
+    cluster.write()
+
+
+def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
+                  timeout: float = 120.0) -> AddRegionReport:
+    """Rebuild region `name` of the lab `cluster` after it lost a forced takeover (see
+    the module docstring): stop its node, start its PostgreSQL if it is down, drop
+    every subscription to and from it and its slots, drop and re-create its database,
+    join it again from `donor` (default: the first other region) with
+    `replication.wiring.add_region`, and start its node. List its lost tail with
+    `lost_tail` first: the rebuild discards it. Synchronous."""
+    from replication import wiring
+
+    region = cluster.region(name)
+    others = [r for r in cluster.names if r != name]
+    if region.node is not None and region.node.is_running():
+        region.node.stop()
+    start_store(cluster, name)
+    dbs = cluster.region_dbs()
+    for other in others:
+        wiring.unsubscribe(dbs[other].dsn, name, drop_slot=False)
+        wiring.unsubscribe(dbs[name].dsn, other, drop_slot=False)
+        _drop_slots(dbs[other].dsn, name=wiring.slot_name(other, name))
+    dbname = dbs[name].dbname
+    admin = dbs[name].dsn.rsplit("/", 1)[0] + "/postgres"
+    _drop_slots(admin, database=dbname)
+    with _connect(admin) as conn:
+        conn.execute(f'drop database if exists "{dbname}" with (force)')
+    report = wiring.add_region([dbs[o] for o in others], dbs[name],
+                               donor=donor or others[0], timeout=timeout)
+    if region.node is not None:
+        cluster.restart_node(name)
+    else:
+        cluster.start_node(name)
+    return report

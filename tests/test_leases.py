@@ -1,0 +1,407 @@
+"""Ownership leases, crash and partition takeovers on three real regions (one lab for
+the module; every test leaves eu-west serving its own accounts again).
+
+1. Renewal under load: the owner keeps its lease (one token, one epoch) and every write
+   goes through.
+2. Partition: eu-west is cut off from the others; it refuses writes (503 lease_lost)
+   before its lease could have ended, us-east takes over once it has, the journal
+   shows no old-epoch write after the new epoch began; after the heal the tail is
+   listed, eu-west is rebuilt, fails back, and the ledger holds with zero conflicts.
+3. Crash in regional mode: every payment acknowledged before the SIGKILL is at the
+   buddy that takes over (RPO 0).
+4. Crash in local mode: the takeover is refused without accepting the loss; the lost
+   tail is listed exactly (every acknowledged payment that is missing, with amounts)
+   in reconciliation_items; eu-west rejoins and fails back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import psycopg
+import pytest
+
+from cluster.cli import failover_targets
+from cluster.drill_faults import crash_region
+from cluster.lab import Cluster, start_cluster
+from replication.durability import durability, set_durability
+from replication.failover import (
+    HandoverError,
+    RegionHandle,
+    crash_takeover,
+    planned_handover,
+)
+from replication.reconcile import lost_tail, rejoin_region, start_store
+from replication.wiring import set_enabled
+from tests.helpers import cluster_ledger_checks, cluster_view
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chaos]
+
+REGIONS = ("us-east", "eu-west", "ap-southeast")
+HOME, BUDDY, THIRD = "eu-west", "us-east", "ap-southeast"
+WAN_SCALE = 0.25
+LEASE_TTL = 3.0
+CLIENTS = 4
+OPENING = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-region lab for this module, stopped even if a test fails."""
+    lab = start_cluster(tmp_path_factory.mktemp("lab"), regions=3, wan_scale=WAN_SCALE,
+                        extra_env={"PAYCLUSTER_OWNERSHIP_LEASE_TTL_SECONDS": str(LEASE_TTL)})
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+def _headers(lab: Cluster) -> dict[str, str]:
+    auth = getattr(lab, "auth_headers", None)
+    return dict(auth()) if callable(auth) else {}
+
+
+def _handles(lab: Cluster, names: tuple[str, ...] = REGIONS) -> dict[str, RegionHandle]:
+    return {n: RegionHandle(n, lab.region(n).api_url, lab.region(n).dsn) for n in names}
+
+
+@dataclass
+class Ack:
+    """A payment a client saw acknowledged."""
+
+    payment_id: str
+    amount: int
+    at: float
+    served_by: str
+
+
+@dataclass
+class Load:
+    """Payments between accounts homed in HOME, sent to `target` (changeable), retried
+    with the same key on 503 / transport errors; every answer recorded."""
+
+    lab: Cluster
+    payers: list[str]
+    payees: list[str]
+    target: str = HOME
+    acks: list[Ack] = field(default_factory=list)
+    refusals: list[tuple[float, str]] = field(default_factory=list)  # (time, error code)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        async with httpx.AsyncClient(timeout=10, headers=_headers(self.lab)) as http:
+            while not self.stop.is_set():
+                amount = rng.randint(1, 500)
+                body = {"payer": rng.choice(self.payers), "payee": rng.choice(self.payees),
+                        "amount": amount, "currency": "USD"}
+                key = f"lease-{uuid.uuid4()}"
+                while not self.stop.is_set():
+                    url = f"{self.lab.region(self.target).api_url}/v1/payments"
+                    try:
+                        resp = await http.post(url, json=body,
+                                               headers={"Idempotency-Key": key})
+                    except httpx.HTTPError:
+                        self.refusals.append((time.monotonic(), "transport"))
+                        await asyncio.sleep(0.05)
+                        continue
+                    if resp.status_code in (503, 409):
+                        code = resp.json().get("error", {}).get("code", "?")
+                        self.refusals.append((time.monotonic(), code))
+                        await asyncio.sleep(0.02)
+                        continue
+                    if resp.status_code in (200, 201):
+                        doc = resp.json()
+                        self.acks.append(Ack(doc["id"], amount, time.monotonic(),
+                                             resp.headers.get("paycluster-served-by", "?")))
+                    break
+
+    def start(self) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(self.client(i)) for i in range(CLIENTS)]
+
+
+async def _accounts(lab: Cluster, payers: int = 4, payees: int = 3) -> tuple[list[str],
+                                                                            list[str], int]:
+    """Accounts homed in HOME, funded, replicated everywhere; returns (payers, payees,
+    deposited)."""
+    async with httpx.AsyncClient(base_url=lab.region(HOME).api_url, timeout=30,
+                                 headers=_headers(lab)) as http:
+        made: list[str] = []
+        for i in range(payers + payees):
+            resp = await http.post("/v1/accounts", json={"currency": "USD",
+                                                         "home_region": HOME},
+                                   headers={"Idempotency-Key": f"acct-{uuid.uuid4()}"})
+            assert resp.status_code == 201, resp.text
+            made.append(resp.json()["id"])
+            if i < payers:
+                dep = await http.post(f"/v1/accounts/{made[-1]}/deposits",
+                                      json={"amount": OPENING},
+                                      headers={"Idempotency-Key": f"dep-{uuid.uuid4()}"})
+                assert dep.status_code == 201, dep.text
+    deadline = time.monotonic() + 30
+    for name in REGIONS:
+        while True:
+            with psycopg.connect(lab.region(name).dsn) as conn:
+                n = conn.execute("select count(*) from accounts where id = any(%s::uuid[])",
+                                 (made,)).fetchone()
+            if n and n[0] == len(made):
+                break
+            assert time.monotonic() < deadline, f"accounts not replicated to {name}"
+            await asyncio.sleep(0.1)
+    return made[:payers], made[payers:], payers * OPENING
+
+
+def _deposits(lab: Cluster) -> int:
+    with psycopg.connect(lab.region(BUDDY).dsn) as conn:
+        row = conn.execute("select -coalesce(sum(balance), 0)::bigint from accounts "
+                           "where kind = 'funding'").fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _owner_is(lab: Cluster, owner: str, within: float = 30.0) -> int:
+    """Wait until every region's store says `owner` serves HOME (unbanned); its epoch."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = []
+        for name in REGIONS:
+            with psycopg.connect(lab.region(name).dsn) as conn:
+                rows.append(conn.execute(
+                    "select e.epoch, e.serving_region, exists (select 1 from ownership_bans b "
+                    "where b.home_region = e.home_region and b.epoch = e.epoch) "
+                    "from ownership_epochs e where home_region = %s "
+                    "order by epoch desc limit 1", (HOME,)).fetchone())
+        if all(r is not None and r[1] == owner and not r[2] for r in rows) \
+                and len({r[0] for r in rows if r}) == 1:
+            return int(rows[0][0])  # type: ignore[index]
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.1)
+
+
+async def _quiesce(lab: Cluster, within: float = 60.0) -> None:
+    """Every region holds the same accounts and payments, none processing."""
+    deadline = time.monotonic() + within
+    while True:
+        views = [cluster_view(lab.region(r).dsn) for r in REGIONS]
+        same = all(v["accounts"] == views[0]["accounts"]
+                   and v["payments"] == views[0]["payments"] for v in views)
+        if same and sum(v["processing"] for v in views) == 0:
+            return
+        assert time.monotonic() < deadline, "regions did not converge"
+        await asyncio.sleep(0.3)
+
+
+def _present_at(dsn: str, ids: list[str]) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {str(r[0]) for r in conn.execute(
+            "select id::text from payments where id = any(%s::uuid[])", (ids,))}
+
+
+async def _return_and_fail_back(lab: Cluster) -> None:
+    """Rebuild eu-west from a donor, hand its home back the planned way, and check the
+    whole cluster: converged, ledger sound, zero conflicts anywhere."""
+    await asyncio.to_thread(rejoin_region, lab, HOME, donor=BUDDY)
+    regions, lock_urls = failover_targets(lab, HOME)
+    deadline = time.monotonic() + 30
+    while True:  # the rebuilt region's monitor needs a heartbeat from every peer first
+        try:
+            await planned_handover(regions, lock_urls, HOME, HOME, headers=_headers(lab))
+            break
+        except HandoverError as exc:
+            assert time.monotonic() < deadline, exc
+            await asyncio.sleep(0.5)
+    await _owner_is(lab, HOME)
+    await _quiesce(lab)
+    deposits = _deposits(lab)
+    for name in REGIONS:
+        cluster_ledger_checks(lab.region(name).dsn, deposits)
+
+
+async def test_lease_renewal_keeps_writes_flowing(cluster: Cluster) -> None:
+    payers, payees, _ = await _accounts(cluster)
+    async with httpx.AsyncClient(timeout=10, headers=_headers(cluster)) as http:
+        before = (await http.get(f"{cluster.region(HOME).api_url}"
+                                 "/v1/admin/ownership/leases")).json()
+        load = Load(cluster, payers, payees)
+        tasks = load.start()
+        await asyncio.sleep(3 * LEASE_TTL)
+        load.stop.set()
+        await asyncio.gather(*tasks)
+        after = (await http.get(f"{cluster.region(HOME).api_url}"
+                                "/v1/admin/ownership/leases")).json()
+    token = {lease["home_region"]: lease["token"] for lease in before["leases"]}[HOME]
+    assert {lease["home_region"]: lease["token"] for lease in after["leases"]}[HOME] == token
+    assert load.acks and not load.refusals, load.refusals[:5]
+    with psycopg.connect(cluster.region(HOME).dsn) as conn:
+        epochs = {int(r[0]) for r in conn.execute(
+            "select distinct epoch from payments where id = any(%s::uuid[])",
+            ([a.payment_id for a in load.acks],))}
+    assert epochs == {token}
+    print(f"\n{len(load.acks)} payments in {3 * LEASE_TTL:.0f} s under one lease "
+          f"(token {token}), no refusal")
+
+
+async def test_partition_fences_the_isolated_owner(cluster: Cluster) -> None:
+    payers, payees, _ = await _accounts(cluster)
+    load = Load(cluster, payers, payees)
+    tasks = load.start()
+    assert cluster.wan is not None
+    try:
+        await asyncio.sleep(1.5)
+        with cluster.wan.control() as wan:
+            t_cut = time.monotonic()
+            for other in (BUDDY, THIRD):
+                wan.cut(HOME, other, mode="blackhole")
+            try:
+                while not any(code == "lease_lost" for _, code in load.refusals):
+                    assert time.monotonic() - t_cut < 2 * LEASE_TTL, "never fenced"
+                    await asyncio.sleep(0.01)
+                t_fenced = min(t for t, code in load.refusals if code == "lease_lost")
+                last_old_ack = max((a.at for a in load.acks if a.served_by == HOME),
+                                   default=t_cut)
+                report = await crash_takeover(_handles(cluster), HOME, BUDDY,
+                                              headers=_headers(cluster),
+                                              accept_data_loss=True, reason="partition")
+                t_taken = time.monotonic()
+                load.target = BUDDY
+                while not any(a.served_by == BUDDY for a in load.acks):
+                    assert time.monotonic() - t_taken < 10, load.refusals[-5:]
+                    await asyncio.sleep(0.05)
+                t_served = min(a.at for a in load.acks if a.served_by == BUDDY)
+            finally:
+                for other in (BUDDY, THIRD):
+                    wan.heal(HOME, other)
+        await asyncio.sleep(1.0)
+    finally:
+        load.stop.set()
+        await asyncio.gather(*tasks)
+
+    assert t_fenced - t_cut < LEASE_TTL, t_fenced - t_cut
+    assert last_old_ack < t_taken
+    assert report.forced and report.new_epoch > report.old_epoch
+    # No write under the old epoch committed after the new epoch began.
+    with psycopg.connect(cluster.region(BUDDY).dsn) as conn:
+        began = conn.execute("select pg_xact_commit_timestamp(xmin) from ownership_epochs "
+                             "where home_region = %s and epoch = %s",
+                             (HOME, report.new_epoch)).fetchone()
+    with psycopg.connect(cluster.region(HOME).dsn) as conn:
+        last_old = conn.execute(
+            "select max(pg_xact_commit_timestamp(xmin)) from payments where home_region = %s "
+            "and epoch = %s and (pg_xact_commit_timestamp_origin(xmin)).roident = 0",
+            (HOME, report.old_epoch)).fetchone()
+    assert began and last_old and last_old[0] < began[0], (last_old, began)
+    with psycopg.connect(cluster.region(THIRD).dsn) as conn:
+        mixed = conn.execute("select count(*) from payments where home_region = %s and "
+                             "epoch not in (select epoch from ownership_epochs "
+                             "where home_region = %s)", (HOME, HOME)).fetchone()
+    assert mixed == (0,)
+
+    # The isolated region's tail: every payment it acknowledged that nobody else has.
+    acked = [a for a in load.acks if a.served_by == HOME]
+    missing = {a.payment_id for a in acked} - _present_at(
+        cluster.region(BUDDY).dsn, [a.payment_id for a in acked])
+    tail = await asyncio.to_thread(lost_tail, _handles(cluster, (HOME,))[HOME],
+                                   _handles(cluster, (BUDDY, THIRD)), HOME)
+    tail_ids = {p["id"] for p in tail.payments}
+    assert missing <= tail_ids and len(tail_ids - missing) <= CLIENTS, (missing, tail_ids)
+    print(f"\nfenced {1000 * (t_fenced - t_cut):.0f} ms after the cut (lease ttl "
+          f"{LEASE_TTL:.0f} s); takeover done {t_taken - t_cut:.2f} s after the cut, first "
+          f"write at {BUDDY} {t_served - t_cut:.2f} s; steps "
+          f"{[(s.name, round(s.seconds, 3)) for s in report.steps]}; tail {tail.count} "
+          f"payments ({len(missing)} acknowledged), {tail.amount_by_currency}")
+    await _return_and_fail_back(cluster)
+
+
+async def test_crash_in_regional_mode_loses_nothing(cluster: Cluster) -> None:
+    payers, payees, _ = await _accounts(cluster)
+    home, buddy = cluster.region(HOME), cluster.region(BUDDY)
+    set_durability(home.dsn, HOME, "regional", BUDDY, buddy.dsn)
+    deadline = time.monotonic() + 15
+    while durability(home.dsn, HOME, list(REGIONS)).sync_state != "sync":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    load = Load(cluster, payers, payees)
+    tasks = load.start()
+    try:
+        await asyncio.sleep(2.0)
+        t_kill = time.monotonic()
+        await asyncio.to_thread(crash_region, cluster, HOME)
+        load.stop.set()
+        await asyncio.gather(*tasks)
+        survivors = _handles(cluster)
+        report = await crash_takeover(survivors, HOME, BUDDY, headers=_headers(cluster))
+        t_taken = time.monotonic()
+    finally:
+        load.stop.set()
+        await asyncio.gather(*tasks)
+    acked = [a.payment_id for a in load.acks if a.at < t_kill]
+    missing = set(acked) - _present_at(buddy.dsn, acked)
+    assert report.durability == "regional" and acked and missing == set()
+    print(f"\nregional crash: {len(acked)} acknowledged, {len(missing)} missing at "
+          f"{BUDDY} (RPO 0); takeover {t_taken - t_kill:.2f} s after the kill; steps "
+          f"{[(s.name, round(s.seconds, 3)) for s in report.steps]}")
+    await asyncio.to_thread(start_store, cluster, HOME)
+    set_durability(home.dsn, HOME, "local", buddy_dsn=buddy.dsn)
+    tail = await asyncio.to_thread(lost_tail, _handles(cluster, (HOME,))[HOME],
+                                   _handles(cluster, (BUDDY, THIRD)), HOME)
+    assert {p["id"] for p in tail.payments}.isdisjoint(acked)
+    await _return_and_fail_back(cluster)
+
+
+async def test_crash_in_local_mode_lists_the_lost_tail(cluster: Cluster) -> None:
+    payers, payees, _ = await _accounts(cluster)
+    buddy = cluster.region(BUDDY)
+    load = Load(cluster, payers, payees)
+    tasks = load.start()
+    try:
+        await asyncio.sleep(1.0)
+        # Replication lag, made visible: the survivors stop applying eu-west's stream for
+        # a second before it dies, so its last acknowledged payments exist only there.
+        for other in (BUDDY, THIRD):
+            set_enabled(cluster.region(other).dsn, HOME, False)
+        await asyncio.sleep(1.0)
+        t_kill = time.monotonic()
+        await asyncio.to_thread(crash_region, cluster, HOME)
+    finally:
+        load.stop.set()
+        await asyncio.gather(*tasks)
+    survivors = _handles(cluster)
+    with pytest.raises(HandoverError, match="accept_data_loss"):
+        await crash_takeover(survivors, HOME, BUDDY, headers=_headers(cluster))
+    report = await crash_takeover(survivors, HOME, BUDDY, headers=_headers(cluster),
+                                  accept_data_loss=True)
+    t_taken = time.monotonic()
+    acked = {a.payment_id: a for a in load.acks if a.at < t_kill}
+    missing = set(acked) - _present_at(buddy.dsn, list(acked))
+    assert missing, "the survivors were paused: some acknowledged payments must be missing"
+    await asyncio.to_thread(start_store, cluster, HOME)
+    tail = await asyncio.to_thread(lost_tail, _handles(cluster, (HOME,))[HOME],
+                                   _handles(cluster, (BUDDY, THIRD)), HOME)
+    tail_ids = {p["id"] for p in tail.payments}
+    # Exactly the acknowledged-but-missing payments, plus at most one per client whose
+    # commit the kill cut off before its answer.
+    assert missing <= tail_ids and len(tail_ids - missing) <= CLIENTS, (missing, tail_ids)
+    unanswered = tail_ids - missing
+    assert tail.amount_by_currency["USD"] == sum(acked[p].amount for p in missing) + sum(
+        p["amount"] for p in tail.payments if p["id"] in unanswered)
+    async with httpx.AsyncClient(timeout=10, headers=_headers(cluster)) as http:
+        deadline = time.monotonic() + 15
+        while True:
+            listed = (await http.get(f"{cluster.region(THIRD).api_url}"
+                                     "/v1/admin/reconciliation")).json()
+            items = {i["item_id"] for i in listed["items"] if i["item_kind"] == "payment"
+                     and i["takeover_epoch"] == report.new_epoch}
+            if items == tail_ids:
+                break
+            assert time.monotonic() < deadline, (items, tail_ids)
+            await asyncio.sleep(0.2)
+    print(f"\nlocal crash: {len(acked)} acknowledged, {len(missing)} missing "
+          f"({sum(acked[p].amount for p in missing)} USD minor units), tail {tail.count} "
+          f"payments {tail.amount_by_currency}, {tail.journal_entries} entries; takeover "
+          f"{t_taken - t_kill:.2f} s after the kill")
+    await _return_and_fail_back(cluster)
