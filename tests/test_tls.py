@@ -216,3 +216,24 @@ def test_replication_role_needs_tls_and_a_cluster_certificate(lab: Cluster,
     refused = [e for e in _gateway_events(lab)
                if e["event"] == "refused" and e.get("gateway") == "server"]
     assert len(refused) >= 3, refused
+
+
+@pytest.mark.multiregion
+async def test_lab_nodes_talk_grpc_only_over_mutual_tls(lab: Cluster, tmp_path: Path) -> None:
+    """`paycluster up` gives every node its certificate: its gRPC port (directly, and as a
+    peer reaches it through the WAN link) takes cluster members only."""
+    us, eu = lab.region("us-east"), lab.region("eu-west")
+    files = region_tls_files(lab.data_dir, eu.name)
+    member = RpcTls.from_files(files.ca_file, files.cert_file, files.key_file)
+    other_ca, other_key = create_ca(tmp_path / "other", "someone else's CA")
+    issue_cert(other_ca, other_key, cert_name(eu.name), tmp_path / "other" / "x.crt",
+               tmp_path / "other" / "x.key")
+    for target in (f"127.0.0.1:{us.grpc_port}", eu.peers[us.name]):
+        assert await _health(target, member.channel_credentials(), cert_name(us.name)) == \
+            grpc.StatusCode.OK
+        assert await _health(target, None) == grpc.StatusCode.UNAVAILABLE
+        assert await _health(target, grpc.ssl_channel_credentials(
+            member.ca, (tmp_path / "other" / "x.key").read_bytes(),
+            (tmp_path / "other" / "x.crt").read_bytes()), cert_name(us.name)) == \
+            grpc.StatusCode.UNAVAILABLE
+    assert "mutual TLS" in (us.node.log_path.read_text() if us.node else "")
