@@ -207,6 +207,10 @@ def up(regions: Regions = 3,
                               "X-Client-Region / X-Client-Geo say where a client is); see "
                               "[bold]paycluster router status[/]")
             console.print(f"cluster.json: {cluster.cluster_file}")
+            # Never the key itself on the console (logs): where it is and how to send it.
+            console.print("API: every /v1 call needs 'Authorization: Bearer <key>'; the admin "
+                          "key is admin_key in cluster.json (mode 0600); see README, "
+                          "Security model")
             if detach:
                 console.print(f"running detached; stop with [bold]paycluster down --data-dir "
                               f"{data_dir}[/]")
@@ -340,7 +344,10 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
     alive, and (with several regions) every region reports its replication pairs within
     the SLO with zero conflicts.
     """
-    with httpx.Client(timeout=timeout) as client:
+    # The /v1 calls need a key: the bootstrap admin's, from cluster.json (mode 0600).
+    key = doc.get("admin_key")
+    with httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"}
+                      if key else None) as client:
         probes = {name: probe_region(region, client)
                   for name, region in doc.get("regions", {}).items()}
         ownership = _ownership(doc, client)
@@ -723,7 +730,8 @@ def failover_planned(
         console.print(f"planned handover of {home} to {to}")
     try:
         report = asyncio.run(planned_handover(regions, lock_urls, home, to,
-                                              catch_up_timeout=catch_up_timeout, on_step=show))
+                                              catch_up_timeout=catch_up_timeout, on_step=show,
+                                              headers=cluster.auth_headers()))
     except HandoverError as exc:
         if as_json and exc.report is not None:
             typer.echo(json.dumps(exc.report.to_json(), indent=2))

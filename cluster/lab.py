@@ -376,6 +376,8 @@ class Cluster:
     # The foreground process that owns the processes (stops them when it exits); None when
     # detached. Kept as is by other processes that attach to the cluster.
     owner_pid: int | None = None
+    # The bootstrap admin's API key (made at start, shown in cluster.json, mode 0600).
+    admin_key: str = ""
     # What cluster.json says: starting, running, changing (a region is being added: a node
     # restarting then is expected, not a failure) or stopped.
     status: str = "starting"
@@ -397,6 +399,12 @@ class Cluster:
             if region.name == name:
                 return region
         raise KeyError(name)
+
+    def auth_headers(self) -> dict[str, str]:
+        """`Authorization: Bearer <admin key>` for calls to the /v1 API."""
+        if not self.admin_key:
+            raise ClusterError("this cluster has no admin key (cluster.json is too old)")
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     @property
     def router_url(self) -> str:
@@ -560,6 +568,8 @@ class Cluster:
                 "updated_at": datetime.now(UTC).isoformat(),
                 # The foreground `up` that owns the processes; None when detached.
                 "owner_pid": self.owner_pid,
+                # The bootstrap admin key: this file is written with mode 0600.
+                "admin_key": self.admin_key,
                 "wan_scale": self.wan_scale,
                 "extra_env": dict(self.extra_env),
                 "regions": {r.name: r.to_json() for r in self.regions},
@@ -620,7 +630,8 @@ class Cluster:
                       router_env=dict(doc.get("router_env") or {}),
                       links=list(doc.get("links") or []),
                       detached=doc.get("owner_pid") is None, status="running",
-                      owner_pid=doc.get("owner_pid"))
+                      owner_pid=doc.get("owner_pid"),
+                      admin_key=str(doc.get("admin_key") or ""))
         wan = doc.get("wan")
         if isinstance(wan, dict):
             cluster.wan = WanProcess("wan", int(wan["port"]), Path(wan["data_dir"]),
@@ -668,9 +679,15 @@ def _region_from_json(name: str, entry: dict[str, Any], cluster: Cluster) -> Reg
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    # Write-then-rename so a reader never sees half a file.
+    # Write-then-rename so a reader never sees half a file. The file holds the admin key:
+    # the temporary file is created with mode 0600 (never readable by others, not even
+    # for a moment), and the rename keeps that mode.
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -854,6 +871,9 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
 
         wire_cluster(cluster.region_dbs())
         step.done("replication wired")
+    cluster.admin_key = bootstrap_admin(cluster)
+    cluster.write()
+    step.done("bootstrap admin key, replicated to every region")
     for region in cluster.regions:
         region.peers = cluster.peers_of(region.name) if multi else {}
     _run_parallel(lambda r: cluster.start_node(r.name), cluster.regions, "node-start")
@@ -866,6 +886,32 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     if routers:
         step.done("%d geo router(s) ready", routers)
     cluster.write(status="running")
+
+
+def bootstrap_admin(cluster: Cluster, timeout: float = 60.0) -> str:
+    """Create the bootstrap admin principal and its key in the FIRST region's store (after
+    replication is wired, before any node runs) and wait until every region has both
+    rows, so the key works everywhere from the start. Returns the key."""
+    import psycopg
+
+    from region_node.principals import bootstrap_admin_sync
+
+    first = cluster.regions[0]
+    admin = bootstrap_admin_sync(first.dsn, first.name)
+    deadline = time.monotonic() + timeout
+    for region in cluster.regions[1:]:
+        while True:
+            with psycopg.connect(region.dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "select 1 from api_keys k join principals p on p.id = k.principal_id "
+                    "where k.id = %s", (admin.key_id,)).fetchone()
+            if row is not None:
+                break
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the bootstrap admin key did not replicate to "
+                                   f"{region.name} within {timeout:.0f}s")
+            time.sleep(0.1)
+    return admin.key
 
 
 class _Steps:

@@ -428,6 +428,8 @@ REPLICATED_TABLES: tuple[str, ...] = (
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
     "webhook_endpoints", "webhook_secrets", "webhook_endpoint_deletions", "webhook_deliveries",
     "webhook_attempts",
+    # Security (migration 0005): who may call the API, and who did what.
+    "principals", "api_keys", "api_key_revocations", "audit_log",
 )
 """Tables every region publishes (its own changes) and subscribes to (everyone else's).
 The outbox and the consumer's notifications stay local: each region relays its own."""
