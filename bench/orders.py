@@ -95,7 +95,8 @@ async def _run_mode(clients: dict[str, httpx.AsyncClient],
 
 
 async def _bench(cluster: Cluster, concurrency: int, duration: float) -> list[dict[str, Any]]:
-    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=60)
+    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=60,
+                                    headers=cluster.auth_headers())
                for r in REGIONS}
     try:
         parties = await _setup(clients)

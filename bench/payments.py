@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Automatic payments over HTTP vs pgbench TPC-B on the same PostgreSQL.")
     target = p.add_argument_group("target (default: start one region on embedded servers)")
     target.add_argument("--api-url", help="REST API of a running region node")
+    target.add_argument("--api-key", default=os.environ.get("PAYCLUSTER_API_KEY"),
+                        help="admin API key for --api-url (default: $PAYCLUSTER_API_KEY); "
+                             "a self-started lab's own key otherwise")
     target.add_argument("--pg-dsn", help="libpq URL of that region's PostgreSQL (for pgbench); "
                         "without it pgbench is skipped")
     target.add_argument("--data-dir", type=Path,
@@ -282,7 +285,9 @@ async def _bench_rounds(args: argparse.Namespace, api_url: str,
                         target: PgTarget | None) -> list[Round]:
     limits = httpx.Limits(max_connections=args.concurrency,
                           max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits,
+                                 headers=headers) as client:
         with console.status(f"creating {args.pairs} payer/payee pairs ..."):
             pairs = await _create_pairs(client, args.pairs)
         if args.warmup > 0:
@@ -426,6 +431,7 @@ def _self_started(args: argparse.Namespace) -> int:
     code = 1
     try:
         region = cluster.regions[0]
+        args.api_key = cluster.admin_key
         console.print(f"region {region.name} at {region.api_url}, PostgreSQL "
                       f"127.0.0.1:{region.servers.postgres.port}")
         code = _run(args, region.api_url, region.servers.postgres.dsn("paycluster"),

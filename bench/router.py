@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "router vs straight to the region node, in the same run.")
     target = p.add_argument_group("target (default: start one region and one router)")
     target.add_argument("--api-url", help="a running region node's REST API")
+    target.add_argument("--api-key", default=os.environ.get("PAYCLUSTER_API_KEY"),
+                        help="admin API key for --api-url (default: $PAYCLUSTER_API_KEY); "
+                             "a self-started lab's own key otherwise")
     target.add_argument("--router-url", help="a running router in front of that node")
     target.add_argument("--data-dir", type=Path,
                         help="where a self-started lab lives (default: a temp dir)")
@@ -213,10 +216,11 @@ def summarize(name: str, concurrency: int, runs: dict[str, list[TimedRun]]) -> R
 async def _bench(args: argparse.Namespace, api_url: str, router_url: str) -> list[Result]:
     top = max(args.concurrency)
     limits = httpx.Limits(max_connections=top, max_keepalive_connections=top)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits,
-                                 trust_env=False) as direct, \
+                                 trust_env=False, headers=headers) as direct, \
             httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits,
-                              trust_env=False) as routed:
+                              trust_env=False, headers=headers) as routed:
         clients = {"direct": direct, "router": routed}
         with console.status("creating accounts ..."):
             account, pairs = await _setup(direct, top if "payment" in args.workloads else 1)
@@ -337,6 +341,7 @@ def _self_started(args: argparse.Namespace) -> int:
     code = 1
     try:
         region = cluster.regions[0]
+        args.api_key = cluster.admin_key
         console.print(f"region {region.name} at {region.api_url}; router at "
                       f"{cluster.router_url}")
         code = _run(args, region.api_url, cluster.router_url, self_started=True)

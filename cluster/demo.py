@@ -644,8 +644,12 @@ async def _settle(api: Api, regions: list[RegionEndpoint], result: DemoResult) -
 async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
                          concurrency: int = 16, seed: int | None = None,
                          console: Console | None = None, wan_scale: float | None = None,
-                         watch_every: int = 2, router_url: str | None = None) -> DemoResult:
+                         watch_every: int = 2, router_url: str | None = None,
+                         api_key: str | None = None) -> DemoResult:
     """Run the demo workload against `regions` and check the books (see the module doc).
+
+    `api_key` (the lab's bootstrap admin key) goes with every request; the demo also makes
+    a customer principal with a key of its own and shows what that key may not do.
 
     `watch_every` samples the convergence measurement: every n-th cross-region payment is
     watched (each watch reads the payment in two regions every POLL_SECONDS). With
@@ -657,16 +661,18 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
     result = DemoResult([r.name for r in regions], wan_scale, via_router=router_url)
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency * 3 + 8)
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with contextlib.AsyncExitStack() as stack:
         if router_url is None:
             clients = {r.name: await stack.enter_async_context(
-                           httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits))
+                           httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits,
+                                             headers=auth))
                        for r in regions}
         else:
             # One client per client region, all to the router: the header is the location.
             clients = {r.name: await stack.enter_async_context(
                            httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits,
-                                             headers={CLIENT_REGION: r.name}))
+                                             headers={CLIENT_REGION: r.name, **auth}))
                        for r in regions}
         api = Api(clients, result, rng)
         watcher = _Watcher(api, result, watch_every)
@@ -698,6 +704,9 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
             await phase(f"try {OVERDRAFT_ATTEMPTS} payments above the payer's balance",
                         _overdrafts(api, result.accounts, result))
             await phase("pay merchants out (withdraw 10%)", _payouts(api, result.accounts))
+            await phase("security: no key -> 401; a customer's own key may not spend "
+                        "another's account -> 403, nothing moves",
+                        _security(api, result.accounts, result))
             await phase("wait for quiescence: nothing processing, every region identical",
                         _quiesce(api, regions, result))
         finally:
@@ -706,6 +715,34 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
                     _settle(api, regions, result))
     result.total_seconds = time.perf_counter() - started
     return result
+
+
+async def _security(api: Api, accounts: list[Account], result: DemoResult) -> None:
+    """A request without a key is refused (401); a customer principal made through the
+    admin API gets a key of its own (shown once), opens its own account with it, and may
+    not pay from someone else's (403)."""
+    via = api.pick()
+    client = api.clients[via]
+    bare = await client.post("/v1/payments", json={}, headers={"Authorization": ""})
+    result.checks.append(("no API key -> 401", bare.status_code == 401,
+                          f"POST /v1/payments without a key: {bare.status_code}"))
+    # No Idempotency-Key here: a response that shows a new key is never stored.
+    made = await client.post("/v1/admin/principals", json={"name": "demo customer",
+                                                           "role": "customer"})
+    if made.status_code != 201:
+        raise DemoError(f"POST /v1/admin/principals -> {made.status_code}: {made.text[:300]}")
+    own_key = made.json()["api_key"]["key"]
+    mine = {"Authorization": f"Bearer {own_key}"}
+    opened = await client.post("/v1/accounts", json={"currency": CURRENCY}, headers=mine)
+    someone = next(a for a in accounts if a.kind == "customer")
+    payee = next(a for a in accounts if a.kind == "merchant")
+    stolen = await client.post("/v1/payments", headers=mine, json={
+        "payer": someone.id, "payee": payee.id, "amount": 1, "currency": CURRENCY})
+    result.checks.append((
+        "another principal's payer account -> 403", stolen.status_code == 403
+        and opened.status_code == 201,
+        f"customer key paying from {someone.label}: {stolen.status_code}; own account "
+        f"opened: {opened.status_code}"))
 
 
 def run_demo(cluster: Any, payments: int = 600, concurrency: int = 16, seed: int | None = None,
@@ -718,7 +755,8 @@ def run_demo(cluster: Any, payments: int = 600, concurrency: int = 16, seed: int
     routers = list(getattr(cluster, "routers", []) or []) if use_router else []
     result = asyncio.run(run_demo_async(
         regions, payments, concurrency, seed, console, wan_scale=scale,
-        watch_every=watch_every, router_url=routers[0].url if routers else None))
+        watch_every=watch_every, router_url=routers[0].url if routers else None,
+        api_key=getattr(cluster, "admin_key", None) or None))
     if routers:
         result.router = router_figures(routers[0].admin_url, [r.name for r in regions])
     return result

@@ -56,6 +56,10 @@ class RouterSettings(BaseSettings):
         16 * 1024, ge=0, description="POST bodies up to this size are read to find the "
                                      "payer / home_region; larger ones stream untouched")
     ownership_refresh_seconds: float = Field(2.0, gt=0)
+    # The API key sent when reading `GET /v1/cluster/ownership` (every /v1 call needs one;
+    # any principal's key may read it). Empty: the lab's `admin_key` from the catalog file
+    # (cluster.json), if it has one.
+    api_key: str = Field("", repr=False)
 
     # Proxying.
     max_attempts: int = Field(3, ge=1, description="regions tried for a safe request")

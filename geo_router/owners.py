@@ -120,10 +120,13 @@ class OwnerMap:
         self.source = str(doc.get("region") or "") or None
         self.updated_at = time.time()
 
-    async def refresh(self, client: httpx.AsyncClient, endpoint: str, limit: float) -> None:
-        """Read the map from the region at `endpoint` within `limit` seconds; raises on
-        any failure."""
-        resp = await client.get(f"{endpoint}/v1/cluster/ownership", timeout=limit)
+    async def refresh(self, client: httpx.AsyncClient, endpoint: str, limit: float,
+                      api_key: str = "") -> None:
+        """Read the map from the region at `endpoint` within `limit` seconds (with
+        `api_key` as the bearer key); raises on any failure."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        resp = await client.get(f"{endpoint}/v1/cluster/ownership", timeout=limit,
+                                headers=headers)
         resp.raise_for_status()
         self.update(resp.json())
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -107,10 +109,23 @@ class RouterService:
             if self.state_of(name) in ROUTABLE:
                 try:
                     await self.owners.refresh(self._probe_client, self.endpoint(name),
-                                              self.settings.probe_timeout_seconds)
+                                              self.settings.probe_timeout_seconds,
+                                              self._api_key())
                     return
                 except (httpx.HTTPError, ValueError, KeyError, TypeError):
                     continue
+
+    def _api_key(self) -> str:
+        """The key for the nodes' /v1 API: configured, else the lab's admin key from the
+        catalog file (cluster.json, mode 0600), re-read so a restarted lab's key is used."""
+        if self.settings.api_key or self.settings.catalog_file is None:
+            return self.settings.api_key
+        try:
+            doc = json.loads(Path(self.settings.catalog_file).read_text())
+        except (OSError, ValueError):
+            return ""
+        key = doc.get("admin_key") if isinstance(doc, dict) else None
+        return key if isinstance(key, str) else ""
 
     def reload(self) -> Catalog:
         """Re-read the catalog (e.g. after a region was added); probes follow at once.

@@ -142,7 +142,7 @@ async def _quiesce(cluster: Cluster, expect: int, within: float = 60.0) -> None:
 async def _owner_everywhere(cluster: Cluster, home: str, owner: str, epoch: int) -> None:
     """Every region's ownership endpoint reports `owner` at `epoch` (replicated)."""
     deadline = time.monotonic() + 10
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=5, headers=cluster.auth_headers()) as client:
         for name in REGIONS:
             while True:
                 doc = (await client.get(f"{cluster.region(name).api_url}/v1/cluster/ownership")
@@ -157,7 +157,8 @@ async def _owner_everywhere(cluster: Cluster, home: str, owner: str, epoch: int)
 
 async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> None:
     api = {name: cluster.region(name).api_url for name in REGIONS}
-    clients = {r: httpx.AsyncClient(base_url=u, timeout=30) for r, u in api.items()}
+    clients = {r: httpx.AsyncClient(base_url=u, timeout=30, headers=cluster.auth_headers())
+               for r, u in api.items()}
     try:
         payers = [await _open(clients, HOME, OPENING_BALANCE) for _ in range(PAYERS)]
         payees = ([await _open(clients, HOME, 0) for _ in range(PAYEES_HOME)]
@@ -171,14 +172,16 @@ async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> N
             await asyncio.sleep(2.0)
             regions, lock_urls = failover_targets(cluster, TAKEOVER)
             t_over = time.monotonic()
-            over = await planned_handover(regions, lock_urls, HOME, TAKEOVER)
+            over = await planned_handover(regions, lock_urls, HOME, TAKEOVER,
+                                       headers=cluster.auth_headers())
             reports.append(over)
             t_over_done = time.monotonic()
             await _owner_everywhere(cluster, HOME, TAKEOVER, over.new_epoch)
             await asyncio.sleep(3.0)
             regions, lock_urls = failover_targets(cluster, HOME)
             t_back = time.monotonic()
-            back = await planned_handover(regions, lock_urls, HOME, HOME)
+            back = await planned_handover(regions, lock_urls, HOME, HOME,
+                                       headers=cluster.auth_headers())
             reports.append(back)
             t_back_done = time.monotonic()
             await _owner_everywhere(cluster, HOME, HOME, back.new_epoch)
@@ -242,7 +245,8 @@ async def test_handover_aborts_when_a_region_cannot_catch_up(cluster: Cluster) -
     aborts after the catch-up bound and eu-west serves its accounts again, under a new
     epoch without a ban; nothing was written for eu-west by anyone else."""
     assert cluster.wan is not None
-    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30)
+    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30,
+                                    headers=cluster.auth_headers())
                for r in REGIONS}
     try:
         payer = await _open(clients, HOME, 10_000)
@@ -253,7 +257,8 @@ async def test_handover_aborts_when_a_region_cannot_catch_up(cluster: Cluster) -
             try:
                 with pytest.raises(HandoverError, match="catch-up timed out") as failed:
                     await planned_handover(regions, lock_urls, HOME, TAKEOVER,
-                                           catch_up_timeout=1.5)
+                                           catch_up_timeout=1.5,
+                                           headers=cluster.auth_headers())
             finally:
                 wan.heal(HOME, "ap-southeast")
         report = failed.value.report
@@ -278,13 +283,15 @@ async def test_handover_aborts_when_a_region_cannot_catch_up(cluster: Cluster) -
 async def test_only_the_owner_releases_expired_holds(cluster: Cluster) -> None:
     """A hold of eu-west's, while us-east serves eu-west, expires: us-east releases it
     once (the other regions' expiry workers leave it alone), with zero conflicts."""
-    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30)
+    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30,
+                                    headers=cluster.auth_headers())
                for r in REGIONS}
     try:
         payer = await _open(clients, HOME, 10_000)
         payee = await _open(clients, HOME, 0)
         regions, lock_urls = failover_targets(cluster, TAKEOVER)
-        over = await planned_handover(regions, lock_urls, HOME, TAKEOVER)
+        over = await planned_handover(regions, lock_urls, HOME, TAKEOVER,
+                                      headers=cluster.auth_headers())
         await _owner_everywhere(cluster, HOME, TAKEOVER, over.new_epoch)
         resp = await clients[HOME].post(
             "/v1/payments", json={"payer": payer, "payee": payee, "amount": 700,
@@ -306,7 +313,8 @@ async def test_only_the_owner_releases_expired_holds(cluster: Cluster) -> None:
             assert time.monotonic() < deadline, states
             await asyncio.sleep(0.2)
         regions, lock_urls = failover_targets(cluster, HOME)
-        await planned_handover(regions, lock_urls, HOME, HOME)
+        await planned_handover(regions, lock_urls, HOME, HOME,
+                               headers=cluster.auth_headers())
     finally:
         for c in clients.values():
             await c.aclose()

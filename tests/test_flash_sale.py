@@ -46,7 +46,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 async def shoppers(cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
     """Funded buyers and a merchant homed in every region, plus a closed merchant whose
     cross-region payments are refused (so some orders must be compensated)."""
-    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30)
+    clients = {r: httpx.AsyncClient(base_url=cluster.region(r).api_url, timeout=30,
+                                    headers=cluster.auth_headers())
                for r in REGIONS}
     buyers: dict[str, list[str]] = {}
     merchants: dict[str, str] = {}

@@ -53,9 +53,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def client(lab: Cluster, region: str | None = None, router: int = 0) -> httpx.Client:
-    """An HTTP client of a router, located in `region` (X-Client-Region)."""
+    """An HTTP client of a router, located in `region` (X-Client-Region), that sends the
+    lab's admin key (the router passes it on to the region)."""
     headers = {"X-Client-Region": region} if region else {}
-    return httpx.Client(base_url=lab.routers[router].url, timeout=10, headers=headers)
+    return httpx.Client(base_url=lab.routers[router].url, timeout=10,
+                        headers={**headers, **lab.auth_headers()})
 
 
 def open_account(http: httpx.Client, **body: Any) -> httpx.Response:
@@ -194,7 +196,8 @@ def test_drain_moves_new_requests_away_without_failing_in_flight_ones(lab: Clust
         try:
             outcome["resp"] = httpx.post(
                 f"{lab.router_url}/v1/accounts", content=slow_upload(), timeout=20,
-                headers={"X-Client-Region": "eu-west", "content-type": "application/json"})
+                headers={"X-Client-Region": "eu-west", "content-type": "application/json",
+                         **lab.auth_headers()})
         except httpx.HTTPError as exc:
             outcome["error"] = exc
 
@@ -262,6 +265,7 @@ class Traffic:
 
     router_url: str
     account: str
+    auth: dict[str, str]
     region: str = "us-east"
     gets: list[dict[str, Any]] = field(default_factory=list)
     posts: list[dict[str, Any]] = field(default_factory=list)
@@ -270,7 +274,7 @@ class Traffic:
     def run(self, period: float = 0.03, max_seconds: float = 60.0) -> None:
         deadline = time.monotonic() + max_seconds
         with httpx.Client(base_url=self.router_url, timeout=10,
-                          headers={"X-Client-Region": self.region}) as http:
+                          headers={"X-Client-Region": self.region, **self.auth}) as http:
             while not self.stop.is_set() and time.monotonic() < deadline:
                 for kind, call in (("get", lambda: http.get(f"/v1/accounts/{self.account}")),
                                    ("post", lambda: http.post("/v1/accounts",
@@ -306,13 +310,13 @@ def test_crashed_region_fails_over_within_fall_intervals_and_returns_after_rise(
         account = open_account(eu, home_region="eu-west").json()["id"]
     # Readable everywhere (a local read in us-east) before the crash.
     wait_for(lambda: httpx.get(f"{lab.region('us-east').api_url}/v1/accounts/{account}",
-                               timeout=5).status_code == 200, 10,
+                               timeout=5, headers=lab.auth_headers()).status_code == 200, 10,
              "the account to replicate to us-east")
     homes = ("us-east", "eu-west")
     created_before = {h: accounts_homed(lab, h) for h in homes}
     metrics_before = {name: router_metric(lab, name) for name in (
         "paycluster_router_failovers_total", "paycluster_router_not_retried_total")}
-    traffic = Traffic(lab.router_url, account)
+    traffic = Traffic(lab.router_url, account, lab.auth_headers())
     worker = threading.Thread(target=traffic.run)
     worker.start()
     try:

@@ -98,7 +98,7 @@ async def _quiesce(cluster: Cluster, expect_payments: int, within: float = 90.0)
 
 async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
     api = _api(cluster)
-    async with RegionClients(api) as clients:
+    async with RegionClients(api, cluster.auth_headers()) as clients:
         homes = await _open_accounts(clients)
         accounts = list(homes)
         acknowledged: dict[str, str] = {}
@@ -162,7 +162,7 @@ async def test_cross_region_convergence_latency(cluster: Cluster) -> None:
     """Ack -> `succeeded` visible in both the payer's and the payee's region."""
     api = _api(cluster)
     samples: list[float] = []
-    async with RegionClients(api) as clients:
+    async with RegionClients(api, cluster.auth_headers()) as clients:
         pairs = []
         for a, b in (("us-east", "eu-west"), ("eu-west", "ap-southeast"),
                      ("ap-southeast", "us-east")):
@@ -200,7 +200,7 @@ async def test_cut_link_waits_then_completes(cluster: Cluster) -> None:
     api = _api(cluster)
     a, b = "us-east", "ap-southeast"
     wan = _wan(cluster)
-    async with RegionClients(api) as clients:
+    async with RegionClients(api, cluster.auth_headers()) as clients:
         payer = (await clients[a].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
         await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 100_000})
         payee = (await clients[b].post("/v1/accounts", json={"currency": "USD"})).json()["id"]
@@ -253,7 +253,7 @@ async def test_compensation_and_read_consistency(cluster: Cluster) -> None:
     served them, and `consistency=strong` goes to the owner."""
     api = _api(cluster)
     a, b, c = REGIONS
-    async with RegionClients(api) as clients:
+    async with RegionClients(api, cluster.auth_headers()) as clients:
         payer = (await clients[c].post("/v1/accounts", json={
             "currency": "USD", "home_region": a})).json()["id"]
         await clients[a].post(f"/v1/accounts/{payer}/deposits", json={"amount": 9_000})
@@ -293,8 +293,9 @@ def _balance(dsn: str, account_id: str) -> int | None:
 class RegionClients:
     """One HTTP client per region."""
 
-    def __init__(self, api: dict[str, str]) -> None:
-        self.clients = {r: httpx.AsyncClient(base_url=u, timeout=30) for r, u in api.items()}
+    def __init__(self, api: dict[str, str], headers: dict[str, str]) -> None:
+        self.clients = {r: httpx.AsyncClient(base_url=u, timeout=30, headers=headers)
+                        for r, u in api.items()}
 
     async def __aenter__(self) -> dict[str, httpx.AsyncClient]:
         return self.clients
