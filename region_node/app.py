@@ -23,6 +23,7 @@ from region_node.api import (
     payments,
     stock,
 )
+from region_node.api import webhooks as webhook_routes
 from region_node.api.audit_trail import AuditTrail
 from region_node.api.middleware import BodyLimit, RequestContext
 from region_node.config import RegionSettings
@@ -139,6 +140,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(accounts.router)
     app.include_router(payments.router)
+    app.include_router(webhook_routes.router)
     app.include_router(stock.router)
     app.include_router(health.router)
     app.include_router(cluster_info.router)

@@ -20,13 +20,15 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from aiohttp import web
 
 from region_node.config import RegionSettings
 from region_node.db import Database
 from region_node.ids import new_id
+from region_node.node import Node
 from region_node.webhooks import store
-from region_node.webhooks.delivery import retry_delay
+from region_node.webhooks.delivery import WebhookWorker, lease_seconds, retry_delay
 from region_node.webhooks.signing import (
     SIGNATURE_HEADER,
     SignatureError,
@@ -369,3 +371,209 @@ async def test_concurrent_payments_are_delivered_exactly_once_per_endpoint(
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         print(f"\n{n} payments in {pay_seconds:.2f} s; commit -> receiver latency "
               f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {latencies[-1]:.0f} ms")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_nothing_is_lost_when_no_worker_runs_or_a_node_dies_mid_delivery(
+        settings: RegionSettings) -> None:
+    dying = settings.model_copy(update={**FAST, "webhook_timeout_seconds": 0.5})
+    async with receiver() as rec:
+        # 1. A node without workers takes payments: the events wait in the pending table.
+        async with node(settings, run_workers=False) as (client, db):
+            await register(db, rec.url + "/crash")
+            payer = await open_account(client, deposit=1000)
+            payee = await open_account(client, kind="merchant")
+            paid = {await pay(client, payer, payee) for _ in range(3)}
+            await asyncio.sleep(0.3)
+            assert rec.received == {}
+
+        # 2. A worker fans them out, claims them, and dies before recording any outcome
+        # (its POSTs are cut off: the process is gone as far as the database can tell).
+        dead = Node.connect(dying)
+        worker = WebhookWorker(dead)
+        try:
+            assert await worker.run_once() is False
+            assert len(worker._inflight) == 3
+            for task in list(worker._inflight):
+                task.cancel()
+            if worker._session is not None:
+                await worker._session.close()
+        finally:
+            await dead.close()
+        async with db.engine.connect() as conn:
+            leased = (await conn.execute(sa.text(
+                "select count(*) from webhook_queue where lease_until > now()"))).scalar()
+            tried = (await conn.execute(sa.text("select count(*) from webhook_attempts"))
+                     ).scalar()
+        assert (leased, tried) == (3, 0)
+
+        # 3. Another node takes over once the dead one's leases expire: every event arrives.
+        started = time.monotonic()
+        async with node(settings) as (_client, db2):
+            await wait_until(lambda: {json.loads(r.body)["data"]["id"]
+                                      for r in rec.by_path("/crash")} == paid,
+                             "the three events after the lease expired")
+            waited = time.monotonic() - started
+            assert waited >= lease_seconds(0.5) - 1.5, waited
+            async with db2.engine.connect() as conn:
+                pending = (await conn.execute(sa.text(
+                    "select count(*) from webhook_pending_events"))).scalar()
+            assert pending == 0
+
+
+# --------------------------------------------------------------------------- routes
+
+async def merchant(client: httpx.AsyncClient, name: str) -> tuple[str, dict[str, str]]:
+    """A merchant principal made by the admin: (its id, headers with its key)."""
+    resp = await client.post("/v1/admin/principals", json={"name": name, "role": "merchant"})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"], {"Authorization": f"Bearer {resp.json()['api_key']['key']}"}
+
+
+async def own_account(client: httpx.AsyncClient, headers: dict[str, str], deposit: int = 0,
+                      kind: str = "merchant") -> str:
+    """An account opened with `headers`' key (so it belongs to that principal); the admin
+    funds it."""
+    resp = await client.post("/v1/accounts", json={"currency": "USD", "kind": kind},
+                             headers=headers)
+    assert resp.status_code == 201, resp.text
+    account_id = str(resp.json()["id"])
+    if deposit:
+        dep = await client.post(f"/v1/accounts/{account_id}/deposits", json={"amount": deposit})
+        assert dep.status_code == 201, dep.text
+    return account_id
+
+
+@pytest.mark.integration
+async def test_endpoint_routes_belong_to_their_principal(settings: RegionSettings) -> None:
+    async with node(settings) as (client, _db):
+        a_id, a = await merchant(client, "shop a")
+        _, b = await merchant(client, "shop b")
+        resp = await client.post("/v1/webhook_endpoints", headers=a,
+                                 json={"url": "http://127.0.0.1:9/a",
+                                       "event_types": ["payment.succeeded", "order.*"]})
+        assert resp.status_code == 201, resp.text
+        created = resp.json()
+        assert created["secret"].startswith("whsec_") and created["principal"] == a_id
+        assert created["receives_all"] is False
+        assert created["event_types"] == ["order.*", "payment.succeeded"]
+        ep = created["id"]
+
+        listed = (await client.get("/v1/webhook_endpoints", headers=a)).json()["data"]
+        assert [e["id"] for e in listed] == [ep] and "secret" not in listed[0]
+        assert (await client.get("/v1/webhook_endpoints", headers=b)).json()["data"] == []
+        assert (await client.get(f"/v1/webhook_endpoints/{ep}", headers=a)).status_code == 200
+
+        # Another principal: 403 on every route of the endpoint, and nothing changes.
+        for method, path in (("GET", ""), ("GET", "/deliveries"), ("POST", "/rotate_secret"),
+                             ("DELETE", "")):
+            resp = await client.request(method, f"/v1/webhook_endpoints/{ep}{path}", headers=b)
+            assert resp.status_code == 403, (method, path, resp.text)
+            assert resp.json()["error"]["type"] == "permission_error"
+            assert "whsec_" not in resp.text
+        # No key at all: 401.
+        resp = await client.get("/v1/webhook_endpoints", headers={"Authorization": ""})
+        assert resp.status_code == 401
+        # The admin sees it, and everyone's.
+        assert (await client.get(f"/v1/webhook_endpoints/{ep}")).status_code == 200
+        assert ep in [e["id"] for e in (await client.get("/v1/webhook_endpoints")).json()["data"]]
+
+        rotated = await client.post(f"/v1/webhook_endpoints/{ep}/rotate_secret", headers=a,
+                                    json={"expire_old_after_seconds": 60})
+        assert rotated.status_code == 200, rotated.text
+        assert rotated.json()["secret"] not in (created["secret"],)
+        assert rotated.json()["previous_secrets_expire_at"]
+
+        deleted = await client.delete(f"/v1/webhook_endpoints/{ep}", headers=a)
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert (await client.get(f"/v1/webhook_endpoints/{ep}", headers=a)).status_code == 404
+        assert (await client.get("/v1/webhook_endpoints", headers=a)).json()["data"] == []
+        missing = await client.get("/v1/webhook_endpoints/not-an-id", headers=a)
+        assert missing.status_code == 404
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("body", [
+    {"url": "ftp://127.0.0.1/x"}, {"url": "127.0.0.1:8000/hook"}, {"url": "http:///nohost"},
+    {"url": "http://user:pw@127.0.0.1/x"}, {"url": "http://127.0.0.1:99999/x"},
+    {"url": "http://127.0.0.1/x", "event_types": []},
+    {"url": "http://127.0.0.1/x", "event_types": ["refund.created"]},
+    {"url": "http://127.0.0.1/x", "event_types": ["payment.succeeded; drop"]},
+    {"url": "http://127.0.0.1/x", "secret": "mine"},
+])
+async def test_endpoint_registration_is_validated(settings: RegionSettings,
+                                                  body: dict[str, Any]) -> None:
+    async with node(settings) as (client, _db):
+        resp = await client.post("/v1/webhook_endpoints", json=body)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+        assert (await client.get("/v1/webhook_endpoints")).json()["data"] == []
+
+
+@pytest.mark.integration
+async def test_endpoints_get_the_events_of_their_principal_only(
+        settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, _db):
+        _, a = await merchant(client, "shop a")
+        _, b = await merchant(client, "shop b")
+        secrets = {}
+        for name, headers in (("a", a), ("b", b), ("admin", {})):
+            resp = await client.post("/v1/webhook_endpoints", headers=headers,
+                                     json={"url": f"{rec.url}/{name}"})
+            assert resp.status_code == 201, resp.text
+            secrets[name] = (resp.json()["id"], resp.json()["secret"])
+        a_payer = await own_account(client, a, deposit=1000, kind="customer")
+        b_payer = await own_account(client, b, deposit=1000, kind="customer")
+        b_payee = await own_account(client, b)
+        a_to_b = await pay(client, a_payer, b_payee)
+        b_to_b = await pay(client, b_payer, b_payee)
+        await wait_until(lambda: len(rec.by_path("/admin")) == 2 and len(rec.by_path("/b")) == 2
+                         and len(rec.by_path("/a")) >= 1, "events at every endpoint")
+        await asyncio.sleep(0.3)  # a wrongly routed event would arrive by now
+
+        def payments_at(path: str) -> list[str]:
+            return sorted(json.loads(r.body)["data"]["id"] for r in rec.by_path(path))
+        assert payments_at("/a") == [a_to_b]
+        assert payments_at("/b") == sorted([a_to_b, b_to_b])
+        assert payments_at("/admin") == sorted([a_to_b, b_to_b])
+        for name in ("a", "b", "admin"):
+            for got in rec.by_path(f"/{name}"):
+                verify(got.body, got.headers[SIGNATURE_HEADER], secrets[name][1])
+
+        # The attempt log through the API, for the endpoint's own principal.
+        ep_a = secrets["a"][0]
+        deadline = time.monotonic() + WAIT
+        while True:
+            resp = await client.get(f"/v1/webhook_endpoints/{ep_a}/deliveries", headers=a)
+            assert resp.status_code == 200, resp.text
+            log = resp.json()["data"]
+            if log and log[0]["status"] == "delivered":
+                break
+            assert time.monotonic() < deadline, log
+            await asyncio.sleep(0.05)
+        assert len(log) == 1 and log[0]["event_type"] == "payment.succeeded"
+        assert [(x["attempt"], x["status_code"], x["outcome"]) for x in log[0]["attempts"]] == [
+            (1, 200, "delivered")]
+
+
+@pytest.mark.integration
+async def test_deleted_endpoint_gets_nothing_more(settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, _db):
+        resp = await client.post("/v1/webhook_endpoints", json={"url": rec.url + "/del"})
+        ep = resp.json()["id"]
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+        await pay(client, payer, payee)
+        await wait_until(lambda: len(rec.by_path("/del")) == 1, "the first event")
+        assert (await client.delete(f"/v1/webhook_endpoints/{ep}")).status_code == 200
+        await pay(client, payer, payee)
+        # A second endpoint registered after the deletion proves the worker has moved on
+        # (it may get the second payment's event too: fan-out runs after the commit).
+        await client.post("/v1/webhook_endpoints", json={"url": rec.url + "/after"})
+        last = await pay(client, payer, payee)
+        await wait_until(lambda: last in {json.loads(r.body)["data"]["id"]
+                                          for r in rec.by_path("/after")},
+                         "the last event at the new endpoint")
+        assert len(rec.by_path("/del")) == 1
+

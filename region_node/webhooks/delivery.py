@@ -43,8 +43,14 @@ Q = schema.webhook_queue
 ATT = schema.webhook_attempts
 
 ERROR_MAX_CHARS = 200
-# A lease outlives the longest POST by this much, so it never expires under a live task.
-LEASE_MARGIN_SECONDS = 30.0
+# A lease outlives the longest POST (the client's total timeout) by this much, so it does
+# not expire under a live task; a node that died mid-POST delays the retry by this long.
+LEASE_MARGIN_SECONDS = 5.0
+
+
+def lease_seconds(timeout: float) -> float:
+    """How long a claimed delivery stays reserved for the node that claimed it."""
+    return 2 * timeout + LEASE_MARGIN_SECONDS
 
 
 def retry_delay(failures: int, *, base: float, cap: float,
@@ -166,7 +172,7 @@ class WebhookWorker:
     # ------------------------------------------------------------------ claiming
 
     async def _claim(self, conn: AsyncConnection, limit: int) -> list[Job]:
-        lease = timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
+        lease = timedelta(seconds=lease_seconds(self.settings.webhook_timeout_seconds))
         due = (sa.select(Q.c.delivery_id)
                .where(Q.c.due_at <= sa.func.now(),
                       sa.or_(Q.c.lease_until.is_(None), Q.c.lease_until < sa.func.now()))
