@@ -305,16 +305,16 @@ async def test_unreachable_receiver_fails_after_max_age(settings: RegionSettings
 @pytest.mark.integration
 async def test_rotation_signs_with_both_secrets_until_the_old_expires(
         settings: RegionSettings) -> None:
-    async with receiver() as rec, node(settings) as (client, db):
-        endpoint_id, old = await register(db, rec.url + "/rot")
+    async with receiver() as rec, node(settings) as (client, _db):
+        created = await client.post("/v1/webhook_endpoints", json={"url": rec.url + "/rot"})
+        endpoint_id, old = created.json()["id"], created.json()["secret"]
         payer = await open_account(client, deposit=1000)
         payee = await open_account(client, kind="merchant")
-
-        async def rotate(conn: Any) -> tuple[str, Any]:
-            return await store.rotate_secret(conn, endpoint_id=endpoint_id, secret_id=new_id(),
-                                             expire_old_after=timedelta(seconds=3))
-        new, _expires = await db.transaction(rotate)
-        assert new != old
+        rotated = await client.post(f"/v1/webhook_endpoints/{endpoint_id}/rotate_secret",
+                                    json={"expire_old_after_seconds": 3})
+        assert rotated.status_code == 200, rotated.text
+        new = rotated.json()["secret"]
+        assert new != old and new.startswith("whsec_")
         await pay(client, payer, payee)
         await wait_until(lambda: len(rec.by_path("/rot")) == 1, "the first event")
         got = rec.by_path("/rot")[0]
@@ -332,6 +332,39 @@ async def test_rotation_signs_with_both_secrets_until_the_old_expires(
         verify(got.body, got.headers[SIGNATURE_HEADER], new)
         with pytest.raises(SignatureError):
             verify(got.body, got.headers[SIGNATURE_HEADER], old)
+
+
+@pytest.mark.integration
+async def test_active_secrets_follow_the_rotation_log(db_url: str) -> None:
+    db = Database(db_url, pool_size=1, max_overflow=0)
+    try:
+        endpoint_id, first = await register(db, "http://127.0.0.1:9/x")
+
+        async def rotate(grace: float) -> str:
+            async def step(conn: Any) -> str:
+                secret, _ = await store.rotate_secret(
+                    conn, endpoint_id=endpoint_id, secret_id=new_id(),
+                    expire_old_after=timedelta(seconds=grace))
+                return secret
+            return await db.transaction(step)
+
+        async def active() -> list[str]:
+            async with db.engine.connect() as conn:
+                return (await store.active_secrets(conn, [endpoint_id])).get(endpoint_id, [])
+
+        second = await rotate(60)
+        assert await active() == [first, second]
+        third = await rotate(60)  # a second rotation within the grace: three valid
+        assert await active() == [first, second, third]
+        fourth = await rotate(0)  # grace 0 retires every older secret at once
+        assert await active() == [fourth]
+        async with db.engine.connect() as conn:
+            rows = (await conn.execute(sa.text(
+                "select count(*) from webhook_secrets where endpoint_id = :e"),
+                {"e": endpoint_id})).scalar()
+        assert rows == 4  # nothing was updated or deleted: the log only grows
+    finally:
+        await db.dispose()
 
 
 @pytest.mark.integration
