@@ -199,18 +199,6 @@ def _report(rounds: list[Round], args: argparse.Namespace, api_url: str,
     console.print(f"wrote {args.json_out}")
 
 
-def _lab_key(data_dir: Path) -> str | None:
-    """The lab's bootstrap admin key from cluster.json, if the lab writes one."""
-    try:
-        doc = json.loads((data_dir / "cluster.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for name in ("admin_key", "admin_api_key", "api_key"):
-        if isinstance(doc.get(name), str):
-            return str(doc[name])
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (1 if an event was lost or duplicated)."""
     args = parse_args(argv)
@@ -225,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             code = 1
             try:
                 api_url = cluster.regions[0].api_url
-                rounds = asyncio.run(_bench(args, api_url, args.api_key or _lab_key(data_dir)))
+                rounds = asyncio.run(_bench(args, api_url, args.api_key or cluster.admin_key))
                 _report(rounds, args, api_url, self_started=True)
                 code = 0
             finally:

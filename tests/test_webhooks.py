@@ -13,16 +13,18 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
 
+from cluster.lab import Cluster, start_cluster
 from region_node.config import RegionSettings
 from region_node.db import Database
 from region_node.ids import new_id
@@ -610,3 +612,102 @@ async def test_deleted_endpoint_gets_nothing_more(settings: RegionSettings) -> N
                          "the last event at the new endpoint")
         assert len(rec.by_path("/del")) == 1
 
+
+# --------------------------------------------------------------------------- two regions
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two replicating regions (us-east, eu-west) for this module, stopped even on failure."""
+    cluster = start_cluster(tmp_path_factory.mktemp("webhook-lab"), regions=2, wan_scale=0.2,
+                            extra_env={"PAYCLUSTER_TRANSFER_POLL_SECONDS": "0.1"})
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return [tuple(r) for r in conn.execute(query).fetchall()]
+
+
+@pytest.mark.integration
+@pytest.mark.multiregion
+@pytest.mark.slow
+async def test_each_event_is_delivered_once_by_the_region_that_produced_it(
+        lab: Cluster) -> None:
+    regions = ["us-east", "eu-west"]
+    dsn = {r: lab.region(r).servers.postgres.dsn("paycluster") for r in regions}
+    headers = lab.auth_headers()  # the lab's bootstrap admin, replicated to every region
+    async with receiver() as rec, \
+            httpx.AsyncClient(base_url=lab.region("us-east").api_url, timeout=30,
+                              headers=headers) as us, \
+            httpx.AsyncClient(base_url=lab.region("eu-west").api_url, timeout=30,
+                              headers=headers) as eu:
+        # An admin endpoint registered in us-east; a merchant's endpoint in eu-west.
+        admin_ep = (await us.post("/v1/webhook_endpoints",
+                                  json={"url": rec.url + "/admin"})).json()
+        _, m = await merchant(eu, "eu shop")
+        shop_ep = (await eu.post("/v1/webhook_endpoints", headers=m,
+                                 json={"url": rec.url + "/shop"})).json()
+        await wait_until(lambda: all(
+            _rows(dsn[r], "select count(*) from webhook_endpoints")[0][0] == 2
+            for r in regions), "both endpoints in both regions")
+        shop_account = await own_account(eu, m)  # homed in eu-west, owned by the merchant
+        await wait_until(lambda: _rows(dsn["us-east"], "select count(*) from accounts where "
+                                       f"id = '{shop_account}'")[0][0] == 1,
+                         "the shop's account replicated to us-east")
+        clients = {"us-east": us, "eu-west": eu}
+        payees = {r: await open_account(c, kind="merchant", home_region=r)
+                  for r, c in clients.items()}
+        targets = (payees["us-east"], payees["eu-west"], shop_account)
+        groups = [(r, t, await open_account(c, deposit=10_000, home_region=r))
+                  for r, c in clients.items() for t in targets]
+
+        # Local and cross-region payments, each written by its payer's region: one payer
+        # per group, its payments one after another (no hot payer row).
+        async def group(region: str, target: str, payer: str) -> list[str]:
+            return [await pay(clients[region], payer, target, 10) for _ in range(5)]
+        paid = await asyncio.gather(*(group(*g) for g in groups))
+        to_shop = {p for g, ps in zip(groups, paid, strict=True) if g[1] == shop_account
+                   for p in ps}
+
+        def outbox_ids() -> set[str]:
+            return {str(r[0]) for reg in regions
+                    for r in _rows(dsn[reg], "select id from outbox")}
+
+        # Every event of both regions' outboxes reaches the admin endpoint exactly once.
+        await wait_until(lambda: set(rec.event_ids("/admin")) == outbox_ids()
+                         and _rows(dsn["us-east"], "select count(*) from payments where "
+                                   "status = 'processing'")[0][0] == 0
+                         and _rows(dsn["eu-west"], "select count(*) from payments where "
+                                   "status = 'processing'")[0][0] == 0,
+                         "every event at the admin endpoint", within=90)
+        await asyncio.sleep(1.0)  # a duplicate from the other region would arrive by now
+        ids = rec.event_ids("/admin")
+        assert len(ids) == len(set(ids)) == len(outbox_ids())
+        by_region = Counter(json.loads(r.body)["region"] for r in rec.by_path("/admin"))
+        assert set(by_region) == set(regions), by_region
+        # The merchant gets the events of payments to its account only, from both regions.
+        shop_payments = {json.loads(r.body)["data"]["id"] for r in rec.by_path("/shop")}
+        assert shop_payments == to_shop
+        shop_ids = rec.event_ids("/shop")
+        assert len(shop_ids) == len(set(shop_ids))
+
+        # The attempt log is readable in either region once replicated; zero conflicts.
+        def log_complete() -> bool:
+            return all(_rows(dsn[r], "select count(*) from webhook_attempts where endpoint_id"
+                             f" = '{admin_ep['id']}' and outcome = 'delivered'")[0][0]
+                       == len(ids) for r in regions)
+        await wait_until(log_complete, "the attempt log replicated", within=60)
+        log = (await eu.get(f"/v1/webhook_endpoints/{admin_ep['id']}/deliveries",
+                            params={"limit": 100})).json()["data"]
+        assert {d["region"] for d in log} == set(regions)
+        assert all(d["status"] == "delivered" for d in log)
+        assert shop_ep["id"] != admin_ep["id"]
+        for r in regions:
+            conflicts = _rows(dsn[r], "select coalesce(sum(confl_insert_exists + "
+                              "confl_update_origin_differs + confl_update_missing + "
+                              "confl_delete_missing), 0), coalesce(sum(apply_error_count), 0) "
+                              "from pg_stat_subscription_stats")
+            assert conflicts == [(0, 0)], (r, conflicts)
