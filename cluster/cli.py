@@ -1,6 +1,7 @@
 """`paycluster`: the operator's command line for the local lab.
 
     paycluster up [--regions N] [--wan-scale S] [--routers N] [--data-dir DIR] [--detach]
+                  [--durability local|regional] [--buddy R=B ...]
     paycluster status [--data-dir DIR] [--json]
     paycluster router status [--json] | drain REGION | undrain REGION
                       | weight REGION (N | --reset) | resolve [--client-region R] [--geo LAT,LON]
@@ -137,14 +138,16 @@ def _shielded() -> Iterator[None]:
 
 
 def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool,
-           routers: int = 1) -> Cluster:
+           routers: int = 1, durability: str | None = None,
+           buddies: dict[str, str] | None = None) -> Cluster:
     where = data_dir.resolve()
     routers = min(routers, regions)
     with console.status(f"starting {regions} region(s) in {where} (WAN scale {wan_scale:g}) ..."):
         t0 = time.perf_counter()
         try:
             cluster = start_cluster(data_dir, regions=regions, wan_scale=wan_scale,
-                                    detach=detach, routers=routers)
+                                    detach=detach, routers=routers, durability=durability,
+                                    buddies=buddies)
         except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
             err_console.print(f"[red]could not start the cluster:[/] {exc}")
             raise typer.Exit(1) from None
@@ -192,11 +195,24 @@ def up(regions: Regions = 3,
        routers: Routers = 1,
        data_dir: DataDir = DEFAULT_DATA_DIR,
        detach: Annotated[bool, typer.Option(help="start and return, leaving it running")] = False,
+       durability: Annotated[str | None, typer.Option(
+           help="local (asynchronous) or regional (every commit also in a buddy region) for "
+                "every region; default: what the data dir had, else local")] = None,
+       buddy: Annotated[list[str] | None, typer.Option(
+           help="regional: R=B makes B the buddy of R (default: R's nearest region); "
+                "repeatable")] = None,
        ) -> None:
     """Start the lab (regions, WAN, geo router); in the foreground until Ctrl-C / SIGTERM,
     then stop it cleanly."""
+    buddies = {}
+    for item in buddy or []:
+        region_name, sep, buddy_name = item.partition("=")
+        if not sep or not region_name or not buddy_name:
+            err_console.print(f"[red]--buddy {item}: expected REGION=BUDDY[/]")
+            raise typer.Exit(2)
+        buddies[region_name.strip()] = buddy_name.strip()
     with _terminate_as_interrupt():
-        cluster = _start(data_dir, regions, wan_scale, detach, routers)
+        cluster = _start(data_dir, regions, wan_scale, detach, routers, durability, buddies)
         try:
             doc = read_cluster(data_dir)
             console.print(_endpoints_table(doc))
@@ -211,6 +227,7 @@ def up(regions: Regions = 3,
             console.print("API: every /v1 call needs 'Authorization: Bearer <key>'; the admin "
                           "key is admin_key in cluster.json (mode 0600); see README, "
                           "Security model")
+            console.print("durability: " + _durability_line(cluster.durability))
             if detach:
                 console.print(f"running detached; stop with [bold]paycluster down --data-dir "
                               f"{data_dir}[/]")
@@ -226,14 +243,27 @@ def up(regions: Regions = 3,
                 console.print("[green]✓[/] stopped")
 
 
+def _durability_line(recorded: dict[str, Any]) -> str:
+    """`us-east regional -> eu-west, ...` from cluster.json's durability record."""
+    return ", ".join(f"{name} {entry.get('mode')}"
+                     + (f" -> {entry['buddy']}" if entry.get("buddy") else "")
+                     for name, entry in recorded.items()) or "local"
+
+
 def _watch(data_dir: Path) -> None:
-    """Sleep until interrupted, reporting any listed process that dies on its own.
+    """Sleep until interrupted, reporting any listed process that dies on its own, and a
+    regional region whose buddy has not been a synchronous standby for a while (its
+    commits wait: the hint says how to stop waiting).
 
     Reads cluster.json every second, so processes another command added (`region add`)
     are watched too; nothing is reported while the cluster is being changed.
     """
+    from cluster.durability import StandbyWatch, look
+
     reported: set[int] = set()
+    standbys, ticks = StandbyWatch(), 0
     while True:
+        ticks += 1
         with contextlib.suppress(ClusterError):
             doc = read_cluster(data_dir)
             if doc.get("status") == "running":
@@ -243,6 +273,15 @@ def _watch(data_dir: Path) -> None:
                         reported.add(pid)
                         err_console.print(f"[yellow]{region} {kind} (pid {pid}) exited; log: "
                                           f"{entry.get('log')}[/]")
+                regions = doc.get("regions", {})
+                for name, entry in (doc.get("durability") or {}).items():
+                    if ticks % 5 or name not in regions:
+                        continue
+                    line = standbys.observe(
+                        look(regions[name]["postgres_dsn"], name, list(regions))
+                        if entry.get("mode") == "regional" else None, name)
+                    if line:
+                        err_console.print(f"[yellow]{line}[/]")
         time.sleep(1.0)
 
 
@@ -401,6 +440,10 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
             problems.append(f"router ({router['site']}, pid {router['pid']}) is not running")
         elif router["states"] is None:
             problems.append(f"router ({router['site']}) does not answer on its admin API")
+    from cluster.durability import durability_status, hint
+
+    durability = durability_status(doc) if len(names) > 1 else {}
+    problems += [f"{d['problem']}; {hint(n)}" for n, d in durability.items() if d["problem"]]
     slo_ok = not any(p["breach"] for p in pairs) and not any(p["conflicts"] for p in pairs)
     return {
         "data_dir": doc.get("data_dir"), "status": doc.get("status"),
@@ -412,6 +455,7 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
         "lag_seconds": lag, "pairs": pairs,
         "slo_seconds": max(slo_values) if slo_values else None, "slo_ok": slo_ok,
         "conflicts_total": sum(sum(p["conflicts"].values()) for p in pairs),
+        "durability": durability,
     }
 
 
@@ -539,6 +583,11 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR,
                 f"conflicts: {'[green]0[/]' if not conflicts else f'[red]{conflicts}[/]'}   "
                 f"SLO: " + ("[green]ok[/]" if report["slo_ok"] else
                             f"[red]breached ({len(breaches)} pair(s))[/]"))
+            console.print("durability: " + ", ".join(
+                f"{n} {d['mode'] or d['recorded_mode'] + ' (recorded)'}"
+                + (f" -> {d['buddy'] or d['recorded_buddy']} ({d['sync_state'] or 'absent'})"
+                   if (d["mode"] or d["recorded_mode"]) == "regional" else "")
+                for n, d in report["durability"].items()))
         owner = doc.get("owner_pid")
         if owner and doc.get("status") == "running" and not psutil.pid_exists(int(owner)):
             console.print(f"[yellow]the foreground `paycluster up` (pid {owner}) is gone; its "
@@ -761,8 +810,15 @@ def durability_set(
     try:
         cluster = Cluster.load(data_dir)
         dsn = cluster.region(region).dsn
-        buddy_dsn = cluster.region(buddy).dsn if buddy is not None else None
+        # Back to local: the old buddy's subscription may stop committing synchronously.
+        old_buddy = (cluster.durability.get(region) or {}).get("buddy")
+        buddy_dsn = (cluster.region(buddy).dsn if buddy is not None else
+                     cluster.region(old_buddy).dsn if mode == "local" and old_buddy in
+                     cluster.names else None)
         state = set_durability(dsn, region, mode, buddy, buddy_dsn)
+        # Recorded, so `status`, `up`'s monitor and a restart of the data dir keep it.
+        cluster.durability[region] = {"mode": state.mode, "buddy": state.buddy}
+        cluster.write()
     except (ClusterError, KeyError, ValueError, TimeoutError) as exc:
         err_console.print(f"[red]could not set durability:[/] {exc}")
         raise typer.Exit(1) from None

@@ -13,6 +13,8 @@ Start order of a multi-region lab (`start_cluster`):
 3. the schema on every region's database (`region_node.migrate.upgrade`);
 4. replication: every region publishes and subscribes to every other THROUGH the
    postgres links (`replication.wiring.wire_cluster`), before any node writes a row;
+   then each region's durability mode (`cluster.durability`: in `regional` mode its
+   buddy's walsender is a `sync` standby before anything else commits);
 5. the nodes, in parallel, each with its gRPC port and its peers reached through the
    grpc links (`PAYCLUSTER_PEERS`: other region -> the WAN link port, never the peer's
    own port);
@@ -381,6 +383,9 @@ class Cluster:
     # What cluster.json says: starting, running, changing (a region is being added: a node
     # restarting then is expected, not a failure) or stopped.
     status: str = "starting"
+    # Durability per region, {"mode": local|regional, "buddy": region|None} (see
+    # cluster.durability); what the lab set, kept across restarts of its data dir.
+    durability: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -579,6 +584,7 @@ class Cluster:
                 "links": list(self.links),
                 "router_env": dict(self.router_env),
                 "routers": [_with_start_time(r.to_json()) for r in self.routers],
+                "durability": {k: dict(v) for k, v in self.durability.items()},
             }
             _write_json(self.cluster_file, doc)
 
@@ -631,7 +637,8 @@ class Cluster:
                       links=list(doc.get("links") or []),
                       detached=doc.get("owner_pid") is None, status="running",
                       owner_pid=doc.get("owner_pid"),
-                      admin_key=str(doc.get("admin_key") or ""))
+                      admin_key=str(doc.get("admin_key") or ""),
+                      durability=dict(doc.get("durability") or {}))
         wan = doc.get("wan")
         if isinstance(wan, dict):
             cluster.wan = WanProcess("wan", int(wan["port"]), Path(wan["data_dir"]),
@@ -785,7 +792,9 @@ def provision_lock_servers(redis_urls: list[str]) -> None:
 
 def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
                   detach: bool = False, extra_env: dict[str, str] | None = None,
-                  routers: int = 0, router_env: dict[str, str] | None = None) -> Cluster:
+                  routers: int = 0, router_env: dict[str, str] | None = None,
+                  durability: str | None = None, buddies: dict[str, str] | None = None,
+                  ) -> Cluster:
     """Start `regions` regions under `data_dir`, wired through one WAN emulator; write
     cluster.json (see the module docstring for the order).
 
@@ -799,7 +808,15 @@ def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
     `detach=False` the caller owns the processes: they are also stopped when this
     interpreter exits normally. With `detach=True` they outlive us and cluster.json is the
     handle to stop them (`stop_cluster`).
+
+    `durability` (``local`` or ``regional``) is every region's durability mode, set right
+    after replication is wired and before the nodes start; None re-uses what `data_dir`'s
+    previous cluster.json recorded (``local`` for a new lab). In ``regional`` mode each
+    region's buddy is the nearest other region, unless `buddies` (region -> buddy) says
+    otherwise; see cluster.durability.
     """
+    from cluster.durability import plan_durability
+
     if not 1 <= regions <= len(REGION_NAMES):
         raise ValueError(f"regions must be between 1 and {len(REGION_NAMES)}, got {regions}")
     if wan_scale < 0:
@@ -813,10 +830,14 @@ def start_cluster(data_dir: Path, regions: int = 3, wan_scale: float = 1.0,
     if alive:
         raise ClusterError(f"a cluster is already running in {data_dir} (pids "
                            f"{', '.join(map(str, alive))}); stop it with `paycluster down`")
-    cluster = Cluster(data_dir, wan_scale=wan_scale, extra_env=dict(extra_env or {}),
-                      router_env=dict(router_env or {}),
-                      detached=detach, owner_pid=None if detach else os.getpid())
     names = REGION_NAMES[:regions]
+    recorded: dict[str, Any] = {}
+    with contextlib.suppress(ClusterError):
+        recorded = dict(read_cluster(data_dir).get("durability") or {})
+    plan = plan_durability(names, durability, buddies, recorded)
+    cluster = Cluster(data_dir, wan_scale=wan_scale, extra_env=dict(extra_env or {}),
+                      router_env=dict(router_env or {}), durability=plan,
+                      detached=detach, owner_pid=None if detach else os.getpid())
     try:
         _start_all(cluster, names, routers)
     except BaseException:
@@ -862,6 +883,11 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
         step.done("WAN emulator with %d links", len(cluster.links))
         cluster.restart_gateways()
         step.done("TLS gateways for replication")
+    if multi:
+        from cluster.durability import release_standbys
+
+        # A re-used store may still name a synchronous standby: nothing below may wait.
+        release_standbys({r.name: r.servers.postgres.dsn("postgres") for r in cluster.regions})
     for region in cluster.regions:
         _migrate(region.dsn)
     step.done("migrations")
@@ -871,6 +897,12 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
 
         wire_cluster(cluster.region_dbs())
         step.done("replication wired")
+        from cluster.durability import apply_plan
+
+        apply_plan(cluster.durability, {r.name: r.dsn for r in cluster.regions})
+        step.done("durability %s", ", ".join(
+            f"{n} {d['mode']}" + (f" -> {d['buddy']}" if d["buddy"] else "")
+            for n, d in cluster.durability.items()))
     cluster.admin_key = bootstrap_admin(cluster)
     cluster.write()
     step.done("bootstrap admin key, replicated to every region")

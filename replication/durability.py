@@ -59,17 +59,22 @@ def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
                    buddy_dsn: str | None = None, timeout: float = 10.0) -> Durability:
     """Put `region` (its store at `dsn`) into `mode`; waits until new sessions see it.
 
-    With `buddy_dsn`, the buddy's subscription to `region` commits what it applies
-    synchronously (``synchronous_commit = on``; the subscription default ``off`` makes the
-    buddy confirm only after its WAL writer's next flush, some 200 ms later); `local`
-    mode sets it back to ``off`` there.
+    With `buddy_dsn`, the buddy's subscription to `region` flushes what it applies before
+    it confirms it (``synchronous_commit = local``; the subscription default ``off`` makes
+    the buddy confirm only after its WAL writer's next flush, some 200 ms later); `local`
+    mode sets it back to ``off`` there. Not ``on``: with ``on`` the buddy's apply worker
+    would itself wait for the buddy's own synchronous standby, and two regions that are
+    each other's buddy (the default pairing) deadlock as soon as both apply a transaction
+    at once - each apply worker waits for the other one to confirm. What the buddy applies
+    originated elsewhere; it needs to be durable at the buddy, not replicated onwards
+    synchronously.
     """
     names = _names_for(region, mode, buddy)
     if buddy_dsn is not None:
         with psycopg.connect(buddy_dsn, autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql.SQL("alter subscription {} set (synchronous_commit = {})").format(
                 sql.Identifier(subscription_name(region)),
-                sql.Literal("on" if names else "off")))
+                sql.Literal("local" if names else "off")))
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         if names:
             conn.execute(sql.SQL("alter system set synchronous_standby_names = {}")
