@@ -76,8 +76,7 @@ async def grpc_cost(base: Path, calls: int) -> dict[str, Any]:
         ports = {"tls": free_port(), "plain": free_port()}
         common: dict[str, Any] = {
             "region": "us-east", "database_url": servers.postgres.dsn("paycluster"),
-            "redis_url": servers.redis.url, "nats_url": servers.nats.url, "run_workers": False,
-            "peers": {"eu-west": "127.0.0.1:1"}}
+            "redis_url": servers.redis.url, "nats_url": servers.nats.url, "run_workers": False}
         us = files["us-east"]
         tls_app = create_app(RegionSettings(**common, grpc_port=ports["tls"],
                                             tls_ca_file=str(us.ca_file),
