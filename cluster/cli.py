@@ -12,6 +12,7 @@
     paycluster region add NAME
     paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
     paycluster durability show | set REGION local|regional [--buddy B]
+                          | bench [bench/durability.py options]
     paycluster drill planned|crash|partition --region R [--duration S] [--rate N]
                      [--report DIR] [--data-dir DIR] [--wan-scale X] [--durability MODE]
     paycluster demo [--data-dir DIR] [--regions N] [--wan-scale S] [--payments N] [--no-router]
@@ -853,6 +854,18 @@ def durability_show(data_dir: DataDir = DEFAULT_DATA_DIR,
         table.add_row(st.region, st.mode, st.buddy or "-", st.standby or "-",
                       st.sync_state or "-")
     console.print(table)
+
+
+@durability_app.command("bench", context_settings={"allow_extra_args": True,
+                                                   "ignore_unknown_options": True},
+                        add_help_option=False)
+def durability_bench(ctx: typer.Context) -> None:
+    """Commit latency and throughput of regional vs local mode, same cluster, same run
+    (bench/durability.py; it starts its own lab at WAN scale 1). All options are
+    bench/durability.py's; see `paycluster durability bench --help`."""
+    from bench.durability import main
+
+    raise typer.Exit(main(list(ctx.args)))
 
 
 # --------------------------------------------------------------------------- routers

@@ -1,0 +1,418 @@
+"""Benchmark: what `regional` durability costs a commit, against `local`, same cluster.
+
+Starts its own lab at the default WAN scale (1.0: real inter-region round trips) and, in
+one region (default us-east, its buddy the nearest region: eu-west, 75 ms away), runs
+the same workload in both modes, switching the region's mode at runtime
+(`replication.durability.set_durability`) between measurements:
+
+- **payments**: local payments (payer and payee homed in the measured region) from C
+  concurrent clients for T seconds, over HTTP with an Idempotency-Key each;
+- **SQL commits**: one-row inserts into a scratch table (published like the ledger, so
+  the buddy applies and flushes each one) from one psycopg connection, one after the
+  other: the bare price of a commit, without the application.
+
+Each round measures both modes back to back and the order alternates between rounds, so
+drift in the machine's state hits both; medians over the rounds are quoted, with the
+regional/local ratios and the buddy round trip for context.
+
+    python -m bench.durability [-c 8] [-T 10] [--rounds 3] [--region us-east]
+    paycluster durability bench [same options]
+
+Prints a table, writes JSON (default bench/results/durability.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+from rich.table import Table
+
+from bench.payments import drive_payments
+from bench.stats import percentile, stop_lab
+from cluster.cli import make_console
+from cluster.durability import default_buddy, wait_sync
+from cluster.lab import REGION_NAMES, Cluster, ClusterError, link_rtt, start_cluster
+from cluster.servers import ServerStartError
+from replication.durability import MODES, durability, set_durability
+from replication.wiring import PUBLICATION, subscription_name
+
+DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "durability.json"
+CURRENCY = "USD"
+PAYER_FUNDING = 1_000_000_000
+SCRATCH = "bench_commits"
+"""The scratch table of the SQL commits: in every region, published by the measured one."""
+
+console = make_console()
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run (setup failed, the mode did not take...)."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (also reached through `paycluster durability bench ...`)."""
+    p = argparse.ArgumentParser(
+        prog="paycluster durability bench",
+        description="Commit latency and throughput of regional vs local durability, same "
+                    "cluster, same run.")
+    p.add_argument("--regions", type=int, default=3, choices=range(2, len(REGION_NAMES) + 1),
+                   help="regions of the lab (default 3, the default lab)")
+    p.add_argument("--wan-scale", type=float, default=1.0,
+                   help="multiplier of the default round trips (default 1.0)")
+    p.add_argument("--region", default=REGION_NAMES[0], help="the measured region")
+    p.add_argument("--buddy", help="its buddy in regional mode (default: the nearest region)")
+    p.add_argument("--concurrency", "-c", type=int, default=8, help="payment clients (8)")
+    p.add_argument("--duration", "-T", type=float, default=10.0,
+                   help="seconds of payments per mode and round (10)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; each measures both modes, alternating the order (3)")
+    p.add_argument("--sql-commits", type=int, default=50,
+                   help="sequential SQL commits per mode and round (50)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of unrecorded payments before round 1 (2)")
+    p.add_argument("--amount", type=int, default=1, help="minor units per payment (1)")
+    p.add_argument("--data-dir", type=Path, help="where the lab lives (default: a temp dir)")
+    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
+                   help="result file (default bench/results/durability.json)")
+    args = p.parse_args(argv)
+    names = REGION_NAMES[:args.regions]
+    if args.region not in names:
+        p.error(f"--region must be one of {', '.join(names)}")
+    args.buddy = args.buddy or default_buddy(args.region, names)
+    if args.buddy not in names or args.buddy == args.region:
+        p.error(f"--buddy must be another region of {', '.join(names)}")
+    for name in ("concurrency", "rounds", "sql_commits", "amount"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.duration <= 0 or args.wan_scale < 0:
+        p.error("--duration must be positive and --wan-scale not negative")
+    return args
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def api_headers(cluster: Cluster) -> dict[str, str]:
+    """The one place the benchmark's API credentials come from: the lab's bootstrap
+    admin key."""
+    return cluster.auth_headers()
+
+
+async def create_pairs(client: httpx.AsyncClient, region: str,
+                       pairs: int) -> list[tuple[str, str]]:
+    """`pairs` funded payer / payee pairs homed in `region`, opened at its node."""
+    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post(path, json=body,
+                                 headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
+        if resp.status_code != 201:
+            raise BenchError(f"POST {path} -> {resp.status_code}: {resp.text[:300]}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
+    async def pair() -> tuple[str, str]:
+        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer",
+                                            "home_region": region})
+        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant",
+                                            "home_region": region})
+        await post(f"/v1/accounts/{payer['id']}/deposits", {"amount": PAYER_FUNDING})
+        return str(payer["id"]), str(payee["id"])
+
+    return [await pair() for _ in range(pairs)]
+
+
+def create_scratch(cluster: Cluster, region: str) -> None:
+    """The scratch table in every region, published by `region` and subscribed to by the
+    others (so a commit into it costs what a ledger commit costs: the buddy applies it).
+
+    Only `region` ever inserts (random UUIDs): no conflicts. The lab is ours and thrown
+    away, so the publication is not put back.
+    """
+    from replication.tls import REPLICATION_ROLE
+
+    table = sql.Identifier(SCRATCH)
+    for other in cluster.regions:
+        with psycopg.connect(other.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("create table if not exists {} (id uuid primary key, "
+                                 "at timestamptz not null default now())").format(table))
+            if conn.execute("select 1 from pg_roles where rolname = %s",
+                            (REPLICATION_ROLE,)).fetchone():
+                conn.execute(sql.SQL("grant select on {} to {}").format(
+                    table, sql.Identifier(REPLICATION_ROLE)))
+    with psycopg.connect(cluster.region(region).dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("alter publication {} add table {}").format(
+            sql.Identifier(PUBLICATION), table))
+    for other in cluster.regions:
+        if other.name != region:
+            with psycopg.connect(other.dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("alter subscription {} refresh publication "
+                                     "with (copy_data = false)").format(
+                    sql.Identifier(subscription_name(region))))
+
+
+def sql_commits(dsn: str, count: int) -> list[float]:
+    """`count` one-row insert commits, one after the other on one connection; their
+    latencies (ms), ascending."""
+    latencies: list[float] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        statement = sql.SQL("insert into {} (id) values (%s)").format(sql.Identifier(SCRATCH))
+        for _ in range(count):
+            t0 = time.perf_counter()
+            conn.execute(statement, (uuid.uuid4(),))
+            latencies.append((time.perf_counter() - t0) * 1000)
+    return sorted(latencies)
+
+
+def switch(cluster: Cluster, region: str, buddy: str, mode: str) -> str | None:
+    """Put `region` in `mode` (regional: with `buddy`); once regional, wait until the
+    buddy is a ``sync`` standby. Returns the buddy's sync_state."""
+    dsns = {r.name: r.dsn for r in cluster.regions}
+    set_durability(dsns[region], region, mode, buddy if mode == "regional" else None,
+                   dsns[buddy])
+    states = wait_sync({region: {"mode": mode}}, dsns)
+    return states[0].sync_state
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+@dataclass
+class Measurement:
+    """One mode in one round."""
+
+    mode: str
+    round: int
+    payments: int
+    errors: int
+    error_kinds: dict[str, int]
+    seconds: float
+    payments_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    sql_commits: int
+    sql_p50_ms: float
+    sql_p95_ms: float
+    sql_p99_ms: float
+    sql_commits_per_s: float
+    sync_state_after: str | None
+
+
+METRICS = ("payments_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "sql_p50_ms",
+           "sql_p95_ms", "sql_p99_ms", "sql_commits_per_s")
+
+
+def medians(rows: list[Measurement], mode: str) -> dict[str, float]:
+    """Median of each metric over the rounds of `mode`."""
+    mine = [r for r in rows if r.mode == mode]
+    return {m: statistics.median(float(getattr(r, m)) for r in mine) for m in METRICS}
+
+
+def ratios(local: dict[str, float], regional: dict[str, float]) -> dict[str, float | None]:
+    """regional / local for every metric but the error count."""
+    return {m: (round(regional[m] / local[m], 3) if local[m] else None)
+            for m in METRICS if m != "errors"}
+
+
+async def _rounds(args: argparse.Namespace, cluster: Cluster) -> list[Measurement]:
+    region = cluster.region(args.region)
+    limits = httpx.Limits(max_connections=args.concurrency,
+                          max_keepalive_connections=args.concurrency)
+    async with httpx.AsyncClient(base_url=region.api_url, timeout=60.0, limits=limits,
+                                 headers=api_headers(cluster)) as client:
+        with console.status(f"opening {args.concurrency} payer/payee pairs in "
+                            f"{args.region} ..."):
+            pairs = await create_pairs(client, args.region, args.concurrency)
+            await asyncio.to_thread(create_scratch, cluster, args.region)
+        await asyncio.to_thread(switch, cluster, args.region, args.buddy, "local")
+        if args.warmup > 0:
+            with console.status(f"warming up for {args.warmup:g}s ..."):
+                await drive_payments(client, pairs, args.concurrency, args.amount,
+                                     args.warmup, None)
+                await asyncio.to_thread(sql_commits, region.dsn, 5)
+        rows: list[Measurement] = []
+        for n in range(1, args.rounds + 1):
+            for mode in (MODES if n % 2 else tuple(reversed(MODES))):
+                await asyncio.to_thread(switch, cluster, args.region, args.buddy, mode)
+                with console.status(f"round {n}/{args.rounds}, {mode}: payments "
+                                    f"({args.duration:g}s, {args.concurrency} clients) ..."):
+                    run = await drive_payments(client, pairs, args.concurrency, args.amount,
+                                               args.duration, None)
+                with console.status(f"round {n}/{args.rounds}, {mode}: {args.sql_commits} "
+                                    "SQL commits ..."):
+                    t0 = time.perf_counter()
+                    commits = await asyncio.to_thread(sql_commits, region.dsn,
+                                                      args.sql_commits)
+                    sql_seconds = time.perf_counter() - t0
+                state = await asyncio.to_thread(durability, region.dsn, args.region,
+                                                cluster.names)
+                if state.mode != mode:
+                    raise BenchError(f"{args.region} left {mode} mode during the round")
+                lat = run.latencies_ms
+                row = Measurement(
+                    mode, n, run.ok, run.errors, dict(run.error_kinds), round(run.seconds, 3),
+                    round(run.per_second, 1), round(percentile(lat, 50), 2),
+                    round(percentile(lat, 95), 2), round(percentile(lat, 99), 2),
+                    len(commits), round(percentile(commits, 50), 2),
+                    round(percentile(commits, 95), 2), round(percentile(commits, 99), 2),
+                    round(len(commits) / sql_seconds, 1), state.sync_state)
+                rows.append(row)
+                console.print(f"round {n} {mode:>8}: {row.payments_per_s:.1f} payments/s, "
+                              f"p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms, "
+                              f"{row.errors} errors; SQL commit p50 {row.sql_p50_ms:.2f} ms"
+                              + (f" (buddy {state.sync_state})" if mode == "regional" else ""))
+        return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def print_table(args: argparse.Namespace, rtt_ms: float, rows: list[Measurement],
+                summary: dict[str, Any]) -> None:
+    """Rich table: a row per mode and round, the medians, and regional / local."""
+    table = Table(title=f"commit cost of regional vs local durability: {args.region}, buddy "
+                        f"{args.buddy} ({rtt_ms:.0f} ms round trip at WAN scale "
+                        f"{args.wan_scale:g}); {args.concurrency} clients x "
+                        f"{args.duration:g} s, {args.sql_commits} SQL commits, "
+                        f"{args.rounds} round(s)",
+                  caption="payments: HTTP, C clients; SQL: one-row insert commits, one "
+                          "connection, sequential; medians over the rounds")
+    for col in ("mode", "round", "payments/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+                "SQL p50 ms", "SQL p95 ms", "SQL p99 ms", "SQL commits/s"):
+        table.add_column(col, justify="right" if col not in ("mode",) else "left")
+    for r in rows:
+        table.add_row(r.mode, str(r.round), _fmt(r.payments_per_s), _fmt(r.p50_ms),
+                      _fmt(r.p95_ms), _fmt(r.p99_ms), str(r.errors), _fmt(r.sql_p50_ms, 2),
+                      _fmt(r.sql_p95_ms, 2), _fmt(r.sql_p99_ms, 2), _fmt(r.sql_commits_per_s))
+    for mode in MODES:
+        m = summary["median"][mode]
+        table.add_row(mode, "median", _fmt(m["payments_per_s"]), _fmt(m["p50_ms"]),
+                      _fmt(m["p95_ms"]), _fmt(m["p99_ms"]), _fmt(m["errors"], 0),
+                      _fmt(m["sql_p50_ms"], 2), _fmt(m["sql_p95_ms"], 2),
+                      _fmt(m["sql_p99_ms"], 2), _fmt(m["sql_commits_per_s"]), style="bold")
+    q = summary["regional_over_local"]
+    table.add_row("regional/local", "", *(f"{v:.2f}x" if v is not None else "-" for v in (
+        q["payments_per_s"], q["p50_ms"], q["p95_ms"], q["p99_ms"])), "",
+        *(f"{v:.2f}x" if v is not None else "-" for v in (
+            q["sql_p50_ms"], q["sql_p95_ms"], q["sql_p99_ms"], q["sql_commits_per_s"])),
+        style="bold")
+    console.print(table)
+    added = summary["added_ms"]
+    console.print(f"regional adds {added['p50_ms']:.1f} ms to a payment (p50) and "
+                  f"{added['sql_p50_ms']:.1f} ms to a bare SQL commit (p50); the buddy round "
+                  f"trip is {rtt_ms:.0f} ms")
+
+
+def summarize(rows: list[Measurement], rtt_ms: float) -> dict[str, Any]:
+    """Medians per mode, regional/local ratios, and what regional adds (ms, p50/p99)."""
+    median = {mode: medians(rows, mode) for mode in MODES}
+    local, regional = median["local"], median["regional"]
+    return {"median": median, "regional_over_local": ratios(local, regional),
+            "added_ms": {m: round(regional[m] - local[m], 2)
+                         for m in ("p50_ms", "p99_ms", "sql_p50_ms", "sql_p99_ms")},
+            "buddy_rtt_ms": rtt_ms}
+
+
+def write_json(path: Path, args: argparse.Namespace, rtt_ms: float, rows: list[Measurement],
+               summary: dict[str, Any]) -> None:
+    """The configuration, environment, every measurement and the summary."""
+    doc = {
+        "benchmark": "durability",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "config": {"regions": args.regions, "wan_scale": args.wan_scale,
+                   "region": args.region, "buddy": args.buddy, "buddy_rtt_ms": rtt_ms,
+                   "concurrency": args.concurrency, "duration_s": args.duration,
+                   "rounds": args.rounds, "sql_commits": args.sql_commits,
+                   "warmup_s": args.warmup, "amount": args.amount},
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "rounds": [asdict(r) for r in rows],
+        **summary,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the lab, measure, print and write; the lab is stopped in every case."""
+    temp = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-dur-")) if temp else args.data_dir
+    rtt_ms = link_rtt(args.region, args.buddy, args.wan_scale) * 1000
+    with console.status(f"starting {args.regions} regions at WAN scale {args.wan_scale:g} ..."):
+        cluster = start_cluster(data_dir, regions=args.regions, wan_scale=args.wan_scale)
+    code = 1
+    try:
+        rows = asyncio.run(_rounds(args, cluster))
+        summary = summarize(rows, rtt_ms)
+        print_table(args, rtt_ms, rows, summary)
+        write_json(args.json_out, args, rtt_ms, rows, summary)
+        console.print(f"results: {args.json_out}")
+        code = 0 if all(r.payments > 0 and r.errors == 0 for r in rows) else 1
+        return code
+    finally:
+        stop_lab(cluster, console, "lab", data_dir if temp else None, keep=code != 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit code."""
+    args = parse_args(argv)
+    with _sigterm_as_exception():
+        try:
+            return run(args)
+        except (BenchError, ClusterError, ServerStartError, TimeoutError, httpx.HTTPError,
+                psycopg.Error) as exc:
+            console.print(f"[red]benchmark failed:[/] {exc}")
+            return 1
+        except (KeyboardInterrupt, _Terminated):
+            console.print("[yellow]interrupted[/]")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
