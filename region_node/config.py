@@ -40,6 +40,7 @@ class RegionSettings(BaseSettings):
     webhook_poll_seconds: float = Field(0.1, gt=0)
     webhook_batch: int = Field(200, ge=1)
     webhook_concurrency: int = Field(32, ge=1)
+    webhook_endpoint_concurrency: int = Field(8, ge=1, description="in flight per endpoint")
     webhook_timeout_seconds: float = Field(5.0, gt=0)
     webhook_retry_base_seconds: float = Field(30.0, gt=0)
     webhook_retry_max_interval_seconds: float = Field(3600.0, gt=0)

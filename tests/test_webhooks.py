@@ -139,9 +139,14 @@ class Receiver:
     """
 
     fail_first: int = 0
+    hang: dict[str, float] = field(default_factory=dict)
+    """path -> seconds to wait before answering (longer than the sender's timeout: hangs)."""
     received: dict[str, list[Received]] = field(default_factory=dict)
     url: str = ""
+    peak: Counter[str] = field(default_factory=Counter)
+    """The most requests a path had open at once."""
     _tries: Counter[str] = field(default_factory=Counter)
+    _open: Counter[str] = field(default_factory=Counter)
 
     def by_path(self, path: str) -> list[Received]:
         return self.received.get(path, [])
@@ -156,6 +161,13 @@ class Receiver:
         self._tries[key] += 1
         if self._tries[key] <= self.fail_first:
             return web.Response(status=500, text="not yet")
+        if request.path in self.hang:
+            self._open[request.path] += 1
+            self.peak[request.path] = max(self.peak[request.path], self._open[request.path])
+            try:
+                await asyncio.sleep(self.hang[request.path])
+            finally:
+                self._open[request.path] -= 1
         self.received.setdefault(request.path, []).append(
             Received(body, dict(request.headers), time.monotonic()))
         return web.Response(status=200, text="ok")
@@ -167,7 +179,9 @@ async def receiver(**kwargs: Any) -> AsyncIterator[Receiver]:
     rec = Receiver(**kwargs)
     app = web.Application()
     app.router.add_post("/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
+    # handler_cancellation: a request the sender gave up on (timeout) stops counting as
+    # open, as it would for a real server.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -334,6 +348,34 @@ async def test_rotation_signs_with_both_secrets_until_the_old_expires(
         verify(got.body, got.headers[SIGNATURE_HEADER], new)
         with pytest.raises(SignatureError):
             verify(got.body, got.headers[SIGNATURE_HEADER], old)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_a_hanging_receiver_does_not_hold_up_the_others(settings: RegionSettings) -> None:
+    n = 24
+    async with receiver(hang={"/slow": 30.0}) as rec, \
+            node(settings, webhook_timeout_seconds=1.0, webhook_endpoint_concurrency=4,
+                 webhook_concurrency=16) as (client, db):
+        slow_id, _ = await register(db, rec.url + "/slow")
+        await register(db, rec.url + "/fast")
+        payers = [await open_account(client, deposit=1000) for _ in range(4)]
+        payee = await open_account(client, kind="merchant")
+        committed: dict[str, float] = {}
+        for i in range(n):
+            committed[await pay(client, payers[i % 4], payee, 10)] = time.monotonic()
+        await wait_until(lambda: len(rec.by_path("/fast")) == n, "every event at /fast")
+        waits = sorted(r.at - committed[json.loads(r.body)["data"]["id"]]
+                       for r in rec.by_path("/fast"))
+        # /slow never answers within the 1 s timeout: at most 4 of its POSTs at a time,
+        # while /fast gets its events without waiting for those timeouts to free slots
+        # (a wait for a slot would take the 1 s timeout at least).
+        assert 1 <= rec.peak["/slow"] <= 4, rec.peak
+        assert waits[len(waits) // 2] < 1.0, waits
+        log = await attempts_of(db, slow_id)
+        errors = {a["error"] for d in log for a in d["attempts"]}
+        assert errors and all(e.startswith(("TimeoutError", "ServerTimeoutError"))
+                              for e in errors), errors
 
 
 @pytest.mark.integration

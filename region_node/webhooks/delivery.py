@@ -21,6 +21,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -109,6 +110,8 @@ class WebhookWorker:
         self.node = node
         self.settings = node.settings
         self._inflight: set[asyncio.Task[None]] = set()
+        self._busy: Counter[uuid.UUID] = Counter()
+        """Deliveries in flight per endpoint."""
         self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -152,10 +155,21 @@ class WebhookWorker:
         if capacity > 0:
             jobs = await self.node.db.transaction(lambda conn: self._claim(conn, capacity))
             for job in jobs:
-                task = asyncio.create_task(self._attempt(job))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._start(job)
         return marked >= s.webhook_batch or (capacity > 0 and len(jobs) >= capacity)
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._attempt(job))
+        self._inflight.add(task)
+        self._busy[job.endpoint_id] += 1
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._inflight.discard(t)
+            self._busy[job.endpoint_id] -= 1
+            if self._busy[job.endpoint_id] <= 0:
+                del self._busy[job.endpoint_id]
+
+        task.add_done_callback(done)
 
     async def close(self) -> None:
         """Let in-flight POSTs finish (bounded by their timeout), record them, close."""
@@ -173,9 +187,24 @@ class WebhookWorker:
 
     async def _claim(self, conn: AsyncConnection, limit: int) -> list[Job]:
         lease = timedelta(seconds=lease_seconds(self.settings.webhook_timeout_seconds))
+        cap = self.settings.webhook_endpoint_concurrency
+        # At most `cap` deliveries per endpoint in flight on this node, so a receiver that
+        # hangs until the timeout holds a few of the worker's slots, never all of them.
+        room: dict[uuid.UUID, int] = {e: max(cap - n, 0) for e, n in self._busy.items()}
+        ready = sa.and_(Q.c.due_at <= sa.func.now(),
+                        sa.or_(Q.c.lease_until.is_(None), Q.c.lease_until < sa.func.now()))
+        full = [e for e, r in room.items() if r == 0]
+        if full:
+            ready = sa.and_(ready, Q.c.endpoint_id.not_in(full))
+        allowed: sa.ColumnElement[int] = (
+            sa.case(room, value=Q.c.endpoint_id, else_=cap) if room else sa.literal(cap))
+        ranked = (sa.select(Q.c.delivery_id, allowed.label("allowed"),
+                            sa.func.row_number().over(partition_by=Q.c.endpoint_id,
+                                                      order_by=Q.c.due_at).label("rn"))
+                  .where(ready).subquery())
         due = (sa.select(Q.c.delivery_id)
-               .where(Q.c.due_at <= sa.func.now(),
-                      sa.or_(Q.c.lease_until.is_(None), Q.c.lease_until < sa.func.now()))
+               .where(Q.c.delivery_id.in_(sa.select(ranked.c.delivery_id)
+                                          .where(ranked.c.rn <= ranked.c.allowed)), ready)
                .order_by(Q.c.due_at).limit(limit).with_for_update(skip_locked=True))
         rows = (await conn.execute(
             Q.update().where(Q.c.delivery_id.in_(due.scalar_subquery()))
