@@ -118,8 +118,9 @@ async def test_concurrent_clients_admitted_within_the_bucket_bound(
     assert refused > 0
     # Never more than the bucket allows (+1: a token landing between our clock readings).
     assert admitted <= bound + 1, (admitted, bound)
-    # And not starved either: the refill really is handed out.
-    assert admitted >= burst + rate * (elapsed - 0.5) * 0.8, (admitted, bound)
+    # And not starved either: the refill really is handed out (a loose bound: on a loaded
+    # machine the clients themselves may not ask often enough to take every token).
+    assert admitted >= burst + rate * elapsed * 0.3, (admitted, refused, bound)
 
 
 async def test_one_key_does_not_limit_another(limiter: RateLimiter) -> None:
@@ -263,3 +264,29 @@ async def test_shared_buckets_resume_when_redis_is_back(
         if redis is not None:
             redis.stop()
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+async def test_http_concurrent_clients_on_one_key_stay_within_the_bound(
+        client: httpx.AsyncClient) -> None:
+    """10 clients hammer one key for ~1.5 s through the API: admitted <= burst + rate * t."""
+    rate, burst = 10.0, 5
+    key = await _limited_key(client, rate, burst)
+    auth = {"Authorization": f"Bearer {key}"}
+    account = (await client.post("/v1/accounts", json={"currency": "USD"},
+                                 headers=auth)).json()["id"]
+    codes: list[int] = []
+    started = time.monotonic()
+    deadline = started + 1.5
+
+    async def hammer() -> None:
+        while time.monotonic() < deadline:
+            codes.append((await client.get(f"/v1/accounts/{account}", headers=auth))
+                         .status_code)
+
+    await asyncio.gather(*(hammer() for _ in range(10)))
+    elapsed = time.monotonic() - started
+    admitted = 1 + codes.count(200)  # + the account opening
+    assert set(codes) <= {200, 429}
+    assert codes.count(429) > 0
+    assert admitted <= burst + rate * elapsed + 1, (admitted, elapsed)
+    assert admitted >= burst + rate * (elapsed - 0.5) * 0.5, (admitted, elapsed)
