@@ -805,7 +805,14 @@ def durability_set(
             "--buddy", help="regional: the region that has every commit at ack time")] = None,
         data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Change a region's durability mode at runtime (ALTER SYSTEM + reload, no restart)."""
+    """Change a region's durability mode at runtime (ALTER SYSTEM + reload, no restart).
+
+    `regional` without --buddy: the buddy recorded for the region, else its nearest
+    region. `local` never waits for the buddy: it is the way out while the buddy is
+    unreachable (commits in regional mode wait for it)."""
+    import psycopg
+
+    from cluster.durability import default_buddy
     from replication.durability import set_durability
 
     try:
@@ -813,6 +820,9 @@ def durability_set(
         dsn = cluster.region(region).dsn
         # Back to local: the old buddy's subscription may stop committing synchronously.
         old_buddy = (cluster.durability.get(region) or {}).get("buddy")
+        if mode == "regional" and buddy is None:
+            buddy = old_buddy if old_buddy in cluster.names else default_buddy(region,
+                                                                               cluster.names)
         buddy_dsn = (cluster.region(buddy).dsn if buddy is not None else
                      cluster.region(old_buddy).dsn if mode == "local" and old_buddy in
                      cluster.names else None)
@@ -820,7 +830,7 @@ def durability_set(
         # Recorded, so `status`, `up`'s monitor and a restart of the data dir keep it.
         cluster.durability[region] = {"mode": state.mode, "buddy": state.buddy}
         cluster.write()
-    except (ClusterError, KeyError, ValueError, TimeoutError) as exc:
+    except (ClusterError, KeyError, ValueError, TimeoutError, psycopg.Error) as exc:
         err_console.print(f"[red]could not set durability:[/] {exc}")
         raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {region}: {state.mode}"

@@ -139,7 +139,7 @@ def standby_problem(state: Durability) -> str | None:
 
 def hint(region: str) -> str:
     """The operator's way out of commits waiting for an unreachable buddy."""
-    return (f"commits of {region} wait for its buddy; to accept RPO > 0 until it is back: "
+    return (f"to stop waiting (RPO > 0 until the buddy is back): "
             f"paycluster durability set {region} local")
 
 
@@ -165,7 +165,7 @@ class StandbyWatch:
         if now - since < self.after or region in self._told:
             return None
         self._told.add(region)
-        return f"{standby_problem(state)} for {now - since:.0f}s. {hint(region)}"
+        return f"{standby_problem(state)} for {now - since:.0f}s; {hint(region)}"
 
 
 def look(dsn: str, region: str, names: Sequence[str]) -> Durability | None:

@@ -16,6 +16,7 @@ never wait, by design: they guard no effect.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import psycopg
 from psycopg import sql
 
 from replication.wiring import slot_name, subscription_name
+
+log = logging.getLogger(__name__)
 
 MODES = ("local", "regional")
 
@@ -68,13 +71,16 @@ def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
     at once - each apply worker waits for the other one to confirm. What the buddy applies
     originated elsewhere; it needs to be durable at the buddy, not replicated onwards
     synchronously.
+
+    Going back to `local` is the way out when the buddy is unreachable, so it never depends
+    on the buddy: the region's own setting changes first, and the buddy's subscription is
+    changed only if the buddy answers (logged otherwise; it is harmless). Going to
+    `regional` changes the buddy's subscription first, so the first synchronous commit
+    already gets the prompt confirmation.
     """
     names = _names_for(region, mode, buddy)
-    if buddy_dsn is not None:
-        with psycopg.connect(buddy_dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("alter subscription {} set (synchronous_commit = {})").format(
-                sql.Identifier(subscription_name(region)),
-                sql.Literal("local" if names else "off")))
+    if buddy_dsn is not None and names:
+        _buddy_subscription(buddy_dsn, region, "local")
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         if names:
             conn.execute(sql.SQL("alter system set synchronous_standby_names = {}")
@@ -91,7 +97,23 @@ def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
         if time.monotonic() > deadline:
             raise TimeoutError(f"{region}: synchronous_standby_names still {row} after reload")
         time.sleep(0.02)
+    if buddy_dsn is not None and not names:
+        try:
+            _buddy_subscription(buddy_dsn, region, "off")
+        except psycopg.Error as exc:
+            log.warning("%s is local again; its buddy's subscription still commits "
+                        "synchronously (harmless): %s", region, exc)
     return durability(dsn, region, [r for r in (region, buddy) if r])
+
+
+def _buddy_subscription(buddy_dsn: str, region: str, synchronous_commit: str) -> None:
+    """Set the buddy's subscription to `region` to `synchronous_commit`."""
+    with psycopg.connect(buddy_dsn, autocommit=True, connect_timeout=5) as conn:
+        # This catalog change must not itself wait for the buddy's own synchronous
+        # standby, which may be the very region that is unreachable.
+        conn.execute("set synchronous_commit = local")
+        conn.execute(sql.SQL("alter subscription {} set (synchronous_commit = {})").format(
+            sql.Identifier(subscription_name(region)), sql.Literal(synchronous_commit)))
 
 
 def durability(dsn: str, region: str, regions: list[str] | None = None) -> Durability:

@@ -15,7 +15,7 @@ import pytest
 
 from cluster.lab import Cluster, read_cluster, start_cluster, stop_cluster
 from replication.durability import durability, set_durability
-from replication.wiring import slot_name
+from replication.wiring import set_enabled, slot_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion]
 
@@ -128,12 +128,33 @@ def _pay_for(lab: Cluster, region: str, seconds: float) -> int:
     return done
 
 
+def _local_is_the_way_out(lab: Cluster) -> None:
+    """The buddy's standby gone (its subscription disabled; the lease quorum unaffected):
+    REGION's commits wait; `local` mode, set without the buddy, lets them through again."""
+    dsn, buddy_dsn = lab.region(REGION).dsn, lab.region(BUDDY).dsn
+    with httpx.Client(base_url=lab.region(REGION).api_url, timeout=30,
+                      headers=lab.auth_headers()) as client:
+        payer, payee = _open(client, 100), _open(client, 0)
+        body = {"payer": payer, "payee": payee, "amount": 1, "currency": "USD"}
+        set_enabled(buddy_dsn, REGION, False)
+        try:
+            with pytest.raises(httpx.ReadTimeout):  # the commit waits for the buddy
+                client.post("/v1/payments", json=body, timeout=3)
+            assert durability(dsn, REGION, lab.names).sync_state is None
+            assert set_durability(dsn, REGION, "local").mode == "local"
+            resp = client.post("/v1/payments", json=body)
+            assert resp.status_code == 201, resp.text
+        finally:
+            set_enabled(buddy_dsn, REGION, True)
+
+
 def test_regional_at_start_has_a_sync_buddy_before_the_first_payment_and_after_restart(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """`start_cluster(durability="regional")`: each region's nearest other region is its
     buddy and its walsender is already `sync` when the lab is handed over; cluster.json
-    records it; the first payment is at the buddy at ack time; a restart of the data dir
-    without a mode keeps it."""
+    records it; the first payment is at the buddy at ack time; both regions can commit at
+    once; with the buddy's standby gone commits wait until `local` is set; a restart of the
+    data dir without a mode keeps regional."""
     data_dir = tmp_path_factory.mktemp("reg")  # short: PostgreSQL's socket path is limited
     buddies = {REGION: BUDDY, BUDDY: REGION}
     lab = start_cluster(data_dir, regions=2, wan_scale=0.2, durability="regional")
@@ -162,6 +183,7 @@ def test_regional_at_start_has_a_sync_buddy_before_the_first_payment_and_after_r
         standbys = _sync_standbys(lab)
         for name, buddy in buddies.items():
             assert (slot_name(name, buddy), "sync") in standbys[name], standbys
+        _local_is_the_way_out(lab)
     finally:
         lab.stop()
     assert stop_cluster(data_dir) == []  # nothing left running
