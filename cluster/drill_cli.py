@@ -47,6 +47,7 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
     from cluster.cli import _shielded, _Stop, _terminate_as_interrupt, console, err_console
     from cluster.drill import DrillConfig, DrillError, drill_lab, run_drill_async
     from cluster.drill_report import print_report, write_report
+    from cluster.drill_workload import WorkloadError
     from cluster.lab import ClusterError
     from cluster.servers import ServerStartError
 
@@ -65,7 +66,7 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
                 console.print(f"report: {paths['md']} ({paths['json'].name}, "
                               f"{paths['png'].name})")
                 ok = result.ok
-        except (ClusterError, ServerStartError, DrillError, ValueError) as exc:
+        except (ClusterError, ServerStartError, DrillError, WorkloadError, ValueError) as exc:
             err_console.print(f"[red]drill failed:[/] {exc}")
         except (KeyboardInterrupt, _Stop):
             err_console.print("interrupted; the lab the drill started was stopped")

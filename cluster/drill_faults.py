@@ -22,7 +22,7 @@ import time
 import psutil
 
 from cluster.lab import Cluster
-from cluster.servers import PostgresServer, ServerProcess, start_postgres
+from cluster.servers import PostgresServer, ServerProcess
 
 
 class FaultError(RuntimeError):
@@ -70,16 +70,18 @@ def crash_region(cluster: Cluster, name: str) -> dict[str, int]:
 
 
 def restart_store(cluster: Cluster, name: str, timeout: float = 60.0) -> PostgresServer:
-    """Start region `name`'s PostgreSQL again on its port and data (crash recovery runs),
-    and record the new pid."""
+    """Start region `name`'s PostgreSQL again on its port and data (crash recovery runs)
+    the way the lab started it (`replication.reconcile.start_store`: with the TLS
+    gateway's socket if it had one), and record the new pid."""
+    from replication.reconcile import start_store
+
     region = cluster.region(name)
     old = region.servers.postgres
     if old.is_running():
         raise FaultError(f"{name}'s PostgreSQL (pid {old.pid}) is still running")
-    server = start_postgres(old.data_dir, port=old.port, timeout=timeout)
-    region.servers.postgres = server
+    start_store(cluster, name, timeout=timeout)
     cluster.write()
-    return server
+    return region.servers.postgres
 
 
 def restart_node(cluster: Cluster, name: str) -> None:

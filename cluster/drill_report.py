@@ -152,13 +152,15 @@ def plot_timeline(result: DrillResult, path: Path) -> None:
     ax3.set_ylim(bottom=0)
     ax3.set_xlabel("seconds since the workload started")
     for e in result.events:
-        if e.name in ("workload", "workload stopped"):
+        # The fault and the steps users feel; not every step of the guard.
+        stage = e.name.rsplit(": ", 1)[-1] if ": " in e.name else None
+        if e.name in ("workload", "workload stopped") or stage not in (None, "ban", "take"):
             continue
         style = {"color": "red", "linestyle": "-"} if e.disruptive else \
             {"color": "gray", "linestyle": ":"}
         for ax in axes:
             ax.axvline(e.at, linewidth=1, **style)
-        if e.disruptive or e.name.endswith("done") or e.name in ("takeover", "heal"):
+        if e.disruptive or stage is not None or e.name in ("heal", "rejoined", "crashed"):
             ax1.annotate(e.name, (e.at, 102), fontsize=7, rotation=90, va="top",
                          ha="right", color=style["color"])
     fig.suptitle(f"{result.config.kind} drill of {result.config.region} "

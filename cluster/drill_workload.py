@@ -36,6 +36,10 @@ DESCRIPTION_PREFIX = "drill"
 """Payments of a drill carry `drill:<run>:<key>` as their description."""
 
 
+class WorkloadError(RuntimeError):
+    """The workload could not set itself up (accounts could not be opened)."""
+
+
 @dataclass
 class Attempt:
     """One HTTP attempt of a payment intent, as the client saw it.
@@ -176,7 +180,7 @@ class Workload:
                 if resp.status_code not in RETRY_STATUS:
                     break
             await asyncio.sleep(0.1 * 2 ** attempt)
-        raise RuntimeError(f"POST {path} through the router failed: {last}")
+        raise WorkloadError(f"POST {path} through the router failed: {last}")
 
     async def open_accounts(self, payers_per_region: int = 4, payees_per_region: int = 2,
                             balance: int = 10_000_000) -> DrillAccounts:

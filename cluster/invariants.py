@@ -85,7 +85,10 @@ def ledger_findings(region: str, dsn: str,
             "where credited <> case when status = 'succeeded' then 1 else 0 end").fetchall())
     before = conflicts_before or {}
     counts = conflict_counts(dsn)
-    grown = {sub: (c - before.get(sub, (0, 0))[0], e - before.get(sub, (0, 0))[1])
+    # A counter below its earlier value was reset (e.g. a rebuilt region's new
+    # subscriptions): everything it shows is new.
+    grown = {sub: tuple(now if now < was else now - was
+                        for now, was in zip((c, e), before.get(sub, (0, 0)), strict=True))
              for sub, (c, e) in counts.items()}
     add("zero replication conflicts", all(c == 0 for c, _ in grown.values()),
         f"conflicts per subscription: { {s: c for s, (c, _) in grown.items() if c} }")
