@@ -8,6 +8,7 @@ data dir it is given, and is stopped by the pid we started, never by name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +235,7 @@ class PostgresServer(ServerProcess):
     @property
     def socket_path(self) -> Path:
         """The server's unix socket (only if started with `gateway=True`)."""
-        return self.data_dir / "socket" / f".s.PGSQL.{self.port}"
+        return pg_socket_dir(self.data_dir) / f".s.PGSQL.{self.port}"
 
     def sqlalchemy_url(self, database: str = "postgres") -> str:
         """SQLAlchemy URL (psycopg 3 driver) for a database on this server."""
@@ -320,17 +322,26 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
     return server
 
 
+def pg_socket_dir(data_dir: Path) -> Path:
+    """Folder of the unix socket of the PostgreSQL whose files are under `data_dir`:
+    `data_dir/socket`, or a short folder in the temp dir named after it when that path is
+    too long for a socket address (108 bytes with "/.s.PGSQL.<port>" and its NUL)."""
+    folder = data_dir.resolve() / "socket"
+    if len(os.fsencode(folder)) <= 90:
+        return folder
+    digest = hashlib.sha256(os.fsencode(folder)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"paycluster-pg-{digest}"
+
+
 def _install_gateway_auth(pgdata: Path, user: str | None) -> Path:
     """pg_hba.conf that admits the replication role only on the unix socket (where the
     region's TLS gateway connects, cluster.pg_tls), and that socket's folder, which only
     the server's user (and root) may enter. Returns the folder."""
     from replication.tls import hba_conf
 
-    socket_dir = pgdata.parent / "socket"
+    socket_dir = pg_socket_dir(pgdata.parent)
     socket_dir.mkdir(mode=0o700, exist_ok=True)
     socket_dir.chmod(0o700)
-    if len(str(socket_dir)) > 90:  # sun_path holds 107 bytes with "/.s.PGSQL.<port>"
-        raise ServerStartError(f"data dir path too long for a unix socket: {socket_dir}")
     (pgdata / "pg_hba.conf").write_text(hba_conf())
     if user:
         entry = pwd.getpwnam(user)
