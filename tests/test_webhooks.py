@@ -562,6 +562,14 @@ async def test_endpoint_routes_belong_to_their_principal(settings: RegionSetting
         assert rotated.json()["secret"] not in (created["secret"],)
         assert rotated.json()["previous_secrets_expire_at"]
 
+        # No Idempotency-Key where a secret is shown: a stored replay would keep it.
+        for path in ("", f"/{ep}/rotate_secret"):
+            resp = await client.post(f"/v1/webhook_endpoints{path}",
+                                     headers={**a, "Idempotency-Key": "k1"},
+                                     json={"url": "http://127.0.0.1:9/a"} if not path else {})
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["code"] == "idempotency_not_supported"
+
         deleted = await client.delete(f"/v1/webhook_endpoints/{ep}", headers=a)
         assert deleted.status_code == 200 and deleted.json()["deleted"] is True
         assert (await client.get(f"/v1/webhook_endpoints/{ep}", headers=a)).status_code == 404

@@ -24,6 +24,7 @@ from region_node.api.auth import caller
 from region_node.api.models import Body
 from region_node.api.mutation import node_of
 from region_node.api.routing import existing_id
+from region_node.errors import InvalidRequest
 from region_node.principals import Principal
 from region_node.webhooks import store
 
@@ -88,6 +89,15 @@ class RotateSecret(Body):
                                                 le=MAX_GRACE_SECONDS)
 
 
+def _no_idempotency_key(request: Request) -> None:
+    """A replayed response would have to store the secret it shows: refuse the header
+    rather than ignore it (a client relying on it would register twice)."""
+    if request.headers.get("idempotency-key") is not None:
+        raise InvalidRequest("Idempotency-Key is not accepted where the response shows a new "
+                             "webhook secret", code="idempotency_not_supported",
+                             param="Idempotency-Key")
+
+
 async def _owned(conn: AsyncConnection, raw_id: str, principal: Principal) -> store.Endpoint:
     """The endpoint, if the caller may touch it: 404 if it does not exist, else 403."""
     endpoint = await store.get_endpoint(conn, existing_id(raw_id, "webhook endpoint"))
@@ -102,6 +112,7 @@ async def create_endpoint(body: CreateEndpoint, request: Request, principal: Cal
     An admin's endpoint receives every event; anyone else's, the events about payments
     whose payer or payee account is theirs.
     """
+    _no_idempotency_key(request)
     node = node_of(request)
 
     async def step(conn: AsyncConnection) -> tuple[store.Endpoint, str]:
@@ -137,6 +148,7 @@ async def rotate_secret(endpoint_id: str, request: Request, principal: Caller,
     """A new secret (shown this once). Older secrets stay valid for
     `expire_old_after_seconds` (default a day; 0 retires them at once), and meanwhile
     every delivery carries one `v1` signature per valid secret."""
+    _no_idempotency_key(request)
     node = node_of(request)
     grace = timedelta(seconds=(body or RotateSecret()).expire_old_after_seconds)
 
