@@ -10,6 +10,9 @@ Start order of a multi-region lab (`start_cluster`):
    regions (src, dst), a `postgres` link (src's subscription -> dst's PostgreSQL), a
    `grpc` link (src's node -> dst's gRPC server) and a `redis` link (src -> dst's Redis,
    for the lock quorum); round-trip times from `link_rtt(src, dst, wan_scale)`;
+   then ONE TLS gateway process (`python -m cluster.pg_tls`): replication crosses the
+   postgres links only as mutual TLS between the regions' gateways (certificates of the
+   lab's CA, `cluster.pki`, made before anything starts; the nodes get theirs for gRPC);
 3. the schema on every region's database (`region_node.migrate.upgrade`);
 4. replication: every region publishes and subscribes to every other THROUGH the
    postgres links (`replication.wiring.wire_cluster`), before any node writes a row;
