@@ -524,7 +524,7 @@ async def own_account(client: httpx.AsyncClient, headers: dict[str, str], deposi
 
 @pytest.mark.integration
 async def test_endpoint_routes_belong_to_their_principal(settings: RegionSettings) -> None:
-    async with node(settings) as (client, _db):
+    async with node(settings) as (client, db):
         a_id, a = await merchant(client, "shop a")
         _, b = await merchant(client, "shop b")
         resp = await client.post("/v1/webhook_endpoints", headers=a,
@@ -572,6 +572,19 @@ async def test_endpoint_routes_belong_to_their_principal(settings: RegionSetting
 
         deleted = await client.delete(f"/v1/webhook_endpoints/{ep}", headers=a)
         assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+
+        # The audit trail: one row per change (with the endpoint, never a secret), and the
+        # other principal's refusals.
+        async with db.engine.connect() as conn:
+            trail = (await conn.execute(sa.text(
+                "select action, resource, status from audit_log where action like "
+                "'webhooks.%' order by id"))).all()
+            dump = str((await conn.execute(sa.text("select * from audit_log"))).all())
+        changes = [(t.action, t.status) for t in trail if t.resource == ep and t.status < 300]
+        assert changes == [("webhooks.create_endpoint", 201), ("webhooks.rotate_secret", 200),
+                           ("webhooks.delete_endpoint", 200)], trail
+        assert sum(1 for t in trail if t.status == 403) >= 4
+        assert "whsec_" not in dump
         assert (await client.get(f"/v1/webhook_endpoints/{ep}", headers=a)).status_code == 404
         assert (await client.get("/v1/webhook_endpoints", headers=a)).json()["data"] == []
         missing = await client.get("/v1/webhook_endpoints/not-an-id", headers=a)

@@ -20,6 +20,7 @@ from pydantic import Field, StrictInt, field_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node.access import require
+from region_node.api.audit_trail import mark_audited, record_in
 from region_node.api.auth import caller
 from region_node.api.models import Body
 from region_node.api.mutation import node_of
@@ -98,6 +99,14 @@ def _no_idempotency_key(request: Request) -> None:
                              param="Idempotency-Key")
 
 
+async def _audit(conn: AsyncConnection, request: Request, status: int,
+                 endpoint_id: uuid.UUID) -> None:
+    """The audit row in the change's own transaction (never with the secret), so the
+    trail middleware does not write a second one."""
+    await record_in(conn, request, status, {"id": str(endpoint_id)})
+    mark_audited(request)
+
+
 async def _owned(conn: AsyncConnection, raw_id: str, principal: Principal) -> store.Endpoint:
     """The endpoint, if the caller may touch it: 404 if it does not exist, else 403."""
     endpoint = await store.get_endpoint(conn, existing_id(raw_id, "webhook endpoint"))
@@ -116,10 +125,12 @@ async def create_endpoint(body: CreateEndpoint, request: Request, principal: Cal
     node = node_of(request)
 
     async def step(conn: AsyncConnection) -> tuple[store.Endpoint, str]:
-        return await store.create_endpoint(
+        created = await store.create_endpoint(
             conn, endpoint_id=node.new_id(node.region), secret_id=node.new_id(node.region),
             principal_id=principal.id, url=body.url, event_types=body.event_types,
             receives_all=principal.is_admin, home_region=node.region)
+        await _audit(conn, request, 201, created[0].id)
+        return created
 
     endpoint, secret = await node.db.transaction(step)
     return JSONResponse({**endpoint.to_api(), "secret": secret}, status_code=201)
@@ -157,6 +168,7 @@ async def rotate_secret(endpoint_id: str, request: Request, principal: Caller,
         secret, expires_at = await store.rotate_secret(
             conn, endpoint_id=endpoint.id, secret_id=node.new_id(node.region),
             expire_old_after=grace)
+        await _audit(conn, request, 200, endpoint.id)
         return JSONResponse({**endpoint.to_api(), "secret": secret,
                              "previous_secrets_expire_at": expires_at.isoformat()})
 
@@ -172,6 +184,7 @@ async def delete_endpoint(endpoint_id: str, request: Request, principal: Caller)
         endpoint = await _owned(conn, endpoint_id, principal)
         await store.delete_endpoint(conn, deletion_id=node.new_id(node.region),
                                     endpoint_id=endpoint.id, deleted_by=principal.id)
+        await _audit(conn, request, 200, endpoint.id)
         return endpoint.id
 
     deleted = await node.db.transaction(step)
