@@ -299,6 +299,12 @@ async def test_failing_receiver_gets_the_event_later(settings: RegionSettings) -
         assert [a["error"] for a in attempts[:3]] == ["HTTP 500"] * 3
         assert all(a["next_attempt_at"] for a in attempts[:3])
         assert attempts[3]["next_attempt_at"] is None
+        metrics = (await client.get("/metrics")).text
+        assert ('paycluster_webhook_attempts_total{outcome="retrying",region="us-east"} 3.0'
+                in metrics), metrics
+        assert ('paycluster_webhook_attempts_total{outcome="delivered",region="us-east"} 1.0'
+                in metrics)
+        assert 'paycluster_webhook_delivery_seconds_count{region="us-east"} 1.0' in metrics
 
 
 @pytest.mark.integration

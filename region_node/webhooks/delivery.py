@@ -35,6 +35,7 @@ from region_node import schema
 from region_node.node import Node
 from region_node.redact import scrub
 from region_node.webhooks.fanout import fan_out
+from region_node.webhooks.metrics import WebhookMetrics
 from region_node.webhooks.signing import SIGNATURE_HEADER, sign
 from region_node.webhooks.store import DEL, EP, active_secrets
 
@@ -115,6 +116,7 @@ class WebhookWorker:
         self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self.metrics = WebhookMetrics(node.region, node.metrics.registry)
 
     # ------------------------------------------------------------------ the loop
 
@@ -271,11 +273,17 @@ class WebhookWorker:
         if not self._outcomes:
             return 0
         batch = list(self._outcomes)
-        await self.node.db.transaction(lambda conn: self._record(conn, batch))
+        counted = await self.node.db.transaction(lambda conn: self._record(conn, batch))
         del self._outcomes[:len(batch)]
+        for outcome, seconds in counted:  # after the commit: a retried step counts once
+            self.metrics.attempt(outcome, seconds)
         return len(batch)
 
-    async def _record(self, conn: AsyncConnection, batch: list[Outcome]) -> None:
+    async def _record(self, conn: AsyncConnection, batch: list[Outcome]
+                      ) -> list[tuple[str, float | None]]:
+        """Log each attempt and reschedule or dequeue its delivery; (outcome, seconds from
+        the event to its delivery) per attempt, for the metrics."""
+        counted: list[tuple[str, float | None]] = []
         s = self.settings
         now = datetime.now(UTC)
         max_age = timedelta(seconds=s.webhook_max_age_seconds)
@@ -299,9 +307,12 @@ class WebhookWorker:
             # A retried flush (commit outcome unknown) finds its attempt already logged.
             await conn.execute(insert(ATT).values(**values)
                                .on_conflict_do_nothing(constraint="uq_webhook_attempt"))
+            counted.append((outcome, (now - job.created_at).total_seconds()
+                            if o.delivered else None))
             if final:
                 await conn.execute(Q.delete().where(Q.c.delivery_id == job.delivery_id))
             else:
                 await conn.execute(Q.update().where(Q.c.delivery_id == job.delivery_id)
                                    .values(attempts=job.attempt, due_at=next_at,
                                            lease_until=None))
+        return counted
