@@ -45,6 +45,7 @@ Q = schema.webhook_queue
 ATT = schema.webhook_attempts
 
 ERROR_MAX_CHARS = 200
+MAX_BACKOFF_SECONDS = 5.0
 # A lease outlives the longest POST (the client's total timeout) by this much, so it does
 # not expire under a live task; a node that died mid-POST delays the retry by this long.
 LEASE_MARGIN_SECONDS = 5.0
@@ -123,18 +124,23 @@ class WebhookWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; survives database and receiver failures."""
         poll = self.settings.webhook_poll_seconds
+        delay = poll
         stopper = asyncio.create_task(self._wake_on(stop))
         try:
             while not stop.is_set():
                 busy = False
                 try:
                     busy = await self.run_once()
+                    delay = poll
                 except Exception:
-                    log.exception("webhook worker: pass failed; retrying")
+                    # The database is down or failing: back off (up to MAX_BACKOFF) instead
+                    # of logging a traceback every poll.
+                    delay = min(delay * 2, max(MAX_BACKOFF_SECONDS, poll))
+                    log.exception("webhook worker: pass failed; retrying in %.1f s", delay)
                 if busy:
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), poll)
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 self._wake.clear()
         finally:
             stopper.cancel()
