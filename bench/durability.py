@@ -228,7 +228,8 @@ METRICS = ("payments_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "sql_p50_ms
 def medians(rows: list[Measurement], mode: str) -> dict[str, float]:
     """Median of each metric over the rounds of `mode`."""
     mine = [r for r in rows if r.mode == mode]
-    return {m: statistics.median(float(getattr(r, m)) for r in mine) for m in METRICS}
+    return {m: round(statistics.median(float(getattr(r, m)) for r in mine), 2)
+            for m in METRICS}
 
 
 def ratios(local: dict[str, float], regional: dict[str, float]) -> dict[str, float | None]:
