@@ -13,8 +13,9 @@ import httpx
 import psycopg
 import pytest
 
+from cluster.durability import StandbyWatch, default_buddy, plan_durability
 from cluster.lab import Cluster, read_cluster, start_cluster, stop_cluster
-from replication.durability import durability, set_durability
+from replication.durability import Durability, durability, set_durability
 from replication.wiring import set_enabled, slot_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion]
@@ -195,3 +196,39 @@ def test_regional_at_start_has_a_sync_buddy_before_the_first_payment_and_after_r
             assert durability(again.region(name).dsn, name, again.names).buddy == buddy
     finally:
         again.stop()
+
+
+def test_plan_buddies_are_the_nearest_regions_and_a_restart_keeps_the_record() -> None:
+    names = ("us-east", "eu-west", "ap-southeast")
+    assert {n: default_buddy(n, names) for n in names} == {
+        "us-east": "eu-west", "eu-west": "us-east", "ap-southeast": "eu-west"}
+    plan = plan_durability(names, "regional", {"ap-southeast": "us-east"})
+    assert plan["ap-southeast"] == {"mode": "regional", "buddy": "us-east"}
+    assert plan["us-east"] == {"mode": "regional", "buddy": "eu-west"}
+    # No mode given: what the data dir recorded (an unknown buddy falls back to the nearest).
+    again = plan_durability(names[:2], None, None, {
+        "us-east": {"mode": "regional", "buddy": "ap-southeast"},
+        "eu-west": {"mode": "local", "buddy": None}})
+    assert again == {"us-east": {"mode": "regional", "buddy": "eu-west"},
+                     "eu-west": {"mode": "local", "buddy": None}}
+    assert plan_durability(names, None) == {n: {"mode": "local", "buddy": None} for n in names}
+    for bad in (lambda: plan_durability(names, "sync"),
+                lambda: plan_durability(names[:1], "regional"),
+                lambda: plan_durability(names, "regional", {"us-east": "us-east"}),
+                lambda: plan_durability(names, "regional", {"us-east": "mars"})):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_standby_watch_hints_once_per_episode_after_the_delay() -> None:
+    watch = StandbyWatch(after=10.0)
+    missing = Durability(REGION, "regional", BUDDY, "pc_us_east_to_eu_west", None)
+    synced = Durability(REGION, "regional", BUDDY, "pc_us_east_to_eu_west", "sync")
+    assert watch.observe(missing, REGION, now=100.0) is None
+    assert watch.observe(missing, REGION, now=105.0) is None
+    hint_line = watch.observe(missing, REGION, now=111.0)
+    assert hint_line is not None and "paycluster durability set us-east local" in hint_line
+    assert watch.observe(missing, REGION, now=130.0) is None  # told once
+    assert watch.observe(synced, REGION, now=131.0) is None  # episode over
+    assert watch.observe(missing, REGION, now=140.0) is None
+    assert watch.observe(missing, REGION, now=151.0) is not None  # a new episode
