@@ -46,6 +46,7 @@ ATT = schema.webhook_attempts
 
 ERROR_MAX_CHARS = 200
 MAX_BACKOFF_SECONDS = 5.0
+IDLE_CLAIM_SECONDS = 1.0
 # A lease outlives the longest POST (the client's total timeout) by this much, so it does
 # not expire under a live task; a node that died mid-POST delays the retry by this long.
 LEASE_MARGIN_SECONDS = 5.0
@@ -117,6 +118,10 @@ class WebhookWorker:
         self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        # When the queue is next worth a look (see run_once); time.monotonic() values.
+        self._claim_now = False
+        self._idle_claim_at = 0.0
+        self._retry_due: float | None = None
         self.metrics = WebhookMetrics(node.region, node.metrics.registry)
 
     # ------------------------------------------------------------------ the loop
@@ -154,14 +159,24 @@ class WebhookWorker:
         """One pass; True when there is probably more to do right away."""
         await self.flush()
         s = self.settings
-        marked, _ = await self.node.db.transaction(lambda conn: fan_out(
+        marked, created = await self.node.db.transaction(lambda conn: fan_out(
             conn, region=self.node.region, limit=s.webhook_batch,
             new_delivery_id=lambda: self.node.new_id(self.node.region),
             wait_for_parties=timedelta(seconds=s.replication_slo_seconds)))
         capacity = s.webhook_concurrency - len(self._inflight)
         jobs: list[Job] = []
-        if capacity > 0:
+        # An idle node does not query the queue every poll: only when it just queued
+        # deliveries, when attempts finished or the last claim was full (more may be due),
+        # when a retry it scheduled is due, or every IDLE_CLAIM_SECONDS (retries scheduled
+        # and leases dropped by other nodes of the region).
+        now = time.monotonic()
+        if capacity > 0 and (created or self._claim_now or now >= self._idle_claim_at
+                             or (self._retry_due is not None and now >= self._retry_due)):
+            if self._retry_due is not None and now >= self._retry_due:
+                self._retry_due = None
+            self._idle_claim_at = now + IDLE_CLAIM_SECONDS
             jobs = await self.node.db.transaction(lambda conn: self._claim(conn, capacity))
+            self._claim_now = len(jobs) >= capacity
             for job in jobs:
                 self._start(job)
         return marked >= s.webhook_batch or (capacity > 0 and len(jobs) >= capacity)
@@ -281,21 +296,28 @@ class WebhookWorker:
         batch = list(self._outcomes)
         counted = await self.node.db.transaction(lambda conn: self._record(conn, batch))
         del self._outcomes[:len(batch)]
-        for outcome, seconds in counted:  # after the commit: a retried step counts once
+        for outcome, seconds, _ in counted:  # after the commit: a retried step counts once
             self.metrics.attempt(outcome, seconds)
+        self._claim_now = True  # slots were freed: something else may be due already
+        retries = [retry_in for _, _, retry_in in counted if retry_in is not None]
+        if retries:  # look at the queue again when the first of them is due
+            due = time.monotonic() + min(retries)
+            self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
         return len(batch)
 
     async def _record(self, conn: AsyncConnection, batch: list[Outcome]
-                      ) -> list[tuple[str, float | None]]:
-        """Log each attempt and reschedule or dequeue its delivery; (outcome, seconds from
-        the event to its delivery) per attempt, for the metrics."""
-        counted: list[tuple[str, float | None]] = []
+                      ) -> list[tuple[str, float | None, float | None]]:
+        """Log each attempt and reschedule or dequeue its delivery. Per attempt: outcome,
+        seconds from the event to its delivery (if delivered), seconds to the retry (if
+        any)."""
+        counted: list[tuple[str, float | None, float | None]] = []
         s = self.settings
         now = datetime.now(UTC)
         max_age = timedelta(seconds=s.webhook_max_age_seconds)
         for o in batch:
             job = o.job
             next_at: datetime | None = None
+            delay: float | None = None
             final = o.delivered or job.url is None or not job.secrets
             if not final:
                 delay = retry_delay(job.attempt, base=s.webhook_retry_base_seconds,
@@ -314,7 +336,7 @@ class WebhookWorker:
             await conn.execute(insert(ATT).values(**values)
                                .on_conflict_do_nothing(constraint="uq_webhook_attempt"))
             counted.append((outcome, (now - job.created_at).total_seconds()
-                            if o.delivered else None))
+                            if o.delivered else None, None if final else delay))
             if final:
                 await conn.execute(Q.delete().where(Q.c.delivery_id == job.delivery_id))
             else:
