@@ -488,7 +488,7 @@ class Cluster:
     def gateway_specs(self) -> tuple[list[ServerSpec], list[ClientSpec]]:
         """The TLS gateways of the lab: one server gateway per region (its PostgreSQL's
         socket), one client gateway per ordered region pair (through the postgres WAN
-        link); client ports already in use are kept, new ones picked."""
+        link); client ports already in use are kept, new ones (0) picked by the kernel."""
         kept: dict[tuple[str, str], int] = {}
         if self.pg_tls is not None:
             kept = {(c.src, c.dst): c.port for c in load_gateway_config(
@@ -497,7 +497,7 @@ class Cluster:
         servers_ = [ServerSpec(r.name, r.pg_gateway_port, str(r.servers.postgres.socket_path),
                                str(files[r.name].ca_file), str(files[r.name].cert_file),
                                str(files[r.name].key_file)) for r in self.regions]
-        clients = [ClientSpec(src.name, dst.name, kept.get((src.name, dst.name)) or free_port(),
+        clients = [ClientSpec(src.name, dst.name, kept.get((src.name, dst.name), 0),
                               "127.0.0.1", self.link_port(src.name, dst.name, "postgres"),
                               files[dst.name].name, str(files[src.name].ca_file),
                               str(files[src.name].cert_file), str(files[src.name].key_file))

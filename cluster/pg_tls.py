@@ -39,7 +39,7 @@ import os
 import signal
 import ssl
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +224,15 @@ async def run(config: Path) -> None:
     try:
         for server_spec in servers_:
             started.append(await serve_server(server_spec))
+        bound: list[dict[str, Any]] = []
         for client_spec in clients:
-            started.append(await serve_client(client_spec))
-        _event(pg_tls_ready=True, servers={s.region: s.port for s in servers_},
-               clients=[{"src": c.src, "dst": c.dst, "port": c.port} for c in clients])
+            server = await serve_client(client_spec)
+            started.append(server)
+            # Port 0 in the config: the kernel picks a free one (no race with other
+            # processes); the ready line tells which.
+            bound.append({"src": client_spec.src, "dst": client_spec.dst,
+                          "port": int(server.sockets[0].getsockname()[1])})
+        _event(pg_tls_ready=True, servers={s.region: s.port for s in servers_}, clients=bound)
         await stop.wait()
     finally:
         for server in started:
@@ -266,7 +271,11 @@ def write_config(path: Path, servers_: list[ServerSpec], clients: list[ClientSpe
 def start_gateways(data_dir: Path, servers_: list[ServerSpec], clients: list[ClientSpec],
                    timeout: float = 20.0) -> GatewayProcess:
     """Start `python -m cluster.pg_tls` for these gateways (files under
-    `data_dir/pg_tls/`); ready once it printed its ready line; killed on failure."""
+    `data_dir/pg_tls/`); ready once it printed its ready line; killed on failure.
+
+    A client gateway given port 0 gets a free one; the config file is rewritten with the
+    ports taken, so a restart keeps them.
+    """
     from cluster.lab import _wait_ready_line
 
     folder = (data_dir / "pg_tls").resolve()
@@ -279,10 +288,13 @@ def start_gateways(data_dir: Path, servers_: list[ServerSpec], clients: list[Cli
                  cwd=folder, env=env)
     gateway = GatewayProcess("pg_tls", 0, folder, log_path, proc.pid, proc, config=str(config))
     try:
-        _wait_ready_line(proc, log_path, offset, timeout, "pg_tls_ready", "TLS gateways")
+        ready = _wait_ready_line(proc, log_path, offset, timeout, "pg_tls_ready",
+                                 "TLS gateways")
     except BaseException:
         gateway.kill()
         raise
+    ports = {(c["src"], c["dst"]): int(c["port"]) for c in ready["clients"]}
+    write_config(config, servers_, [replace(c, port=ports[(c.src, c.dst)]) for c in clients])
     return gateway
 
 
