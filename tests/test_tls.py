@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg.conninfo import make_conninfo
 
@@ -109,6 +110,12 @@ def test_pki_is_idempotent(tmp_path: Path) -> None:
     for files in first.values():
         assert files.key_file.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+    # A new CA: certificates of the old one are not kept, they are issued again.
+    create_ca(tmp_path / "pki")
+    renewed = ensure_cluster_pki(tmp_path, ["us-east"])["us-east"]
+    assert renewed.cert_file.read_bytes() != before[renewed.cert_file]
+    ca = x509.load_pem_x509_certificate(renewed.ca_file.read_bytes())
+    x509.load_pem_x509_certificate(renewed.cert_file.read_bytes()).verify_directly_issued_by(ca)
 
 
 # --------------------------------------------------------------------------- on a lab
