@@ -370,3 +370,18 @@ async def test_open_account_helper_still_works_with_the_admin_key(
     acc = await open_account(client, deposit=10)
     resp = await client.get(f"/v1/accounts/{acc}")
     assert resp.status_code == 200 and resp.json()["principal_id"] == str(ADMIN[0].principal_id)
+
+
+async def test_every_v1_route_needs_a_key(settings: RegionSettings) -> None:
+    """No /v1 route, present or added later, answers without a key: a request without one
+    to every /v1 path and method the app serves (its OpenAPI document) is a 401."""
+    app = create_app(settings)
+    paths = {path: methods for path, methods in app.openapi()["paths"].items()
+             if path.startswith("/v1/")}
+    assert len(paths) > 15
+    async with node(settings) as client:
+        for template, methods in paths.items():
+            path = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), template)
+            for method in methods:
+                resp = await client.request(method.upper(), path, json={})
+                assert resp.status_code == 401, (method, template, resp.text)
