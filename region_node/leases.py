@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 
 from lock_service.config import LockSettings
 from lock_service.errors import LockUnavailable
@@ -73,6 +74,15 @@ end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
 return 1
 """
+
+
+# Sessions holding (or waiting for) a home's ownership lock shared: its writers.
+_TERMINATE_WRITERS = sa.text("""
+select pg_terminate_backend(l.pid) from pg_locks l
+ where l.locktype = 'advisory' and l.classid = cast(:cls as oid)
+   and l.objid = cast(hashtext(:home) as oid) and l.objsubid = 2 and l.mode = 'ShareLock'
+   and l.pid <> pg_backend_pid()
+""")
 
 
 def lock_name(home: str) -> str:
@@ -156,7 +166,10 @@ class OwnershipLeases:
         self.db = db
         self.region = region
         self.ttl = ttl
+        self.renew = renew
         self.margin = margin
+        self.op_timeout = op_timeout
+        self._fenced: set[int] = set()  # tokens whose writers were terminated
         self.locks = LockService(list(lock_urls), LockSettings(
             redis_urls=list(lock_urls), ttl_seconds=ttl, renew_fraction=renew / ttl,
             op_timeout_seconds=op_timeout, quarantine_seconds=max(15.0, ttl)))
@@ -168,11 +181,19 @@ class OwnershipLeases:
 
     # ------------------------------------------------------------------ write guard
 
+    def _healthy(self, held: HeldLease) -> bool:
+        """The last renewal is not overdue (the next one is due `renew` seconds after the
+        last one started, and takes at most one op timeout)."""
+        return time.monotonic() < held.lease.renewed_at + self.renew + self.op_timeout
+
     def budget_ms(self, home: str) -> int | None:
-        """Milliseconds a transaction starting now may take before the lease of `home`
-        ends (minus a safety), or None if no usable lease is held."""
+        """How long a write transaction of `home` starting now may take: None when no
+        bound is needed (the lease is renewed on schedule: a slow transaction is still
+        covered by the next renewals; should they stop, `_fence_loop` ends it) or no
+        usable lease is held (`check` refuses); else the milliseconds until the lease
+        ends, minus a safety, as the transaction's ``transaction_timeout``."""
         held = self.held.get(home)
-        if held is None:
+        if held is None or self._healthy(held):
             return None
         left = held.lease.remaining()
         if left <= self.margin:
@@ -324,15 +345,48 @@ class OwnershipLeases:
             await asyncio.sleep(0.1)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Background: keep holding the leases of the homes we serve."""
+        """Background: keep holding the leases of the homes we serve, and fence off the
+        writers of a lease that is running out (`_fence_loop`)."""
         interval = max(0.05, self.ttl / 12)
+        fence = asyncio.create_task(self._fence_loop(stop), name="ownership-lease-fence")
+        try:
+            while not stop.is_set():
+                try:
+                    await self.keep_all()
+                except Exception as exc:
+                    log.warning("ownership lease upkeep failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            fence.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fence
+
+    async def _fence_loop(self, stop: asyncio.Event) -> None:
+        """Once a lease has no more than the margin left (its renewals failed: new writes
+        are refused from then on), end the write transactions of its home still in
+        flight (they hold the home's ownership lock shared: `ownership.assert_serving`)
+        before the lease ends, so none commits after it. Writes that started while the
+        renewal was already overdue are bounded by their own transaction_timeout too."""
         while not stop.is_set():
-            try:
-                await self.keep_all()
-            except Exception as exc:
-                log.warning("ownership lease upkeep failed: %s", exc)
+            for held in list(self.held.values()):
+                if held.lease.remaining() <= self.margin and held.token not in self._fenced:
+                    self._fenced.add(held.token)
+                    try:
+                        ended = await self._terminate_writers(held.home)
+                        self._note(held.home, f"lease running out (token {held.token}): "
+                                              f"ended {ended} write transaction(s)")
+                    except Exception as exc:
+                        log.warning("fencing writers of %s failed: %s", held.home, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def _terminate_writers(self, home: str) -> int:
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(_TERMINATE_WRITERS,
+                                       {"cls": own.LOCK_CLASS, "home": home})).all()
+            await conn.commit()
+        return sum(1 for r in rows if r[0])
 
     def snapshot(self) -> list[dict[str, Any]]:
         """The leases held, for status output."""

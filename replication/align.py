@@ -14,13 +14,13 @@ So before the takeover (`replication.failover.crash_takeover`):
 1. `cut_off`: every survivor disables its subscription to A and, once the apply worker
    has exited, reads its position. From now on nothing of A's tail is applied silently,
    even if A comes back.
-2. The new owner must be the survivor furthest ahead (it has every A transaction any
-   survivor has; the caller picks it, or gets an error naming it).
-3. `align`: every other survivor receives the rows the new owner has from A and it lacks
+2. The survivor furthest ahead has every A transaction any survivor has.
+3. `align`: every other survivor (the new owner too) receives the rows the one furthest
+   ahead has from A and it lacks
    (and loses those A deleted), written in a session bound to its own replication
    origin of A's subscription (so the rows look as if A's stream had applied them, and
    ``session_replication_role = replica`` as in an apply worker: no triggers, no FK
-   checks); then its origin progress is advanced to the new owner's position. Rows
+   checks); then its origin progress is advanced to that survivor's position. Rows
    are compared by primary key as JSON (``row_to_json``), restricted to rows whose last
    change came from A on either side.
 

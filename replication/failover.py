@@ -481,9 +481,9 @@ async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str
        records its position (`replication.align.cut_off`): the old owner's tail is
        never applied silently when it comes back; if the old owner's store answers,
        its own subscriptions to the survivors are paused too;
-    3. **align**: `to` must be the survivor furthest ahead in the old owner's stream
-       (else HandoverError naming it); every other survivor gets the rows it lacks
-       (`replication.align.align`), so all hold the same prefix;
+    3. **align**: every survivor (`to` included) gets the old owner's rows that the
+       survivor furthest ahead in its stream has and it lacks (`replication.align.align`),
+       so all hold the same prefix;
     4. **restamp** the home's rows everywhere but `to` (as in a planned handover);
     5. **take**: `to`'s node acquires the lease ``ownership:<home>`` (waiting up to
        `lease_wait` s: the old owner's lease must expire first, so the old owner has
@@ -527,20 +527,17 @@ async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str
     clock.done("cut off", ", ".join(f"{s} at {p}" for s, p in report.positions.items())
                + (f"; {old} paused its subscriptions to {', '.join(paused)}" if paused else ""))
 
-    # 3. Every survivor at `to`'s position.
+    # 3. Every survivor at the position of the one furthest ahead (`to` included).
     ahead = max(survivors, key=lambda s: (lsn_int(report.positions[s]), s == to))
-    if lsn_int(report.positions[ahead]) > lsn_int(report.positions[to]):
-        raise HandoverError(f"{ahead} has applied more of {old}'s stream than {to} "
-                            f"({report.positions[ahead]} > {report.positions[to]}): take "
-                            f"over at {ahead}", report)
-    report.aligned_at = report.positions[to]
+    report.aligned_at = report.positions[ahead]
     aligned = {}
     for name in survivors:
-        if name != to:
-            changed = await asyncio.to_thread(align, regions[to].dsn, regions[name].dsn, old)
+        if name != ahead:
+            changed = await asyncio.to_thread(align, regions[ahead].dsn, regions[name].dsn,
+                                              old)
             aligned[name] = sum(changed.values())
-    clock.done("align", ", ".join(f"{n}: {c} rows" for n, c in aligned.items())
-               or "nothing to align")
+    clock.done("align", f"to {ahead}'s position {report.aligned_at}: "
+               + (", ".join(f"{n}: {c} rows" for n, c in aligned.items()) or "nothing"))
 
     # 4. Restamp, 5. take.
     counts = {}

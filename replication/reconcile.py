@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg import sql
 
-from replication.failover import RegionHandle
+from region_node.schema import REPLICATED_TABLES
+from replication.failover import RegionHandle, restamp
+from replication.wiring import set_enabled
 
 if TYPE_CHECKING:
     from cluster.lab import Cluster
@@ -102,10 +105,9 @@ select t.id::text, t.journal_id::text, t.payment_id::text, t.account_id::text, t
   from journal_entries t where {_LOCAL}
 """
 
-# Tables whose local rows (other than payments and journal entries) are counted when a
-# survivor lacks them: heartbeats and the like, which need no reconciliation.
-_OTHER_TABLES = ("accounts", "refunds", "transfers", "transfer_results", "idempotency_keys",
-                 "heartbeats", "tcc_barrier")
+# Every other replicated table is checked for local rows no survivor has (by primary
+# key): an idempotency claim whose effect was refused, an account opened in the tail...
+_LEDGER_TABLES = ("payments", "journal_entries")
 
 
 def _present(dsns: list[str], table: str, ids: list[str]) -> set[str]:
@@ -154,9 +156,7 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
     with _connect(returning.dsn) as conn:
         payments = conn.execute(_LOCAL_PAYMENTS).fetchall()
         entries = conn.execute(_LOCAL_ENTRIES).fetchall()
-        others = {t: [str(r[0]) for r in conn.execute(
-            f"select t.id::text from {t} t where {_LOCAL}")]
-            for t in _OTHER_TABLES if _has_id(conn, t)}
+        others = {t: _local_keys(conn, t) for t in REPLICATED_TABLES if t not in _LEDGER_TABLES}
     have_pay = _present(dsns, "payments", [str(p[0]) for p in payments])
     have_entry = _present(dsns, "journal_entries", [str(e[0]) for e in entries])
     lost_entries = [e for e in entries if str(e[0]) not in have_entry]
@@ -188,18 +188,48 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
                               "currency": items[0]["currency"],
                               "committed_at": items[0]["committed_at"], "key": key})
     tail.journal_entries = len(lost_entries)
-    for table, ids in others.items():
-        missing = len(ids) - len(_present(dsns, table, ids))
+    for table, (pk, keys) in others.items():
+        missing = set(keys)
+        for dsn in dsns:
+            if missing:
+                with _connect(dsn) as conn:
+                    missing -= _keys_present(conn, table, pk, sorted(missing))
         if missing:
-            tail.other_rows[table] = missing
+            tail.other_rows[table] = len(missing)
     if record and tail.takeover_epoch is not None and owner_handle is not None:
         tail.recorded = _record(owner_handle, tail)
     return tail
 
 
-def _has_id(conn: psycopg.Connection[Any], table: str) -> bool:
-    return conn.execute("select 1 from information_schema.columns where table_name = %s "
-                        "and column_name = 'id'", (table,)).fetchone() is not None
+def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    rows = conn.execute(
+        """select a.attname from pg_index i
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+            where i.indrelid = %s::regclass and i.indisprimary order by a.attnum""",
+        (table,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _pk_json(pk: list[str]) -> sql.Composable:
+    return sql.SQL("json_build_array({})::jsonb").format(
+        sql.SQL(", ").join(sql.Identifier("t", c) for c in pk))
+
+
+def _local_keys(conn: psycopg.Connection[Any], table: str) -> tuple[list[str], list[str]]:
+    """(primary key columns, keys as JSON) of `table`'s rows last changed locally."""
+    pk = _primary_key(conn, table)
+    if not pk:
+        return pk, []
+    rows = conn.execute(sql.SQL("select {k}::text from {t} t where " + _LOCAL).format(
+        k=_pk_json(pk), t=sql.Identifier(table))).fetchall()
+    return pk, [str(r[0]) for r in rows]
+
+
+def _keys_present(conn: psycopg.Connection[Any], table: str, pk: list[str],
+                  keys: list[str]) -> set[str]:
+    rows = conn.execute(sql.SQL("select {k}::text from {t} t where {k} = any(%s::jsonb[])")
+                        .format(k=_pk_json(pk), t=sql.Identifier(table)), (keys,)).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 def _record(owner: RegionHandle, tail: LostTail) -> int:
@@ -246,6 +276,32 @@ def _drop_slots(dsn: str, database: str | None = None, name: str | None = None,
             if time.monotonic() > deadline:
                 raise ReconcileError(f"slots {[r[0] for r in rows]} stay active")
             time.sleep(0.1)
+
+
+def reconnect_region(returning: RegionHandle, survivors: Mapping[str, RegionHandle],
+                     home: str, *, tail: LostTail | None = None) -> LostTail:
+    """Bring back a region isolated by a partition without a rebuild, when that is safe:
+    its tail (`lost_tail`, recorded) holds no ledger row and no other row that no
+    survivor has (only changes of rows the survivors also hold, e.g. its heartbeat).
+    Then its copies of the home's rows are restamped for the new owner (so the new
+    owner's updates are not conflicts there), its subscriptions to the survivors are
+    enabled again (it receives the new epoch and everything written meanwhile), and the
+    survivors' subscriptions to it resume from the positions they were cut off at.
+    ReconcileError (nothing changed) otherwise: rebuild it with `rejoin_region`.
+    Synchronous."""
+    tail = tail or lost_tail(returning, survivors, home)
+    if tail.ledger_rows or tail.other_rows:
+        raise ReconcileError(
+            f"{returning.name}'s tail holds {tail.count} payments, {tail.journal_entries} "
+            f"journal entries and rows {tail.other_rows} no survivor has: rebuild it")
+    if tail.owner is None or tail.owner not in survivors:
+        raise ReconcileError(f"the new owner of {home} is not among the survivors")
+    restamp(returning.dsn, home, tail.owner)
+    for name in survivors:
+        set_enabled(returning.dsn, name, True)
+    for handle in survivors.values():
+        set_enabled(handle.dsn, returning.name, True)
+    return tail
 
 
 def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
