@@ -429,8 +429,9 @@ def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> s
     """``regional`` if `dead` runs with `to` as its synchronous buddy, else ``local``.
 
     Read from `dead`'s store when it answers (a partition: the operator may still reach
-    it), else from `to`'s subscription to `dead` (regional mode makes it commit
-    synchronously: `replication.durability.set_durability`)."""
+    it), else from `to`'s subscription to `dead`: regional mode sets its
+    ``synchronous_commit`` (default ``off``), local mode sets it back to ``off``
+    (`replication.durability.set_durability`)."""
     handle = regions.get(dead)
     if handle is not None:
         try:
@@ -442,8 +443,9 @@ def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> s
     with psycopg.connect(regions[to].dsn, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("select subsynccommit from pg_subscription where subname = %s",
                            (subscription_name(dead),)).fetchone()
-    return "regional" if row and str(row[0]) in ("on", "remote_apply", "remote_write") \
-        else "local"
+    # The subscription default is off; regional mode sets it (local: see
+    # `replication.durability`), local mode sets it back to off.
+    return "regional" if row and str(row[0]) != "off" else "local"
 
 
 def _quarantine_inbound(handle: RegionHandle, survivors: Sequence[str]) -> list[str]:
