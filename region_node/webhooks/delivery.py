@@ -311,6 +311,8 @@ class WebhookWorker:
         seconds from the event to its delivery (if delivered), seconds to the retry (if
         any)."""
         counted: list[tuple[str, float | None, float | None]] = []
+        attempts: list[dict[str, Any]] = []
+        done: list[uuid.UUID] = []
         s = self.settings
         now = datetime.now(UTC)
         max_age = timedelta(seconds=s.webhook_max_age_seconds)
@@ -325,22 +327,26 @@ class WebhookWorker:
                 next_at = now + timedelta(seconds=delay)
                 final = next_at - job.created_at > max_age
             outcome = "delivered" if o.delivered else ("failed" if final else "retrying")
-            values: dict[str, Any] = {
+            attempts.append({
                 "id": self.node.new_id(self.node.region), "delivery_id": job.delivery_id,
                 "endpoint_id": job.endpoint_id, "attempt": job.attempt,
                 "attempted_at": now - timedelta(milliseconds=o.duration_ms),
                 "status_code": o.status_code, "error": o.error, "duration_ms": o.duration_ms,
                 "outcome": outcome, "next_attempt_at": None if final else next_at,
-                "region": self.node.region}
-            # A retried flush (commit outcome unknown) finds its attempt already logged.
-            await conn.execute(insert(ATT).values(**values)
-                               .on_conflict_do_nothing(constraint="uq_webhook_attempt"))
+                "region": self.node.region})
             counted.append((outcome, (now - job.created_at).total_seconds()
                             if o.delivered else None, None if final else delay))
             if final:
-                await conn.execute(Q.delete().where(Q.c.delivery_id == job.delivery_id))
+                done.append(job.delivery_id)
             else:
                 await conn.execute(Q.update().where(Q.c.delivery_id == job.delivery_id)
                                    .values(attempts=job.attempt, due_at=next_at,
                                            lease_until=None))
+        # One statement each for the whole batch (the worker shares the node's CPU with
+        # the payments). A retried flush (commit outcome unknown) finds its attempts
+        # already logged.
+        await conn.execute(insert(ATT).on_conflict_do_nothing(constraint="uq_webhook_attempt"),
+                           attempts)
+        if done:
+            await conn.execute(Q.delete().where(Q.c.delivery_id.in_(done)))
         return counted

@@ -143,14 +143,15 @@ async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
     if rows:
         # A delivery that exists already (a batch fanned out twice) returns no row, so it
         # gets no second queue row.
+        # executemany form: one compiled statement, sent in batches (insertmanyvalues).
         inserted = (await conn.execute(
-            insert(DLV).values(rows).on_conflict_do_nothing(constraint="uq_webhook_delivery")
-            .returning(DLV.c.id, DLV.c.endpoint_id, DLV.c.event_id))).all()
+            insert(DLV).on_conflict_do_nothing(constraint="uq_webhook_delivery")
+            .returning(DLV.c.id, DLV.c.endpoint_id, DLV.c.event_id), rows)).all()
         if inserted:
-            await conn.execute(Q.insert().values([
+            await conn.execute(Q.insert(), [
                 {"delivery_id": r.id, "endpoint_id": r.endpoint_id, "event_id": r.event_id,
                  "body": bodies[r.event_id][0], "created_at": bodies[r.event_id][1]}
-                for r in inserted]))
+                for r in inserted])
         created = len(inserted)
     if done:
         await conn.execute(PENDING.delete().where(PENDING.c.event_id.in_(done)))
