@@ -797,6 +797,106 @@ def failover_planned(
                   f"{report.seconds:.2f}s")
 
 
+@failover_app.command("crash")
+def failover_crash(
+        home: Annotated[str, typer.Option("--home", help="home region whose owner is lost")],
+        to: Annotated[str, typer.Option("--to", help="surviving region that takes over")],
+        data_dir: DataDir = DEFAULT_DATA_DIR,
+        accept_data_loss: Annotated[bool, typer.Option(
+            "--accept-data-loss",
+            help="take over even though the lost owner ran in local mode (its "
+                 "unreplicated tail is listed for reconciliation on its return)")] = False,
+        lease_wait: Annotated[float, typer.Option(
+            min=0.0, help="seconds to wait for the lost owner's lease to expire")] = 15.0,
+        reason: Annotated[str, typer.Option(help="recorded with the takeover")] = "crash",
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Forced takeover after a crash or partition of --home's owner: cut its stream off
+    every survivor, align them, restamp, and --to acquires the ownership lease once the
+    old one expired (replication.failover.crash_takeover). Bring the old owner back with
+    `paycluster failover return`."""
+    import asyncio
+
+    from replication.failover import HandoverError, Step, crash_takeover
+
+    try:
+        cluster = Cluster.load(data_dir)
+        regions, _ = failover_targets(cluster, to)
+    except (ClusterError, KeyError) as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+    if to not in regions or home not in regions:
+        err_console.print(f"[red]unknown region:[/] choose from {', '.join(regions)}")
+        raise typer.Exit(1)
+
+    def show(step: Step) -> None:
+        if not as_json:
+            console.print(f"  {step.name:<12} {step.seconds * 1000:8.1f} ms  {step.detail}")
+
+    try:
+        report = asyncio.run(crash_takeover(regions, home, to, headers=cluster.auth_headers(),
+                                            accept_data_loss=accept_data_loss,
+                                            lease_wait=lease_wait, reason=reason,
+                                            on_step=show))
+    except HandoverError as exc:
+        err_console.print(f"[red]takeover refused:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    console.print(f"[green]✓[/] {to} serves {home} under epoch {report.new_epoch} (forced; "
+                  f"{report.from_region} ran in {report.durability} mode), "
+                  f"{report.seconds:.2f}s")
+
+
+@failover_app.command("return")
+def failover_return(
+        region: Annotated[str, typer.Option("--region", help="the region coming back")],
+        home: Annotated[str | None, typer.Option(
+            "--home", help="the home region it lost (default: its own)")] = None,
+        data_dir: DataDir = DEFAULT_DATA_DIR,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Bring back a region that lost a forced takeover: list its lost tail in
+    reconciliation_items (never applied), then reconnect it if the tail holds nothing
+    the survivors lack, else rebuild it from a donor (replication.reconcile). Fail back
+    afterwards with `paycluster failover planned`."""
+    from replication.failover import RegionHandle
+    from replication.reconcile import (
+        ReconcileError,
+        lost_tail,
+        reconnect_region,
+        rejoin_region,
+        start_store,
+    )
+
+    home = home or region
+    try:
+        cluster = Cluster.load(data_dir)
+        start_store(cluster, region)
+    except (ClusterError, KeyError) as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+    handles = {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
+    survivors = {n: h for n, h in handles.items() if n != region}
+    tail = lost_tail(handles[region], survivors, home)
+    how = "reconnected"
+    try:
+        node = cluster.region(region).node
+        if node is None or not node.is_running():
+            raise ReconcileError("its node is down")
+        reconnect_region(handles[region], survivors, home, tail=tail)
+    except ReconcileError:
+        rejoin_region(cluster, region)
+        how = "rebuilt from a donor"
+    if as_json:
+        typer.echo(json.dumps({**tail.to_json(), "how": how}, indent=2))
+        return
+    console.print(f"{region}'s lost tail: {tail.count} payments {tail.amount_by_currency}, "
+                  f"{len(tail.journals)} other journals, {tail.recorded} item(s) listed for "
+                  f"reconciliation; {how}")
+
+
 @durability_app.command("set")
 def durability_set(
         region: Annotated[str, typer.Argument(help="region whose commits change")],

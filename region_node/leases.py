@@ -318,15 +318,17 @@ class OwnershipLeases:
         return [r.home_region for r in rows if r.serving_region == self.region and not r.banned]
 
     async def keep_all(self) -> None:
-        """Try once to hold the lease of every home we serve (and drop the lease of a
-        home that we no longer serve)."""
+        """Try once to hold the lease of every home we serve, and drop the lease of a
+        home we no longer serve or whose epoch is banned (a planned handover: the old
+        owner gives its lease up as soon as it has banned its writes; the guard's
+        release then finds none, and an abort acquires a new one)."""
         homes = await self.homes_to_serve()
         for home in list(self.held):
             if home not in homes:
                 async with self._lock_for(home):
                     held = self.held.pop(home, None)
                     if held is not None:
-                        await self._drop(held, "no longer ours in the store")
+                        await self._drop(held, "banned or no longer ours in the store")
         for home in homes:
             if home not in self.held and home not in self.released:
                 await self._try_keep(home)
