@@ -333,6 +333,12 @@ def pg_socket_dir(data_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"paycluster-pg-{digest}"
 
 
+def started_with_gateway(data_dir: Path) -> bool:
+    """True if the PostgreSQL under `data_dir` was started with `gateway=True` (its socket
+    folder exists): start it again the same way after a crash."""
+    return pg_socket_dir(data_dir).is_dir()
+
+
 def _install_gateway_auth(pgdata: Path, user: str | None) -> Path:
     """pg_hba.conf that admits the replication role only on the unix socket (where the
     region's TLS gateway connects, cluster.pg_tls), and that socket's folder, which only
