@@ -493,6 +493,12 @@ async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str
        ``ownership_takeovers`` with the positions.
 
     `headers` go with every API call (e.g. the admin key). `reason` is recorded.
+
+    The old owner comes back with `replication.reconcile` (`lost_tail`, then
+    `reconnect_region` or `rejoin_region`). If its store could not be reached here, its
+    subscriptions were not paused: after a heal it applies the new owner's updates over
+    rows it changed itself (conflicts counted there), and only a rebuild
+    (`rejoin_region`) brings it back.
     """
     if to not in regions:
         raise HandoverError(f"unknown region {to!r}")
