@@ -662,6 +662,32 @@ async def test_endpoints_get_the_events_of_their_principal_only(
 
 
 @pytest.mark.integration
+async def test_order_events_reach_the_parties_that_subscribed(settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, _db):
+        _, a = await merchant(client, "buyer a")
+        _, b = await merchant(client, "seller b")
+        for name, headers, types in (("a", a, ["order.*"]), ("b", b, ["order.confirmed"])):
+            resp = await client.post("/v1/webhook_endpoints", headers=headers,
+                                     json={"url": f"{rec.url}/{name}", "event_types": types})
+            assert resp.status_code == 201, resp.text
+        sku = await client.post("/v1/skus", json={"sku": "WH-1", "stock": 10})
+        assert sku.status_code == 201, sku.text
+        payer = await own_account(client, a, deposit=1000, kind="customer")
+        payee = await own_account(client, b)
+        order = await client.post("/v1/orders", headers=a, json={
+            "sku": "WH-1", "quantity": 2, "payer": payer, "payee": payee, "amount": 300,
+            "currency": "USD"})
+        assert order.status_code == 201, order.text
+        await wait_until(lambda: rec.by_path("/a") and rec.by_path("/b"), "order events")
+        await asyncio.sleep(0.3)
+        for path in ("/a", "/b"):
+            events = [json.loads(r.body) for r in rec.by_path(path)]
+            assert [(e["type"], e["data"]["id"]) for e in events] == [
+                ("order.confirmed", order.json()["id"])], (path, events)
+            assert events[0]["data"]["payment"]["payer"] == payer
+
+
+@pytest.mark.integration
 async def test_deleted_endpoint_gets_nothing_more(settings: RegionSettings) -> None:
     async with receiver() as rec, node(settings) as (client, _db):
         resp = await client.post("/v1/webhook_endpoints", json={"url": rec.url + "/del"})
