@@ -309,13 +309,13 @@ def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
     and data, the way the lab first started it (with the TLS gateway's unix socket when
     it had one: `cluster.servers.start_postgres(gateway=...)`); a running one is left
     alone. Records the new pid in cluster.json."""
-    from cluster.servers import start_postgres
+    from cluster.servers import start_postgres, started_with_gateway
 
     region = cluster.region(name)
     pg = region.servers.postgres
     if pg.is_running():
         return
-    gateway = (Path(pg.data_dir) / "socket").is_dir()
+    gateway = started_with_gateway(Path(pg.data_dir))
     region.servers.postgres = start_postgres(Path(pg.data_dir), port=pg.port, timeout=timeout,
                                              gateway=gateway)
     cluster.write()
