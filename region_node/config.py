@@ -45,6 +45,9 @@ class RegionSettings(BaseSettings):
     webhook_retry_base_seconds: float = Field(30.0, gt=0)
     webhook_retry_max_interval_seconds: float = Field(3600.0, gt=0)
     webhook_max_age_seconds: float = Field(86400.0, gt=0)
+    # The delivery log (deliveries and attempts) is kept this long, then purged by the
+    # region that wrote it.
+    webhook_log_retention_seconds: float = Field(30 * 86400.0, gt=0)
     events_stream: str = "PAYCLUSTER_EVENTS"
     events_subject_prefix: str = "paycluster.events"
     run_workers: bool = True

@@ -378,10 +378,43 @@ async def test_a_hanging_receiver_does_not_hold_up_the_others(settings: RegionSe
         # (a wait for a slot would take the 1 s timeout at least).
         assert 1 <= rec.peak["/slow"] <= 4, rec.peak
         assert waits[len(waits) // 2] < 1.0, waits
-        log = await attempts_of(db, slow_id)
-        errors = {a["error"] for d in log for a in d["attempts"]}
-        assert errors and all(e.startswith(("TimeoutError", "ServerTimeoutError"))
+        deadline = time.monotonic() + WAIT
+        while not (errors := {a["error"] for d in await attempts_of(db, slow_id)
+                              for a in d["attempts"]}):
+            assert time.monotonic() < deadline, "no attempt of /slow logged"
+            await asyncio.sleep(0.1)
+        assert all(e.startswith(("TimeoutError", "ServerTimeoutError"))
                               for e in errors), errors
+
+
+@pytest.mark.integration
+async def test_old_delivery_log_is_purged_by_its_region(settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, db):
+        endpoint_id, _ = await register(db, rec.url + "/old")
+        payer = await open_account(client, deposit=1000)
+        payee = await open_account(client, kind="merchant")
+        await pay(client, payer, payee)
+        await log_when(db, endpoint_id, "delivered")
+        await asyncio.sleep(1.2)
+        await pay(client, payer, payee)
+        await wait_until(lambda: len(rec.by_path("/old")) == 2, "the second event")
+
+        short = settings.model_copy(update={"webhook_log_retention_seconds": 1.0})
+        janitor = Node.connect(short)
+        other = Node.connect(short.model_copy(update={"region": "eu-west"}))
+        try:
+            # Another region purges nothing of ours (only rows it wrote).
+            assert await WebhookWorker(other).purge() == 0
+            assert await WebhookWorker(janitor).purge() == 1  # the first, 1.2 s old
+        finally:
+            await janitor.close()
+            await other.close()
+        log = await log_when(db, endpoint_id, "delivered")
+        assert len(log) == 1 and len(log[0]["attempts"]) == 1
+        async with db.engine.connect() as conn:
+            attempts = (await conn.execute(sa.text("select count(*) from webhook_attempts"))
+                        ).scalar()
+        assert attempts == 1
 
 
 @pytest.mark.integration

@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 Q = schema.webhook_queue
 ATT = schema.webhook_attempts
+DLV = schema.webhook_deliveries
 
 ERROR_MAX_CHARS = 200
 MAX_BACKOFF_SECONDS = 5.0
 IDLE_CLAIM_SECONDS = 1.0
+PURGE_EVERY_SECONDS = 3600.0
+PURGE_BATCH = 10_000
 # A lease outlives the longest POST (the client's total timeout) by this much, so it does
 # not expire under a live task; a node that died mid-POST delays the retry by this long.
 LEASE_MARGIN_SECONDS = 5.0
@@ -122,6 +125,7 @@ class WebhookWorker:
         self._claim_now = False
         self._idle_claim_at = 0.0
         self._retry_due: float | None = None
+        self._purge_at = 0.0
         self.metrics = WebhookMetrics(node.region, node.metrics.registry)
 
     # ------------------------------------------------------------------ the loop
@@ -158,6 +162,9 @@ class WebhookWorker:
     async def run_once(self) -> bool:
         """One pass; True when there is probably more to do right away."""
         await self.flush()
+        if time.monotonic() >= self._purge_at:
+            self._purge_at = time.monotonic() + PURGE_EVERY_SECONDS
+            await self.purge()
         s = self.settings
         marked, created = await self.node.db.transaction(lambda conn: fan_out(
             conn, region=self.node.region, limit=s.webhook_batch,
@@ -286,6 +293,31 @@ class WebhookWorker:
         self._outcomes.append(Outcome(job, status, error,
                                       int((time.perf_counter() - started) * 1000)))
         self._wake.set()
+
+    # ------------------------------------------------------------------ retention
+
+    async def purge(self) -> int:
+        """Delete this region's delivery log older than `webhook_log_retention_seconds`
+        (deliveries no longer queued, and their attempts); returns the deliveries removed.
+
+        Only rows this region inserted: a replicated delete of rows no one else ever wrote
+        cannot conflict anywhere.
+        """
+        keep = timedelta(seconds=self.settings.webhook_log_retention_seconds)
+        region = self.node.region
+
+        async def step(conn: AsyncConnection) -> int:
+            expired = (sa.select(DLV.c.id)
+                       .where(DLV.c.region == region, DLV.c.created_at < sa.func.now() - keep,
+                              ~sa.exists().where(Q.c.delivery_id == DLV.c.id))
+                       .limit(PURGE_BATCH))
+            old = (await conn.execute(DLV.delete().where(DLV.c.id.in_(expired.scalar_subquery()))
+                                      .returning(DLV.c.id))).scalars().all()
+            await conn.execute(ATT.delete().where(ATT.c.region == region,
+                                                  ATT.c.delivery_id.in_(old)))
+            return len(old)
+
+        return await self.node.db.transaction(step)
 
     # ------------------------------------------------------------------ recording
 
