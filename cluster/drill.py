@@ -36,13 +36,14 @@ import contextlib
 import inspect
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.demo import read_view
 from cluster.drill_faults import crash_region, heal_region, isolate_region, restart_store
@@ -61,6 +62,8 @@ from cluster.invariants import Finding, conflict_counts, ledger_findings
 from cluster.lab import Cluster, ClusterError, running_pids, start_cluster
 
 log = logging.getLogger("cluster.drill")
+
+_T = TypeVar("_T")
 
 KINDS = ("planned", "crash", "partition")
 
@@ -104,6 +107,8 @@ class DrillConfig:
     """Seconds between the takeover and the failback (default: a third of the duration)."""
     settle: float = 2.0
     """Seconds of workload after the failback, before it stops."""
+    deadline: float = 300.0
+    """Seconds the fault sequence (fault, takeover, return, failback) may take."""
     cross_share: float = 0.2
 
     def validate(self, regions: list[str]) -> None:
@@ -315,6 +320,31 @@ def _with_headers(fn: Callable[..., Any], headers: Mapping[str, str],
 # --------------------------------------------------------------------------- the run
 
 
+async def _blocking(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`fn(*args, **kwargs)` in a daemon thread of its own: a fault step that hangs (a
+    store waiting forever) cannot keep the drill from reporting and stopping, as a
+    thread of asyncio's default executor would (asyncio.run waits for those)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value: Any = fn(*args, **kwargs)
+            ok = True
+        except BaseException as exc:
+            value, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name=f"drill-{getattr(fn, '__name__', 'step')}",
+                     daemon=True).start()
+    return await future
+
+
 class _Run:
     """State of one drill run: clock, events, the workload, the lab."""
 
@@ -330,7 +360,9 @@ class _Run:
         self.handovers: list[dict[str, Any]] = []
         self.takeover = takeover_region(cluster, config.region, config.to)
         self.regional = False
+        self.buddy = self.takeover
         self.isolated = False
+        self.crashed = False
         self.takeover_started: float | None = None
         self.lost_tail: dict[str, Any] | None = None
         self.fence: dict[str, Any] | None = None
@@ -415,11 +447,12 @@ class _Run:
         home = self.config.region
         await self.sleep_until(fault_at)
         self.event("fault", f"SIGKILL of {home}'s node and PostgreSQL", disruptive=True)
-        killed = await asyncio.to_thread(crash_region, self.cluster, home)
+        self.crashed = True
+        killed = await _blocking(crash_region, self.cluster, home)
         self.event("crashed", ", ".join(f"{k} pid {v}" for k, v in killed.items()))
         await self.force_takeover("crash")
         await asyncio.sleep(hold)
-        await asyncio.to_thread(restart_store, self.cluster, home)
+        await _blocking(restart_store, self.cluster, home)
         self.event("restart", f"{home}'s PostgreSQL up again (crash recovery); its node "
                    "stays down until the rejoin")
         await self.come_back()
@@ -430,19 +463,36 @@ class _Run:
         self.event("fault", f"WAN cut isolating {home} ({self.config.cut_mode}): "
                    "replication, gRPC and lock quorum links, both ways", disruptive=True)
         self.isolated = True
-        await asyncio.to_thread(isolate_region, self.cluster, home, self.config.cut_mode)
+        await _blocking(isolate_region, self.cluster, home, self.config.cut_mode)
         report = await self.force_takeover("partition")
         await asyncio.sleep(hold)
-        await asyncio.to_thread(heal_region, self.cluster, home)
+        await _blocking(heal_region, self.cluster, home)
         self.isolated = False
         self.event("heal", f"every WAN link of {home} healed")
         # Before the rejoin rebuilds its store: what did the isolated region write, when?
-        self.fence = await asyncio.to_thread(
+        self.fence = await _blocking(
             fence_check, self.cluster.region(home).dsn,
             self.cluster.region(self.takeover).dsn, home, report.new_epoch,
             self.takeover_started)
         self.event("fence", str(self.fence["summary"]))
         await self.come_back()
+
+    async def recover(self) -> None:
+        """After a failed crash drill: start the crashed region's store and node again
+        (whoever owns its home now; a rebuild is the operator's call, the report shows
+        whether its store diverged)."""
+        home = self.config.region
+        region = self.cluster.region(home)
+        try:
+            if not region.servers.postgres.is_running():
+                await _blocking(restart_store, self.cluster, home)
+            if region.node is None or not region.node.is_running():
+                await _blocking(self.cluster.restart_node, home)
+            self.crashed = False
+            self.event("recovered", f"{home}'s store and node started again (cleanup)")
+        except Exception as exc:
+            log.exception("recovering %s failed", home)
+            self.event("recovery failed", f"{type(exc).__name__}: {exc}")
 
     async def force_takeover(self, reason: str) -> Any:
         """`replication.failover.crash_takeover` of the drilled home by the takeover
@@ -463,8 +513,11 @@ class _Run:
         for _ in range(2):
             self.takeover_started = time.time()
             self.event("takeover", f"forced takeover of {home} by {self.takeover}")
+            # The drill accepts the loss of a local-mode tail (it measures it); it does
+            # not rely on the guard's own reading of the mode (the buddy's subscription
+            # setting), which it reports as found.
             kwargs = _with_headers(crash_takeover, self.headers, {
-                "dead": home, "accept_data_loss": not self.regional,
+                "dead": home, "accept_data_loss": True,
                 "reason": f"{reason} drill", "on_step": step})
             try:
                 report = await crash_takeover(_handles(self.cluster), home, self.takeover,
@@ -496,14 +549,30 @@ class _Run:
         home = self.config.region
         handles = _handles(self.cluster)
         survivors = {n: h for n, h in handles.items() if n != home}
-        tail = await asyncio.to_thread(lost_tail, handles[home], survivors, home, record=True)
+        if self.regional:
+            # Its synchronous standby (the buddy's subscription) was cut off at the
+            # takeover and will not come back: every commit of the returning store -
+            # the rebuild's own DDL included - would wait for it forever.
+            from replication.durability import set_durability
+
+            await _blocking(set_durability, handles[home].dsn, home, "local")
+            self.event("durability", f"{home} set to local before its rebuild (its buddy "
+                       "no longer streams from it)")
+        tail = await _blocking(lost_tail, handles[home], survivors, home, record=True)
         self.lost_tail = tail.to_json()
         self.event("lost tail listed", f"{tail.count} payments "
                    f"{tail.amount_by_currency or ''} and {len(tail.journals)} other journals "
                    f"written to reconciliation_items ({tail.recorded} new items)")
-        await asyncio.to_thread(rejoin_region, self.cluster, home)
+        await _blocking(rejoin_region, self.cluster, home)
+        self.crashed = False
         self.event("rejoined", f"{home} rebuilt from a donor snapshot, its node up")
         await self.handover(home, "failback")
+        if self.regional:
+            from replication.durability import set_durability
+
+            await _blocking(set_durability, handles[home].dsn, home, "regional",
+                            self.buddy, self.cluster.region(self.buddy).dsn)
+            self.event("durability", f"{home} regional again (buddy {self.buddy})")
 
 
 def fence_check(old_dsn: str, new_dsn: str, home: str, new_epoch: int,
@@ -603,7 +672,12 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
         load = asyncio.create_task(work.run(stop))
         try:
             try:
-                await getattr(run, config.kind)(fault_at, hold)
+                await asyncio.wait_for(getattr(run, config.kind)(fault_at, hold),
+                                       config.deadline)
+            except TimeoutError:
+                result.error = (f"the {config.kind} sequence did not finish within "
+                                f"{config.deadline:g} s")
+                run.event("drill error", result.error)
             except Exception as exc:
                 log.exception("drill %s failed", config.kind)
                 result.error = f"{type(exc).__name__}: {exc}"
@@ -611,9 +685,11 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
             finally:
                 if run.isolated:  # never leave a region cut off, whatever happened
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(heal_region, cluster, home)
+                        await _blocking(heal_region, cluster, home)
                         run.isolated = False
                         run.event("heal", f"every WAN link of {home} healed (cleanup)")
+                if run.crashed:  # a crash drill that failed half-way: bring it back up
+                    await run.recover()
             await run.sleep_until(max(config.duration, run.now() + config.settle))
         finally:
             stop.set()
@@ -629,16 +705,25 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
     end = run.now()
 
     # Converged final state, then the figures.
-    result.converged_after, result.diverged = await _converge(cluster)
-    stored = {r.name: await asyncio.to_thread(stored_payments, r.dsn, result.run_id)
-              for r in cluster.regions}
-    final = stored[home]
+    # After a failed drill the regions may never converge: do not wait as long.
+    result.converged_after, result.diverged = await _converge(
+        cluster, CONVERGE_TIMEOUT if result.error is None else 20.0)
+    stored: dict[str, list[StoredPayment]] = {}
+    for region in cluster.regions:
+        try:
+            stored[region.name] = await asyncio.to_thread(stored_payments, region.dsn,
+                                                          result.run_id)
+        except Exception as exc:  # a region still down after a failed drill
+            result.diverged.append(f"{region.name}'s store cannot be read: {exc}")
+    final = stored.get(home, stored.get(run.takeover, []))
     result.loss = loss(work.intents, final)
     for name, rows in stored.items():
         if {p.id for p in rows} != {p.id for p in final}:
             result.diverged.append(f"{name} has {len(rows)} drill payments, {home} "
                                    f"{len(final)}")
     for region in cluster.regions:
+        if region.name not in stored:
+            continue
         result.findings += await asyncio.to_thread(ledger_findings, region.name, region.dsn,
                                                    before[region.name])
     disruptive = [e for e in result.events if e.disruptive]
