@@ -862,6 +862,10 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     # Secure by default: every lab has its CA and region certificates (reused on restart),
     # and its PostgreSQL admits replication only through the TLS gateways.
     ensure_cluster_pki(cluster.data_dir, list(names))
+    # A lab restarted on its data dir keeps its admin key if its store still honours it
+    # (bootstrap_admin checks): read it before this start rewrites cluster.json.
+    with contextlib.suppress(ClusterError, OSError, ValueError):
+        cluster.admin_key = str(read_cluster(cluster.data_dir).get("admin_key") or "")
 
     def servers_of(name: str) -> Region:
         return Region(name, start_region_servers(name, cluster.data_dir, gateway=True))
@@ -926,27 +930,41 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
 def bootstrap_admin(cluster: Cluster, timeout: float = 60.0) -> str:
     """Create the bootstrap admin principal and its key in the FIRST region's store (after
     replication is wired, before any node runs) and wait until every region has both
-    rows, so the key works everywhere from the start. Returns the key."""
+    rows, so the key works everywhere from the start. Returns the key. A lab restarted
+    on its data dir keeps `cluster.admin_key` if the store still honours it."""
     import psycopg
 
-    from region_node.principals import bootstrap_admin_sync
+    from region_node.principals import bootstrap_admin_sync, hash_key
 
     first = cluster.regions[0]
-    admin = bootstrap_admin_sync(first.dsn, first.name)
+    # A restart on the same data dir (same stores) keeps the key cluster.json had, if the
+    # first region's store still has it as an unrevoked admin key; else a new one.
+    key = cluster.admin_key
+    with psycopg.connect(first.dsn, autocommit=True) as conn:
+        kept = conn.execute(
+            "select k.id from api_keys k join principals p on p.id = k.principal_id "
+            "where k.hash = %s and p.role = 'admin' and not exists "
+            "(select 1 from api_key_revocations r where r.key_id = k.id)",
+            (hash_key(key),)).fetchone() if key else None
+    if kept is not None:
+        key_id = kept[0]
+    else:
+        admin = bootstrap_admin_sync(first.dsn, first.name)
+        key, key_id = admin.key, admin.key_id
     deadline = time.monotonic() + timeout
     for region in cluster.regions[1:]:
         while True:
             with psycopg.connect(region.dsn, autocommit=True) as conn:
                 row = conn.execute(
                     "select 1 from api_keys k join principals p on p.id = k.principal_id "
-                    "where k.id = %s", (admin.key_id,)).fetchone()
+                    "where k.id = %s", (key_id,)).fetchone()
             if row is not None:
                 break
             if time.monotonic() > deadline:
                 raise ClusterError(f"the bootstrap admin key did not replicate to "
                                    f"{region.name} within {timeout:.0f}s")
             time.sleep(0.1)
-    return admin.key
+    return key
 
 
 class _Steps:

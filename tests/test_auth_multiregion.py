@@ -122,3 +122,24 @@ def test_revocation_reaches_the_other_region(lab: Cluster) -> None:
                  10, "the revocation to bite in eu-west")
     with httpx.Client(base_url=us.api_url, timeout=30) as http:
         assert http.get("/v1/cluster/ownership", headers=mine).status_code == 401
+
+
+def test_a_restarted_lab_keeps_its_admin_key(tmp_path: Path) -> None:
+    """cluster.json is 0600 with the admin key; a lab started again on its data dir (same
+    stores) keeps that key instead of minting another admin."""
+    import os
+    import stat
+
+    keys = []
+    for _ in range(2):
+        cluster = start_cluster(tmp_path / "lab", regions=1, wan_scale=0)
+        try:
+            assert stat.S_IMODE(os.stat(cluster.cluster_file).st_mode) == 0o600
+            keys.append(cluster.admin_key)
+            admins = httpx.get(f"{cluster.regions[0].api_url}/v1/admin/principals",
+                               headers=cluster.auth_headers(), timeout=10)
+            assert admins.status_code == 200, admins.text
+            assert [p["role"] for p in admins.json()["data"]] == ["admin"]
+        finally:
+            cluster.stop()
+    assert keys[0] == keys[1] and keys[0].startswith("pck_")
