@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cluster.demo import read_view
-from cluster.drill_faults import crash_region, heal_region, isolate_region, restart_store
+from cluster.drill_faults import (
+    crash_region,
+    drop_in_flight,
+    heal_region,
+    isolate_region,
+    restart_store,
+    slow_links,
+)
 from cluster.drill_measure import (
     Disruption,
     Loss,
@@ -110,6 +117,10 @@ class DrillConfig:
     deadline: float = 300.0
     """Seconds the fault sequence (fault, takeover, return, failback) may take."""
     cross_share: float = 0.2
+    tail_lag: float = 0.0
+    """Crash: seconds of extra one-way delay on the region's outgoing replication for
+    the last seconds before the SIGKILL (its WAN links slowed), so that local mode has an
+    unreplicated tail to lose; restored at the crash. 0 = the links as they are."""
 
     def validate(self, regions: list[str]) -> None:
         """ValueError for an unknown kind or region, or an unusable setting."""
@@ -445,11 +456,26 @@ class _Run:
 
     async def crash(self, fault_at: float, hold: float) -> None:
         home = self.config.region
+        lag = self.config.tail_lag
+        if lag > 0:
+            await self.sleep_until(max(0.5, fault_at - 2 * lag - 1.0))
+            await _blocking(slow_links, self.cluster, home, lag)
+            self.event("slow links", f"{home}'s replication to the others delayed by "
+                       f"{lag:g} s (so that the crash leaves a tail)")
         await self.sleep_until(fault_at)
         self.event("fault", f"SIGKILL of {home}'s node and PostgreSQL", disruptive=True)
         self.crashed = True
-        killed = await _blocking(crash_region, self.cluster, home)
-        self.event("crashed", ", ".join(f"{k} pid {v}" for k, v in killed.items()))
+        try:
+            if lag > 0:  # what is still on the (slow) wire dies with the region
+                await _blocking(drop_in_flight, self.cluster, home)
+            killed = await _blocking(crash_region, self.cluster, home)
+        finally:
+            if lag > 0:
+                await _blocking(drop_in_flight, self.cluster, home, heal=True)
+                await _blocking(slow_links, self.cluster, home, 0.0)
+        self.event("crashed", ", ".join(f"{k} pid {v}" for k, v in killed.items())
+                   + ("; its stream in flight dropped, links back to normal"
+                      if lag > 0 else ""))
         await self.force_takeover("crash")
         await asyncio.sleep(hold)
         await _blocking(restart_store, self.cluster, home)
@@ -626,8 +652,11 @@ def fence_check(old_dsn: str, new_dsn: str, home: str, new_epoch: int,
         "margin_s": margin, "last_write_before_takeover_call_s": before_start,
         "accounts_written_by_both": len(old.keys() & new.keys()),
         "overlapping_accounts": overlaps,
-        "summary": (f"old owner's last write {margin} s before the new epoch's commit "
-                    f"({before_start} s before the takeover began); "
+        "summary": (f"old owner's last write {margin} s before the new epoch's commit"
+                    + ("" if before_start is None else
+                       f" ({abs(before_start):g} s {'before' if before_start >= 0 else 'after'}"
+                       " the takeover procedure began: it waits for the old lease)")
+                    + "; "
                     f"{len(overlaps)} of {len(old.keys() & new.keys())} accounts written "
                     "under both epochs overlap"),
     }

@@ -37,11 +37,15 @@ DrainOpt = Annotated[bool, typer.Option(
 CutModeOpt = Annotated[str, typer.Option(
     "--cut-mode", help="partition: blackhole (traffic held) or reset (connections reset)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the workload")]
+TailLagOpt = Annotated[float, typer.Option(
+    "--tail-lag", min=0.0, help="crash: delay the region's outgoing replication by this "
+                                "many seconds just before the crash, so that local mode "
+                                "has a tail to lose")]
 
 
 def _run(kind: str, region: str, duration: float, rate: float, report: Path | None,
          data_dir: Path | None, wan_scale: float, durability: str | None, to: str | None,
-         drain: bool, cut_mode: str, seed: int) -> None:
+         drain: bool, cut_mode: str, seed: int, tail_lag: float = 0.0) -> None:
     import asyncio
 
     from cluster.cli import _shielded, _Stop, _terminate_as_interrupt, console, err_console
@@ -52,7 +56,8 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
     from cluster.servers import ServerStartError
 
     config = DrillConfig(kind, region, duration=duration, rate=rate, to=to,
-                         durability=durability, drain=drain, cut_mode=cut_mode, seed=seed)
+                         durability=durability, drain=drain, cut_mode=cut_mode, seed=seed,
+                         tail_lag=tail_lag)
     ok = False
     with _terminate_as_interrupt():
         try:
@@ -89,10 +94,10 @@ def planned(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
 def crash(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
           report: ReportDir = None, data_dir: DataDirOpt = None,
           wan_scale: WanScaleOpt = 0.25, durability: DurabilityOpt = None,
-          to: ToOpt = None, seed: SeedOpt = 0) -> None:
+          to: ToOpt = None, seed: SeedOpt = 0, tail_lag: TailLagOpt = 0.0) -> None:
     """SIGKILL the region's node and PostgreSQL; takeover; restart, reconcile, failback."""
     _run("crash", region, duration, rate, report, data_dir, wan_scale, durability, to,
-         False, "blackhole", seed)
+         False, "blackhole", seed, tail_lag)
 
 
 @drill_app.command("partition")

@@ -107,3 +107,27 @@ def heal_region(cluster: Cluster, name: str) -> None:
     with cluster.wan_control() as wan:
         for other in _peers(cluster, name):
             wan.heal(name, other)
+
+
+def slow_links(cluster: Cluster, name: str, extra_one_way: float) -> None:
+    """Add `extra_one_way` seconds of delay to the WAN links the other regions opened to
+    region `name` (their subscriptions to it, among others), or with 0 set them back to
+    the lab's round trips: `name`'s changes then reach the others that much later."""
+    from cluster.lab import link_rtt
+
+    with cluster.wan_control() as wan:
+        for other in _peers(cluster, name):
+            rtt = link_rtt(other, name, cluster.wan_scale) + 2 * extra_one_way
+            wan.set(other, name, rtt_ms=rtt * 1000.0, both_directions=False)
+
+
+def drop_in_flight(cluster: Cluster, name: str, heal: bool = False) -> None:
+    """Reset the WAN links the other regions opened to region `name`, dropping whatever
+    of its stream is still on the wire (a region that dies loses its packets in flight
+    too); with `heal`, let them through again."""
+    with cluster.wan_control() as wan:
+        for other in _peers(cluster, name):
+            if heal:
+                wan.heal(other, name, both_directions=False)
+            else:
+                wan.cut(other, name, mode="reset", both_directions=False)

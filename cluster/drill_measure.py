@@ -121,6 +121,7 @@ class Second:
     p50_ms: float | None
     p99_ms: float | None
     max_lag_s: float | None
+    max_lag_others_s: float | None = None
 
 
 def timeline(attempts: Sequence[Attempt], samples: Sequence[LagSample], home: str,
@@ -136,11 +137,15 @@ def timeline(attempts: Sequence[Attempt], samples: Sequence[LagSample], home: st
         lat = [a.latency * 1000 for a in here if a.answered]
         lags = [lag for s in samples if t <= s.at < t + width for lag in s.pairs.values()
                 if lag is not None]
+        others = [lag for s in samples if t <= s.at < t + width
+                  for pair, lag in s.pairs.items()
+                  if lag is not None and home not in pair.split("->")]
         seconds.append(Second(
             round(t, 3), width, len(here), _rate(here), len(focus), _rate(focus),
             round(percentile(lat, 0.5), 2) if lat else None,
             round(percentile(lat, 0.99), 2) if lat else None,
-            round(max(lags), 3) if lags else None))
+            round(max(lags), 3) if lags else None,
+            round(max(others), 3) if others else None))
     return seconds
 
 

@@ -147,7 +147,10 @@ def plot_timeline(result: DrillResult, path: Path) -> None:
     ax2.set_ylabel("latency (ms)")
     ax2.set_yscale("symlog", linthresh=100)
     ax2.legend(loc="upper left", fontsize=8)
-    ax3.plot(t, [s["max_lag_s"] for s in tl], color="tab:purple", **step)
+    ax3.plot(t, [s["max_lag_s"] for s in tl], color="tab:purple", label="every pair", **step)
+    ax3.plot(t, [s.get("max_lag_others_s") for s in tl], color="tab:gray",
+             label=f"pairs without {result.config.region}", **step)
+    ax3.legend(loc="upper left", fontsize=8)
     ax3.set_ylabel("max replication lag (s)")
     ax3.set_ylim(bottom=0)
     ax3.set_xlabel("seconds since the workload started")
