@@ -19,7 +19,8 @@ Duration = Annotated[float, typer.Option(
 Rate = Annotated[float, typer.Option("--rate", min=0.1, help="payments per second, in total")]
 ReportDir = Annotated[Path | None, typer.Option(
     "--report", help="directory for report.json, report.md, timeline.png "
-                     "(default: <data dir>/drills/<kind>-<run id>)")]
+                     "(default: <data dir>/drills/<kind>-<run id>, or "
+                     "./drill-reports/<kind>-<run id> without --data-dir)")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", "-d", help="a running lab to drill on; without one running there, the "
                              "drill starts its own there (default: a temp dir) and stops it "
@@ -47,6 +48,8 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
          data_dir: Path | None, wan_scale: float, durability: str | None, to: str | None,
          drain: bool, cut_mode: str, seed: int, tail_lag: float = 0.0) -> None:
     import asyncio
+    import shutil
+    import tempfile
 
     from cluster.cli import _shielded, _Stop, _terminate_as_interrupt, console, err_console
     from cluster.drill import DrillConfig, DrillError, drill_lab, run_drill_async
@@ -55,17 +58,21 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
     from cluster.lab import ClusterError
     from cluster.servers import ServerStartError
 
+    # Without --data-dir: a lab of the drill's own in a temp dir, removed afterwards
+    # (kept when the drill failed, for the logs); the report goes to ./drill-reports.
+    temp = data_dir is None
+    lab_dir = data_dir or Path(tempfile.mkdtemp(prefix="paycluster-drill-"))
     config = DrillConfig(kind, region, duration=duration, rate=rate, to=to,
                          durability=durability, drain=drain, cut_mode=cut_mode, seed=seed,
                          tail_lag=tail_lag)
     ok = False
     with _terminate_as_interrupt():
         try:
-            with drill_lab(data_dir, wan_scale, on_status=console.print,
+            with drill_lab(lab_dir, wan_scale, on_status=console.print,
                            shield=_shielded) as cluster:
                 result = asyncio.run(run_drill_async(cluster, config, console.print))
-                target = report or (cluster.data_dir / "drills"
-                                    / f"{kind}-{result.run_id}")
+                target = report or ((Path("drill-reports") if temp else
+                                     cluster.data_dir / "drills") / f"{kind}-{result.run_id}")
                 paths = write_report(result, target)
                 print_report(result, console)
                 console.print(f"report: {paths['md']} ({paths['json'].name}, "
@@ -76,6 +83,10 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
         except (KeyboardInterrupt, _Stop):
             err_console.print("interrupted; the lab the drill started was stopped")
             raise typer.Exit(130) from None
+    if temp and ok:
+        shutil.rmtree(lab_dir, ignore_errors=True)
+    elif temp:
+        err_console.print(f"kept the lab's files in {lab_dir} for the logs")
     if not ok:
         raise typer.Exit(1)
 
