@@ -86,15 +86,32 @@ def print_report(result: DrillResult, console: Console | None = None) -> None:
     console.print(events)
 
 
+def command(result: DrillResult) -> str:
+    """The command line that runs this drill again (on the same lab)."""
+    cfg = result.config
+    parts = [f"paycluster drill {cfg.kind} --region {cfg.region}",
+             f"--duration {cfg.duration:g} --rate {cfg.rate:g}",
+             f"--data-dir {result.data_dir}"]
+    if cfg.durability:
+        parts.append(f"--durability {cfg.durability}")
+    if cfg.to:
+        parts.append(f"--to {cfg.to}")
+    if cfg.drain:
+        parts.append("--drain")
+    if cfg.kind == "partition":
+        parts.append(f"--cut-mode {cfg.cut_mode}")
+    if cfg.tail_lag:
+        parts.append(f"--tail-lag {cfg.tail_lag:g}")
+    return " ".join(parts)
+
+
 def markdown(result: DrillResult) -> str:
     """report.md."""
     cfg = result.config
     lines = [f"# Failover drill: {cfg.kind} of {cfg.region} "
              f"({'PASS' if result.ok else 'FAIL'})", "",
              f"Run `{result.run_id}`, started {result.started_at}, lab `{result.data_dir}`, "
-             f"regions {', '.join(result.regions)}. Command: `paycluster drill {cfg.kind} "
-             f"--region {cfg.region} --duration {cfg.duration:g} --rate {cfg.rate:g}`"
-             + (f" --durability {cfg.durability}" if cfg.durability else "") + ".", "",
+             f"regions {', '.join(result.regions)}. Command: `{command(result)}`.", "",
              "| what | result |", "|---|---|"]
     lines += [f"| {w} | {v} |" for w, v in headline(result)]
     lines += ["", "## Checks", "", "| check | ok | detail |", "|---|---|---|"]
