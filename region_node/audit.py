@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import schema
+from region_node.redact import scrub
 
 L = schema.audit_log
 
@@ -23,10 +24,15 @@ L = schema.audit_log
 async def record(conn: AsyncConnection, *, row_id: uuid.UUID, region: str,
                  key_id: uuid.UUID | None, principal_id: uuid.UUID | None, action: str,
                  resource: str | None, request_id: str | None, status: int) -> None:
-    """Append one audit row (in the caller's transaction)."""
+    """Append one audit row (in the caller's transaction).
+
+    Action and resource can carry a raw request path (refusals, unmatched routes), which a
+    client controls: scrubbed like every other stored free text, so no card number or key
+    lands in a replicated table."""
     await conn.execute(L.insert().values(
-        id=row_id, region=region, key_id=key_id, principal_id=principal_id, action=action,
-        resource=resource[:200] if resource else None,
+        id=row_id, region=region, key_id=key_id, principal_id=principal_id,
+        action=scrub(action)[:200],
+        resource=scrub(resource)[:200] if resource else None,
         request_id=request_id[:128] if request_id else None, status=status))
 
 

@@ -352,7 +352,7 @@ def _lab_workload(lab: Cluster, admin: dict[str, str], cards: list[str],
             # Entered at b, owned by a: forwarded (headers, body and all) over gRPC.
             resp = post(f"{b.api_url}/v1/payments", {
                 "payer": payer, "payee": payee, "amount": 10 + i, "currency": "USD",
-                "description": f"lab {i} {spelled} {key}"},
+                "description": f"lab {i}: {spelled} {key}"},
                 **{"Idempotency-Key": f"lab-{spelled}"})
             assert resp.status_code == 201, resp.text
             ids.append(resp.json()["id"])
@@ -413,5 +413,5 @@ def test_lab_cluster_logs_files_and_databases_hold_no_card_or_key(
              # The bootstrap admin key lives in cluster.json (mode 0600) and nowhere else.
              **scan_files([p for p in files if p.name != "cluster.json"], [], admin_keys)}
     assert found == {}
-    assert sorted(stored) == sorted(f"lab {i} {masked(c)} pck_{keys[i % 2].split('_')[1]}_****"
+    assert sorted(stored) == sorted(f"lab {i}: {masked(c)} pck_{keys[i % 2].split('_')[1]}_****"
                                     for i, c in enumerate(cards))
