@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -33,8 +34,39 @@ class ServerStartError(RuntimeError):
     """A server did not become ready; the message carries the tail of its log."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
+    """Return a TCP port on 127.0.0.1 that is free right now, chosen BELOW the kernel's
+    ephemeral range.
+
+    Servers are told their port before they bind it (WAN links and gateways are wired to
+    it first). A port from the ephemeral range (what bind(0) returns) can meanwhile be
+    taken as the source port of any outgoing connection on the machine, which a busy
+    test run makes a real race ("address already in use" at start). Below that range
+    only an explicit bind can take it. Never the same port twice from one process.
+    """
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 20_000)
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
