@@ -124,6 +124,18 @@ def _owner_row(dsn: str, home: str) -> tuple[int, str, bool] | None:
     return None if row is None else (int(row[0]), str(row[1]), bool(row[2]))
 
 
+async def _owner_as_seen_by(regions: Mapping[str, RegionHandle], home: str,
+                            to: str) -> tuple[int, str, bool]:
+    """(epoch, serving region, banned) of `home` in `to`'s store, where every takeover
+    starts; HandoverError if `to` is not among `regions` or knows no owner."""
+    if to not in regions:
+        raise HandoverError(f"unknown region {to!r}")
+    current = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
+    if current is None:
+        raise HandoverError(f"{to} knows no owner of home region {home}")
+    return current
+
+
 def _has_ban(dsn: str, home: str, epoch: int) -> bool:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         return conn.execute("select 1 from ownership_bans where home_region = %s "
@@ -219,12 +231,8 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
     (with the report) if it cannot start or had to abort; after an abort the old owner
     serves `home` again under a new epoch.
     """
-    if to not in regions:
-        raise HandoverError(f"unknown region {to!r}")
     started = time.monotonic()
-    current = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
-    if current is None:
-        raise HandoverError(f"{to} knows no owner of home region {home}")
+    current = await _owner_as_seen_by(regions, home, to)
     report = HandoverReport(home, current[1], to, old_epoch=current[0])
     clock = _Clock(report, on_step)
     source = current[1]
@@ -274,28 +282,11 @@ async def _handover_locked(client: httpx.AsyncClient, regions: Mapping[str, Regi
                            home: str, source: str, to: str, token: int,
                            report: HandoverReport, clock: _Clock, catch_up_timeout: float,
                            check_lease: Callable[[], None]) -> None:
-    # 2. Ban at the owner, after its writers in flight.
-    banned = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/ban",
-                         {"home_region": home})
-    ban_at = time.monotonic()
-    epoch = int(banned["epoch"])
-    report.old_epoch = epoch
-    clock.done("ban", f"{source} banned writes for {home} under epoch {epoch}")
-    others = [r for r in regions if r != source]
+    epoch, ban_at = await _ban(client, regions, home, source, report, clock)
     restamped: list[str] = []
     try:
-        # 3. Catch-up: the ban (and so every write under the epoch) in every other store.
-        await _catch_up(regions, home, source, epoch, ban_at + catch_up_timeout,
-                        catch_up_timeout)
-        clock.done("catch-up", f"{', '.join(others)} applied {source}'s changes up to the ban")
-        # 4. Restamp H's rows everywhere but the new owner.
-        counts = {}
-        for name in regions:
-            if name == to:
-                continue
-            restamped.append(name)
-            counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
-        clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
+        await _catch_up_and_restamp(regions, home, source, to, epoch, ban_at,
+                                    catch_up_timeout, clock, restamped)
         check_lease()
     except Exception as exc:
         await _abort(client, regions, home, source, token, report, clock, ban_at, restamped,
@@ -325,6 +316,38 @@ async def _handover_locked(client: httpx.AsyncClient, regions: Mapping[str, Regi
     clock.done("take", f"{to} serves {home} under epoch {token}")
 
 
+async def _ban(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle], home: str,
+               source: str, report: HandoverReport, clock: _Clock) -> tuple[int, float]:
+    """Step 2 of both handover paths: ban writes at the owner, after its writers in
+    flight; returns the banned epoch and when the ban was answered."""
+    banned = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/ban",
+                         {"home_region": home})
+    ban_at = time.monotonic()
+    epoch = int(banned["epoch"])
+    report.old_epoch = epoch
+    clock.done("ban", f"{source} banned writes for {home} under epoch {epoch}")
+    return epoch, ban_at
+
+
+async def _catch_up_and_restamp(regions: Mapping[str, RegionHandle], home: str, source: str,
+                                to: str, epoch: int, ban_at: float, catch_up_timeout: float,
+                                clock: _Clock, restamped: list[str]) -> None:
+    """Steps 3 and 4 of both handover paths: wait until every other store has the ban
+    (and so every write under the epoch), then restamp H's rows everywhere but the new
+    owner. `restamped` collects the regions touched, for an abort to undo."""
+    await _catch_up(regions, home, source, epoch, ban_at + catch_up_timeout,
+                    catch_up_timeout)
+    others = [r for r in regions if r != source]
+    clock.done("catch-up", f"{', '.join(others)} applied {source}'s changes up to the ban")
+    counts = {}
+    for name in regions:
+        if name == to:
+            continue
+        restamped.append(name)
+        counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
+    clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
+
+
 async def _catch_up(regions: Mapping[str, RegionHandle], home: str, source: str, epoch: int,
                     deadline: float, bound: float) -> None:
     """Wait until every region but `source` has `source`'s ban of `epoch`."""
@@ -352,24 +375,11 @@ async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, Regi
                            clock: _Clock, catch_up_timeout: float, lock_wait: float) -> None:
     """The handover with ownership leases: ban, catch-up, restamp, the old owner
     releases its lease, the new owner acquires it and takes its token as the epoch."""
-    banned = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/ban",
-                         {"home_region": home})
-    ban_at = time.monotonic()
-    epoch = int(banned["epoch"])
-    report.old_epoch = epoch
-    clock.done("ban", f"{source} banned writes for {home} under epoch {epoch}")
+    epoch, ban_at = await _ban(client, regions, home, source, report, clock)
     restamped: list[str] = []
     try:
-        await _catch_up(regions, home, source, epoch, ban_at + catch_up_timeout,
-                        catch_up_timeout)
-        clock.done("catch-up", f"every other region applied {source}'s changes up to the ban")
-        counts = {}
-        for name in regions:
-            if name == to:
-                continue
-            restamped.append(name)
-            counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
-        clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
+        await _catch_up_and_restamp(regions, home, source, to, epoch, ban_at,
+                                    catch_up_timeout, clock, restamped)
         released = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/release",
                                {"home_region": home})
         clock.done("release", f"{source} gave back its lease (token {released.get('token')})")
@@ -500,12 +510,8 @@ async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str
     rows it changed itself (conflicts counted there), and only a rebuild
     (`rejoin_region`) brings it back.
     """
-    if to not in regions:
-        raise HandoverError(f"unknown region {to!r}")
     started = time.monotonic()
-    current = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
-    if current is None:
-        raise HandoverError(f"{to} knows no owner of home region {home}")
+    current = await _owner_as_seen_by(regions, home, to)
     old = dead or current[1]
     report = HandoverReport(home, old, to, old_epoch=current[0], forced=True)
     clock = _Clock(report, on_step)
