@@ -745,6 +745,30 @@ def failover_targets(cluster: Cluster, via: str) -> tuple[dict[str, Any], list[s
     return regions, [url for _, url in sorted(cluster.lock_urls_of(via).items())]
 
 
+def _failover_lab(data_dir: Path, home: str, to: str
+                  ) -> tuple[Cluster, dict[str, Any], list[str]]:
+    """The lab in `data_dir` as the failover guard sees it (`failover_targets` via `to`);
+    exits with a clear message if there is none or `home`/`to` is not one of its regions."""
+    try:
+        cluster = Cluster.load(data_dir)
+        regions, lock_urls = failover_targets(cluster, to)
+    except (ClusterError, KeyError) as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+    if to not in regions or home not in regions:
+        err_console.print(f"[red]unknown region:[/] choose from {', '.join(regions)}")
+        raise typer.Exit(1)
+    return cluster, regions, lock_urls
+
+
+def _step_printer(as_json: bool) -> Callable[[Any], None]:
+    """Prints each failover step as it finishes (nothing in --json mode)."""
+    def show(step: Any) -> None:
+        if not as_json:
+            console.print(f"  {step.name:<12} {step.seconds * 1000:8.1f} ms  {step.detail}")
+    return show
+
+
 @failover_app.command("planned")
 def failover_planned(
         home: Annotated[str, typer.Option("--home", help="home region whose accounts move")],
@@ -760,22 +784,10 @@ def failover_planned(
     again with the old owner as --to to fail back."""
     import asyncio
 
-    from replication.failover import HandoverError, Step, planned_handover
+    from replication.failover import HandoverError, planned_handover
 
-    try:
-        cluster = Cluster.load(data_dir)
-        regions, lock_urls = failover_targets(cluster, to)
-    except (ClusterError, KeyError) as exc:
-        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
-        raise typer.Exit(1) from None
-    if to not in regions or home not in regions:
-        err_console.print(f"[red]unknown region:[/] choose from {', '.join(regions)}")
-        raise typer.Exit(1)
-
-    def show(step: Step) -> None:
-        if not as_json:
-            console.print(f"  {step.name:<12} {step.seconds * 1000:8.1f} ms  {step.detail}")
-
+    cluster, regions, lock_urls = _failover_lab(data_dir, home, to)
+    show = _step_printer(as_json)
     if not as_json:
         console.print(f"planned handover of {home} to {to}")
     try:
@@ -817,22 +829,10 @@ def failover_crash(
     `paycluster failover return`."""
     import asyncio
 
-    from replication.failover import HandoverError, Step, crash_takeover
+    from replication.failover import HandoverError, crash_takeover
 
-    try:
-        cluster = Cluster.load(data_dir)
-        regions, _ = failover_targets(cluster, to)
-    except (ClusterError, KeyError) as exc:
-        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
-        raise typer.Exit(1) from None
-    if to not in regions or home not in regions:
-        err_console.print(f"[red]unknown region:[/] choose from {', '.join(regions)}")
-        raise typer.Exit(1)
-
-    def show(step: Step) -> None:
-        if not as_json:
-            console.print(f"  {step.name:<12} {step.seconds * 1000:8.1f} ms  {step.detail}")
-
+    cluster, regions, _ = _failover_lab(data_dir, home, to)
+    show = _step_printer(as_json)
     try:
         report = asyncio.run(crash_takeover(regions, home, to, headers=cluster.auth_headers(),
                                             accept_data_loss=accept_data_loss,
