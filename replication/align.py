@@ -102,7 +102,8 @@ def cut_off(dsn: str, publisher: str, timeout: float = 15.0) -> str | None:
         return position(conn, publisher)
 
 
-def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
+def primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    """The primary key columns of `table`, in column order."""
     rows = conn.execute(
         """select a.attname from pg_index i
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
@@ -149,7 +150,7 @@ def align(source_dsn: str, target_dsn: str, publisher: str) -> dict[str, int]:
                              f"({dst_lsn} > {src_lsn})")
         plan: list[tuple[str, list[str], list[str], list[str]]] = []
         for table in REPLICATED_TABLES:
-            pk = _primary_key(src, table)
+            pk = primary_key(src, table)
             if not pk:
                 continue
             have = _rows_from(src, table, pk, src_origin)

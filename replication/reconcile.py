@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 
 from region_node.schema import REPLICATED_TABLES
+from replication.align import primary_key
 from replication.failover import RegionHandle, restamp
 from replication.wiring import set_enabled
 
@@ -201,15 +202,6 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
     return tail
 
 
-def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
-    rows = conn.execute(
-        """select a.attname from pg_index i
-             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-            where i.indrelid = %s::regclass and i.indisprimary order by a.attnum""",
-        (table,)).fetchall()
-    return [str(r[0]) for r in rows]
-
-
 def _pk_json(pk: list[str]) -> sql.Composable:
     return sql.SQL("json_build_array({})::jsonb").format(
         sql.SQL(", ").join(sql.Identifier("t", c) for c in pk))
@@ -217,7 +209,7 @@ def _pk_json(pk: list[str]) -> sql.Composable:
 
 def _local_keys(conn: psycopg.Connection[Any], table: str) -> tuple[list[str], list[str]]:
     """(primary key columns, keys as JSON) of `table`'s rows last changed locally."""
-    pk = _primary_key(conn, table)
+    pk = primary_key(conn, table)
     if not pk:
         return pk, []
     rows = conn.execute(sql.SQL("select {k}::text from {t} t where " + _LOCAL).format(
