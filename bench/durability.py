@@ -48,7 +48,7 @@ import psycopg
 from psycopg import sql
 from rich.table import Table
 
-from bench.payments import drive_payments
+from bench.payments import create_pairs, drive_payments
 from bench.stats import percentile, stop_lab
 from cluster.cli import make_console
 from cluster.durability import default_buddy, wait_sync
@@ -58,8 +58,6 @@ from replication.durability import MODES, durability, set_durability
 from replication.wiring import PUBLICATION, subscription_name
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "durability.json"
-CURRENCY = "USD"
-PAYER_FUNDING = 1_000_000_000
 SCRATCH = "bench_commits"
 """The scratch table of the SQL commits: in every region, published by the measured one."""
 
@@ -120,28 +118,6 @@ def api_headers(cluster: Cluster) -> dict[str, str]:
     """The one place the benchmark's API credentials come from: the lab's bootstrap
     admin key."""
     return cluster.auth_headers()
-
-
-async def create_pairs(client: httpx.AsyncClient, region: str,
-                       pairs: int) -> list[tuple[str, str]]:
-    """`pairs` funded payer / payee pairs homed in `region`, opened at its node."""
-    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
-        resp = await client.post(path, json=body,
-                                 headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
-        if resp.status_code != 201:
-            raise BenchError(f"POST {path} -> {resp.status_code}: {resp.text[:300]}")
-        doc: dict[str, Any] = resp.json()
-        return doc
-
-    async def pair() -> tuple[str, str]:
-        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer",
-                                            "home_region": region})
-        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant",
-                                            "home_region": region})
-        await post(f"/v1/accounts/{payer['id']}/deposits", {"amount": PAYER_FUNDING})
-        return str(payer["id"]), str(payee["id"])
-
-    return [await pair() for _ in range(pairs)]
 
 
 def create_scratch(cluster: Cluster, region: str) -> None:
@@ -246,7 +222,7 @@ async def _rounds(args: argparse.Namespace, cluster: Cluster) -> list[Measuremen
                                  headers=api_headers(cluster)) as client:
         with console.status(f"opening {args.concurrency} payer/payee pairs in "
                             f"{args.region} ..."):
-            pairs = await create_pairs(client, args.region, args.concurrency)
+            pairs = await create_pairs(client, args.concurrency, home_region=args.region)
             await asyncio.to_thread(create_scratch, cluster, args.region)
         await asyncio.to_thread(switch, cluster, args.region, args.buddy, "local")
         if args.warmup > 0:

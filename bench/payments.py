@@ -112,7 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- payments
 
-async def _create_pairs(client: httpx.AsyncClient, pairs: int) -> list[tuple[str, str]]:
+async def create_pairs(client: httpx.AsyncClient, pairs: int,
+                       home_region: str | None = None) -> list[tuple[str, str]]:
+    """`pairs` funded payer / payee pairs, homed in `home_region` (default: the region of
+    the node `client` talks to)."""
+    home = {} if home_region is None else {"home_region": home_region}
+
     async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
         resp = await client.post(path, json=body,
                                  headers={"Idempotency-Key": f"bench-{uuid.uuid4()}"})
@@ -122,8 +127,8 @@ async def _create_pairs(client: httpx.AsyncClient, pairs: int) -> list[tuple[str
         return doc
 
     async def pair() -> tuple[str, str]:
-        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer"})
-        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant"})
+        payer = await post("/v1/accounts", {"currency": CURRENCY, "kind": "customer", **home})
+        payee = await post("/v1/accounts", {"currency": CURRENCY, "kind": "merchant", **home})
         await post(f"/v1/accounts/{payer['id']}/deposits", {"amount": PAYER_FUNDING})
         return payer["id"], payee["id"]
 
@@ -289,7 +294,7 @@ async def _bench_rounds(args: argparse.Namespace, api_url: str,
     async with httpx.AsyncClient(base_url=api_url, timeout=30.0, limits=limits,
                                  headers=headers) as client:
         with console.status(f"creating {args.pairs} payer/payee pairs ..."):
-            pairs = await _create_pairs(client, args.pairs)
+            pairs = await create_pairs(client, args.pairs)
         if args.warmup > 0:
             with console.status(f"warming up for {args.warmup:g}s ..."):
                 await drive_payments(client, pairs, args.concurrency, args.amount,
