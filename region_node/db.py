@@ -18,6 +18,10 @@ T = TypeVar("T")
 # 40001 serialization_failure, 40P01 deadlock_detected: the step is safe to run again.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 TRANSACTION_TIMEOUT = "25P04"
+# Class 57, operator intervention: the server ended the session (57P01 admin_shutdown is
+# also what the ownership lease's fence sends to writers still running when the lease
+# runs out, `region_node.leases`). Nothing of the step committed; the client retries.
+SESSION_ENDED_SQLSTATES = {"57P01", "57P02", "57P03"}
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -69,6 +73,10 @@ class Database:
                     raise RegionUnavailable("the write would have outlived this region's "
                                             "ownership lease; retry",
                                             code="lease_lost") from exc
+                if sqlstate(exc) in SESSION_ENDED_SQLSTATES:
+                    raise RegionUnavailable("the region's database ended this write (an "
+                                            "ownership lease ran out, or a shutdown); "
+                                            "retry") from exc
                 if isinstance(exc, OperationalError | InterfaceError) and sqlstate(exc) is None:
                     raise RegionUnavailable("the region's database is unavailable") from exc
                 raise

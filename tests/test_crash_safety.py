@@ -107,3 +107,38 @@ async def test_sigkill_during_load(servers: RegionServers, db_url: str, tmp_path
         assert all(postings[p] == 1 for p in stored), "each payment posted exactly once"
     finally:
         node.stop()
+
+
+async def test_a_write_ended_by_the_server_is_a_retryable_503(db_url: str) -> None:
+    """A session the server ends mid-write (pg_terminate_backend: what the ownership
+    lease's fence does to writers still running when the lease runs out, or a shutdown)
+    is a 503 the client retries, never a 500, and nothing of the step is committed."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from region_node.db import Database
+    from region_node.errors import RegionUnavailable
+
+    db = Database(db_url, pool_size=2)
+    started = asyncio.Event()
+
+    async def step(conn: AsyncConnection) -> None:
+        await conn.execute(text("create table ended_write (id int)"))
+        pid = (await conn.execute(text("select pg_backend_pid()"))).scalar_one()
+        started.set()
+        await conn.execute(text("select pg_sleep(30), :pid"), {"pid": pid})
+
+    async def terminate() -> None:
+        await started.wait()
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                         "where query like 'select pg_sleep(30)%'")
+
+    try:
+        with pytest.raises(RegionUnavailable) as raised:
+            await asyncio.gather(db.transaction(step), terminate())
+        assert raised.value.http_status == 503
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("select to_regclass('ended_write')").fetchone() == (None,)
+    finally:
+        await db.dispose()
