@@ -33,7 +33,7 @@ class LockLost(LockError):
         self.name = name
         self.fence = fence
         self.reason = reason
-        super().__init__(f"lock {name!r} (fence {fence}) lost: {reason}")
+        super().__init__(f"lock {name!r} (fence={fence}) lost: {reason}")
 
 
 class StaleFencingToken(LockError):
@@ -43,5 +43,5 @@ class StaleFencingToken(LockError):
         self.lock_name = lock_name
         self.token = token
         self.current = current
-        super().__init__(
-            f"stale fencing token {token} for {lock_name!r}: the store has already seen {current}")
+        super().__init__(f"stale fencing token: fence={token} for {lock_name!r}, the store "
+                         f"has already seen fence={current}")

@@ -638,7 +638,7 @@ class LockService:
                     deadline=valid_until, candidates=granted - confirmed)
                 confirmed |= raised
                 if len(confirmed) < self.quorum:
-                    return None, (f"token {token} confirmed on {len(confirmed)}/"
+                    return None, (f"fence={token} confirmed on {len(confirmed)}/"
                                   f"{len(self._servers)} servers before the validity ended")
             now = time.monotonic()
             if now >= valid_until:

@@ -77,7 +77,7 @@ class Watchdog:
     def _lose(self, reason: str) -> None:
         lease = self.lease
         lease.mark_lost(reason)
-        log.warning("lock %s lost (fence %s): %s", lease.name, lease.fence, reason,
+        log.warning("lock %s lost (fence=%s): %s", lease.name, lease.fence, reason,
                     extra={"lock": lease.name, "fence": lease.fence})
         # Our keys that are left would block the next holder until they expire.
         self.service._release_tasks(lease.name, lease.owner, lease._inflight)

@@ -208,8 +208,8 @@ class OwnershipLeases:
             raise RegionUnavailable(f"Region {self.region} holds no valid ownership lease for "
                                     f"{home}; retry shortly", code="lease_lost")
         if held.token != epoch:
-            raise RegionUnavailable(f"Lease token {held.token} of {home} is not the current "
-                                    f"epoch {epoch} here; retry shortly", code="lease_lost")
+            raise RegionUnavailable(f"Lease of {home} is held here under epoch={held.token}, not "
+                                    f"epoch={epoch}; retry shortly", code="lease_lost")
 
     # ------------------------------------------------------------------ acquire / release
 
@@ -251,7 +251,7 @@ class OwnershipLeases:
                 await self.locks.release(lease)
                 raise
             self._install(home, lease)
-            self._note(home, f"taken under epoch {lease.fence}" + (" (forced)" if forced
+            self._note(home, f"taken under epoch={lease.fence}" + (" (forced)" if forced
                                                                    else ""))
             return lease.fence
 
@@ -277,7 +277,7 @@ class OwnershipLeases:
             current = self.held.get(home)
             if current is not None and current.lease is lost_lease:
                 del self.held[home]
-            self._note(home, f"lost (token {lost_lease.fence}): {lost_lease.lost_reason}")
+            self._note(home, f"lost (fence={lost_lease.fence}): {lost_lease.lost_reason}")
 
         self.held[home] = HeldLease(home, lease, self.locks.watch(lease, on_lost=lost))
 
@@ -295,7 +295,7 @@ class OwnershipLeases:
                 if (newest is not None and newest[1] != self.region
                         and (current is None or newest[0] > current[0])):
                     # Someone took a newer epoch that our store has not received yet.
-                    self._note(home, f"not re-acquired: {newest[1]} took epoch {newest[0]}, "
+                    self._note(home, f"not re-acquired: {newest[1]} took epoch={newest[0]}, "
                                      "our store is behind")
                     await self.locks.release(lease)
                     return
@@ -309,7 +309,7 @@ class OwnershipLeases:
                 await self.locks.release(lease)
                 raise
             self._install(home, lease)
-            self._note(home, f"acquired under epoch {lease.fence}")
+            self._note(home, f"acquired under epoch={lease.fence}")
 
     async def homes_to_serve(self) -> list[str]:
         """Homes whose current epoch in our store is ours and not banned."""
@@ -376,7 +376,7 @@ class OwnershipLeases:
                     self._fenced.add(held.token)
                     try:
                         ended = await self._terminate_writers(held.home)
-                        self._note(held.home, f"lease running out (token {held.token}): "
+                        self._note(held.home, f"lease running out (fence={held.token}): "
                                               f"ended {ended} write transaction(s)")
                     except Exception as exc:
                         log.warning("fencing writers of %s failed: %s", held.home, exc)

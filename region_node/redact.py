@@ -3,6 +3,9 @@
 - `mask_card_numbers`: a run of 13-19 digits (single spaces or dashes allowed between
   digits, as people write card numbers) that passes the Luhn check becomes the first
   six digits, stars, and the last four (PCI DSS allows showing those): "411111******1111".
+  One exception: an unbroken run right after the label `epoch=` or `fence=` (exactly that,
+  lower case, glued) is an ownership epoch / fencing token, written so by our own log
+  lines, and is left whole (see _LABEL).
 - `redact_secrets`: API keys (`pck_<prefix>_<secret>`) keep their public prefix only
   (`pck_<prefix>_****`), webhook secrets become `whsec_****`, and a bearer token after
   `Bearer` becomes `****`.
@@ -30,6 +33,15 @@ _DIGIT_RUN = re.compile(r"\d[\d -]{11,}\d")
 # (8-4-4) or a 4-4-4-4 run next to hex letters; never a card, never masked.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                    r"[0-9a-fA-F]{12}")
+
+# Ownership epochs and fencing tokens (lock_service.quorum: microsecond clock readings, 16
+# digits) pass the Luhn check one time in ten; masked, the epoch of a log line is lost. Our
+# log lines write them `epoch=<digits>` / `fence=<digits>`, and only that exact form is
+# exempt: the label glued to one unbroken run of digits (a grouped spelling after it is
+# masked as usual), "epoch 4111...", "Epoch=4111...", "fence: 4111..." are masked.
+# "token=" is deliberately not a label: it is a common query-string parameter that
+# clients fill, and request paths are logged.
+_LABEL = re.compile(r"(?<![A-Za-z0-9_])(?:epoch|fence)=\Z")
 
 # API keys: pck_<12 [a-z0-9]>_<40 [A-Za-z0-9]>; matched loosely (any secret length from
 # 8 on) so a truncated or malformed key is hidden as well.
@@ -98,6 +110,11 @@ def mask_card_numbers(text: str) -> str:
         run = m.group()
         if sum(ch.isdigit() for ch in run) < 13 or _in_uuid(text, m.start(), m.end()):
             return run
+        if _LABEL.search(text, max(0, m.start() - 7), m.start()):
+            # The epoch is the first group alone; whatever follows it is checked as usual.
+            head, *tail = _GROUP_SPLIT.split(run, maxsplit=1)
+            if len(head) >= 13:
+                return head + (tail[0] + _mask_run(tail[1]) if tail else "")
         return _mask_run(run)
 
     return _DIGIT_GROUPS.sub(repl, text)

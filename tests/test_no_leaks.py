@@ -10,11 +10,13 @@ value is scanned: zero full card numbers or keys, and descriptions hold the mask
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
 import re
 import string
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +98,30 @@ def test_what_is_not_a_card_is_left_alone() -> None:
     ]
     for text in samples:
         assert mask_card_numbers(text) == text
+
+
+def test_labelled_epochs_and_fences_are_kept_cards_beside_them_are_not() -> None:
+    # An epoch / fencing token is a microsecond clock reading (lock_service.quorum): the
+    # first Luhn-valid one from now on, 16 digits, which the masker alone would hide.
+    epoch = next(str(n) for n in itertools.count(time.time_ns() // 1000) if luhn_valid(str(n)))
+    assert mask_card_numbers(f"epoch {epoch}") == f"epoch {masked(epoch)}"
+    # Written as our log lines write them (region_node/leases.py, lock_service), kept whole.
+    for text in (f"ownership lease eu-west: taken under epoch={epoch} (forced)",
+                 f"lock 'ownership:eu-west' lost (fence={epoch}): no renewal",
+                 f"lease running out (fence={epoch}): ended 2 write transaction(s)"):
+        assert mask_card_numbers(text) == text
+        assert scrub(text) == text
+    card = luhn_number(16)
+    grouped = " ".join(card[i:i + 4] for i in range(0, 16, 4))
+    # A card in any other form next to those words is masked: only the exact glued label
+    # exempts, and only the one unbroken run right after it.
+    for text in (f"token {card}", f"token={card}", f"epoch {card}", f"Epoch={card}",
+                 f"fence: {card}", f"reepoch={card}", f"epoch={grouped}",
+                 f"lease token {card} refused", f"epoch={epoch} {card}", f"fence={epoch}-{card}"):
+        out = mask_card_numbers(text)
+        assert card not in out.replace(" ", "").replace("-", ""), (text, out)
+        assert masked(card) in out, (text, out)
+    assert mask_card_numbers(f"epoch={epoch} {card}") == f"epoch={epoch} {masked(card)}"
 
 
 def test_keys_secrets_and_bearer_tokens_are_hidden() -> None:
