@@ -25,7 +25,7 @@ from geo_router.health import Prober, ProbeResult, Transition
 from geo_router.locate import ClientLocation, LocationError, Locator
 from geo_router.metrics import RouterMetrics
 from geo_router.overrides import OverrideStore
-from geo_router.owners import HomeFinder, OwnerMap
+from geo_router.owners import HomeFinder, OwnerMap, OwnershipUnavailable
 from geo_router.policy import ROUTABLE, Candidate, Decision, State, choose
 
 log = logging.getLogger("geo_router")
@@ -43,6 +43,7 @@ class RouterService:
         self.overrides.reload_if_changed()
         self.homes = HomeFinder(settings.region_codes)
         self.owners = OwnerMap()
+        self._owners_failing = False
         self.started_at = time.time()
         # Probes get their own small pool: they must not queue behind proxied requests.
         self._probe_client = httpx.AsyncClient(
@@ -104,27 +105,42 @@ class RouterService:
                 log.warning("background refresh failed: %s: %s", type(exc).__name__, exc)
 
     async def _refresh_owners(self) -> None:
-        # Any routable region's view will do: ownership is one replicated table.
-        for name in self.catalog.names:
-            if self.state_of(name) in ROUTABLE:
-                try:
-                    await self.owners.refresh(self._probe_client, self.endpoint(name),
-                                              self.settings.probe_timeout_seconds,
-                                              self._api_key())
-                    return
-                except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                    continue
+        # Every routable region at once, highest epoch wins (OwnerMap.refresh_all): after a
+        # crash or partition takeover, one region's copy may still show the old owner.
+        endpoints = {name: self.endpoint(name) for name in self.catalog.names
+                     if self.state_of(name) in ROUTABLE}
+        if not endpoints:
+            return  # nothing to ask; the region states already say why
+        try:
+            answered = await self.owners.refresh_all(
+                self._probe_client, endpoints, self.settings.probe_timeout_seconds,
+                self._api_key())
+        except OwnershipUnavailable as exc:
+            # The old map stays. Warn once per outage, not every refresh interval.
+            if not self._owners_failing:
+                log.warning("ownership map not refreshed, keeping the last one: %s", exc,
+                            extra={"event": "ownership_unavailable"})
+            self._owners_failing = True
+            return
+        if self._owners_failing:
+            log.info("ownership map refreshed again from %s", ", ".join(answered),
+                     extra={"event": "ownership_refreshed"})
+        self._owners_failing = False
+        if len(answered) < len(endpoints):
+            log.debug("ownership read from %s (no answer from %s)", ", ".join(answered),
+                      ", ".join(n for n in endpoints if n not in answered))
 
     def _api_key(self) -> str:
-        """The key for the nodes' /v1 API: configured, else the lab's admin key from the
-        catalog file (cluster.json, mode 0600), re-read so a restarted lab's key is used."""
+        """The key for the nodes' /v1 API: configured, else the lab's geo router key (a
+        non-admin principal's: reading ownership needs no more) from the catalog file
+        (cluster.json `router_key`, mode 0600), re-read so a restarted lab's key is used."""
         if self.settings.api_key or self.settings.catalog_file is None:
             return self.settings.api_key
         try:
             doc = json.loads(Path(self.settings.catalog_file).read_text())
         except (OSError, ValueError):
             return ""
-        key = doc.get("admin_key") if isinstance(doc, dict) else None
+        key = doc.get("router_key") if isinstance(doc, dict) else None
         return key if isinstance(key, str) else ""
 
     def reload(self) -> Catalog:

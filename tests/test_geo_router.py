@@ -11,6 +11,7 @@ Idempotency-Key never sent twice - and back after `rise` good probes.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -25,7 +26,9 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.lab import REGION_NAMES, Cluster, read_cluster, start_cluster
+from cluster.servers import free_port
 from geo_router.client import RouterAdmin, metric_value, resolve
+from geo_router.owners import OwnerMap, OwnershipUnavailable
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
@@ -253,6 +256,68 @@ def test_no_routable_region_is_a_503_in_the_error_shape(lab: Cluster) -> None:
         finally:
             for name in REGION_NAMES:
                 admin.undrain(name)
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def test_the_router_merges_every_regions_ownership_with_a_key_of_its_own(lab: Cluster) -> None:
+    key = read_cluster(lab.data_dir)["router_key"]
+    assert key.startswith("pck_") and key != lab.admin_key
+    bearer = {"Authorization": f"Bearer {key}"}
+    answers = []
+    for name in REGION_NAMES:
+        api = lab.region(name).api_url
+        got = httpx.get(f"{api}/v1/cluster/ownership", headers=bearer, timeout=5)
+        assert got.status_code == 200, got.text
+        answers.append(got.json())
+        # Least privilege: all the router's key may do is read; operator routes refuse it.
+        denied = httpx.get(f"{api}/v1/replication/status", headers=bearer, timeout=5)
+        assert denied.status_code == 403, denied.text
+        assert denied.json()["error"]["code"] == "admin_required"
+    expected = OwnerMap()
+    expected.merge(answers)
+    assert set(expected.serving) == set(REGION_NAMES)
+
+    def router_view(router: int) -> dict[str, Any] | None:
+        with RouterAdmin(lab.routers[router].admin_url) as admin:
+            view: dict[str, Any] = admin.regions()["ownership"]
+        return view if view["answered"] == list(REGION_NAMES) else None
+
+    # Every router asks every region (the map is refreshed each second here).
+    for router in range(len(lab.routers)):
+        view = wait_for(lambda r=router: router_view(r), 10, "every region's ownership answer")
+        assert view["asked"] == list(REGION_NAMES)
+        assert (view["serving"], view["epochs"]) == (expected.serving, expected.epochs)
+        assert set(view["sources"]) == set(REGION_NAMES)
+        assert set(view["sources"].values()) <= set(REGION_NAMES)
+
+
+def test_regions_that_do_not_answer_are_skipped_and_none_keeps_the_map(lab: Cluster) -> None:
+    key = read_cluster(lab.data_dir)["router_key"]
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    endpoints = {"nowhere": dead, **{n: lab.region(n).api_url for n in REGION_NAMES}}
+
+    async def refresh(owners: OwnerMap, ends: dict[str, str], api_key: str) -> list[str]:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return await owners.refresh_all(http, ends, 2.0, api_key)
+
+    owners = OwnerMap()
+    assert asyncio.run(refresh(owners, endpoints, key)) == list(REGION_NAMES)
+    assert owners.asked == ["nowhere", *REGION_NAMES] and owners.answered == list(REGION_NAMES)
+    assert set(owners.serving) == set(REGION_NAMES)
+    before = owners.to_json()
+    # No answer at all (one region unreachable, the others refuse a wrong key): the map
+    # stays as it was, and the error says why per region.
+    with pytest.raises(OwnershipUnavailable) as failed:
+        asyncio.run(refresh(owners, {"nowhere": dead, "us-east": endpoints["us-east"]},
+                            "pck_aaaaaaaaaaaa_" + "b" * 40))
+    assert set(failed.value.failures) == {"nowhere", "us-east"}
+    assert "401" in failed.value.failures["us-east"]
+    after = owners.to_json()
+    assert (after["asked"], after["answered"]) == (["nowhere", "us-east"], [])
+    kept = ("serving", "epochs", "banned", "sources", "updated_at")
+    assert [after[k] for k in kept] == [before[k] for k in kept]
 
 
 # --------------------------------------------------------------------------- failover

@@ -298,6 +298,74 @@ def test_owner_map_follows_the_nodes_and_defaults_to_home() -> None:
     assert owners.owner_of("eu-west") == "us-east" and owners.epochs == {"eu-west": 2}
 
 
+def answer(region: str, *rows: tuple[str, str, int, bool]) -> dict[str, object]:
+    """A `GET /v1/cluster/ownership` answer as a region node gives it
+    (region_node/api/cluster_info.py): its own name and one row per home region."""
+    return {"region": region, "ownership": [
+        {"home_region": home, "serving_region": serving, "epoch": epoch, "banned": banned}
+        for home, serving, epoch, banned in rows]}
+
+
+# us-east crashed (or was cut off) and eu-west took its home over at epoch 7; us-east's own
+# copy, isolated, still says it serves itself at epoch 1.
+STALE_US = answer("us-east", ("us-east", "us-east", 1, False), ("eu-west", "eu-west", 1, False),
+                  ("ap-southeast", "ap-southeast", 1, False))
+FRESH_EU = answer("eu-west", ("us-east", "eu-west", 7, False), ("eu-west", "eu-west", 1, False),
+                  ("ap-southeast", "ap-southeast", 1, False))
+FRESH_AP = answer("ap-southeast", ("us-east", "eu-west", 7, False),
+                  ("eu-west", "eu-west", 1, False), ("ap-southeast", "ap-southeast", 1, False))
+
+
+@pytest.mark.parametrize("order", [(STALE_US, FRESH_EU, FRESH_AP), (FRESH_AP, STALE_US, FRESH_EU),
+                                   (FRESH_EU, STALE_US)])
+def test_owner_map_merges_every_region_and_the_highest_epoch_wins(
+        order: tuple[dict[str, object], ...]) -> None:
+    owners = OwnerMap()
+    owners.merge(order)
+    # The stale first region in catalog order no longer decides: whatever the order.
+    assert owners.owner_of("us-east") == "eu-west" and owners.epochs["us-east"] == 7
+    assert owners.owner_of("ap-southeast") == "ap-southeast"
+    assert owners.sources["us-east"] in {"eu-west", "ap-southeast"}
+    # Equal epochs are the same row: the first answer that gave it is named.
+    assert owners.sources["eu-west"] == order[0]["region"]
+    shown = owners.to_json()
+    assert shown["serving"]["us-east"] == "eu-west" and shown["epochs"]["us-east"] == 7
+    assert shown["sources"] == owners.sources and shown["updated_at"] is not None
+
+
+def test_owner_map_never_goes_back_to_a_lower_epoch() -> None:
+    owners = OwnerMap()
+    owners.merge([FRESH_EU, STALE_US])
+    # A later round in which only the stale region answered changes nothing...
+    owners.merge([STALE_US])
+    assert owners.owner_of("us-east") == "eu-west" and owners.sources["us-east"] == "eu-west"
+    # ...while a newer takeover (us-east back at epoch 9) replaces the row.
+    owners.update(answer("us-east", ("us-east", "us-east", 9, False)))
+    assert (owners.owner_of("us-east"), owners.epochs["us-east"]) == ("us-east", 9)
+    assert owners.owner_of("eu-west") == "eu-west"  # rows not in the answer stay
+
+
+def test_owner_map_keeps_a_ban_any_region_has_seen() -> None:
+    owners = OwnerMap()
+    # A planned handover: eu-west banned epoch 3 in its store; us-east has not seen it yet.
+    owners.merge([answer("us-east", ("eu-west", "eu-west", 3, False)),
+                  answer("eu-west", ("eu-west", "eu-west", 3, True))])
+    assert owners.banned == {"eu-west": True} and owners.owner_of("eu-west") == "eu-west"
+
+
+@pytest.mark.parametrize("bad", [{"region": "us-east"}, {"ownership": "none"},
+                                 {"ownership": [{"home_region": "us-east"}]},
+                                 {"ownership": [{"home_region": "x", "serving_region": "y",
+                                                 "epoch": "seven"}]}])
+def test_a_malformed_answer_changes_nothing(bad: dict[str, object]) -> None:
+    owners = OwnerMap()
+    owners.merge([FRESH_EU])
+    before = owners.to_json()
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        owners.merge([FRESH_AP, bad])
+    assert owners.to_json() == before
+
+
 # ----------------------------------------------------------------------------- hysteresis
 
 OK, DEG, FAIL = (ProbeResult(True, "ready"), ProbeResult(True, "degraded"),
