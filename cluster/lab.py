@@ -114,6 +114,10 @@ ROUTER_READY_TIMEOUT = 20.0
 ROUTER_OVERRIDES = "overrides.json"
 """The routers' shared drain/weight file, under `<data_dir>/router/`."""
 
+ROUTER_PRINCIPAL = "geo-router"
+"""Name of the non-admin principal whose key (cluster.json `router_key`) the geo routers
+read `GET /v1/cluster/ownership` with: any principal may read it, so no admin key."""
+
 # Seconds a process gets between its polite signal and SIGKILL.
 _STOP_TIMEOUT = 15.0
 
@@ -383,6 +387,8 @@ class Cluster:
     owner_pid: int | None = None
     # The bootstrap admin's API key (made at start, shown in cluster.json, mode 0600).
     admin_key: str = ""
+    # The geo routers' key (principal ROUTER_PRINCIPAL, not an admin; see router_key).
+    router_key: str = ""
     # What cluster.json says: starting, running, changing (a region is being added: a node
     # restarting then is expected, not a failure) or stopped.
     status: str = "starting"
@@ -578,6 +584,8 @@ class Cluster:
                 "owner_pid": self.owner_pid,
                 # The bootstrap admin key: this file is written with mode 0600.
                 "admin_key": self.admin_key,
+                # The geo routers' (non-admin) key; they re-read it from this file.
+                "router_key": self.router_key,
                 "wan_scale": self.wan_scale,
                 "extra_env": dict(self.extra_env),
                 "regions": {r.name: r.to_json() for r in self.regions},
@@ -641,6 +649,7 @@ class Cluster:
                       detached=doc.get("owner_pid") is None, status="running",
                       owner_pid=doc.get("owner_pid"),
                       admin_key=str(doc.get("admin_key") or ""),
+                      router_key=str(doc.get("router_key") or ""),
                       durability=dict(doc.get("durability") or {}))
         wan = doc.get("wan")
         if isinstance(wan, dict):
@@ -865,7 +874,9 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     # A lab restarted on its data dir keeps its admin key if its store still honours it
     # (bootstrap_admin checks): read it before this start rewrites cluster.json.
     with contextlib.suppress(ClusterError, OSError, ValueError):
-        cluster.admin_key = str(read_cluster(cluster.data_dir).get("admin_key") or "")
+        previous = read_cluster(cluster.data_dir)
+        cluster.admin_key = str(previous.get("admin_key") or "")
+        cluster.router_key = str(previous.get("router_key") or "")
 
     def servers_of(name: str) -> Region:
         return Region(name, start_region_servers(name, cluster.data_dir, gateway=True))
@@ -911,8 +922,9 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
             f"{n} {d['mode']}" + (f" -> {d['buddy']}" if d["buddy"] else "")
             for n, d in cluster.durability.items()))
     cluster.admin_key = bootstrap_admin(cluster)
+    cluster.router_key = router_key(cluster)
     cluster.write()
-    step.done("bootstrap admin key, replicated to every region")
+    step.done("bootstrap admin and geo router keys, replicated to every region")
     for region in cluster.regions:
         region.peers = cluster.peers_of(region.name) if multi else {}
     _run_parallel(lambda r: cluster.start_node(r.name), cluster.regions, "node-start")
@@ -951,6 +963,53 @@ def bootstrap_admin(cluster: Cluster, timeout: float = 60.0) -> str:
     else:
         admin = bootstrap_admin_sync(first.dsn, first.name)
         key, key_id = admin.key, admin.key_id
+    _await_key_everywhere(cluster, key_id, "bootstrap admin", timeout)
+    return key
+
+
+def router_key(cluster: Cluster, timeout: float = 60.0) -> str:
+    """The geo routers' API key: principal ROUTER_PRINCIPAL with role customer (least
+    privilege: a router only reads `GET /v1/cluster/ownership`, open to any principal),
+    created like the bootstrap admin in the FIRST region's store and awaited in every
+    region. A lab restarted on its data dir keeps `cluster.router_key` if the store still
+    honours it as that principal's unrevoked key."""
+    import psycopg
+
+    from region_node.ids import new_id
+    from region_node.principals import hash_key, make_key
+    from region_node.regions import RegionCatalog
+
+    first = cluster.regions[0]
+    key = cluster.router_key
+    with psycopg.connect(first.dsn, autocommit=True) as conn:
+        kept = conn.execute(
+            "select k.id from api_keys k join principals p on p.id = k.principal_id "
+            "where k.hash = %s and p.name = %s and p.role <> 'admin' and not exists "
+            "(select 1 from api_key_revocations r where r.key_id = k.id)",
+            (hash_key(key), ROUTER_PRINCIPAL)).fetchone() if key else None
+        if kept is not None:
+            key_id = kept[0]
+        else:
+            catalog = RegionCatalog()
+            principal_id = catalog.stamp(new_id(), first.name)
+            key_id = catalog.stamp(new_id(), first.name)
+            new = make_key()
+            with conn.transaction():
+                conn.execute("insert into principals (id, name, role, home_region) "
+                             "values (%s, %s, 'customer', %s)",
+                             (principal_id, ROUTER_PRINCIPAL, first.name))
+                conn.execute("insert into api_keys (id, principal_id, prefix, hash, "
+                             "home_region) values (%s, %s, %s, %s, %s)",
+                             (key_id, principal_id, new.prefix, new.hash, first.name))
+            key = new.key
+    _await_key_everywhere(cluster, key_id, "geo router", timeout)
+    return key
+
+
+def _await_key_everywhere(cluster: Cluster, key_id: Any, what: str, timeout: float) -> None:
+    """Wait until the key `key_id` and its principal replicated to every other region."""
+    import psycopg
+
     deadline = time.monotonic() + timeout
     for region in cluster.regions[1:]:
         while True:
@@ -961,10 +1020,9 @@ def bootstrap_admin(cluster: Cluster, timeout: float = 60.0) -> str:
             if row is not None:
                 break
             if time.monotonic() > deadline:
-                raise ClusterError(f"the bootstrap admin key did not replicate to "
+                raise ClusterError(f"the {what} key did not replicate to "
                                    f"{region.name} within {timeout:.0f}s")
             time.sleep(0.1)
-    return key
 
 
 class _Steps:

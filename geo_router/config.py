@@ -57,8 +57,8 @@ class RouterSettings(BaseSettings):
                                      "payer / home_region; larger ones stream untouched")
     ownership_refresh_seconds: float = Field(2.0, gt=0)
     # The API key sent when reading `GET /v1/cluster/ownership` (every /v1 call needs one;
-    # any principal's key may read it). Empty: the lab's `admin_key` from the catalog file
-    # (cluster.json), if it has one.
+    # any principal's key may read it, so give it a non-admin one). Empty: the lab's
+    # `router_key` from the catalog file (cluster.json), if it has one.
     api_key: str = Field("", repr=False)
 
     # Proxying.
