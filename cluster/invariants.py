@@ -4,7 +4,8 @@ tools that report (the failover drill) instead of failing a test.
 The same checks as `tests/helpers.py`'s `cluster_ledger_checks` (ARCHITECTURE.md
 section 6), meant for a quiet cluster: double entry, balances equal their entries, money
 conserved (customers + merchants + in transit == what came in through the funding
-accounts), nothing in transit, no negative available balance, zero replication
+accounts, with what the suspense accounts parked: `region_node.suspense`), nothing in
+transit, no negative available balance, zero replication
 conflicts and apply errors, one credit posting per succeeded payment. Conservation is
 checked against the funding accounts rather than a caller's deposit count, so it also
 holds in a lab that other clients used before.
@@ -70,10 +71,16 @@ def ledger_findings(region: str, dsn: str,
             "select kind, coalesce(sum(balance), 0)::bigint from accounts group by kind")}
         users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
         in_transit = by_kind.get("clearing", 0)
+        parked = by_kind.get("suspense", 0)
         came_in = -by_kind.get("funding", 0)
-        add("money conserved", users + in_transit == came_in,
-            f"customers+merchants {users} + in transit {in_transit} != deposits {came_in}")
+        add("money conserved", users + in_transit + parked == came_in,
+            f"customers+merchants {users} + in transit {in_transit} + suspense {parked} "
+            f"!= deposits {came_in}")
         add("nothing in transit", in_transit == 0, f"{in_transit} in clearing accounts")
+        # Not a failure: orphan credits of a lost tail, open for an operator.
+        found.append(Finding(region, "suspense (informational)", True,
+                             f"{-parked} paid out without a surviving debit, listed for "
+                             "reconciliation" if parked else ""))
         add("no negative available balance", conn.execute(
             "select id, balance, held from accounts where not allow_overdraft "
             "and balance - held < 0").fetchall())

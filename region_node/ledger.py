@@ -26,6 +26,9 @@ A = schema.accounts
 J = schema.journal_entries
 
 USER_KINDS = ("customer", "merchant")
+SYSTEM_KINDS = ("funding", "clearing", "suspense")
+"""A region's own accounts per currency: outside money, money in transit, and credits
+parked for reconciliation (`region_node.suspense`)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ async def lock_accounts(conn: AsyncConnection, ids: Sequence[uuid.UUID],
     accounts in opposite directions, or a payment and an incoming transfer sharing the
     clearing account, can never deadlock.
     """
-    system_last = sa.case((A.c.kind.in_(("funding", "clearing")), 1), else_=0)
+    system_last = sa.case((A.c.kind.in_(SYSTEM_KINDS), 1), else_=0)
     rows = (await conn.execute(
         sa.select(A).where(A.c.id.in_(ids)).order_by(system_last, A.c.id)
         .with_for_update())).all()

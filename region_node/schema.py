@@ -32,7 +32,9 @@ accounts = sa.Table(
     sa.Column("updated_at", TS, nullable=False, server_default=_now()),
     # The principal the account belongs to (migration 0005); None for system accounts.
     sa.Column("principal_id", UUID(as_uuid=True), nullable=True),
-    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing')",
+    # suspense (migration 0010): where a region parks a credit whose debit was lost in
+    # another region's unreplicated tail, until an operator settles it.
+    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing','suspense')",
                        name="ck_account_kind"),
     sa.CheckConstraint("status in ('open','closed')", name="ck_account_status"),
     sa.CheckConstraint("held >= 0", name="ck_account_held"),
@@ -40,7 +42,8 @@ accounts = sa.Table(
     sa.CheckConstraint("allow_overdraft or balance - held >= 0", name="ck_account_available"),
 )
 sa.Index("uq_system_account", accounts.c.home_region, accounts.c.kind, accounts.c.currency,
-         unique=True, postgresql_where=sa.text("kind in ('funding','clearing')"))
+         unique=True,
+         postgresql_where=sa.text("kind in ('funding','clearing','suspense')"))
 
 journal_entries = sa.Table(
     "journal_entries", metadata,

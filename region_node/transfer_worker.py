@@ -5,6 +5,8 @@
 - `run`: the certainty path. Apply transfer messages that replicated in for homes we
   serve and have no result yet; settle our `processing` payments whose result replicated
   back. Everything it does is idempotent, so it may race the push freely.
+- The same scan parks orphan credits (`region_node.suspense`): credits out of our clearing
+  account whose debit was lost in another region's tail, once listed for reconciliation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import schema, transfers
+from region_node import schema, suspense, transfers
 from region_node.errors import PaymentError
 from region_node.node import Node
 from region_node.ownership import assert_serving
@@ -120,7 +122,24 @@ class TransferWorker:
                 done += 1
             except PaymentError as exc:
                 log.info("payment %s not settled here: %s", payment_id, exc.message)
-        return done
+        return done + await self.park_orphan_credits()
+
+    async def park_orphan_credits(self) -> int:
+        """Park the orphan credits listed for our clearing accounts; returns how many."""
+        me = self.node.region
+        async with self.node.db.engine.connect() as conn:
+            orphans = await suspense.pending(conn, region=me, limit=self.batch)
+        parked = 0
+        for credit in orphans:
+            async def step(conn: AsyncConnection, credit: suspense.OrphanCredit = credit
+                           ) -> bool:
+                return await suspense.park(conn, region=me, credit=credit)
+            if await self.node.db.transaction(step):
+                parked += 1
+                log.warning("parked orphan credit of payment %s (%d %s) in suspense: its "
+                            "debit was lost; listed for reconciliation", credit.payment_id,
+                            credit.amount, credit.currency)
+        return parked
 
     async def run(self, stop: asyncio.Event) -> None:
         """Scan until stopped; errors are logged, never fatal."""

@@ -94,7 +94,7 @@ def cluster_ledger_checks(dsn: str, deposits: int) -> None:
         by_kind: dict[str, int] = {str(k): int(v) for k, v in conn.execute(
             "select kind, sum(balance)::bigint from accounts group by kind").fetchall()}
     users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
-    assert users + by_kind.get("clearing", 0) == deposits, by_kind
+    assert users + by_kind.get("clearing", 0) + by_kind.get("suspense", 0) == deposits, by_kind
     assert -by_kind.get("funding", 0) == deposits
 
 
