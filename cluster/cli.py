@@ -893,7 +893,9 @@ def failover_return(
         typer.echo(json.dumps({**tail.to_json(), "how": how}, indent=2))
         return
     console.print(f"{region}'s lost tail: {tail.count} payments {tail.amount_by_currency}, "
-                  f"{len(tail.journals)} other journals, {tail.recorded} item(s) listed for "
+                  f"{len(tail.journals)} other journals, {len(tail.orphan_credits)} orphan "
+                  f"credits {tail.orphan_amount_by_currency or ''} (parked in suspense by "
+                  f"the regions that paid them), {tail.recorded} item(s) listed for "
                   f"reconciliation; {how}")
 
 

@@ -569,36 +569,30 @@ class _Run:
         """List the returning region's lost tail for reconciliation, rebuild it into the
         cluster (`replication.reconcile`), then fail back the planned way."""
         try:
-            from replication.reconcile import lost_tail, rejoin_region
+            from replication.reconcile import lost_tail, rejoin_region, wait_parked
         except ImportError as exc:
             raise DrillError(f"the rejoin needs replication.reconcile: {exc}") from None
         home = self.config.region
         handles = _handles(self.cluster)
         survivors = {n: h for n, h in handles.items() if n != home}
-        if self.regional:
-            # Its synchronous standby (the buddy's subscription) was cut off at the
-            # takeover and will not come back: every commit of the returning store -
-            # the rebuild's own DDL included - would wait for it forever.
-            from replication.durability import set_durability
-
-            await _blocking(set_durability, handles[home].dsn, home, "local")
-            self.event("durability", f"{home} set to local before its rebuild (its buddy "
-                       "no longer streams from it)")
         tail = await _blocking(lost_tail, handles[home], survivors, home, record=True)
         self.lost_tail = tail.to_json()
         self.event("lost tail listed", f"{tail.count} payments "
-                   f"{tail.amount_by_currency or ''} and {len(tail.journals)} other journals "
-                   f"written to reconciliation_items ({tail.recorded} new items)")
+                   f"{tail.amount_by_currency or ''}, {len(tail.journals)} other journals and "
+                   f"{len(tail.orphan_credits)} orphan credits "
+                   f"{tail.orphan_amount_by_currency or ''} written to reconciliation_items "
+                   f"({tail.recorded} new items)")
+        if tail.orphan_credits:
+            await _blocking(wait_parked, survivors, tail)
+            self.event("suspense", f"{len(tail.orphan_credits)} orphan credits parked in "
+                       "the paying regions' suspense accounts")
+        # A regional region is rebuilt in local mode and made regional again (its buddy
+        # no longer streamed from it): replication.reconcile.rejoin_region.
         await _blocking(rejoin_region, self.cluster, home)
         self.crashed = False
-        self.event("rejoined", f"{home} rebuilt from a donor snapshot, its node up")
+        self.event("rejoined", f"{home} rebuilt from a donor snapshot, its node up"
+                   + (f", regional again (buddy {self.buddy})" if self.regional else ""))
         await self.handover(home, "failback")
-        if self.regional:
-            from replication.durability import set_durability
-
-            await _blocking(set_durability, handles[home].dsn, home, "regional",
-                            self.buddy, self.cluster.region(self.buddy).dsn)
-            self.event("durability", f"{home} regional again (buddy {self.buddy})")
 
 
 def fence_check(old_dsn: str, new_dsn: str, home: str, new_epoch: int,
@@ -899,6 +893,10 @@ def _tail_check(result: DrillResult, lossy: Loss, regional: bool) -> Check:
               f"units), of which {len(acked_in_tail)} acknowledged ({amount}); clients miss "
               f"{lossy.rpo_count} acknowledged ({lossy.missing_amount}); "
               f"{record.get('recorded')} items recorded")
+    orphans = record.get("orphan_credits") or []
+    if orphans:
+        detail += (f"; {len(orphans)} orphan credits "
+                   f"({sum(int(c['amount']) for c in orphans)}) parked in suspense")
     if regional:
         return Check("lost tail empty (regional)", not tail and exact, detail)
     return Check("lost tail reported exactly and listed", exact and recorded, detail)

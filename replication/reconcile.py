@@ -9,7 +9,13 @@ Whatever the returning region committed itself and no survivor has is its tail: 
 rows of the returning region's store whose last change was local (replication origin
 0) and that no survivor has (by primary key). Payments are listed with their journal
 entries and amounts per currency; journals without a lost payment (a deposit, a
-withdrawal) are listed on their own. The items are written to ``reconciliation_items``
+withdrawal) are listed on their own. A lost cross-region payment whose transfer had
+already been pushed to the payee's region and credited there (the push leaves right after
+the payer's commit, before replication) is an **orphan credit**: the survivors hold the
+credit but not the debit that fed it. It is listed too, with the clearing account that
+paid it, and that account's region parks the amount in its suspense account
+(`region_node.suspense`) so the ledger balances while the item is open. The items are
+written to ``reconciliation_items``
 in the current owner's store (it replicates to every region; readable through
 ``GET /v1/admin/reconciliation``), keyed by (home, takeover epoch, item) so a rerun
 adds nothing. They are never applied: an operator settles them with the customers.
@@ -19,16 +25,19 @@ its rows carry origins that no longer match (the survivors restamped the home's 
 the new owner), so it cannot simply resume streaming. The simplest correct way back is
 a rebuild: the region's database is dropped and re-created, and it joins the cluster
 again like a new region (`replication.wiring.add_region`: one copy from a donor
-snapshot, then streams from everyone). Its node then sees that the new owner serves its
-home and never tries to take the lease; ownership fails back the planned way
-(`replication.failover.planned_handover`).
+snapshot, then streams from everyone). A region in ``regional`` durability mode is made
+``local`` first (its synchronous standby, the buddy's cut-off subscription, would never
+confirm a commit, the rebuild's own included) and ``regional`` again once it streams.
+Its node then sees that the new owner serves its home and never tries to take the
+lease; ownership fails back the planned way (`replication.failover.planned_handover`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from region_node import suspense
 from region_node.schema import REPLICATED_TABLES
 from replication.align import primary_key
 from replication.failover import RegionHandle, restamp
@@ -64,12 +74,21 @@ class LostTail:
     journal_entries: int = 0
     amount_by_currency: dict[str, int] = field(default_factory=dict)
     other_rows: dict[str, int] = field(default_factory=dict)
+    orphan_credits: list[dict[str, Any]] = field(default_factory=list)
     recorded: int = 0
 
     @property
     def count(self) -> int:
         """Number of lost payments."""
         return len(self.payments)
+
+    @property
+    def orphan_amount_by_currency(self) -> dict[str, int]:
+        """Orphan credits' amounts per currency (what the suspense accounts take)."""
+        out: dict[str, int] = {}
+        for c in self.orphan_credits:
+            out[c["currency"]] = out.get(c["currency"], 0) + int(c["amount"])
+        return out
 
     @property
     def ledger_rows(self) -> int:
@@ -79,7 +98,8 @@ class LostTail:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {**asdict(self), "count": self.count}
+        return {**asdict(self), "count": self.count,
+                "orphan_amount_by_currency": self.orphan_amount_by_currency}
 
 
 def _libpq(dsn: str) -> str:
@@ -180,14 +200,20 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
             "payee": p[7], "committed_at": p[8].isoformat() if p[8] else None,
             "entries": by_payment.pop(str(p[0]), [])})
         tail.amount_by_currency[p[4]] = tail.amount_by_currency.get(p[4], 0) + int(p[3])
-    # Entries of payments the survivors have (e.g. a capture posted in the tail), and
-    # journals without a payment (deposits, withdrawals).
+    tail.orphan_credits = _orphan_credits(returning.dsn, dsns, tail.payments)
+    # Entries of payments the survivors have (e.g. a capture posted in the tail, or the
+    # credit of a transfer from another region), and journals without a payment
+    # (deposits, withdrawals). A lost credit the survivors made again (the new owner
+    # applies the replicated transfer message that has no result) says so.
+    redone = _credits_made(dsns, [k for k, items in by_payment.items()
+                                  if any(i["entry_type"] == "transfer_in" for i in items)])
     for key, items in [*by_payment.items(), *by_journal.items()]:
         tail.journals.append({"journal_id": items[0]["journal_id"], "payment_id":
                               items[0]["payment_id"], "entries": items,
                               "amount": sum(i["amount"] for i in items if i["amount"] > 0),
                               "currency": items[0]["currency"],
-                              "committed_at": items[0]["committed_at"], "key": key})
+                              "committed_at": items[0]["committed_at"], "key": key,
+                              "redone_by_journal": redone.get(key)})
     tail.journal_entries = len(lost_entries)
     for table, (pk, keys) in others.items():
         missing = set(keys)
@@ -200,6 +226,86 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
     if record and tail.takeover_epoch is not None and owner_handle is not None:
         tail.recorded = _record(owner_handle, tail)
     return tail
+
+
+_TRANSFERS_OF = """
+select id::text, payment_id::text, payee_id::text, to_home from transfers
+ where payment_id = any(%s::uuid[])
+"""
+
+# The credit a transfer got at the payee's region, with the clearing account that paid it.
+_CREDITS_OF = """
+select r.transfer_id::text, r.journal_id::text, a.id::text, a.home_region, e.amount,
+       e.currency, r.created_at
+  from transfer_results r
+  join journal_entries e on e.journal_id = r.journal_id
+  join accounts a on a.id = e.account_id and a.kind = 'clearing'
+ where r.outcome = 'credited' and r.transfer_id = any(%s::uuid[])
+"""
+
+
+def _orphan_credits(returning_dsn: str, dsns: list[str],
+                    payments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Credits the survivors hold for transfers of lost payments (see module docstring);
+    each payment's item is annotated with its credit."""
+    by_id = {str(p["id"]): p for p in payments}
+    if not by_id:
+        return []
+    with _connect(returning_dsn) as conn:
+        messages = {str(m[0]): m for m in conn.execute(_TRANSFERS_OF, (list(by_id),))}
+    credits: dict[str, dict[str, Any]] = {}
+    for dsn in dsns:
+        if not messages or len(credits) == len(messages):
+            break
+        with _connect(dsn) as conn:
+            for r in conn.execute(_CREDITS_OF, (list(messages),)):
+                message = messages[str(r[0])]
+                credits.setdefault(str(r[0]), {
+                    "transfer_id": r[0], "payment_id": message[1], "payee": message[2],
+                    "to_home": message[3], "journal_id": r[1], "clearing_account": r[2],
+                    "credit_region": r[3], "amount": -int(r[4]), "currency": r[5],
+                    "credited_at": r[6].isoformat() if r[6] else None})
+    for credit in credits.values():
+        by_id[credit["payment_id"]]["credited"] = {
+            k: credit[k] for k in ("transfer_id", "journal_id", "credit_region")}
+    return sorted(credits.values(), key=lambda c: str(c["credited_at"]))
+
+
+def _credits_made(dsns: list[str], payment_ids: list[str]) -> dict[str, str]:
+    """payment id -> the journal that credited its transfer in a survivor's copy."""
+    made: dict[str, str] = {}
+    for dsn in dsns:
+        if payment_ids:
+            with _connect(dsn) as conn:
+                made.update({str(r[0]): str(r[1]) for r in conn.execute(
+                    "select payment_id::text, journal_id::text from journal_entries "
+                    "where entry_type = 'transfer_in' and payment_id = any(%s::uuid[])",
+                    (payment_ids,))})
+    return made
+
+
+def wait_parked(stores: Mapping[str, RegionHandle], tail: LostTail,
+                timeout: float = 30.0) -> int:
+    """Wait until every orphan credit of `tail` is parked in suspense by the region whose
+    clearing account paid it (its node does it once the recorded item replicates there);
+    returns how many there were. TimeoutError naming the ones still open."""
+    deadline = time.monotonic() + timeout
+    open_items = list(tail.orphan_credits)
+    while open_items:
+        still = []
+        for credit in open_items:
+            with _connect(stores[credit["credit_region"]].dsn) as conn:
+                if conn.execute("select 1 from journal_entries where payment_id = %s "
+                                "and entry_type = %s limit 1",
+                                (credit["payment_id"], suspense.ENTRY_TYPE)).fetchone() is None:
+                    still.append(credit)
+        open_items = still
+        if open_items and time.monotonic() > deadline:
+            raise TimeoutError(f"orphan credits not parked within {timeout:g} s: "
+                               f"{[c['payment_id'] for c in open_items]}")
+        if open_items:
+            time.sleep(0.1)
+    return len(tail.orphan_credits)
 
 
 def _pk_json(pk: list[str]) -> sql.Composable:
@@ -236,6 +342,10 @@ def _record(owner: RegionHandle, tail: LostTail) -> int:
         rows.append((tail.home, tail.takeover_epoch, j["journal_id"], "journal",
                      tail.returning, owner.name, None, None, j["currency"], j["amount"],
                      j["committed_at"], json.dumps(j)))
+    for c in tail.orphan_credits:
+        rows.append((tail.home, tail.takeover_epoch, c["journal_id"], suspense.ITEM_KIND,
+                     tail.returning, owner.name, None, "credited", c["currency"],
+                     c["amount"], c["credited_at"], json.dumps(c)))
     inserted = 0
     with _connect(owner.dsn) as conn, conn.transaction():
         for row in rows:
@@ -288,12 +398,32 @@ def reconnect_region(returning: RegionHandle, survivors: Mapping[str, RegionHand
             f"journal entries and rows {tail.other_rows} no survivor has: rebuild it")
     if tail.owner is None or tail.owner not in survivors:
         raise ReconcileError(f"the new owner of {home} is not among the survivors")
-    restamp(returning.dsn, home, tail.owner)
-    for name in survivors:
-        set_enabled(returning.dsn, name, True)
-    for handle in survivors.values():
-        set_enabled(handle.dsn, returning.name, True)
+    with _local_meanwhile(returning.dsn, returning.name,
+                          {n: h.dsn for n, h in survivors.items()}):
+        restamp(returning.dsn, home, tail.owner)
+        for name in survivors:
+            set_enabled(returning.dsn, name, True)
+        for handle in survivors.values():
+            set_enabled(handle.dsn, returning.name, True)
     return tail
+
+
+@contextmanager
+def _local_meanwhile(dsn: str, region: str, others: Mapping[str, str]) -> Iterator[None]:
+    """Run the block with `region` in ``local`` durability mode, and put it back into
+    ``regional`` with the same buddy (`others`: region -> DSN) if the block succeeds.
+
+    A returning region's synchronous standby is its buddy's subscription to it, which the
+    takeover cut off: until that streams again, every commit there would wait forever.
+    After a failure it stays local, which never blocks."""
+    from replication.durability import durability, set_durability
+
+    was = durability(dsn, region, [region, *others])
+    if was.mode != "local":
+        set_durability(dsn, region, "local")
+    yield
+    if was.mode != "local" and was.buddy is not None and was.buddy in others:
+        set_durability(dsn, region, was.mode, was.buddy, others[was.buddy])
 
 
 def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
@@ -320,15 +450,30 @@ def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
     every subscription to and from it and its slots, drop and re-create its database,
     join it again from `donor` (default: the first other region) with
     `replication.wiring.add_region`, and start its node. List its lost tail with
-    `lost_tail` first: the rebuild discards it. Synchronous."""
-    from replication import wiring
-
+    `lost_tail` first: the rebuild discards it. A region in ``regional`` mode is rebuilt
+    in ``local`` mode and put back to ``regional`` with the same buddy once it streams
+    again. Synchronous."""
     region = cluster.region(name)
     others = [r for r in cluster.names if r != name]
     if region.node is not None and region.node.is_running():
         region.node.stop()
     start_store(cluster, name)
     dbs = cluster.region_dbs()
+    with _local_meanwhile(dbs[name].dsn, name, {o: dbs[o].dsn for o in others}):
+        report = _rebuild(name, others, dbs, donor, timeout)
+    if region.node is not None:
+        cluster.restart_node(name)
+    else:
+        cluster.start_node(name)
+    return report
+
+
+def _rebuild(name: str, others: list[str], dbs: dict[str, Any], donor: str | None,
+             timeout: float) -> AddRegionReport:
+    """Drop region `name`'s database with every subscription and slot to and from it,
+    and join it again from `donor`."""
+    from replication import wiring
+
     for other in others:
         wiring.unsubscribe(dbs[other].dsn, name, drop_slot=False)
         wiring.unsubscribe(dbs[name].dsn, other, drop_slot=False)
@@ -338,10 +483,5 @@ def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
     _drop_slots(admin, database=dbname)
     with _connect(admin) as conn:
         conn.execute(f'drop database if exists "{dbname}" with (force)')
-    report = wiring.add_region([dbs[o] for o in others], dbs[name],
-                               donor=donor or others[0], timeout=timeout)
-    if region.node is not None:
-        cluster.restart_node(name)
-    else:
-        cluster.start_node(name)
-    return report
+    return wiring.add_region([dbs[o] for o in others], dbs[name],
+                             donor=donor or others[0], timeout=timeout)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 from cluster.drill import (
@@ -153,15 +154,14 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     """The same crash in local mode, with the region's replication slowed just before it
     (and its stream in flight lost with it), so there is a tail: whatever clients saw
     acknowledged and is missing afterwards is exactly the lost tail (ids, count, amount),
-    listed for reconciliation on the region's return, never applied. Payments stay
-    within their region here: a lost cross-region payment whose transfer already reached
-    the payee's region leaves that credit behind (the clearing account goes negative by
-    its amount until an operator settles it), which the drill reports as a broken
-    invariant."""
+    listed for reconciliation on the region's return, never applied. Half the payments
+    cross regions: a lost one whose transfer was already pushed to and credited by the
+    payee's region is listed as an orphan credit, and that region parks the amount in
+    its suspense account, so the invariants hold in every region afterwards."""
     result = await run_drill_async(lab, DrillConfig("crash", REGION, duration=DURATION,
                                                     rate=RATE, hold=HOLD,
                                                     durability="local", tail_lag=1.0,
-                                                    cross_share=0.0), print)
+                                                    cross_share=0.5), print)
     _show(result, tmp_path / "report")
     _common(result)
     assert result.durability == "local"
@@ -170,11 +170,27 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     missing = {m["id"]: int(m["amount"]) for m in result.loss.missing}
     assert set(missing) <= set(tail)
     assert sum(missing.values()) == result.loss.missing_amount
-    assert result.lost_tail_record is not None
-    assert result.lost_tail_record["recorded"] >= len(tail)
+    record = result.lost_tail_record
+    assert record is not None
+    orphans = {str(c["payment_id"]): int(c["amount"]) for c in record["orphan_credits"]}
+    credited = {str(p["id"]) for p in result.lost_tail if p.get("credited")}
+    assert credited == set(orphans) and set(orphans) <= set(tail)
+    assert all(orphans[p] == tail[p] for p in orphans)
+    assert record["recorded"] >= len(tail) + len(orphans)
+    # Parked: the paying regions' suspense accounts hold exactly the orphan credits.
+    parked = {r.name: _suspense_balance(r.dsn) for r in lab.regions}
+    assert set(parked.values()) == {-sum(orphans.values())}, parked
     assert result.ok, [c for c in result.checks if not c.ok]
     print(f"lost tail: {len(tail)} payments, {sum(tail.values())} minor units; "
-          f"acknowledged and missing: {len(missing)}, {sum(missing.values())}")
+          f"acknowledged and missing: {len(missing)}, {sum(missing.values())}; "
+          f"orphan credits {len(orphans)}, {sum(orphans.values())}")
+
+
+def _suspense_balance(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("select coalesce(sum(balance), 0)::bigint from accounts "
+                           "where kind = 'suspense'").fetchone()
+    return int(row[0]) if row else 0
 
 
 @chaos
