@@ -382,7 +382,9 @@ async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, Regi
                                     catch_up_timeout, clock, restamped)
         released = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/release",
                                {"home_region": home})
-        clock.done("release", f"{source} gave back its lease (token {released.get('token')})")
+        clock.done("release", f"{source} gave back its lease (fence={released['token']})"
+                   if released.get("token") is not None else
+                   f"{source} held no lease of {home} any more (its epoch {epoch} is banned)")
     except Exception as exc:
         await _abort(client, regions, home, source, None, report, clock, ban_at, restamped,
                      exc, lock_wait)
