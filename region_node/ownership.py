@@ -264,11 +264,12 @@ async def take(db: Database, region: str, home_region: str, epoch: int, *,
         if row is not None and int(row.epoch) == epoch and row.serving_region == region:
             return epoch
         if row is not None and int(row.epoch) >= epoch:
-            raise Conflict(f"Epoch {epoch} of {home_region} is not above the current "
-                           f"epoch {row.epoch}", code="stale_epoch")
+            # epoch=<digits>: 16-digit epochs must survive the card masker (redact.py).
+            raise Conflict(f"epoch={epoch} of {home_region} is not above the current "
+                           f"epoch={row.epoch}", code="stale_epoch")
         if (not forced and row is not None and row.serving_region != region
                 and not row.banned):
-            raise Conflict(f"Epoch {row.epoch} of {home_region} (served by "
+            raise Conflict(f"epoch={row.epoch} of {home_region} (served by "
                            f"{row.serving_region}) is not banned here yet", code="not_banned")
         await conn.execute(EPOCHS.insert().values(home_region=home_region, epoch=epoch,
                                                   serving_region=region))

@@ -161,7 +161,9 @@ async def give(conn: AsyncConnection, *, grant_id: uuid.UUID, sku: str, me: str,
     mine = (await conn.execute(sa.select(AL).where(AL.c.sku == sku, AL.c.region == me)
                                .with_for_update())).one()
     if fence <= mine.fence:
-        raise StaleFence(f"Fencing token {fence} is older than {mine.fence} for '{sku}'")
+        # fence=<digits>: 16-digit tokens must survive the card masker (redact.py).
+        raise StaleFence(f"Fencing token fence={fence} is older than fence={mine.fence} "
+                         f"for '{sku}'")
     free = mine.allotted - mine.sold - mine.reserved
     units = min(wanted, free)
     await conn.execute(AL.update().where(AL.c.sku == sku, AL.c.region == me)
