@@ -944,27 +944,8 @@ def bootstrap_admin(cluster: Cluster, timeout: float = 60.0) -> str:
     replication is wired, before any node runs) and wait until every region has both
     rows, so the key works everywhere from the start. Returns the key. A lab restarted
     on its data dir keeps `cluster.admin_key` if the store still honours it."""
-    import psycopg
-
-    from region_node.principals import bootstrap_admin_sync, hash_key
-
-    first = cluster.regions[0]
-    # A restart on the same data dir (same stores) keeps the key cluster.json had, if the
-    # first region's store still has it as an unrevoked admin key; else a new one.
-    key = cluster.admin_key
-    with psycopg.connect(first.dsn, autocommit=True) as conn:
-        kept = conn.execute(
-            "select k.id from api_keys k join principals p on p.id = k.principal_id "
-            "where k.hash = %s and p.role = 'admin' and not exists "
-            "(select 1 from api_key_revocations r where r.key_id = k.id)",
-            (hash_key(key),)).fetchone() if key else None
-    if kept is not None:
-        key_id = kept[0]
-    else:
-        admin = bootstrap_admin_sync(first.dsn, first.name)
-        key, key_id = admin.key, admin.key_id
-    _await_key_everywhere(cluster, key_id, "bootstrap admin", timeout)
-    return key
+    return _lab_key(cluster, cluster.admin_key, "bootstrap-admin", "admin",
+                    "bootstrap admin", timeout)
 
 
 def router_key(cluster: Cluster, timeout: float = 60.0) -> str:
@@ -973,36 +954,32 @@ def router_key(cluster: Cluster, timeout: float = 60.0) -> str:
     created like the bootstrap admin in the FIRST region's store and awaited in every
     region. A lab restarted on its data dir keeps `cluster.router_key` if the store still
     honours it as that principal's unrevoked key."""
+    return _lab_key(cluster, cluster.router_key, ROUTER_PRINCIPAL, "customer", "geo router",
+                    timeout)
+
+
+def _lab_key(cluster: Cluster, key: str | None, name: str, role: str, what: str,
+             timeout: float) -> str:
+    """`key` if the first region's store still has it as an unrevoked key of principal
+    `name` with `role` (a restart on the same data dir), else a new principal and key
+    created there; either way awaited in every region."""
     import psycopg
 
-    from region_node.ids import new_id
-    from region_node.principals import hash_key, make_key
-    from region_node.regions import RegionCatalog
+    from region_node.principals import create_principal_sync, hash_key
 
     first = cluster.regions[0]
-    key = cluster.router_key
     with psycopg.connect(first.dsn, autocommit=True) as conn:
         kept = conn.execute(
             "select k.id from api_keys k join principals p on p.id = k.principal_id "
-            "where k.hash = %s and p.name = %s and p.role <> 'admin' and not exists "
+            "where k.hash = %s and p.name = %s and p.role = %s and not exists "
             "(select 1 from api_key_revocations r where r.key_id = k.id)",
-            (hash_key(key), ROUTER_PRINCIPAL)).fetchone() if key else None
-        if kept is not None:
-            key_id = kept[0]
-        else:
-            catalog = RegionCatalog()
-            principal_id = catalog.stamp(new_id(), first.name)
-            key_id = catalog.stamp(new_id(), first.name)
-            new = make_key()
-            with conn.transaction():
-                conn.execute("insert into principals (id, name, role, home_region) "
-                             "values (%s, %s, 'customer', %s)",
-                             (principal_id, ROUTER_PRINCIPAL, first.name))
-                conn.execute("insert into api_keys (id, principal_id, prefix, hash, "
-                             "home_region) values (%s, %s, %s, %s, %s)",
-                             (key_id, principal_id, new.prefix, new.hash, first.name))
-            key = new.key
-    _await_key_everywhere(cluster, key_id, "geo router", timeout)
+            (hash_key(key), name, role)).fetchone() if key else None
+    if kept is not None and key:
+        key_id = kept[0]
+    else:
+        made = create_principal_sync(first.dsn, first.name, name, role)
+        key, key_id = made.key, made.key_id
+    _await_key_everywhere(cluster, key_id, what, timeout)
     return key
 
 

@@ -285,6 +285,13 @@ def bootstrap_admin_sync(dsn: str, region: str, name: str = "bootstrap-admin"
                          ) -> BootstrapAdmin:
     """Create the first admin principal and its key in the store at `dsn` (libpq URL),
     homed in `region`; for `paycluster up` and test fixtures, before any node runs."""
+    return create_principal_sync(dsn, region, name, "admin")
+
+
+def create_principal_sync(dsn: str, region: str, name: str, role: str) -> BootstrapAdmin:
+    """Create a principal with `role` and one key for it in the store at `dsn` (libpq
+    URL), homed in `region`, in one transaction; for the lab's own principals (the
+    bootstrap admin, the geo routers) before or beside the nodes."""
     import psycopg
 
     from region_node.ids import new_id
@@ -296,7 +303,7 @@ def bootstrap_admin_sync(dsn: str, region: str, name: str = "bootstrap-admin"
     new = make_key()
     with psycopg.connect(dsn) as conn:
         conn.execute("insert into principals (id, name, role, home_region) "
-                     "values (%s, %s, 'admin', %s)", (principal_id, name, region))
+                     "values (%s, %s, %s, %s)", (principal_id, name, role, region))
         conn.execute("insert into api_keys (id, principal_id, prefix, hash, home_region) "
                      "values (%s, %s, %s, %s, %s)",
                      (key_id, principal_id, new.prefix, new.hash, region))
