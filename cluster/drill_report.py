@@ -53,6 +53,9 @@ def headline(result: DrillResult) -> list[tuple[str, str]]:
     if result.lost_tail is not None:
         rows.append(("lost tail (reconciliation)", f"{len(result.lost_tail)} payments, "
                      f"{sum(int(p.get('amount', 0)) for p in result.lost_tail)} minor units"))
+        orphans = (result.lost_tail_record or {}).get("orphan_credits") or []
+        rows.append(("orphan credits (parked in suspense)", f"{len(orphans)}, "
+                     f"{sum(int(c.get('amount', 0)) for c in orphans)} minor units"))
     if result.fence is not None:
         rows.append(("fence", result.fence.get("summary", "")))
     rows.append(("converged", "-" if result.converged_after is None
