@@ -21,6 +21,7 @@ from region_node.api import (
     errors,
     health,
     payments,
+    reconciliation,
     stock,
 )
 from region_node.api import webhooks as webhook_routes
@@ -145,6 +146,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(cluster_info.router)
     app.include_router(admin.router)
+    app.include_router(reconciliation.router)
     # Innermost: the audit trail sees the request id and the matched route.
     app.add_middleware(AuditTrail)
     # Outermost first: the request id and metrics see everything, including 413s.

@@ -424,10 +424,31 @@ audit_log = sa.Table(
     sa.Column("status", sa.Integer, nullable=False),
 )
 
+# How an operator settled a reconciliation item (migration 0011). Insert-only; the key
+# is the item's, inserted by the one region allowed to settle it (region_node/
+# reconciliation.py), so an item is settled once cluster-wide.
+reconciliation_resolutions = sa.Table(
+    "reconciliation_resolutions", metadata,
+    sa.Column("home_region", sa.Text, primary_key=True),
+    sa.Column("takeover_epoch", sa.BigInteger, primary_key=True),
+    sa.Column("item_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("resolution", sa.Text, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("resolved_by", UUID(as_uuid=True), nullable=True),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("journal_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("amount", sa.BigInteger, nullable=True),
+    sa.Column("currency", sa.Text, nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("resolution in ('acknowledge','claw_back','write_off')",
+                       name="ck_resolution"),
+)
+
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
     "transfer_results", "ownership_takeovers", "reconciliation_items",
+    "reconciliation_resolutions",
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
     "webhook_endpoints", "webhook_secrets", "webhook_endpoint_deletions", "webhook_deliveries",
     "webhook_attempts",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -114,25 +113,4 @@ async def ownership_leases(request: Request) -> JSONResponse:
                                      "event": e} for t, h, e in leases.events]})
 
 
-@router.get("/v1/admin/reconciliation")
-async def reconciliation(request: Request) -> JSONResponse:
-    """Items listed for reconciliation after a forced takeover (a returning region's
-    transactions no survivor had: `replication.reconcile`), and the forced takeovers,
-    as this region's store has them. Never applied by the system."""
-    node = node_of(request)
-    async with node.db.engine.connect() as conn:
-        items = (await conn.execute(sa.text(
-            "select home_region, takeover_epoch, item_id::text as item_id, item_kind, "
-            "lost_region, listed_by, epoch, status, currency, amount, committed_at, detail "
-            "from reconciliation_items order by home_region, takeover_epoch, committed_at"
-        ))).mappings().all()
-        takeovers = (await conn.execute(sa.text(
-            "select home_region, epoch, serving_region, from_region, from_epoch, forced, "
-            "positions, detail, created_at from ownership_takeovers order by created_at"
-        ))).mappings().all()
-
-    def plain(row: Any) -> dict[str, Any]:
-        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
-
-    return JSONResponse({"region": node.region, "items": [plain(r) for r in items],
-                         "takeovers": [plain(r) for r in takeovers]})
+# GET /v1/admin/reconciliation (items with their resolutions) lives in api/reconciliation.py.

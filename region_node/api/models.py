@@ -123,3 +123,23 @@ class CreatePrincipal(Body):
     home_region: str | None = Field(None, max_length=64)
 
     _mask_name = field_validator("name")(_free_text)
+
+
+class ResolveReconciliationItem(Body):
+    """POST /v1/admin/reconciliation/resolve (admin): settle one listed item."""
+
+    home_region: str = Field(min_length=1, max_length=64)
+    takeover_epoch: Annotated[StrictInt, Field(ge=0)]
+    item_id: str = Field(min_length=1, max_length=64)
+    resolution: Literal["acknowledge", "claw_back", "write_off"]
+    # How it was settled outside the system (stored, replicated and shown back).
+    note: str = Field(min_length=1, max_length=2000)
+
+    _mask_note = field_validator("note")(_free_text)
+
+    @field_validator("note")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a note saying how the item was settled is required")
+        return value.strip()
