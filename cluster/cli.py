@@ -11,6 +11,8 @@
                          | set A B [--rtt-ms X] [--jitter-ms Y] [--one-way]
     paycluster region add NAME
     paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
+    paycluster reconcile list [--json] | resolve --home H --epoch E --item ID
+                         --resolution acknowledge|claw_back|write_off --note TEXT
     paycluster durability show | set REGION local|regional [--buddy B]
                           | bench [bench/durability.py options]
     paycluster drill planned|crash|partition --region R [--duration S] [--rate N]
@@ -978,6 +980,103 @@ def durability_bench(ctx: typer.Context) -> None:
     from bench.durability import main
 
     raise typer.Exit(main(list(ctx.args)))
+
+
+# --------------------------------------------------------------------------- reconcile
+
+reconcile_app = typer.Typer(help="Settle the items a lost tail left for reconciliation "
+                                 "(/v1/admin/reconciliation).", no_args_is_help=True)
+app.add_typer(reconcile_app, name="reconcile")
+
+
+def _reconcile_lab(data_dir: Path) -> Cluster:
+    try:
+        return Cluster.load(data_dir)
+    except ClusterError as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def reconciliation_listings(cluster: Cluster, client: httpx.Client
+                            ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(region, GET /v1/admin/reconciliation) of each region that answers, in lab order."""
+    for region in cluster.regions:
+        with contextlib.suppress(httpx.HTTPError):
+            resp = client.get(f"{region.api_url}/v1/admin/reconciliation",
+                              headers=cluster.auth_headers())
+            if resp.status_code == 200:
+                yield region.name, resp.json()
+
+
+@reconcile_app.command("list")
+def reconcile_list(data_dir: DataDir = DEFAULT_DATA_DIR,
+                   as_json: Annotated[bool, typer.Option("--json", help="machine-readable")]
+                   = False) -> None:
+    """Every listed item with its resolution (as the first answering region has them)
+    and the open items per kind and currency."""
+    cluster = _reconcile_lab(data_dir)
+    with httpx.Client(timeout=10) as client:
+        region, doc = next(reconciliation_listings(cluster, client), (None, None))
+    if doc is None:
+        err_console.print("[red]no region answered[/]")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    table = Table(title=f"reconciliation items (as {region} has them)", box=box.SIMPLE)
+    for col in ("home", "epoch", "item", "kind", "amount", "resolved by region", "resolution"):
+        table.add_column(col)
+    for item in doc["items"]:
+        done = item.get("resolution")
+        table.add_row(item["home_region"], str(item["takeover_epoch"]), item["item_id"],
+                      item["item_kind"], f"{item['amount']} {item['currency']}",
+                      str(item.get("resolver_region")),
+                      f"{done['resolution']}: {done['note']}" if done else "[yellow]open[/]")
+    console.print(table)
+    for group in doc["summary"]["open_by_kind_and_currency"]:
+        console.print(f"open {group['item_kind']}: {group['count']} item(s), "
+                      f"{group['amount']} {group['currency']}")
+
+
+@reconcile_app.command("resolve")
+def reconcile_resolve(
+        home: Annotated[str, typer.Option("--home", help="the item's home region")],
+        epoch: Annotated[int, typer.Option("--epoch", help="the takeover epoch it is under")],
+        item: Annotated[str, typer.Option("--item", help="the item id")],
+        resolution: Annotated[str, typer.Option(
+            "--resolution", help="acknowledge | claw_back | write_off")],
+        note: Annotated[str, typer.Option("--note", help="how it was settled")],
+        data_dir: DataDir = DEFAULT_DATA_DIR,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Settle one item, at the one region allowed to (the credit region of an orphan
+    credit, else the region serving its home): once per item, cluster-wide."""
+    cluster = _reconcile_lab(data_dir)
+    body = {"home_region": home, "takeover_epoch": epoch, "item_id": item,
+            "resolution": resolution, "note": note}
+    with httpx.Client(timeout=30) as client:
+        resolver = next((i.get("resolver_region") for _, doc in
+                         reconciliation_listings(cluster, client) for i in doc["items"]
+                         if (i["home_region"], i["takeover_epoch"], i["item_id"])
+                         == (home, epoch, item)), None)
+        # Any region forwards it to the resolver; asking that one saves the hop.
+        target = resolver if resolver in cluster.names else cluster.names[0]
+        resp = client.post(f"{cluster.region(target).api_url}/v1/admin/reconciliation/resolve",
+                           json=body, headers=cluster.auth_headers())
+    if resp.status_code != 201:
+        err = resp.json().get("error", {}) if resp.headers.get(
+            "content-type", "").startswith("application/json") else {}
+        err_console.print(f"[red]refused by {target} (HTTP {resp.status_code} "
+                          f"{err.get('code', '')}):[/] {err.get('message', resp.text)}")
+        raise typer.Exit(1)
+    done = resp.json()
+    if as_json:
+        typer.echo(json.dumps(done, indent=2))
+        return
+    moved = f", journal {done['journal_id']} ({done['amount']} {done['currency']})" \
+        if done["journal_id"] else ""
+    console.print(f"[green]✓[/] {done['item_kind']} {item} resolved: {done['resolution']} "
+                  f"at {done['region']}{moved}")
 
 
 # --------------------------------------------------------------------------- routers
