@@ -14,14 +14,19 @@ import asyncio
 import json
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
+from typer.testing import CliRunner
 
+from cluster.cli import app as cli
 from cluster.invariants import ledger_findings
+from cluster.lab import start_cluster
 from region_node import reconciliation, suspense, transfers
 from region_node.config import RegionSettings
 from region_node.db import Database
@@ -29,7 +34,7 @@ from region_node.errors import Conflict
 from region_node.ids import new_id
 from region_node.regions import RegionCatalog
 from tests.conftest import app_client, auth_headers
-from tests.helpers import check_ledger, open_account
+from tests.helpers import check_ledger, open_account, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,22 +44,24 @@ RESOLVE = "/v1/admin/reconciliation/resolve"
 CONCURRENT = 20
 
 
-async def orphan_credit(db_url: str, payee: str, *, park: bool = True) -> str:
-    """Credit `payee` for a transfer from eu-west whose payment this store never has,
-    list it as an orphan credit item (as `replication.reconcile.lost_tail` does) and,
-    with `park`, park it in suspense; returns the item id (the credit's journal id)."""
+async def orphan_credit(db_url: str, payee: str, *, park: bool = True,
+                        region: str = "us-east", lost: str = "eu-west") -> str:
+    """Credit `payee` (homed in `region`) for a transfer from `lost` whose payment this
+    store never has, list it as an orphan credit item (as `replication.reconcile.lost_tail`
+    does, under home `lost`) and, with `park`, wait until it is parked in suspense (or park
+    it); returns the item id (the credit's journal id)."""
     catalog = RegionCatalog()
 
-    def eu_id() -> uuid.UUID:
-        return catalog.stamp(new_id(), "eu-west")
+    def lost_id() -> uuid.UUID:
+        return catalog.stamp(new_id(), lost)
 
     message = transfers.TransferMessage(
-        id=eu_id(), payment_id=eu_id(), payer_id=eu_id(), payee_id=uuid.UUID(payee),
-        from_home="eu-west", to_home="us-east", amount=AMOUNT, currency="USD")
+        id=lost_id(), payment_id=lost_id(), payer_id=lost_id(), payee_id=uuid.UUID(payee),
+        from_home=lost, to_home=region, amount=AMOUNT, currency="USD")
     db = Database(db_url)
     try:
         async def credit(conn: AsyncConnection) -> transfers.TransferOutcome:
-            return await transfers.receive(conn, region="us-east", message=message)
+            return await transfers.receive(conn, region=region, message=message)
 
         assert (await db.transaction(credit)).outcome == "credited"
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -65,14 +72,15 @@ async def orphan_credit(db_url: str, payee: str, *, park: bool = True) -> str:
             assert row is not None
             journal_id, clearing = row
             detail = {"payment_id": str(message.payment_id), "transfer_id": str(message.id),
-                      "payee": payee, "to_home": "us-east", "journal_id": str(journal_id),
-                      "clearing_account": str(clearing), "credit_region": "us-east",
+                      "payee": payee, "to_home": region, "journal_id": str(journal_id),
+                      "clearing_account": str(clearing), "credit_region": region,
                       "amount": AMOUNT, "currency": "USD"}
-            _insert_item(conn, journal_id, suspense.ITEM_KIND, detail)
+            _insert_item(conn, journal_id, suspense.ITEM_KIND, detail, home=lost,
+                         listed_by=region)
         if park:
             async def park_it(conn: AsyncConnection) -> None:
-                for found in await suspense.pending(conn, region="us-east", limit=10):
-                    await suspense.park(conn, region="us-east", credit=found)
+                for found in await suspense.pending(conn, region=region, limit=10):
+                    await suspense.park(conn, region=region, credit=found)
 
             await db.transaction(park_it)  # a no-op if the node's worker was first
             assert _parked(db_url, message.payment_id)
@@ -82,12 +90,13 @@ async def orphan_credit(db_url: str, payee: str, *, park: bool = True) -> str:
 
 
 def _insert_item(conn: psycopg.Connection[Any], item_id: uuid.UUID, kind: str,
-                 detail: dict[str, Any], home: str = "eu-west") -> None:
+                 detail: dict[str, Any], home: str = "eu-west",
+                 listed_by: str = "us-east") -> None:
     conn.execute(
         "insert into reconciliation_items (home_region, takeover_epoch, item_id, item_kind, "
         "lost_region, listed_by, status, currency, amount, detail) values (%s, %s, %s, %s, "
-        "'eu-west', 'us-east', 'credited', 'USD', %s, %s::jsonb)",
-        (home, EPOCH, item_id, kind, AMOUNT, json.dumps(detail)))
+        "%s, %s, 'credited', 'USD', %s, %s::jsonb)",
+        (home, EPOCH, item_id, kind, home, listed_by, AMOUNT, json.dumps(detail)))
 
 
 def _parked(db_url: str, payment_id: uuid.UUID) -> bool:
@@ -288,3 +297,67 @@ async def test_concurrent_resolves_settle_once(client: httpx.AsyncClient, db_url
     assert postings == [(winner["journal_id"], 2)], "exactly one posting"
     assert by_kind(db_url)["suspense"] == 0
     assert_sound(db_url)
+
+
+def count_of(dsn: str, table: str, count: int) -> Callable[[], bool]:
+    """A check: `table` in the store at `dsn` holds `count` rows."""
+    return lambda: rows(dsn, f"select count(*) from {table}") == [(count,)]
+
+
+@pytest.mark.multiregion
+@pytest.mark.timeout(120)
+async def test_cli_and_forwarding_on_a_two_region_lab(tmp_path: Path) -> None:
+    """`paycluster reconcile` against a real lab: it settles an orphan credit of eu-west
+    at eu-west; a resolve of a us-east item sent to eu-west is forwarded to us-east; the
+    resolutions replicate both ways with zero conflicts and sound ledgers."""
+    # start_cluster and stop run their own event loops: off this one.
+    cluster = await asyncio.to_thread(start_cluster, tmp_path / "lab", regions=2,
+                                      wan_scale=0.0)
+    try:
+        us, eu = cluster.region("us-east"), cluster.region("eu-west")
+        headers = cluster.auth_headers()
+        async with httpx.AsyncClient(headers=headers, timeout=10) as http:
+            opened = await http.post(f"{eu.api_url}/v1/accounts", json={
+                "currency": "USD", "kind": "merchant", "home_region": "eu-west"})
+        assert opened.status_code == 201, opened.text
+        # A credit at eu-west for a payment lost with us-east; eu-west's node parks it.
+        orphan = await orphan_credit(eu.dsn, opened.json()["id"], region="eu-west",
+                                     lost="us-east")
+        payment = new_id()
+        with psycopg.connect(us.dsn, autocommit=True) as conn:
+            _insert_item(conn, payment, "payment", {"id": str(payment)}, home="us-east",
+                         listed_by="us-east")
+        for region in (us, eu):
+            wait_for(count_of(region.dsn, "reconciliation_items", 2), 20,
+                     f"both items in {region.name}")
+
+        runner = CliRunner()
+        data_dir = str(cluster.data_dir)
+        listed = runner.invoke(cli, ["reconcile", "list", "-d", data_dir, "--json"])
+        assert listed.exit_code == 0, listed.output
+        resolvers = {i["item_id"]: i["resolver_region"]
+                     for i in json.loads(listed.output)["items"]}
+        assert resolvers == {orphan: "eu-west", str(payment): "us-east"}
+        args = ["reconcile", "resolve", "-d", data_dir, "--home", "us-east", "--epoch",
+                str(EPOCH), "--item", orphan, "--resolution", "claw_back", "--note", "agreed"]
+        done = runner.invoke(cli, [*args, "--json"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.output)["region"] == "eu-west"
+        again = runner.invoke(cli, args)
+        assert again.exit_code == 1 and "already_resolved" in again.output, again.output
+
+        async with httpx.AsyncClient(headers=headers, timeout=10) as http:
+            forwarded = await http.post(f"{eu.api_url}{RESOLVE}", json={
+                **request(str(payment), "acknowledge"), "home_region": "us-east"})
+        assert forwarded.status_code == 201, forwarded.text
+        assert forwarded.headers["paycluster-served-by"] == "us-east"
+        assert forwarded.json()["region"] == "us-east"
+
+        for region in (us, eu):
+            wait_for(count_of(region.dsn, "reconciliation_resolutions", 2), 20,
+                     f"both resolutions in {region.name}")
+            assert by_kind(region.dsn)["suspense"] == 0
+            failed = [f for f in ledger_findings(region.name, region.dsn) if not f.ok]
+            assert failed == [], failed
+    finally:
+        await asyncio.to_thread(cluster.stop)
