@@ -112,12 +112,16 @@ async def test_concurrent_clients_admitted_within_the_bucket_bound(
         await asyncio.gather(*(client(nodes[i % 4]) for i in range(20)))
     finally:
         elapsed = time.monotonic() - started
+        # A node whose Redis call outlived its 0.25 s bound (a loaded machine) fails open
+        # to a bucket of its own for 5 s, longer than this test: by design, it may admit
+        # up to one more bucket's worth.
+        fell_back = sum(1 for lim in nodes if lim.degraded)
         for lim in nodes:
             await lim.aclose()
-    bound = burst + rate * elapsed
+    bound = (burst + rate * elapsed) * (1 + fell_back)
     assert refused > 0
-    # Never more than the bucket allows (+1: a token landing between our clock readings).
-    assert admitted <= bound + 1, (admitted, bound)
+    # Never more than the buckets allow (+1: a token landing between our clock readings).
+    assert admitted <= bound + 1, (admitted, bound, fell_back)
     # And not starved either: the refill really is handed out (a loose bound: on a loaded
     # machine the clients themselves may not ask often enough to take every token).
     assert admitted >= burst + rate * elapsed * 0.3, (admitted, refused, bound)
