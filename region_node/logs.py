@@ -74,7 +74,7 @@ class RedactFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: log what we have, scrubbed
             message = f"{record.msg!s} {record.args!r}"
-        clean = scrub(message)
+        clean = scrub(message, keep_labelled_ids=True)
         if clean != message:
             # Rendered once, scrubbed; formatters that need the args (uvicorn's access
             # formatter) only run where nothing had to be hidden.

@@ -3,9 +3,9 @@
 - `mask_card_numbers`: a run of 13-19 digits (single spaces or dashes allowed between
   digits, as people write card numbers) that passes the Luhn check becomes the first
   six digits, stars, and the last four (PCI DSS allows showing those): "411111******1111".
-  One exception: an unbroken run right after the label `epoch=` or `fence=` (exactly that,
-  lower case, glued) is an ownership epoch / fencing token, written so by our own log
-  lines, and is left whole (see _LABEL).
+  One exception, in log messages only: an unbroken run right after the label `epoch=` or
+  `fence=` (exactly that, lower case, glued) is an ownership epoch / fencing token,
+  written so by our own log lines, and is left whole (see _LABEL).
 - `redact_secrets`: API keys (`pck_<prefix>_<secret>`) keep their public prefix only
   (`pck_<prefix>_****`), webhook secrets become `whsec_****`, and a bearer token after
   `Bearer` becomes `****`.
@@ -101,8 +101,11 @@ def _mask_run(run: str) -> str:
     return "".join(out)
 
 
-def mask_card_numbers(text: str) -> str:
-    """Replace every Luhn-valid 13-19 digit number with first six + stars + last four."""
+def mask_card_numbers(text: str, *, keep_labelled_ids: bool = False) -> str:
+    """Replace every Luhn-valid 13-19 digit number with first six + stars + last four.
+
+    `keep_labelled_ids` (log messages only, see `scrub`) leaves an `epoch=`/`fence=`
+    number whole."""
     if not _DIGIT_RUN.search(text):
         return text
 
@@ -110,7 +113,7 @@ def mask_card_numbers(text: str) -> str:
         run = m.group()
         if sum(ch.isdigit() for ch in run) < 13 or _in_uuid(text, m.start(), m.end()):
             return run
-        if _LABEL.search(text, max(0, m.start() - 7), m.start()):
+        if keep_labelled_ids and _LABEL.search(text, max(0, m.start() - 7), m.start()):
             # The epoch is the first group alone; whatever follows it is checked as usual.
             head, *tail = _GROUP_SPLIT.split(run, maxsplit=1)
             if len(head) >= 13:
@@ -129,9 +132,14 @@ def redact_secrets(text: str) -> str:
     return _BEARER.sub(lambda m: m.group(1) + "****", text)
 
 
-def scrub(text: str) -> str:
-    """Secrets hidden, then card numbers masked: the text is safe to log, echo or store."""
-    return mask_card_numbers(redact_secrets(text))
+def scrub(text: str, *, keep_labelled_ids: bool = False) -> str:
+    """Secrets hidden, then card numbers masked: the text is safe to log, echo or store.
+
+    `keep_labelled_ids` is for the log filter only: our log lines write epochs and fencing
+    tokens `epoch=<digits>` / `fence=<digits>` and they stay readable there. Text that is
+    stored or echoed (descriptions, error bodies, audit rows) never gets the exemption: a
+    client could write its card in that form."""
+    return mask_card_numbers(redact_secrets(text), keep_labelled_ids=keep_labelled_ids)
 
 
 def scrub_value(value: object) -> object:
