@@ -202,19 +202,26 @@ def _present_at(dsn: str, ids: list[str]) -> set[str]:
             "select id::text from payments where id = any(%s::uuid[])", (ids,))}
 
 
+async def _fail_back(lab: Cluster, within: float = 30.0) -> None:
+    """Hand HOME back to itself the planned way, retrying for up to `within` seconds: a
+    region that just came back needs a heartbeat from every peer before its monitor
+    passes the handover's lag precheck."""
+    regions, lock_urls = failover_targets(lab, HOME)
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await planned_handover(regions, lock_urls, HOME, HOME, headers=_headers(lab))
+            return
+        except HandoverError as exc:
+            assert time.monotonic() < deadline, exc
+            await asyncio.sleep(0.5)
+
+
 async def _return_and_fail_back(lab: Cluster) -> None:
     """Rebuild eu-west from a donor, hand its home back the planned way, and check the
     whole cluster: converged, ledger sound, zero conflicts anywhere."""
     await asyncio.to_thread(rejoin_region, lab, HOME, donor=BUDDY)
-    regions, lock_urls = failover_targets(lab, HOME)
-    deadline = time.monotonic() + 30
-    while True:  # the rebuilt region's monitor needs a heartbeat from every peer first
-        try:
-            await planned_handover(regions, lock_urls, HOME, HOME, headers=_headers(lab))
-            break
-        except HandoverError as exc:
-            assert time.monotonic() < deadline, exc
-            await asyncio.sleep(0.5)
+    await _fail_back(lab)
     await _owner_is(lab, HOME)
     await _quiesce(lab)
     deposits = _deposits(lab)
@@ -448,15 +455,7 @@ async def test_partition_without_writes_reconnects_without_a_rebuild(cluster: Cl
     print(f"\nisolated owner dropped its lease {1000 * (t_lost - t_cut):.0f} ms after the "
           f"cut; tail: {tail.to_json()['other_rows']} other rows, no ledger row; reconnected")
     # Back home the planned way; every region's ledger sound, zero conflicts.
-    regions, lock_urls = failover_targets(cluster, HOME)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            await planned_handover(regions, lock_urls, HOME, HOME, headers=headers)
-            break
-        except HandoverError as exc:
-            assert time.monotonic() < deadline, exc
-            await asyncio.sleep(0.5)
+    await _fail_back(cluster)
     await _owner_is(cluster, HOME)
     await _quiesce(cluster)
     errors = _no_conflicts(cluster)
