@@ -64,26 +64,28 @@ class Item:
         """A credit whose debit was lost (parked in its region's suspense account)."""
         return self.item_kind == suspense.ITEM_KIND
 
-    @property
-    def credit_region(self) -> str | None:
-        """For an orphan credit: the region whose clearing account paid it."""
-        value = self.detail.get("credit_region")
-        return str(value) if value else None
-
     def key(self) -> dict[str, Any]:
         """The item's (and its resolution's) primary key as bind parameters."""
         return {"home": self.home_region, "epoch": self.takeover_epoch, "item": self.item_id}
 
 
-def resolver(item: Item, serving_home: str) -> str:
-    """The one region allowed to settle `item`: an orphan credit's credit region, else
-    `serving_home` (the region serving the item's home region right now)."""
-    if item.is_orphan_credit:
-        if item.credit_region is None:
-            raise Conflict(f"Orphan credit {item.item_id} names no credit region",
-                           code="not_resolvable")
-        return item.credit_region
+def resolver_region(item_kind: str, detail: dict[str, Any], serving_home: str) -> str | None:
+    """The one region allowed to settle an item of `item_kind` with `detail`: an orphan
+    credit's credit region (None if it names none), else `serving_home` (the region
+    serving the item's home region right now)."""
+    if item_kind == suspense.ITEM_KIND:
+        value = detail.get("credit_region")
+        return str(value) if value else None
     return serving_home
+
+
+def resolver(item: Item, serving_home: str) -> str:
+    """`resolver_region` of `item`; Conflict if an orphan credit names no credit region."""
+    region = resolver_region(item.item_kind, item.detail, serving_home)
+    if region is None:
+        raise Conflict(f"Orphan credit {item.item_id} names no credit region",
+                       code="not_resolvable")
+    return region
 
 
 _ITEM = sa.text("""
@@ -119,11 +121,6 @@ def _check_allowed(item: Item, resolution: str) -> None:
                              code="resolution_not_allowed", param="resolution")
 
 
-_PARKED = sa.text("""
-    select 1 from journal_entries where payment_id = :payment_id and entry_type = :entry_type
-     limit 1""")
-
-
 async def _payment_of(conn: AsyncConnection, item: Item) -> uuid.UUID:
     """The lost payment of an orphan credit, which must be parked in suspense."""
     try:
@@ -131,9 +128,7 @@ async def _payment_of(conn: AsyncConnection, item: Item) -> uuid.UUID:
     except (KeyError, ValueError) as exc:
         raise Conflict(f"Orphan credit {item.item_id} names no payment",
                        code="not_resolvable") from exc
-    parked = (await conn.execute(_PARKED, {"payment_id": payment_id,
-                                           "entry_type": suspense.ENTRY_TYPE})).first()
-    if parked is None:
+    if not await suspense.is_parked(conn, payment_id):
         raise Conflict(f"Orphan credit {item.item_id} is not parked in suspense yet (its "
                        "region parks it once the item has replicated there); retry shortly",
                        code="not_parked")

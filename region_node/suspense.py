@@ -66,6 +66,12 @@ async def pending(conn: AsyncConnection, *, region: str, limit: int) -> list[Orp
                          str(r.currency)) for r in rows]
 
 
+async def is_parked(conn: AsyncConnection, payment_id: uuid.UUID) -> bool:
+    """Whether the orphan credit of `payment_id` has its suspense posting here."""
+    return (await conn.execute(_POSTED, {"payment_id": payment_id,
+                                         "entry_type": ENTRY_TYPE})).first() is not None
+
+
 async def park(conn: AsyncConnection, *, region: str, credit: OrphanCredit) -> bool:
     """Move `credit`'s amount from `region`'s suspense account into the clearing account
     that paid it (one journal, keyed to the payment). Idempotent: False if it was already
@@ -75,8 +81,7 @@ async def park(conn: AsyncConnection, *, region: str, credit: OrphanCredit) -> b
     # Under the clearing account's lock a second delivery of the same item waits, then
     # finds the posting made.
     await ledger.lock_accounts(conn, [credit.clearing_account, suspense])
-    if (await conn.execute(_POSTED, {"payment_id": credit.payment_id,
-                                     "entry_type": ENTRY_TYPE})).first() is not None:
+    if await is_parked(conn, credit.payment_id):
         return False
     await ledger.post(conn, legs=[(suspense, -credit.amount),
                                   (credit.clearing_account, credit.amount)],

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import ledger, reconciliation, suspense
+from region_node import ledger, reconciliation
 from region_node.api.auth import caller, principal_of
 from region_node.api.models import ResolveReconciliationItem
 from region_node.api.mutation import Result, node_of, run_mutation
@@ -43,8 +43,8 @@ async def reconciliation_items(request: Request) -> JSONResponse:
         )).mappings().all()
     for item in items:
         serving = (await node.ownership.owner(item["home_region"])).serving_region
-        credit = (item["detail"] or {}).get("credit_region")
-        item["resolver_region"] = credit if item["item_kind"] == suspense.ITEM_KIND else serving
+        item["resolver_region"] = reconciliation.resolver_region(
+            item["item_kind"], item["detail"] or {}, serving)
 
     def plain(row: Any) -> dict[str, Any]:
         return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
