@@ -142,16 +142,6 @@ class OwnerMap:
         self.serving, self.epochs, self.banned, self.sources = serving, epochs, banned, sources
         self.updated_at = time.time()
 
-    def update(self, doc: Mapping[str, Any]) -> None:
-        """Apply one `GET /v1/cluster/ownership` answer (see `merge`)."""
-        self.merge([doc])
-
-    async def refresh(self, client: httpx.AsyncClient, endpoint: str, limit: float,
-                      api_key: str = "") -> None:
-        """Read the map from the region at `endpoint` within `limit` seconds (with
-        `api_key` as the bearer key) and merge it in; raises on any failure."""
-        self.update(await fetch_ownership(client, endpoint, limit, api_key))
-
     async def refresh_all(self, client: httpx.AsyncClient, endpoints: Mapping[str, str],
                           limit: float, api_key: str = "") -> list[str]:
         """Ask every region of `endpoints` (name -> base URL) at once, each within `limit`

@@ -293,8 +293,8 @@ def test_the_home_a_request_names(method: str, path: str, query: str, body: byte
 def test_owner_map_follows_the_nodes_and_defaults_to_home() -> None:
     owners = OwnerMap()
     assert owners.owner_of("eu-west") == "eu-west" and owners.owner_of(None) is None
-    owners.update({"region": "us-east", "ownership": [
-        {"home_region": "eu-west", "serving_region": "us-east", "epoch": 2}]})
+    owners.merge([{"region": "us-east", "ownership": [
+        {"home_region": "eu-west", "serving_region": "us-east", "epoch": 2}]}])
     assert owners.owner_of("eu-west") == "us-east" and owners.epochs == {"eu-west": 2}
 
 
@@ -340,7 +340,7 @@ def test_owner_map_never_goes_back_to_a_lower_epoch() -> None:
     owners.merge([STALE_US])
     assert owners.owner_of("us-east") == "eu-west" and owners.sources["us-east"] == "eu-west"
     # ...while a newer takeover (us-east back at epoch 9) replaces the row.
-    owners.update(answer("us-east", ("us-east", "us-east", 9, False)))
+    owners.merge([answer("us-east", ("us-east", "us-east", 9, False))])
     assert (owners.owner_of("us-east"), owners.epochs["us-east"]) == ("us-east", 9)
     assert owners.owner_of("eu-west") == "eu-west"  # rows not in the answer stay
 
