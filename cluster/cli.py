@@ -747,14 +747,23 @@ def failover_targets(cluster: Cluster, via: str) -> tuple[dict[str, Any], list[s
     return regions, [url for _, url in sorted(cluster.lock_urls_of(via).items())]
 
 
+def _lab(data_dir: Path) -> Cluster:
+    """The lab recorded in `data_dir`; exits 1 with a clear message if there is none."""
+    try:
+        return Cluster.load(data_dir)
+    except ClusterError as exc:
+        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
 def _failover_lab(data_dir: Path, home: str, to: str
                   ) -> tuple[Cluster, dict[str, Any], list[str]]:
     """The lab in `data_dir` as the failover guard sees it (`failover_targets` via `to`);
     exits with a clear message if there is none or `home`/`to` is not one of its regions."""
+    cluster = _lab(data_dir)
     try:
-        cluster = Cluster.load(data_dir)
         regions, lock_urls = failover_targets(cluster, to)
-    except (ClusterError, KeyError) as exc:
+    except KeyError as exc:
         err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
         raise typer.Exit(1) from None
     if to not in regions or home not in regions:
@@ -873,10 +882,10 @@ def failover_return(
     )
 
     home = home or region
+    cluster = _lab(data_dir)
     try:
-        cluster = Cluster.load(data_dir)
         start_store(cluster, region)
-    except (ClusterError, KeyError) as exc:
+    except KeyError as exc:
         err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
         raise typer.Exit(1) from None
     handles = {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
@@ -989,14 +998,6 @@ reconcile_app = typer.Typer(help="Settle the items a lost tail left for reconcil
 app.add_typer(reconcile_app, name="reconcile")
 
 
-def _reconcile_lab(data_dir: Path) -> Cluster:
-    try:
-        return Cluster.load(data_dir)
-    except ClusterError as exc:
-        err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
-        raise typer.Exit(1) from None
-
-
 def reconciliation_listings(cluster: Cluster, client: httpx.Client
                             ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(region, GET /v1/admin/reconciliation) of each region that answers, in lab order."""
@@ -1014,7 +1015,7 @@ def reconcile_list(data_dir: DataDir = DEFAULT_DATA_DIR,
                    = False) -> None:
     """Every listed item with its resolution (as the first answering region has them)
     and the open items per kind and currency."""
-    cluster = _reconcile_lab(data_dir)
+    cluster = _lab(data_dir)
     with httpx.Client(timeout=10) as client:
         region, doc = next(reconciliation_listings(cluster, client), (None, None))
     if doc is None:
@@ -1051,7 +1052,7 @@ def reconcile_resolve(
 ) -> None:
     """Settle one item, at the one region allowed to (the credit region of an orphan
     credit, else the region serving its home): once per item, cluster-wide."""
-    cluster = _reconcile_lab(data_dir)
+    cluster = _lab(data_dir)
     body = {"home_region": home, "takeover_epoch": epoch, "item_id": item,
             "resolution": resolution, "note": note}
     with httpx.Client(timeout=30) as client:
