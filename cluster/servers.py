@@ -291,7 +291,13 @@ _USERADD_NAME_IN_USE, _USERADD_CANNOT_LOCK = 9, 10
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `lock_path` (created if missing; never through a
     symlink, since root opens it in a world-writable folder)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags | os.O_CREAT, 0o600)
+    except PermissionError:
+        # fs.protected_regular refuses O_CREAT on someone else's file in /tmp even to
+        # root; the file exists, so open it as it is (a lock needs no particular owner).
+        fd = os.open(lock_path, flags)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
