@@ -8,6 +8,8 @@ data dir it is given, and is stopped by the pid we started, never by name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import grp
 import hashlib
 import importlib.util
 import os
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,14 +277,79 @@ class PostgresServer(ServerProcess):
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
 
+SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "paycluster-system-user.lock"
+"""Lock file (flock) that serialises creating system users across every paycluster
+process on the machine: the user database is machine-wide, so the lock is too (not per
+venv or data dir)."""
+
+# useradd exit statuses (shadow-utils): 9 the name is taken (someone made it first: that
+# is what we wanted), 10 /etc/passwd or /etc/group is locked by another tool right now.
+_USERADD_NAME_IN_USE, _USERADD_CANNOT_LOCK = 9, 10
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created if missing; never through a
+    symlink, since root opens it in a world-writable folder)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags | os.O_CREAT, 0o600)
+    except PermissionError:
+        # fs.protected_regular refuses O_CREAT on someone else's file in /tmp even to
+        # root; the file exists, so open it as it is (a lock needs no particular owner).
+        fd = os.open(lock_path, flags)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def ensure_system_user(name: str, lock_path: Path = SYSTEM_USER_LOCK,
+                       timeout: float = 30.0) -> pwd.struct_passwd:
+    """The OS user `name`, created (`useradd --system`) if missing; safe to call from many
+    processes at once.
+
+    Two `paycluster` commands started together on a fresh machine both saw no user and
+    both ran useradd: one failed, or ran initdb as a uid that did not resolve yet ("could
+    not look up effective user ID"). Now the check and the creation happen under one
+    machine-wide file lock, even when the user exists (a process that sees it must not
+    see it half made), an existing user is success, and the user is returned only once
+    its uid and group resolve."""
+    deadline = time.monotonic() + timeout
+    with _exclusive(lock_path):
+        if not _user_exists(name):
+            while True:
+                done = subprocess.run(["useradd", "--system", "--no-create-home", name],
+                                      capture_output=True, text=True, check=False)
+                if done.returncode in (0, _USERADD_NAME_IN_USE):
+                    break
+                if done.returncode == _USERADD_CANNOT_LOCK and time.monotonic() < deadline:
+                    time.sleep(0.1)  # another tool (not us: we hold our lock) edits it
+                    continue
+                raise ServerStartError(f"cannot create system user {name!r} (useradd exit "
+                                       f"{done.returncode}): {done.stderr.strip()}")
+        entry = pwd.getpwnam(name)
+        # What initdb and postgres look up first (getpwuid of their euid), and our gid.
+        pwd.getpwuid(entry.pw_uid)
+        grp.getgrgid(entry.pw_gid)
+        return entry
+
+
 def _pg_user() -> str | None:
+    """The user PostgreSQL runs as: None when we are not root, else PG_SYSTEM_USER
+    (created if missing) with the wheel's files made readable for it."""
     if os.geteuid() != 0:
         return None
-    try:
-        pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
-                       check=True, capture_output=True)
+    ensure_system_user(PG_SYSTEM_USER)
     # The wheel's files must be readable and its programs runnable by that user.
     install = pg_bin("postgres").parent.parent
     for parent in reversed(install.parents):
