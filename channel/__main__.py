@@ -81,7 +81,11 @@ def _server(app: Any) -> _Server:
 
 
 class Listener:
-    """One uvicorn server on a fixed address that can be closed and opened again."""
+    """One uvicorn server on a fixed address that can be closed and opened again.
+
+    Opens and closes are serialized (a lock), so "down, then up" always ends open, even
+    when the up arrives while the close is still draining connections.
+    """
 
     def __init__(self, app: Any, host: str, port: int) -> None:
         self.app, self.host = app, host
@@ -90,27 +94,31 @@ class Listener:
         self._sock: socket.socket | None = sock
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
-    def open(self) -> None:
-        """Start serving (binding the port again if it was closed)."""
-        if self._task is not None and not self._task.done():
-            return
-        sock = self._sock or _bind(self.host, self.port)
-        self._sock = None
-        self._server = _server(self.app)
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+    async def open(self) -> None:
+        """Serve (binding the port again if it was closed); returns once it accepts."""
+        async with self._lock:
+            if self._task is not None:
+                return
+            sock = self._sock or _bind(self.host, self.port)
+            self._sock = None
+            server = self._server = _server(self.app)
+            self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+            for _ in range(STARTUP_POLLS):
+                if server.started or self._task.done():
+                    break
+                await asyncio.sleep(0.01)
+            if not server.started:
+                raise OSError(f"the listener on {self.url} did not start")
 
     async def close(self) -> None:
         """Stop accepting and close open connections (uvicorn closes the socket)."""
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._server, self._task = None, None
-
-    @property
-    def started(self) -> bool:
-        """True once uvicorn serves."""
-        return self._server is not None and self._server.started
+        async with self._lock:
+            if self._server is not None and self._task is not None:
+                self._server.should_exit = True
+                await asyncio.gather(self._task, return_exceptions=True)
+            self._server, self._task = None, None
 
     @property
     def url(self) -> str:
@@ -134,20 +142,23 @@ async def serve(settings: ChannelSettings) -> None:
             handle.cancel()
         reopen.clear()
 
-    def down(seconds: float, mode: DownMode) -> None:
+    def reopen_later() -> None:
+        task = loop.create_task(merchant.open())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async def down(seconds: float, mode: DownMode) -> None:
         cancel_reopen()
         channel.faults.go_down(seconds, mode)
         if mode is DownMode.REFUSE:
-            closing = loop.create_task(merchant.close())
-            background.add(closing)
-            closing.add_done_callback(background.discard)
-            reopen.append(loop.call_later(seconds, merchant.open))
+            await merchant.close()
+            reopen.append(loop.call_later(seconds, reopen_later))
         log.info("channel down for %.1f s (%s)", seconds, mode.value)
 
-    def up() -> None:
+    async def up() -> None:
         cancel_reopen()
         channel.faults.come_up()
-        merchant.open()
+        await merchant.open()
         log.info("channel up")
 
     admin = Listener(admin_app(channel, down, up), settings.admin_host, settings.admin_port)
@@ -155,20 +166,17 @@ async def serve(settings: ChannelSettings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await channel.start()
     try:
-        merchant.open()
-        admin.open()
-        for _ in range(STARTUP_POLLS):
-            if merchant.started and admin.started:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise OSError("the listeners did not start")
+        await merchant.open()
+        await admin.open()
         print(json.dumps({"channel_url": merchant.url, "admin_url": admin.url,
                           "pid": os.getpid()}), flush=True)
         await stopping.wait()
     finally:
         cancel_reopen()
-        await asyncio.gather(merchant.close(), admin.close())
+        for task in list(background):
+            task.cancel()
+        await asyncio.gather(merchant.close(), admin.close(), *background,
+                             return_exceptions=True)
         await channel.stop()
 
 

@@ -157,8 +157,8 @@ def merchant_app(channel: Channel) -> FastAPI:
     return app
 
 
-def admin_app(channel: Channel, down: Callable[[float, DownMode], None],
-              up: Callable[[], None]) -> FastAPI:
+def admin_app(channel: Channel, down: Callable[[float, DownMode], Awaitable[None]],
+              up: Callable[[], Awaitable[None]]) -> FastAPI:
     """The operations console: faults, outages, callback log, statement differences.
 
     `down` and `up` are the server's: mode `refuse` closes the merchant listener, which
@@ -186,12 +186,12 @@ def admin_app(channel: Channel, down: Callable[[float, DownMode], None],
 
     @app.post("/admin/down")
     async def go_down(body: DownIn) -> dict[str, Any]:
-        down(body.seconds, DownMode(body.mode))
+        await down(body.seconds, DownMode(body.mode))
         return {"down_seconds": channel.faults.down_remaining, "mode": body.mode}
 
     @app.post("/admin/up")
     async def come_up() -> dict[str, Any]:
-        up()
+        await up()
         return {"down_seconds": 0.0}
 
     @app.get("/admin/callbacks")

@@ -18,7 +18,7 @@ import io
 from dataclasses import dataclass
 from datetime import date
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -114,7 +114,7 @@ class _Http:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def __aenter__(self) -> _Http:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
