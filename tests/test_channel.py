@@ -8,7 +8,9 @@ references; the fault-determinism and crash tests start channels of their own.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -16,6 +18,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from channel.cards import mask_card_numbers, tokenize
@@ -679,3 +682,58 @@ async def test_a_killed_channel_keeps_what_it_acknowledged(tmp_path: Path) -> No
         await receiver.stop()
         server.stop()
     assert not server.is_running()
+
+
+# --------------------------------------------------------------------------- standalone, CLI
+
+def test_the_channel_imports_nothing_of_ours() -> None:
+    """It plays a third party: it must run (and be reasoned about) without our code."""
+    ours = {"region_node", "replication", "lock_service", "geo_router", "cluster", "bench"}
+    offenders = []
+    for path in Path(__file__).resolve().parents[1].joinpath("channel").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ours]
+    assert offenders == []
+
+
+def test_cli_starts_operates_and_stops_a_channel(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path)]
+    started = runner.invoke(app, ["channel", "start", *data])
+    assert started.exit_code == 0, started.output
+    info = json.loads(started.output)
+    try:
+        assert info["url"].startswith("http://127.0.0.1:")
+        secrets_text = (tmp_path / "channel" / "secrets.json").read_text()
+        assert all(v not in started.output for v in json.loads(secrets_text).values())
+        assert httpx.get(f"{info['url']}/health").status_code == 200
+
+        set_faults = runner.invoke(app, ["channel", "faults", *data, "--seed", "5",
+                                         "--drop", "0.3", "--error", "0.1"])
+        assert set_faults.exit_code == 0, set_faults.output
+        config = json.loads(set_faults.output)["config"]
+        assert (config["seed"], config["callback_drop"], config["error_rate"],
+                config["hang_rate"]) == (5, 0.3, 0.1, 0.0)
+
+        assert runner.invoke(app, ["channel", "down", "30", *data, "--mode", "refuse"]
+                             ).exit_code == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{info['url']}/health")
+        assert runner.invoke(app, ["channel", "up", *data]).exit_code == 0
+        assert httpx.get(f"{info['url']}/health").status_code == 200
+
+        today = runner.invoke(app, ["channel", "statement", *data])
+        assert today.output == "reference,kind,amount,currency,status,fee,value_date\n"
+        assert runner.invoke(app, ["channel", "statement", *data, "--day", "x"]).exit_code == 2
+    finally:
+        stopped = runner.invoke(app, ["channel", "stop", *data])
+    assert stopped.exit_code == 0, stopped.output
+    assert not psutil.pid_exists(info["pid"]) or \
+        psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert runner.invoke(app, ["channel", "faults", *data]).exit_code == 1  # none running
