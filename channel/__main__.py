@@ -8,7 +8,8 @@ ports); secrets are never printed (they are in the settings, or in
 
 The merchant listener can be closed and reopened on the same port while the process
 runs: that is the `refuse` outage (`POST /admin/down`), a channel whose connections are
-refused, not one that answers errors.
+refused, not one that answers errors. In the `reset` outage a bare TCP server takes the
+port meanwhile and resets every connection it accepts, before any byte of an answer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -80,6 +82,15 @@ def _server(app: Any) -> _Server:
     return _Server(config)
 
 
+async def _reset(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reset a connection (RST, not FIN): what a crashed load balancer looks like."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # SO_LINGER on with a zero timeout turns close() into a reset.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 class Listener:
     """One uvicorn server on a fixed address that can be closed and opened again.
 
@@ -94,6 +105,7 @@ class Listener:
         self._sock: socket.socket | None = sock
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._resetter: asyncio.Server | None = None
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -101,6 +113,7 @@ class Listener:
         async with self._lock:
             if self._task is not None:
                 return
+            await self._stop_resetting()
             sock = self._sock or _bind(self.host, self.port)
             self._sock = None
             server = self._server = _server(self.app)
@@ -112,13 +125,25 @@ class Listener:
             if not server.started:
                 raise OSError(f"the listener on {self.url} did not start")
 
-    async def close(self) -> None:
-        """Stop accepting and close open connections (uvicorn closes the socket)."""
+    async def close(self, resetting: bool = False) -> None:
+        """Stop serving and close open connections (uvicorn closes the socket). With
+        `resetting`, keep accepting on the port but reset every connection at once."""
         async with self._lock:
             if self._server is not None and self._task is not None:
                 self._server.should_exit = True
                 await asyncio.gather(self._task, return_exceptions=True)
             self._server, self._task = None, None
+            await self._stop_resetting()
+            if resetting:
+                sock = self._sock or _bind(self.host, self.port)
+                self._sock = None
+                self._resetter = await asyncio.start_server(_reset, sock=sock)
+
+    async def _stop_resetting(self) -> None:
+        if self._resetter is not None:
+            self._resetter.close()
+            await self._resetter.wait_closed()
+            self._resetter = None
 
     @property
     def url(self) -> str:
@@ -150,8 +175,12 @@ async def serve(settings: ChannelSettings) -> None:
     async def down(seconds: float, mode: DownMode) -> None:
         cancel_reopen()
         channel.faults.go_down(seconds, mode)
-        if mode is DownMode.REFUSE:
-            await merchant.close()
+        if mode is DownMode.UNAVAILABLE:
+            # The merchant app answers 503 itself; it needs its listener (which an
+            # earlier refuse or reset outage this one replaces may have closed).
+            await merchant.open()
+        else:
+            await merchant.close(resetting=mode is DownMode.RESET)
             reopen.append(loop.call_later(seconds, reopen_later))
         log.info("channel down for %.1f s (%s)", seconds, mode.value)
 

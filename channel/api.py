@@ -86,7 +86,8 @@ def merchant_app(channel: Channel) -> FastAPI:
 
     @app.middleware("http")
     async def outage(request: Request, call_next: Handler) -> Response:
-        # Mode "refuse" closes the listener itself (see channel.__main__); this is "503".
+        # Modes "refuse" and "reset" replace the listener (see channel.__main__); this is
+        # "503".
         remaining = faults.down_remaining
         if remaining > 0:
             return _error(503, "channel_down", "the channel is temporarily unavailable",
@@ -161,7 +162,8 @@ def admin_app(channel: Channel, down: Callable[[float, DownMode], Awaitable[None
               up: Callable[[], Awaitable[None]]) -> FastAPI:
     """The operations console: faults, outages, callback log, statement differences.
 
-    `down` and `up` are the server's: mode `refuse` closes the merchant listener, which
+    `down` and `up` are the server's: modes `refuse` and `reset` replace the merchant
+    listener, which
     only the process running it can do.
     """
     app = FastAPI(title="paycluster channel admin", docs_url=None, redoc_url=None,

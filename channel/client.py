@@ -233,7 +233,8 @@ class ChannelAdmin(_Http):
 
     async def down(self, seconds: float, mode: str = "503") -> None:
         """Make the merchant API unavailable for `seconds`: `refuse` closes its listener,
-        `503` answers Service Unavailable with Retry-After."""
+        `reset` accepts connections and resets them before answering, `503` answers
+        Service Unavailable with Retry-After."""
         await self._call("POST", "/admin/down", None, {"seconds": seconds, "mode": mode})
 
     async def up(self) -> None:

@@ -49,6 +49,7 @@ class DownMode(StrEnum):
     """How the merchant API is down."""
 
     REFUSE = "refuse"  # the listener is closed: connections are refused
+    RESET = "reset"  # connections are accepted, then reset before any answer
     UNAVAILABLE = "503"  # it accepts connections and answers 503 with Retry-After
 
 

@@ -198,4 +198,4 @@ class DownIn(_Body):
     """POST /admin/down: be down for a while."""
 
     seconds: Annotated[float, Field(gt=0, le=3600)]
-    mode: Annotated[str, Field(pattern=r"^(refuse|503)$")] = "503"
+    mode: Annotated[str, Field(pattern=r"^(refuse|reset|503)$")] = "503"

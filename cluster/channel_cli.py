@@ -111,7 +111,8 @@ def faults(data_dir: DataDirOpt = Path("data"),
 @channel_app.command()
 def down(seconds: Annotated[float, typer.Argument(min=0.1)],
          data_dir: DataDirOpt = Path("data"),
-         mode: Annotated[str, typer.Option(help="refuse (connections refused) or 503")] = "503",
+         mode: Annotated[str, typer.Option(help="refuse (connections refused), reset "
+                                                  "(accepted, then reset) or 503")] = "503",
          ) -> None:
     """Make the merchant API unavailable for SECONDS."""
     state = _state(data_dir)
