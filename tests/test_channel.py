@@ -506,8 +506,9 @@ async def test_hang_past_the_deadline_then_take_effect(
     assert (await channel_client.status(reference)).status == "authorized"
 
 
-@pytest.mark.parametrize("mode", ["503", "refuse"])
-async def test_down_for_a_while(channel_client: ChannelClient, channel_admin: ChannelAdmin,
+@pytest.mark.parametrize("mode", ["503", "refuse", "reset"])
+async def test_down_for_a_while(channel_server: ChannelServer, channel_client: ChannelClient,
+                                channel_admin: ChannelAdmin,
                                 callback_receiver: CallbackReceiver, mode: str) -> None:
     reference = ref("down")
     started = time.monotonic()
@@ -519,10 +520,14 @@ async def test_down_for_a_while(channel_client: ChannelClient, channel_admin: Ch
         assert (down.value.status, down.value.code) == (503, "channel_down")
         assert down.value.retry_after is not None and down.value.retry_after >= 1
     else:
-        assert down.value.status is None, "refused: no HTTP answer at all"
-        with pytest.raises(httpx.ConnectError):
-            async with httpx.AsyncClient() as http:
-                await http.get(f"{channel_client._http.base_url}/health")
+        assert down.value.status is None, "no HTTP answer at all"
+        port = channel_server.port
+        if mode == "refuse":  # nobody listens
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+        else:  # the connection is taken, then reset before any answer
+            with pytest.raises(ConnectionResetError):
+                await _http_get_raw(port)
     assert (await channel_admin.faults())["down_seconds"] > 0, "the admin API stays up"
     # The time-out card fails (after 1 s) while the channel is down; its callback waits
     # for the end of the outage.
@@ -541,15 +546,34 @@ async def test_down_for_a_while(channel_client: ChannelClient, channel_admin: Ch
                                      == ["payment.failed"])
 
 
-async def test_up_ends_an_outage_early(channel_client: ChannelClient,
-                                       channel_admin: ChannelAdmin) -> None:
-    await channel_admin.down(60, "refuse")
-    with pytest.raises(ChannelUnavailable):
-        await channel_client.status("anything")
-    await channel_admin.up()
-    with pytest.raises(ChannelRejected) as unknown:  # answered again: a plain 404
-        await channel_client.status(ref("none"))
-    assert unknown.value.status == 404
+async def _http_get_raw(port: int) -> bytes:
+    """GET /health over a bare TCP connection; what came back before the server closed."""
+    writer = None
+    try:
+        # A reset can already fail the connect (the kernel accepted, the server reset it).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: channel\r\n\r\n")
+        await writer.drain()
+        return await reader.read()
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def test_up_ends_an_outage_early_and_outages_replace_each_other(
+        channel_client: ChannelClient, channel_admin: ChannelAdmin) -> None:
+    for first, then in (("refuse", "503"), ("reset", "refuse"), ("503", "reset")):
+        await channel_admin.down(60, first)
+        with pytest.raises(ChannelUnavailable):
+            await channel_client.status("anything")
+        await channel_admin.down(60, then)
+        with pytest.raises(ChannelUnavailable) as down:
+            await channel_client.status("anything")
+        assert down.value.status == (503 if then == "503" else None)
+        await channel_admin.up()
+        with pytest.raises(ChannelRejected) as unknown:  # answered again: a plain 404
+            await channel_client.status(ref("none"))
+        assert unknown.value.status == 404
 
 
 # --------------------------------------------------------------------------- concurrency
