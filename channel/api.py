@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -119,8 +119,10 @@ def merchant_app(channel: Channel) -> FastAPI:
     async def authorize(body: AuthorizeIn) -> JSONResponse:
         # Tokenize first, before anything else sees the request: from here on only the
         # token, first six and last four exist. The number itself dies with `body`.
+        today = datetime.now(UTC).date()
+        expired = (body.card.exp_year, body.card.exp_month) < (today.year, today.month)
         try:
-            card = tokenize(body.card.number, channel.settings.token_key)
+            card = tokenize(body.card.number, channel.settings.token_key, expired)
         except InvalidCard as exc:
             raise ChannelError(400, "incorrect_number", str(exc), "card.number") from None
         key = await gate("authorize", body.reference)
@@ -177,7 +179,8 @@ def admin_app(channel: Channel, down: Callable[[float, DownMode], Awaitable[None
 
     @app.get("/admin/faults")
     async def get_faults() -> dict[str, Any]:
-        return {"config": channel.faults.config.model_dump(), "fired": channel.faults.fired,
+        return {"config": channel.faults.config.model_dump(),
+                "fired": list(channel.faults.fired),
                 "down_seconds": channel.faults.down_remaining,
                 "down_mode": channel.faults.down_mode.value}
 

@@ -26,6 +26,7 @@ class CardOutcome(StrEnum):
     DECLINE = "decline"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     TIMEOUT = "timeout"
+    EXPIRED = "expired"  # any card past its expiry month
 
 
 TEST_CARDS: dict[str, CardOutcome] = {
@@ -96,18 +97,21 @@ class CardToken:
         return f"{self.bin}******{self.last4}"
 
 
-def tokenize(number: str, key: str) -> CardToken:
+def tokenize(number: str, key: str, expired: bool = False) -> CardToken:
     """Check a card number and replace it by a token keyed with `key`; InvalidCard if bad.
 
     The same number always gives the same token (so a retried request is recognised as the
-    same), and the token reveals nothing about the number without `key`.
+    same), and the token reveals nothing about the number without `key`. An `expired`
+    card is declined whatever its number.
     """
     digits = number.replace(" ", "").replace("-", "")
     if not (digits.isdigit() and 13 <= len(digits) <= 19 and luhn_valid(digits)):
         raise InvalidCard("the card number is not valid")
     mac = hmac.new(key.encode(), digits.encode(), hashlib.sha256).hexdigest()[:32]
     return CardToken(token=f"tok_{mac}", bin=digits[:6], last4=digits[-4:],
-                     brand=brand_of(digits), outcome=TEST_CARDS.get(digits, CardOutcome.APPROVE))
+                     brand=brand_of(digits),
+                     outcome=CardOutcome.EXPIRED if expired
+                     else TEST_CARDS.get(digits, CardOutcome.APPROVE))
 
 
 def mask_account(account: str) -> str:

@@ -259,6 +259,8 @@ class Channel:
             self._set(op, Status.DECLINED, failure_code="card_declined")
         elif behaviour is CardOutcome.INSUFFICIENT_FUNDS:
             self._set(op, Status.DECLINED, failure_code="insufficient_funds")
+        elif behaviour is CardOutcome.EXPIRED:
+            self._set(op, Status.DECLINED, failure_code="expired_card")
         else:
             self._set(op, Status.FAILED, failure_code="issuer_timeout")
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 Probability = Field(0.0, ge=0.0, le=1.0)
+FIRED_LOG_MAX = 100_000
+"""The most recent fault decisions kept for `GET /admin/faults`."""
 
 
 class FaultConfig(BaseModel):
@@ -65,7 +67,8 @@ class Faults:
     def __init__(self, config: FaultConfig | None = None) -> None:
         self.config = config or FaultConfig()
         self._calls: Counter[str] = Counter()
-        self.fired: list[dict[str, Any]] = []
+        # Bounded: a lab channel may run for days; tests read far fewer entries.
+        self.fired: deque[dict[str, Any]] = deque(maxlen=FIRED_LOG_MAX)
         self.down_until = 0.0  # time.monotonic() at which the outage ends
         self.down_mode = DownMode.UNAVAILABLE
 
