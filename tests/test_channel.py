@@ -225,6 +225,21 @@ async def test_test_cards(channel_client: ChannelClient, callback_receiver: Call
         assert (refused.value.status, refused.value.code) == (409, "not_authorized")
 
 
+async def test_an_expired_card_is_declined(channel_client: ChannelClient,
+                                          callback_receiver: CallbackReceiver) -> None:
+    reference = ref("exp")
+    last_month = date.today().replace(day=1) - timedelta(days=1)
+    await channel_client.authorize(reference, 1_000, "EUR", APPROVE, last_month.month,
+                                   last_month.year, "123", callback_receiver.url)
+    op = await settled(channel_client, reference)
+    assert (op.status, op.failure_code) == ("declined", "expired_card")
+    this_month = date.today()
+    current = ref("exp")
+    await channel_client.authorize(current, 1_000, "EUR", APPROVE, this_month.month,
+                                   this_month.year, "123", callback_receiver.url)
+    assert (await settled(channel_client, current)).status == "authorized"
+
+
 async def test_time_out_card_stays_pending_then_fails(
         channel_client: ChannelClient, callback_receiver: CallbackReceiver) -> None:
     reference = ref("slow")
