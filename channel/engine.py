@@ -297,6 +297,8 @@ class Channel:
             op.booked_on = today.isoformat()
             op.value_date = (today + timedelta(days=self.settings.settlement_days)).isoformat()
         self._save(op)
+        log.info("%s %s %s%s", op.kind.value, op.reference, status.value,
+                 f" ({failure_code})" if failure_code else "")
         event = {"id": f"evt_{uuid.uuid4().hex}", "type": f"{op.kind.value}.{status.value}",
                  "created": op.updated_at, "data": op.public()}
         self.dispatcher.submit(event, op.callback_url)
