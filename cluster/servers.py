@@ -12,6 +12,7 @@ import fcntl
 import grp
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import random
@@ -611,3 +612,94 @@ def start_region_servers(region: str, data_dir: Path,
                 server.stop()
         raise
     return RegionServers(region, pg, rd, nt)
+
+
+# --------------------------------------------------------------------------- channel
+
+CHANNEL_READY_TIMEOUT = 30.0
+"""Seconds the channel (acquirer simulator) gets to answer /health on both listeners."""
+
+
+@dataclass
+class ChannelServer(ServerProcess):
+    """The acquirer simulator (`python -m channel`): `port` is its merchant API, and its
+    keys are read from `<data_dir>/secrets.json`, which it writes on first start."""
+
+    admin_port: int = 0
+    api_key: str = field(default="", repr=False)
+    admin_key: str = field(default="", repr=False)
+    callback_secret: str = field(default="", repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the merchant API (what regions call)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Base URL of the admin API (faults, outages, statement differences)."""
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def restart(self, timeout: float = CHANNEL_READY_TIMEOUT) -> None:
+        """Start it again on the same ports and data dir (after `stop()` or `kill()`); its
+        journal brings back every acknowledged operation."""
+        if self.is_running():
+            self.stop()
+        _launch_channel(self, timeout)
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records (no secrets: they stay in the channel's data dir)."""
+        return {**super().to_json(), "url": self.url, "admin_url": self.admin_url,
+                "admin_port": self.admin_port}
+
+
+def start_channel(data_dir: Path, port: int | None = None, admin_port: int | None = None,
+                  extra_env: dict[str, str] | None = None,
+                  timeout: float = CHANNEL_READY_TIMEOUT) -> ChannelServer:
+    """Start the acquirer simulator with its journal under `data_dir`, both listeners on
+    127.0.0.1 (free ports unless given); ready when both answer /health. `extra_env`
+    (`PAYCLUSTER_CHANNEL_*`) wins, e.g. a fast issuer time-out in tests. Killed, with
+    ServerStartError, if it exits or times out first."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port, admin_port = port or free_port(), admin_port or free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PAYCLUSTER_CHANNEL_HOST": "127.0.0.1", "PAYCLUSTER_CHANNEL_PORT": str(port),
+           "PAYCLUSTER_CHANNEL_ADMIN_HOST": "127.0.0.1",
+           "PAYCLUSTER_CHANNEL_ADMIN_PORT": str(admin_port),
+           "PAYCLUSTER_CHANNEL_DATA_DIR": str(data_dir), **(extra_env or {})}
+    server = ChannelServer("channel", port, data_dir, data_dir / "channel.log", 0,
+                           admin_port=admin_port, env=env)
+    _launch_channel(server, timeout)
+    return server
+
+
+def _launch_channel(server: ChannelServer, timeout: float) -> None:
+    import httpx
+
+    proc = spawn([sys.executable, "-m", "channel"], server.log_path, cwd=server.data_dir,
+                 env=server.env)
+    server.pid, server._popen, server.started_at = proc.pid, proc, None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServerStartError(
+                    f"channel exited with {proc.returncode}:\n{_tail(server.log_path)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if all(httpx.get(f"{url}/health", timeout=1).status_code == 200
+                       for url in (server.url, server.admin_url)):
+                    break
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"channel not ready after {timeout}s:\n{_tail(server.log_path)}")
+            time.sleep(0.05)
+    except BaseException:
+        server.kill()
+        raise
+    # Explicit keys in the environment win over the ones the channel generated.
+    stored = json.loads((server.data_dir / "secrets.json").read_text())
+    for name in ("api_key", "admin_key", "callback_secret"):
+        value = server.env.get(f"PAYCLUSTER_CHANNEL_{name.upper()}") or stored[name]
+        setattr(server, name, value)
