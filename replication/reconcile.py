@@ -489,10 +489,14 @@ def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
     pg = region.servers.postgres
     if pg.is_running():
         return
+    cluster.check_running()
     gateway = started_with_gateway(Path(pg.data_dir))
     region.servers.postgres = start_postgres(Path(pg.data_dir), port=pg.port, timeout=timeout,
                                              gateway=gateway)
     cluster.write()
+    if cluster.stopping:  # the lab's stop began meanwhile: it may have passed this one
+        region.servers.postgres.stop()
+        cluster.check_running()
 
 
 def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
