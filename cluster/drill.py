@@ -777,8 +777,12 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
             if interrupted:  # do not wait for the clients' retries (up to give_up_after)
                 work.abandon()
                 load.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await load
+            except asyncio.CancelledError:
+                if not interrupted:  # interrupted while waiting for the clients' answers
+                    work.abandon()
+                    raise
             run.event("workload stopped", f"{len(work.intents)} payments, "
                       f"{len(work.attempts)} attempts")
         await sampler.stop()
