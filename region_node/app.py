@@ -34,6 +34,7 @@ from region_node.hold_expiry import HoldExpiryWorker
 from region_node.janitor import KeyJanitor
 from region_node.leases import OwnershipLeases
 from region_node.node import Node
+from region_node.ops_metrics import OpsMetrics
 from region_node.outbox_relay import OutboxRelay
 from region_node.principals import Authenticator
 from region_node.rate_limit import RateLimiter
@@ -93,6 +94,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             workers.append(leases.run)
         app.state.stock_mover = stock_mover
         workers.append(node.ownership.run)
+        workers.append(OpsMetrics(node, leases).run)
         workers.append(HeartbeatWriter(node.db.engine, settings.region,
                                        settings.heartbeat_seconds).run)
         monitor = ConvergenceMonitor(node.db.engine, settings.region, sorted(settings.peers),
