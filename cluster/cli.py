@@ -43,6 +43,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cluster.deploy import deploy_app
 from cluster.drill_cli import drill_app
 from cluster.lab import (
     REGION_NAMES,
@@ -78,6 +79,8 @@ durability_app = typer.Typer(help="Durability mode per region: local (asynchrono
                                   "standby).", no_args_is_help=True)
 app.add_typer(durability_app, name="durability")
 app.add_typer(drill_app, name="drill")
+# The steps of a containerised deployment (docker-compose.multiregion.yml).
+app.add_typer(deploy_app, name="deploy")
 
 
 def make_console(stderr: bool = False) -> Console:
