@@ -42,13 +42,15 @@ class RegionSpec:
     name: str
     postgres: str
     database: str
-    pg_socket: str
-    # host:port of the region's server gateway; its client gateways (one per publisher P)
-    # listen on the same host at port + 1 + i(P).
-    pg_tls: str
     grpc: str
     redis: str
     nats: str
+    # host:port of the region's server gateway; its client gateways (one per publisher P)
+    # listen on the same host at port + 1 + i(P). Empty: no gateways, subscriptions reach
+    # the publisher's PostgreSQL directly over its own TLS (a managed PostgreSQL).
+    pg_tls: str = ""
+    # PostgreSQL's unix socket, where the server gateway hands connections over.
+    pg_socket: str = ""
 
     @property
     def dsn(self) -> str:
@@ -73,6 +75,9 @@ class Topology:
     # Where the emulator's links and the gateways listen: in containers every interface of
     # the container (they are reached over the compose network); on one host, loopback.
     listen_host: str = "0.0.0.0"
+    # Environment variable holding the replication role's password, where subscriptions
+    # log in over TCP (no gateways); read when wiring, never stored in the file.
+    replication_password_env: str = ""
 
     @classmethod
     def load(cls, path: Path) -> Topology:
@@ -86,7 +91,8 @@ class Topology:
                    int(wan.get("base_port", 20000)), int(wan.get("control_port", 7000)),
                    float(wan.get("rtt_scale", 1.0)),
                    str(doc.get("replication_user", "paycluster_repl")),
-                   str(doc.get("listen_host", "0.0.0.0")))
+                   str(doc.get("listen_host", "0.0.0.0")),
+                   str(doc.get("replication_password_env", "")))
 
     @property
     def names(self) -> list[str]:
@@ -144,6 +150,9 @@ def gateway_specs(topo: Topology, name: str) -> tuple[list[Any], list[Any]]:
     from region_node.rpc.tls import cert_name
 
     region = topo.region(name)
+    if not (region.pg_tls and region.pg_socket):
+        raise ValueError(f"region {name} has no TLS gateway in the topology (pg_tls, "
+                         "pg_socket)")
     ca, cert, key = (str(topo.pki_dir / "ca.crt"), str(topo.pki_dir / f"{name}.crt"),
                      str(topo.pki_dir / f"{name}.key"))
     server = ServerSpec(name, _host_port(region.pg_tls)[1], region.pg_socket, ca, cert, key,
@@ -157,11 +166,19 @@ def gateway_specs(topo: Topology, name: str) -> tuple[list[Any], list[Any]]:
 
 def region_dbs(topo: Topology) -> dict[str, Any]:
     """Every region as replication.wiring sees it: a subscriber S reaches publisher P at
-    S's own client gateway for P."""
+    S's own client gateway for P, or (without gateways) at P's PostgreSQL itself, logging
+    in with the password from `replication_password_env`."""
     from replication.wiring import RegionDb
 
-    return {p.name: RegionDb(p.name, p.dsn, replication_user=topo.replication_user, reach={
-                s.name: topo.gateway(s.name, p.name) for s in topo.regions if s is not p})
+    password = None
+    if topo.replication_password_env:
+        password = os.environ.get(topo.replication_password_env)
+        if not password:
+            raise ValueError(f"{topo.replication_password_env} is not set")
+    return {p.name: RegionDb(p.name, p.dsn, replication_user=topo.replication_user,
+                             replication_password=password, reach={
+                s.name: topo.gateway(s.name, p.name)
+                for s in topo.regions if s is not p and s.pg_tls})
             for p in topo.regions}
 
 

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.deploy import Topology, node_env, wan_links
+from cluster.deploy import Topology, gateway_specs, node_env, region_dbs, wan_links
 from cluster.nodes import NodeProcess, start_node
 from cluster.servers import RegionServers, free_port, spawn, start_region_servers, stop_pid
 
@@ -183,3 +183,36 @@ def test_compose_topology_derives_distinct_ports_for_every_link() -> None:
     # The lab's round-trip table: us-east <-> eu-west 75 ms.
     assert {link["rtt_ms"] for link in links
             if {link["src"], link["dst"]} == {"us-east", "eu-west"}} == {75.0}
+
+
+def test_a_topology_without_gateways_wires_directly_with_a_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A managed PostgreSQL (terraform/modules/replication): no gateways, subscriptions
+    reach the publisher's own address and log in with the replication role's password."""
+    doc = json.loads(COMPOSE_TOPOLOGY.read_text())
+    for region in doc["regions"]:
+        region["postgres"] = f"pg.{region['name']}.paycluster.internal:5432"
+        del region["pg_tls"], region["pg_socket"]
+    doc["replication_password_env"] = "REPLICATION_PASSWORD"
+    path = tmp_path / "topology.json"
+    path.write_text(json.dumps(doc))
+    topo = Topology.load(path)
+    with pytest.raises(ValueError, match="REPLICATION_PASSWORD"):
+        region_dbs(topo)
+    monkeypatch.setenv("REPLICATION_PASSWORD", "s3cret-for-the-test")
+    dbs = region_dbs(topo)
+    assert dbs["eu-west"].replication_password == "s3cret-for-the-test"
+    assert dbs["eu-west"].endpoint_for("us-east") == ("pg.eu-west.paycluster.internal", 5432)
+    assert "s3cret" not in repr(dbs["eu-west"])
+    with pytest.raises(ValueError, match="no TLS gateway"):
+        gateway_specs(topo, "us-east")
+
+
+def test_replication_role_gets_the_password_it_logs_in_with(servers: RegionServers) -> None:
+    from replication.tls import REPLICATION_ROLE, ensure_replication_role
+
+    with psycopg.connect(servers.postgres.dsn(), autocommit=True) as conn:
+        ensure_replication_role(conn, [], "pw-for-the-test")
+        row = conn.execute("select rolreplication, rolpassword from pg_authid "
+                           "where rolname = %s", (REPLICATION_ROLE,)).fetchone()
+        assert row is not None and row[0] is True and str(row[1]).startswith("SCRAM-SHA-256$")
