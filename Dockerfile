@@ -3,10 +3,8 @@
 #   python -m region_node           the node   (PAYCLUSTER_* settings, region_node/config.py)
 #   python -m geo_router            the router (PAYCLUSTER_ROUTER_*, geo_router/config.py)
 #   paycluster deploy <step>        migrations, certificates, wiring, WAN emulator, gateways
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-
 # ---------------------------------------------------------------- build: wheels into a venv
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/paycluster
 WORKDIR /src
@@ -26,7 +24,7 @@ RUN /opt/paycluster/bin/pip install --no-deps . \
     && /opt/paycluster/bin/python -m compileall -q /opt/paycluster/lib
 
 # ---------------------------------------------------------------- runtime: no compilers, no root
-FROM ${PYTHON_IMAGE} AS runtime
+FROM python:3.11-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="paycluster" \
       org.opencontainers.image.description="Multi-region payment cluster: region node and geo router" \
       org.opencontainers.image.licenses="Apache-2.0"

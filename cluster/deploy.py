@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
@@ -51,11 +52,22 @@ class RegionSpec:
     pg_tls: str = ""
     # PostgreSQL's unix socket, where the server gateway hands connections over.
     pg_socket: str = ""
+    # The operator role of the jobs (RDS: the instance's master user), and the variable
+    # that holds its password when regions have different ones (else PGPASSWORD).
+    user: str = "postgres"
+    password_env: str = ""
 
     @property
     def dsn(self) -> str:
-        """libpq URL of the ledger database (the password comes from PGPASSWORD)."""
-        return f"postgresql://postgres@{self.postgres}/{self.database}"
+        """libpq URL of the ledger database; the password comes from the environment
+        (`password_env`, or libpq's PGPASSWORD), never from the topology file."""
+        login = self.user
+        if self.password_env:
+            secret = os.environ.get(self.password_env)
+            if not secret:
+                raise ValueError(f"{self.password_env} is not set (password of {self.name})")
+            login += ":" + quote(secret, safe="")
+        return f"postgresql://{login}@{self.postgres}/{self.database}"
 
 
 @dataclass(frozen=True)
