@@ -354,3 +354,29 @@ def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
     for entry in result:
         typer.echo(json.dumps({k: entry.get(k) for k in (
             "src", "dst", "service", "listen_port", "rtt_ms", "cut")}))
+
+
+@deploy_app.command("drill")
+def drill(region: Annotated[str, typer.Option(help="the region to cut off")],
+          router: Annotated[str, typer.Option(help="the geo router's URL")] =
+          "http://router:8080",
+          before: Annotated[float, typer.Option(help="seconds of load before the cut")] = 10.0,
+          partition: Annotated[float, typer.Option(help="seconds the region stays cut off")]
+          = 20.0,
+          after: Annotated[float, typer.Option(help="seconds of load after the heal")] = 20.0,
+          rate: Annotated[float, typer.Option(help="payments per second in total")] = 10.0,
+          topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
+    """Partition drill on a deployed cluster: cut every WAN link of `region` under load,
+    heal, and check fencing, recovery, convergence, RPO and duplicates (cluster/deploy_drill.py).
+    Run it where the emulator runs: `docker compose exec wan paycluster deploy drill ...`."""
+    from dataclasses import asdict
+
+    from cluster.deploy_drill import run_partition_drill
+
+    report = asyncio.run(run_partition_drill(
+        Topology.load(topology), router, region, before=before, partition=partition,
+        after=after, rate=rate))
+    typer.echo(json.dumps(asdict(report), indent=2, default=str))
+    for check, held in report.checks.items():
+        typer.echo(f"{'PASS' if held else 'FAIL'}  {check}")
+    raise typer.Exit(0 if report.passed else 1)
