@@ -144,6 +144,15 @@ def test_prometheus_fires_the_slo_alert_when_a_wan_link_is_cut(
         firing = [a for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]
                   if a["labels"]["alertname"].startswith("PayclusterReplication")]
         assert firing == [], f"replication alerts before any fault: {firing}"
+        # Each region holds the lease of its own home (what PayclusterLeaseLost reads).
+        while True:
+            held = _get(f"{base}/api/v1/query?query=paycluster_ownership_lease_held")
+            leases = {(r["metric"]["region"], r["metric"]["home_region"]): r["value"][1]
+                      for r in held["data"]["result"]}
+            if leases == {("us-east", "us-east"): "1", ("eu-west", "eu-west"): "1"}:
+                break
+            assert time.monotonic() < deadline, f"lease gauges: {leases}"
+            time.sleep(0.5)
 
         cut_at = time.monotonic()
         wan.cut("us-east", "eu-west", mode="blackhole")
