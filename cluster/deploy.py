@@ -16,7 +16,13 @@ Commands (each idempotent, so `docker compose up` can run the jobs again):
 `pki` (CA and region certificates), `migrate` (every region's schema), `wire`
 (publications and subscriptions), `bootstrap` (lock servers, the admin's and the geo
 routers' API keys into the secrets folder), `wan` (the WAN emulator), `pg-tls` (a
-region's gateways), `env` (a node's PAYCLUSTER_* settings), `link` (cut / heal / list).
+region's gateways), `env` (a node's PAYCLUSTER_* settings), `link` (cut / heal / list),
+`drill` (a partition drill, cluster/deploy_drill.py).
+
+A topology without gateways (`pg_tls` empty: a managed PostgreSQL such as RDS, see
+terraform/modules/replication) has subscriptions reach each publisher's own address and
+log in with the password in `replication_password_env`; a region's operator password can
+come from its own variable (`password_env`).
 """
 
 from __future__ import annotations

@@ -80,7 +80,10 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         app.state.transfer_worker = transfer_worker
         grpc_server = None
         if settings.grpc_port:
-            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker)
+            # gRPC listens where the API does: loopback in the lab, the container's or
+            # task's interfaces in a deployment (the other regions dial it).
+            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker,
+                                                                host=settings.api_host)
         lock_urls = [url for _, url in sorted(settings.lock_redis_urls.items())] or [
             settings.redis_url]
         lock_service = LockService(lock_urls, LockSettings(redis_urls=lock_urls,
