@@ -120,8 +120,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
                 [{"name": r, "endpoint": u} for r, u in urls.items()]),
             "PAYCLUSTER_ROUTER_API_KEY": (topo.secrets_dir / "router_key").read_text().strip(),
             "PAYCLUSTER_ROUTER_PORT": "0", "PAYCLUSTER_ROUTER_ADMIN_PORT": "0",
-            "PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "0.5",
-            "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "0.5"}))
+            "PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "1.0",
+            "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "1.0"}))
         _wait_line(router_log, "router_url", procs[-1])
         urls["router"] = next(json.loads(line)["router_url"] for line in
                               router_log.read_text().splitlines() if '"router_url"' in line)

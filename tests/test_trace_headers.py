@@ -142,20 +142,30 @@ async def router(tmp: Any, catalog: list[dict[str, Any]]) -> AsyncIterator[str]:
            # forwarded between the regions.
            "PAYCLUSTER_ROUTER_PREFER_OWNER": "false",
            "PAYCLUSTER_ROUTER_API_KEY": admin_key(),
-           "PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "0.2",
-           "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "0.2"}
+           "PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "1.0",
+           "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "1.0"}
     proc = spawn([sys.executable, "-m", "geo_router"], log, cwd=tmp, env=env)
     try:
         deadline = time.monotonic() + 30
-        url = None
-        while url is None:
+        ready: dict[str, Any] | None = None
+        while ready is None:
             for line in log.read_text().splitlines():
                 if line.startswith("{") and '"router_url"' in line:
-                    url = json.loads(line)["router_url"]
+                    ready = json.loads(line)
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             await asyncio.sleep(0.1)
-        yield url
+        # Routable once its probes found every region up (a loaded machine may need a
+        # few rounds: fall/rise hysteresis).
+        async with httpx.AsyncClient(base_url=ready["admin_url"]) as admin:
+            while True:
+                states = {r["name"]: r["state"] for r in
+                          (await admin.get("/admin/regions")).json()["regions"]}
+                if set(states.values()) <= {"healthy", "degraded"}:
+                    break
+                assert time.monotonic() < deadline + 30, states
+                await asyncio.sleep(0.2)
+        yield str(ready["router_url"])
     finally:
         stop_pid(proc.pid)
         proc.wait(10)
