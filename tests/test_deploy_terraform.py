@@ -262,10 +262,15 @@ def test_terraform_validate(tmp_path: Path) -> None:
     work = tmp_path / "terraform"
     shutil.copytree(TF, work)
     example = work / "examples" / "three-regions"
-    init = subprocess.run([terraform, "init", "-backend=false", "-input=false", "-no-color"],
-                          cwd=example, capture_output=True, text=True, timeout=180,
-                          check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                            "TF_IN_AUTOMATION": "1"})
+    try:
+        init = subprocess.run([terraform, "init", "-backend=false", "-input=false",
+                               "-no-color"], cwd=example, capture_output=True, text=True,
+                              timeout=180, check=False,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                   "TF_IN_AUTOMATION": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.skip("terraform init did not finish in 180 s (the Terraform registry is not "
+                    "reachable from here), so validate cannot run")
     if init.returncode != 0:
         lines = [line.strip(" │") for line in init.stderr.splitlines() if line.strip(" │")]
         why = next((line for line in lines if "Error" in line), lines[-1] if lines else "")
