@@ -99,9 +99,10 @@ def _get(url: str) -> Any:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two regions, no WAN delay, a 2 s convergence SLO so that a cut breaches quickly."""
+    """Two regions, no WAN delay, a 5 s convergence SLO so that a cut breaches quickly
+    (and a loaded machine's lag spikes do not)."""
     cluster = start_cluster(tmp_path_factory.mktemp("alertlab"), regions=2, wan_scale=0,
-                            extra_env={"PAYCLUSTER_REPLICATION_SLO_SECONDS": "2"})
+                            extra_env={"PAYCLUSTER_REPLICATION_SLO_SECONDS": "5"})
     try:
         yield cluster
     finally:
@@ -141,9 +142,13 @@ def test_prometheus_fires_the_slo_alert_when_a_wan_link_is_cut(
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "prometheus never scraped both nodes"
             time.sleep(0.5)
-        firing = [a for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]
-                  if a["labels"]["alertname"].startswith("PayclusterReplication")]
-        assert firing == [], f"replication alerts before any fault: {firing}"
+        while True:  # quiet before the fault (the lab may still be converging)
+            firing = [a for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]
+                      if a["labels"]["alertname"].startswith("PayclusterReplication")]
+            if not firing:
+                break
+            assert time.monotonic() < deadline, f"replication alerts without a fault: {firing}"
+            time.sleep(0.5)
         # Each region holds the lease of its own home (what PayclusterLeaseLost reads).
         while True:
             held = _get(f"{base}/api/v1/query?query=paycluster_ownership_lease_held")
