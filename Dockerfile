@@ -10,7 +10,7 @@ RUN python -m venv /opt/paycluster
 WORKDIR /src
 # Dependencies first, so a source change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir -p region_node replication lock_service geo_router cluster bench \
+RUN mkdir -p region_node replication lock_service geo_router channel cluster bench \
     && /opt/paycluster/bin/pip install --upgrade pip setuptools wheel \
     && /opt/paycluster/bin/pip install . \
     && /opt/paycluster/bin/pip uninstall -y paycluster
@@ -18,6 +18,7 @@ COPY region_node ./region_node
 COPY replication ./replication
 COPY lock_service ./lock_service
 COPY geo_router ./geo_router
+COPY channel ./channel
 COPY cluster ./cluster
 COPY bench ./bench
 RUN /opt/paycluster/bin/pip install --no-deps . \

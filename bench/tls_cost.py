@@ -48,7 +48,9 @@ async def _forward_times(target: str, tls: RpcTls | None, calls: int,
                          new_channel: bool) -> list[float]:
     request = pb.ForwardRequest(method="GET", path="/health/live", origin_region="eu-west")
     times: list[float] = []
-    clients = PeerClients("eu-west", {"us-east": target}, 5.0, tls=tls)
+    # The plaintext side is the test-only loopback mode (the cost baseline).
+    clients = PeerClients("eu-west", {"us-east": target}, 5.0, tls=tls,
+                          insecure_loopback_only=tls is None)
     try:
         for _ in range(20):  # warm up: connect, handshake, first-call costs
             await clients.forward("us-east", request)
@@ -82,7 +84,8 @@ async def grpc_cost(base: Path, calls: int) -> dict[str, Any]:
                                             tls_ca_file=str(us.ca_file),
                                             tls_cert_file=str(us.cert_file),
                                             tls_key_file=str(us.key_file)))
-        plain_app = create_app(RegionSettings(**common, grpc_port=ports["plain"]))
+        plain_app = create_app(RegionSettings(**common, grpc_port=ports["plain"],
+                                              grpc_insecure_loopback_only=True))
         eu = files["eu-west"]
         client_tls = RpcTls.from_files(eu.ca_file, eu.cert_file, eu.key_file)
         async with tls_app.router.lifespan_context(tls_app), \

@@ -8,8 +8,11 @@ data dir it is given, and is stopped by the pid we started, never by name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import grp
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import random
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,14 +278,79 @@ class PostgresServer(ServerProcess):
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
 
+SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "paycluster-system-user.lock"
+"""Lock file (flock) that serialises creating system users across every paycluster
+process on the machine: the user database is machine-wide, so the lock is too (not per
+venv or data dir)."""
+
+# useradd exit statuses (shadow-utils): 9 the name is taken (someone made it first: that
+# is what we wanted), 10 /etc/passwd or /etc/group is locked by another tool right now.
+_USERADD_NAME_IN_USE, _USERADD_CANNOT_LOCK = 9, 10
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created if missing; never through a
+    symlink, since root opens it in a world-writable folder)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags | os.O_CREAT, 0o600)
+    except PermissionError:
+        # fs.protected_regular refuses O_CREAT on someone else's file in /tmp even to
+        # root; the file exists, so open it as it is (a lock needs no particular owner).
+        fd = os.open(lock_path, flags)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def ensure_system_user(name: str, lock_path: Path = SYSTEM_USER_LOCK,
+                       timeout: float = 30.0) -> pwd.struct_passwd:
+    """The OS user `name`, created (`useradd --system`) if missing; safe to call from many
+    processes at once.
+
+    Two `paycluster` commands started together on a fresh machine both saw no user and
+    both ran useradd: one failed, or ran initdb as a uid that did not resolve yet ("could
+    not look up effective user ID"). Now the check and the creation happen under one
+    machine-wide file lock, even when the user exists (a process that sees it must not
+    see it half made), an existing user is success, and the user is returned only once
+    its uid and group resolve."""
+    deadline = time.monotonic() + timeout
+    with _exclusive(lock_path):
+        if not _user_exists(name):
+            while True:
+                done = subprocess.run(["useradd", "--system", "--no-create-home", name],
+                                      capture_output=True, text=True, check=False)
+                if done.returncode in (0, _USERADD_NAME_IN_USE):
+                    break
+                if done.returncode == _USERADD_CANNOT_LOCK and time.monotonic() < deadline:
+                    time.sleep(0.1)  # another tool (not us: we hold our lock) edits it
+                    continue
+                raise ServerStartError(f"cannot create system user {name!r} (useradd exit "
+                                       f"{done.returncode}): {done.stderr.strip()}")
+        entry = pwd.getpwnam(name)
+        # What initdb and postgres look up first (getpwuid of their euid), and our gid.
+        pwd.getpwuid(entry.pw_uid)
+        grp.getgrgid(entry.pw_gid)
+        return entry
+
+
 def _pg_user() -> str | None:
+    """The user PostgreSQL runs as: None when we are not root, else PG_SYSTEM_USER
+    (created if missing) with the wheel's files made readable for it."""
     if os.geteuid() != 0:
         return None
-    try:
-        pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
-                       check=True, capture_output=True)
+    ensure_system_user(PG_SYSTEM_USER)
     # The wheel's files must be readable and its programs runnable by that user.
     install = pg_bin("postgres").parent.parent
     for parent in reversed(install.parents):
@@ -543,3 +612,94 @@ def start_region_servers(region: str, data_dir: Path,
                 server.stop()
         raise
     return RegionServers(region, pg, rd, nt)
+
+
+# --------------------------------------------------------------------------- channel
+
+CHANNEL_READY_TIMEOUT = 30.0
+"""Seconds the channel (acquirer simulator) gets to answer /health on both listeners."""
+
+
+@dataclass
+class ChannelServer(ServerProcess):
+    """The acquirer simulator (`python -m channel`): `port` is its merchant API, and its
+    keys are read from `<data_dir>/secrets.json`, which it writes on first start."""
+
+    admin_port: int = 0
+    api_key: str = field(default="", repr=False)
+    admin_key: str = field(default="", repr=False)
+    callback_secret: str = field(default="", repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the merchant API (what regions call)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Base URL of the admin API (faults, outages, statement differences)."""
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def restart(self, timeout: float = CHANNEL_READY_TIMEOUT) -> None:
+        """Start it again on the same ports and data dir (after `stop()` or `kill()`); its
+        journal brings back every acknowledged operation."""
+        if self.is_running():
+            self.stop()
+        _launch_channel(self, timeout)
+
+    def to_json(self) -> dict[str, object]:
+        """What cluster.json records (no secrets: they stay in the channel's data dir)."""
+        return {**super().to_json(), "url": self.url, "admin_url": self.admin_url,
+                "admin_port": self.admin_port}
+
+
+def start_channel(data_dir: Path, port: int | None = None, admin_port: int | None = None,
+                  extra_env: dict[str, str] | None = None,
+                  timeout: float = CHANNEL_READY_TIMEOUT) -> ChannelServer:
+    """Start the acquirer simulator with its journal under `data_dir`, both listeners on
+    127.0.0.1 (free ports unless given); ready when both answer /health. `extra_env`
+    (`PAYCLUSTER_CHANNEL_*`) wins, e.g. a fast issuer time-out in tests. Killed, with
+    ServerStartError, if it exits or times out first."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port, admin_port = port or free_port(), admin_port or free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PAYCLUSTER_CHANNEL_HOST": "127.0.0.1", "PAYCLUSTER_CHANNEL_PORT": str(port),
+           "PAYCLUSTER_CHANNEL_ADMIN_HOST": "127.0.0.1",
+           "PAYCLUSTER_CHANNEL_ADMIN_PORT": str(admin_port),
+           "PAYCLUSTER_CHANNEL_DATA_DIR": str(data_dir), **(extra_env or {})}
+    server = ChannelServer("channel", port, data_dir, data_dir / "channel.log", 0,
+                           admin_port=admin_port, env=env)
+    _launch_channel(server, timeout)
+    return server
+
+
+def _launch_channel(server: ChannelServer, timeout: float) -> None:
+    import httpx
+
+    proc = spawn([sys.executable, "-m", "channel"], server.log_path, cwd=server.data_dir,
+                 env=server.env)
+    server.pid, server._popen, server.started_at = proc.pid, proc, None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServerStartError(
+                    f"channel exited with {proc.returncode}:\n{_tail(server.log_path)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if all(httpx.get(f"{url}/health", timeout=1).status_code == 200
+                       for url in (server.url, server.admin_url)):
+                    break
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"channel not ready after {timeout}s:\n{_tail(server.log_path)}")
+            time.sleep(0.05)
+    except BaseException:
+        server.kill()
+        raise
+    # Explicit keys in the environment win over the ones the channel generated.
+    stored = json.loads((server.data_dir / "secrets.json").read_text())
+    for name in ("api_key", "admin_key", "callback_secret"):
+        value = server.env.get(f"PAYCLUSTER_CHANNEL_{name.upper()}") or stored[name]
+        setattr(server, name, value)

@@ -1,11 +1,15 @@
 """The router's own errors, in the cluster's one error shape
 `{"error": {"type", "code", "message", "param"?}}`, so a client cannot tell (and need not
-care) whether a node or the router refused its request."""
+care) whether a node or the router refused its request. Bodies are built by the node's
+`region_node.redact.error_body`, so the router masks card numbers and keys in what it
+echoes by the very rule the nodes use."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from region_node.redact import error_body
 
 
 class RouterError(Exception):
@@ -22,11 +26,8 @@ class RouterError(Exception):
         self.headers = dict(headers or {})
 
     def to_body(self) -> dict[str, Any]:
-        """The error shape."""
-        err: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message}
-        if self.param is not None:
-            err["param"] = self.param
-        return {"error": err}
+        """The error shape, masked (messages echo client input: ids, headers, names)."""
+        return error_body(self.type, self.code, self.message, self.param)
 
     def encode(self) -> bytes:
         """The error shape as a JSON body."""

@@ -26,7 +26,7 @@ from region_node.api import (
 )
 from region_node.api import webhooks as webhook_routes
 from region_node.api.audit_trail import AuditTrail
-from region_node.api.middleware import BodyLimit, RequestContext
+from region_node.api.middleware import BodyLimit, RequestContext, StorableInput
 from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
 from region_node.event_consumer import NotificationConsumer
@@ -154,6 +154,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(reconciliation.router)
     # Innermost: the audit trail sees the request id and the matched route.
     app.add_middleware(AuditTrail)
+    # Outside the audit trail, inside the body limit: strings PostgreSQL cannot store are
+    # refused before anything reads or writes the store.
+    app.add_middleware(StorableInput)
     # Outermost first: the request id and metrics see everything, including 413s.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=node.metrics, region=settings.region)

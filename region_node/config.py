@@ -60,14 +60,19 @@ class RegionSettings(BaseSettings):
     region_codes: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_REGION_CODES))
     grpc_deadline_seconds: float = Field(5.0, gt=0)
     # Mutual TLS between regions (see region_node/rpc/tls.py): PEM files of the cluster CA,
-    # this region's certificate and key; all three or none (none: plaintext gRPC, for
-    # single-process tests only - `paycluster up` always sets them). `tls_peer_names` maps
-    # a peer region to the name its certificate must carry (default
-    # `<region>.paycluster.internal`).
+    # this region's certificate and key; all three or none. A node with a gRPC server or
+    # peers refuses to start without them: the owner of an account trusts the principal a
+    # forwarded request carries because the link is mutual TLS (`paycluster up` always
+    # sets them). `tls_peer_names` maps a peer region to the name its certificate must
+    # carry (default `<region>.paycluster.internal`).
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_peer_names: dict[str, str] = Field(default_factory=dict)
+    # Test-only escape hatch: plaintext gRPC, allowed only when the server binds and every
+    # peer is dialled on 127.0.0.1; logged as a warning at every start. Never in a
+    # deployment (PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY).
+    grpc_insecure_loopback_only: bool = False
     ownership_refresh_seconds: float = Field(0.5, gt=0)
     transfer_poll_seconds: float = Field(0.2, gt=0)
     replication_slo_seconds: float = Field(30.0, gt=0)

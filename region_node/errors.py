@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from region_node.redact import scrub
+from region_node.redact import error_body
 
 
 class PaymentError(Exception):
@@ -20,15 +20,8 @@ class PaymentError(Exception):
         self.param = param
 
     def to_body(self) -> dict[str, dict[str, str]]:
-        """The one error shape: {"error": {"type", "code", "message", "param"?}}.
-
-        Messages may echo what the client sent ("Unknown region '...'"): scrubbed here, the
-        one place every error body is built, so no key or card number is echoed or stored
-        (idempotent replays store this body)."""
-        err = {"type": self.type, "code": self.code, "message": scrub(self.message)}
-        if self.param is not None:
-            err["param"] = scrub(self.param)
-        return {"error": err}
+        """The one error shape, masked (`redact.error_body`, shared with the geo router)."""
+        return error_body(self.type, self.code, self.message, self.param)
 
 
 class InvalidRequest(PaymentError):

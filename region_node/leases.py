@@ -15,11 +15,12 @@ must be renewed with a majority of the regions' Redis servers gives every owner 
   key is inserted twice. Writes (`ownership.assert_serving`) need a valid local lease
   whose token equals the store's current epoch, else 503 ``lease_lost``.
 - **Self-fencing.** A write may only *start* while more than ``ownership_lease_margin``
-  of validity is left, and its transaction gets a PostgreSQL ``transaction_timeout``
-  that ends before the lease does: a region that cannot renew (partition: only its own
-  Redis answers) has committed its last write before its lease ends, and a new owner
-  can only acquire the lock after the old keys expired on a majority (Redlock): no two
-  epochs ever write at the same time.
+  of validity is left, and its transaction always gets a PostgreSQL
+  ``transaction_timeout`` that ends before the lease does (also for a node paused past
+  its lease, which no in-process timer could stop): a region that cannot renew
+  (partition: only its own Redis answers) has committed its last write before its
+  lease ends, and a new owner can only acquire the lock after the old keys expired on a
+  majority (Redlock): no two epochs ever write at the same time.
 - **The epoch register.** A store can be behind: a region healed from a partition may
   not have received the epoch a takeover inserted elsewhere yet. If the new owner then
   lost its lease too, the stale region could re-acquire and write on top of a store
@@ -49,8 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import redis.asyncio as aioredis
-import sqlalchemy as sa
 
 from lock_service.config import LockSettings
 from lock_service.errors import LockUnavailable
@@ -77,12 +78,17 @@ return 1
 
 
 # Sessions holding (or waiting for) a home's ownership lock shared: its writers.
-_TERMINATE_WRITERS = sa.text("""
+_TERMINATE_WRITERS = """
 select pg_terminate_backend(l.pid) from pg_locks l
- where l.locktype = 'advisory' and l.classid = cast(:cls as oid)
-   and l.objid = cast(hashtext(:home) as oid) and l.objsubid = 2 and l.mode = 'ShareLock'
+ where l.locktype = 'advisory' and l.classid = cast(%(cls)s as oid)
+   and l.objid = cast(hashtext(%(home)s) as oid) and l.objsubid = 2 and l.mode = 'ShareLock'
    and l.pid <> pg_backend_pid()
-""")
+"""
+
+
+# What a write's transaction_timeout keeps from the lease's remaining time: the round trip
+# that sets it and the server's timer granularity.
+WRITE_SAFETY_SECONDS = 0.2
 
 
 def lock_name(home: str) -> str:
@@ -181,24 +187,22 @@ class OwnershipLeases:
 
     # ------------------------------------------------------------------ write guard
 
-    def _healthy(self, held: HeldLease) -> bool:
-        """The last renewal is not overdue (the next one is due `renew` seconds after the
-        last one started, and takes at most one op timeout)."""
-        return time.monotonic() < held.lease.renewed_at + self.renew + self.op_timeout
-
     def budget_ms(self, home: str) -> int | None:
-        """How long a write transaction of `home` starting now may take: None when no
-        bound is needed (the lease is renewed on schedule: a slow transaction is still
-        covered by the next renewals; should they stop, `_fence_loop` ends it) or no
-        usable lease is held (`check` refuses); else the milliseconds until the lease
-        ends, minus a safety, as the transaction's ``transaction_timeout``."""
+        """How long a write transaction of `home` starting now may take: the milliseconds
+        until the lease ends, minus a safety, as the transaction's ``transaction_timeout``
+        (None when no usable lease is held: `check` refuses the write).
+
+        Always, even while renewals are on schedule: the renewals and `_fence_loop` run in
+        this process, so a node that is paused (SIGSTOP, a VM stall) stops both, and when
+        it resumes after its lease ended nothing here would stop it from committing. The
+        database's own timer does not pause with us: it ends the session first."""
         held = self.held.get(home)
-        if held is None or self._healthy(held):
+        if held is None:
             return None
         left = held.lease.remaining()
         if left <= self.margin:
             return None
-        return max(1, int((left - 0.2) * 1000))
+        return max(1, int((left - WRITE_SAFETY_SECONDS) * 1000))
 
     def check(self, home: str, epoch: int) -> None:
         """Raise 503 ``lease_lost`` unless a lease for `home` with token `epoch` is held
@@ -384,10 +388,15 @@ class OwnershipLeases:
                 await asyncio.wait_for(stop.wait(), 0.05)
 
     async def _terminate_writers(self, home: str) -> int:
-        async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(_TERMINATE_WRITERS,
-                                       {"cls": own.LOCK_CLASS, "home": home})).all()
-            await conn.commit()
+        # A connection of its own, not one of the pool: the writers to end may be exactly
+        # what fills the pool (commits waiting for a cut-off synchronous standby).
+        dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True,
+                                                         connect_timeout=2) as conn:
+            cur = await conn.execute(_TERMINATE_WRITERS,
+                                     {"cls": own.LOCK_CLASS, "home": home})
+            rows = await cur.fetchall()
         return sum(1 for r in rows if r[0])
 
     def snapshot(self) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from region_node import schema
 from region_node.errors import Conflict, InsufficientFunds, InvalidRequest, NotFound
 from region_node.ids import new_id
+from region_node.payment_states import PROCESSING
 
 A = schema.accounts
 J = schema.journal_entries
@@ -139,10 +140,16 @@ async def system_account(conn: AsyncConnection, *, region: str, kind: str,
     return (await conn.execute(sel)).scalar_one()
 
 
-def require_spendable(account: Account, amount: int, *, param: str = "payer") -> None:
-    """Raise InsufficientFunds unless `amount` may leave the account; refuse closed ones."""
+def require_open(account: Account, *, param: str) -> None:
+    """Refuse (400 ``account_closed``) a closed account. Call it on a row locked FOR UPDATE:
+    closing takes the same lock, so the account cannot close between check and posting."""
     if account.status != "open":
         raise InvalidRequest(f"Account {account.id} is closed", code="account_closed", param=param)
+
+
+def require_spendable(account: Account, amount: int, *, param: str = "payer") -> None:
+    """Raise InsufficientFunds unless `amount` may leave the account; refuse closed ones."""
+    require_open(account, param=param)
     if not account.can_spend(amount):
         raise InsufficientFunds(
             f"Insufficient funds: available {account.available} {account.currency}, "
@@ -191,10 +198,9 @@ async def deposit(conn: AsyncConnection, *, region: str, account_id: uuid.UUID,
     account = await get_account(conn, account_id)
     if account.kind not in USER_KINDS:
         raise InvalidRequest("Deposits go to customer or merchant accounts", param="account")
-    if account.status != "open":
-        raise InvalidRequest(f"Account {account_id} is closed", code="account_closed")
     funding = await system_account(conn, region=region, kind="funding", currency=account.currency)
-    await lock_accounts(conn, [account_id, funding])
+    locked = await lock_accounts(conn, [account_id, funding])
+    require_open(locked[account_id], param="account")
     journal_id = await post(conn, legs=[(funding, -amount), (account_id, amount)],
                             currency=account.currency, entry_type="deposit", region=region)
     return await _movement(conn, "deposit", journal_id, account_id, amount, account.currency)
@@ -210,6 +216,12 @@ async def withdraw(conn: AsyncConnection, *, region: str, account_id: uuid.UUID,
     funding = await system_account(conn, region=region, kind="funding", currency=account.currency)
     locked = await lock_accounts(conn, [account_id, funding])
     require_spendable(locked[account_id], amount, param="amount")
+    if locked[account_id].available < amount:
+        # An overdraft covers payments inside the ledger, never money paid out of it.
+        raise InsufficientFunds(
+            f"Insufficient funds: available {locked[account_id].available} "
+            f"{account.currency}, needed {amount} (withdrawals never overdraw)",
+            param="amount")
     journal_id = await post(conn, legs=[(account_id, -amount), (funding, amount)],
                             currency=account.currency, entry_type="withdrawal", region=region)
     return await _movement(conn, "withdrawal", journal_id, account_id, amount, account.currency)
@@ -224,11 +236,23 @@ async def _movement(conn: AsyncConnection, kind: str, journal_id: uuid.UUID,
 
 
 async def close_account(conn: AsyncConnection, account_id: uuid.UUID) -> Account:
-    """Close an empty account; a closed account receives nothing more."""
+    """Close an empty account; a closed account receives nothing more.
+
+    Refused while a payment from it is still in transit to another region: if the payee's
+    region rejects it, the saga refunds the payer, and that refund needs an open account.
+    Payments start from (and reversals credit) the payer's locked row, so no payment can
+    slip in between this check and the close."""
     locked = (await lock_accounts(conn, [account_id]))[account_id]
     if locked.balance != 0 or locked.held != 0:
         raise Conflict("Only an account with zero balance and no holds can be closed",
                        code="account_not_empty")
+    in_transit = (await conn.execute(
+        sa.select(sa.func.count()).select_from(schema.payments)
+        .where(schema.payments.c.payer_id == account_id,
+               schema.payments.c.status == PROCESSING))).scalar_one()
+    if in_transit:
+        raise Conflict("A payment from this account is still in transit; close it once the "
+                       "payment has settled", code="account_not_empty")
     row = (await conn.execute(A.update().where(A.c.id == account_id)
                               .values(status="closed", updated_at=sa.func.now())
                               .returning(*A.c))).one()

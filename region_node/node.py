@@ -60,7 +60,9 @@ class Node:
                    ownership=OwnershipMap(db, settings.region, settings.ownership_refresh_seconds),
                    peers=PeerClients(settings.region, settings.peers,
                                      settings.grpc_deadline_seconds,
-                                     tls=RpcTls.from_settings(settings)))
+                                     tls=RpcTls.from_settings(settings),
+                                     insecure_loopback_only=(
+                                         settings.grpc_insecure_loopback_only)))
 
     def new_id(self, home_region: str) -> uuid.UUID:
         """A UUIDv7 stamped with `home_region` (see region_node.regions)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -114,8 +114,9 @@ async def create_payment(conn: AsyncConnection, *, region: str, request: Payment
             await ledger.change_hold(conn, request.payer, request.amount)
 
         await tcc.try_phase(conn, payment_id, PAYER_BRANCH, hold)
+        # The database's clock, the one `expired_holds` and `capture` compare against.
         values |= {"status": st.REQUIRES_CAPTURE, "amount_held": request.amount,
-                   "hold_expires_at": datetime.now(UTC) + hold_ttl}
+                   "hold_expires_at": sa.func.now() + hold_ttl}
     elif request.cross_region:
         await transfers.send(conn, region=region, message=_message(request, request.amount))
         values |= {"status": st.PROCESSING, "amount_captured": request.amount}
@@ -157,7 +158,7 @@ async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
     cross_region = payment.payee_home is not None and payment.payee_home != payment.home_region
     target = st.PROCESSING if cross_region else st.SUCCEEDED
     st.check_transition(payment.status, target, action="capture")
-    if payment.hold_expires_at is not None and payment.hold_expires_at <= datetime.now(UTC):
+    if payment.hold_expires_at is not None and await _expired(conn, payment.hold_expires_at):
         raise st.Conflict("The hold on this payment has expired", code="hold_expired")
     to_capture = payment.amount_held if amount is None else amount
     if to_capture > payment.amount_held:
@@ -174,7 +175,10 @@ async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
                 amount=to_capture, currency=payment.currency)
             await transfers.send(conn, region=region, message=_message(request, to_capture))
             return
-        await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
+        locked = await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
+        # The payee may have closed since the hold was made: refuse, the hold stays (the
+        # payer may cancel it, or it expires) and nothing moves.
+        ledger.require_open(locked[payment.payee_id], param="payee")
         await ledger.change_hold(conn, payment.payer_id, -payment.amount_held)
         await ledger.post(conn, legs=[(payment.payer_id, -to_capture),
                                       (payment.payee_id, to_capture)],
@@ -188,6 +192,11 @@ async def capture(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
                 updated_at=sa.func.now()).returning(*P.c))).one()
     await _event(conn, region, f"payment.{target}", row)
     return row
+
+
+async def _expired(conn: AsyncConnection, deadline: datetime) -> bool:
+    """True if `deadline` has passed by the database's clock (one clock for every hold)."""
+    return bool((await conn.execute(sa.select(sa.func.now() >= deadline))).scalar_one())
 
 
 async def cancel(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
@@ -228,6 +237,7 @@ async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
         raise InvalidRequest(f"Cannot refund {to_refund}: only {refundable} is refundable",
                              code="amount_too_large", param="amount")
     accounts = await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
+    ledger.require_open(accounts[payment.payer_id], param="payer")
     ledger.require_spendable(accounts[payment.payee_id], to_refund, param="payee")
     await ledger.post(conn, legs=[(payment.payee_id, -to_refund), (payment.payer_id, to_refund)],
                       currency=payment.currency, entry_type="refund", payment_id=payment.id,

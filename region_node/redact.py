@@ -11,6 +11,9 @@
   `Bearer` becomes `****`.
 - `scrub`: both, secrets first (a secret may contain digits that look like a card; masked
   first, the rest of the secret would no longer match its pattern and leak).
+- `error_body`: the cluster's one error shape with `scrub` applied; every process that
+  answers an error (the region node, the geo router) builds its bodies here, so one
+  masking rule covers every error body a client can see.
 
 Built for the hot path: the patterns are compiled once, a string without a digit run or
 a secret marker costs one regex scan, and the Luhn check runs only on candidates.
@@ -153,3 +156,17 @@ def scrub_value(value: object) -> object:
     if isinstance(value, tuple):
         return tuple(scrub_value(v) for v in value)
     return value
+
+
+def error_body(type_: str, code: str, message: str,
+               param: str | None = None) -> dict[str, dict[str, str]]:
+    """The one error shape, `{"error": {"type", "code", "message", "param"?}}`, masked.
+
+    Messages and params may echo what the client sent ("Unknown region '...'"): scrubbed
+    here, strictly (no epoch= exemption: a client could write its card in that form), so
+    no key or card number is echoed, logged from a body or stored (idempotent replays
+    store the body)."""
+    err = {"type": type_, "code": code, "message": scrub(message)}
+    if param is not None:
+        err["param"] = scrub(param)
+    return {"error": err}

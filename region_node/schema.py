@@ -94,6 +94,8 @@ payments = sa.Table(
 )
 sa.Index("ix_payments_expiring", payments.c.hold_expires_at,
          postgresql_where=sa.text("status = 'requires_capture'"))
+sa.Index("ix_payments_in_transit", payments.c.payer_id,
+         postgresql_where=sa.text("status = 'processing'"))
 
 refunds = sa.Table(
     "refunds", metadata,
@@ -132,6 +134,8 @@ idempotency_keys = sa.Table(
     # Ownership epoch of the claim (migration 0004): a `started` claim of an earlier epoch
     # is dead (that epoch's writes ended with its ban), so a retry may take it over.
     sa.Column("epoch", sa.BigInteger, nullable=True),
+    # The claim's token (migration 0012): only the executor holding it may finish the key.
+    sa.Column("token", UUID(as_uuid=True), nullable=True),
     sa.CheckConstraint("state in ('started','finished')", name="ck_idem_state"),
 )
 sa.Index("ix_idem_expires", idempotency_keys.c.expires_at)

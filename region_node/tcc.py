@@ -8,7 +8,9 @@ decision is race-free:
 - duplicate phase: the slot is taken, the effect is skipped (idempotent);
 - cancel before try (null compensation): a cancel first takes the *try* slot with reason
   'cancel'; if it got that slot the try never ran, so there is nothing to release;
-- try after cancel (hanging): the try finds its slot taken by a cancel and is refused.
+- try after cancel (hanging): the try finds its slot taken by a cancel and is refused;
+- confirm after cancel, cancel after confirm: refused (409). Callers serialize the two on
+  the payment's row lock, so the check reads a committed barrier.
 """
 
 from __future__ import annotations
@@ -76,7 +78,12 @@ async def confirm_phase(conn: AsyncConnection, gid: uuid.UUID, branch: str,
 
 async def cancel_phase(conn: AsyncConnection, gid: uuid.UUID, branch: str, effect: Effect,
                        reason: str = "cancel") -> Outcome:
-    """Run the cancel effect once; if the try never ran, record a null compensation."""
+    """Run the cancel effect once; if the try never ran, record a null compensation; a
+    cancel after the confirm is refused (409), whatever the caller's status check said."""
+    confirmed = (await conn.execute(sa.select(B.c.op).where(
+        B.c.gid == gid, B.c.branch_id == branch, B.c.op == "confirm"))).first()
+    if confirmed is not None:
+        raise Conflict(f"Transaction {gid} was confirmed", code="tcc_cancel_after_confirm")
     try_never_ran = await _take(conn, gid, branch, "try", "cancel")
     if not await _take(conn, gid, branch, "cancel", reason):
         return Outcome.DUPLICATE

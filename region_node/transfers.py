@@ -147,11 +147,14 @@ async def settle(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
             .values(status=st.SUCCEEDED, updated_at=sa.func.now()).returning(*P.c))).one()
         event = "payment.succeeded"
     else:
+        # What went into transit is the transfer's amount: a partial capture sends less
+        # than the payment's authorised amount, and only that comes back.
+        sent = (await conn.execute(sa.select(T.c.amount)
+                                   .where(T.c.id == outcome.transfer_id))).scalar_one()
         clearing = await ledger.system_account(conn, region=region, kind="clearing",
                                                currency=payment.currency)
         await ledger.lock_accounts(conn, [clearing, payment.payer_id])
-        await ledger.post(conn, legs=[(clearing, -payment.amount),
-                                      (payment.payer_id, payment.amount)],
+        await ledger.post(conn, legs=[(clearing, -sent), (payment.payer_id, sent)],
                           currency=payment.currency, entry_type="transfer_reversal",
                           payment_id=payment_id, region=region)
         row = (await conn.execute(

@@ -25,6 +25,13 @@ from region_node.migrate import upgrade
 from region_node.principals import BootstrapAdmin, bootstrap_admin_sync
 from region_node.rpc.tls import RpcTls
 
+# The channel (acquirer simulator) and a receiver of its callbacks, for every test module
+# (re-exported fixtures, see tests/channel_fixtures.py).
+from tests.channel_fixtures import callback_receiver as callback_receiver
+from tests.channel_fixtures import channel_admin as channel_admin
+from tests.channel_fixtures import channel_client as channel_client
+from tests.channel_fixtures import channel_server as channel_server
+
 TEMPLATE_DB = "paycluster_template"
 ADMIN: list[BootstrapAdmin] = []
 """The session's bootstrap admin (inserted into the template, so every test database has

@@ -272,3 +272,14 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     used = {m for p in _panels() for t in p["targets"]
             for m in re.findall(r"\b(paycluster:[a-z0-9_:]+)", t["expr"])}
     assert used and used <= recorded
+
+
+def test_image_copies_every_package_the_project_installs() -> None:
+    """A package left out of the image breaks `paycluster` (the CLI imports them all)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]
+                ["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE.read_text(), flags=re.M))
+    assert packages == copied, packages ^ copied

@@ -93,8 +93,8 @@ async def test_same_key_in_flight_is_409(client: httpx.AsyncClient, db_url: str)
         deadline = asyncio.get_running_loop().time() + 10
         while True:  # wait until the first request has claimed the key
             with psycopg.connect(db_url) as probe:
-                if probe.execute("select 1 from idempotency_keys where key = %s",
-                                 (key,)).fetchone():
+                if probe.execute("select 1 from idempotency_keys where key like %s",
+                                 (f"%/{key}",)).fetchone():
                     break
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
@@ -141,8 +141,8 @@ async def test_keys_expire_after_ttl(settings: RegionSettings, db_url: str) -> N
         assert await KeyJanitor(node).run_once() >= 1
     assert _payment_count(db_url) == 2
     with psycopg.connect(db_url) as conn:
-        assert conn.execute("select count(*) from idempotency_keys where key = %s",
-                            (key,)).fetchone() == (0,), "the janitor forgot the expired key"
+        assert conn.execute("select count(*) from idempotency_keys where key like %s",
+                            (f"%/{key}",)).fetchone() == (0,), "the janitor forgot the expired key"
 
 
 async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: str) -> None:
@@ -155,20 +155,16 @@ async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: 
         body = {"payer": payer, "payee": payee, "amount": 100, "currency": "USD"}
         import json
 
-        from region_node.api.auth import bind_to_principal
-        from region_node.idempotency import request_hash
-        from region_node.principals import Principal
+        from region_node.idempotency import caller_key, request_hash
         from tests.conftest import ADMIN
-        admin = Principal(ADMIN[0].principal_id, "bootstrap-admin", "admin", ADMIN[0].key_id,
-                          None, None)
-        # Requests are bound to the caller's principal (the admin key of the test client).
-        req_hash = bind_to_principal(
-            request_hash("POST", "/v1/payments", json.dumps(body).encode()), admin)
+        # Keys are the caller's own (the admin key of the test client).
+        req_hash = request_hash("POST", "/v1/payments", json.dumps(body).encode())
         with psycopg.connect(db_url) as conn:
             conn.execute(
                 "insert into idempotency_keys (scope, key, request_hash, state, locked_at, "
-                "expires_at) values ('us-east', %s, %s, 'started', now(), "
-                "now() + interval '1 day')", (key, req_hash))
+                "expires_at, token) values ('us-east', %s, %s, 'started', now(), "
+                "now() + interval '1 day', gen_random_uuid())",
+                (caller_key(ADMIN[0].principal_id, key), req_hash))
         busy = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert busy.status_code == 409
         await asyncio.sleep(0.6)

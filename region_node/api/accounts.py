@@ -14,7 +14,7 @@ from region_node.api.auth import caller, principal_of
 from region_node.api.models import Movement, OpenAccount, check_amount
 from region_node.api.mutation import Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, known_home, owner_route
-from region_node.errors import InvalidRequest, NotFound
+from region_node.errors import Forbidden, InvalidRequest, NotFound
 from region_node.ids import parse_id
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"], dependencies=[Depends(caller)])
@@ -40,6 +40,11 @@ async def open_account(body: OpenAccount, request: Request) -> Response:
         if named != principal.id:
             access.require_admin(principal)  # only an admin opens accounts for others
         owner_id = named
+    if body.allow_overdraft and not principal.is_admin:
+        # An account that may overdraw is an entry point for money: only an admin makes
+        # one (like a deposit), or a customer could pay out money never deposited.
+        raise Forbidden("Only an admin may open an account that can overdraw",
+                        code="overdraft_requires_admin", param="allow_overdraft")
     if (forwarded := await owner_route(request, home)) is not None:
         return forwarded
 

@@ -22,7 +22,6 @@ entered the cluster.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -129,12 +128,3 @@ def principal_of(request: Request) -> Principal:
         raise Unauthenticated("No API key provided: send 'Authorization: Bearer <key>'",
                               code="missing_api_key")
     return principal
-
-
-def bind_to_principal(req_hash: str, principal: Principal | None) -> str:
-    """An idempotency request hash bound to the caller: the same Idempotency-Key sent with
-    another principal's key is a different request (422), never a replay of someone
-    else's response."""
-    if principal is None:
-        return req_hash
-    return hashlib.sha256(f"{principal.id}\n{req_hash}".encode()).hexdigest()

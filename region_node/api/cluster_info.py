@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -34,6 +35,21 @@ async def ownership(request: Request) -> JSONResponse:
         for o in node.ownership.snapshot()]})
 
 
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The body of the failover guard's routes: a JSON object, or {} when there is none
+    (then `home_region` is reported missing); anything else is the client's 400."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("Request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object", code="invalid_json")
+    return body
+
+
 def _admin_home(body: Any) -> str:
     home = body.get("home_region") if isinstance(body, dict) else None
     if not isinstance(home, str) or not home:
@@ -47,7 +63,7 @@ async def ownership_ban(request: Request) -> JSONResponse:
     current epoch, after the writes in flight; answers `{home_region, epoch, banned_at}`.
     Never forwarded: it must run in the owner's own store."""
     node = node_of(request)
-    home = _admin_home(await request.json())
+    home = _admin_home(await _json_object(request))
     epoch = await own.ban(node.db, node.region, home)
     await node.ownership.refresh()
     return JSONResponse({"home_region": home, "epoch": epoch, "region": node.region})
@@ -66,7 +82,7 @@ async def ownership_take(request: Request) -> JSONResponse:
     leases: `epoch` (a fencing token held by the caller) is required.
     Answers ``{home_region, epoch, region}``."""
     node = node_of(request)
-    body = await request.json()
+    body = await _json_object(request)
     home = _admin_home(body)
     leases = getattr(request.app.state, "leases", None)
     if leases is not None:
@@ -90,7 +106,7 @@ async def ownership_release(request: Request) -> JSONResponse:
     """Internal (failover guard, planned handover after ban and restamp): give the lease
     of `home_region` back; this node never re-acquires it by itself afterwards (a later
     take does). Answers ``{home_region, region, token}`` (token None: none was held)."""
-    home = _admin_home(await request.json())
+    home = _admin_home(await _json_object(request))
     leases = getattr(request.app.state, "leases", None)
     token = await leases.release(home) if leases is not None else None
     return JSONResponse({"home_region": home, "region": node_of(request).region,

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, body size limit, request metrics.
+"""ASGI middleware: request ids, body size limit, unstorable strings, request metrics.
 
 Plain ASGI (not BaseHTTPMiddleware) so bodies stream and nothing is buffered twice.
 """
@@ -6,13 +6,16 @@ Plain ASGI (not BaseHTTPMiddleware) so bodies stream and nothing is buffered twi
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from region_node import tracing
-from region_node.errors import PayloadTooLarge
+from region_node.api.errors import error_response
+from region_node.errors import InvalidRequest, PayloadTooLarge
 from region_node.logs import request_id, traceparent
 from region_node.metrics import NodeMetrics
 from region_node.redact import scrub
@@ -35,7 +38,12 @@ class RequestContext:
         headers = dict(scope.get("headers") or [])
         # The client's id goes into every log line and the audit trail: scrubbed like any
         # other client text (someone will send a card number or a key as a request id).
-        rid = scrub(headers.get(b"x-request-id", b"").decode("latin-1")[:128]) or uuid.uuid4().hex
+        rid = scrub(headers.get(b"x-request-id", b"").decode("latin-1")[:128])
+        # An id is a token: one with control characters (NUL) is not kept, it could not
+        # be logged, stored in the audit trail or sent back in a header.
+        if not rid.isprintable():
+            rid = ""
+        rid = rid or uuid.uuid4().hex
         token = request_id.set(rid)
         span, carried = tracing.enter(
             lambda name: headers.get(name.encode(), b"").decode("latin-1"))
@@ -125,3 +133,110 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+# What PostgreSQL cannot store in text: NUL, and (not encodable in UTF-8) an unpaired
+# surrogate, which JSON can spell "\\ud800" and Python decodes as is.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _shown(name: str) -> str:
+    """A client-chosen name made printable for the error's `param` (NUL as \\u0000)."""
+    return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", name)
+
+
+def _first_unstorable(value: object, where: list[str]) -> list[str] | None:
+    """Path (keys and list indexes) to the first key or string in a JSON document that
+    PostgreSQL cannot store; None if every string is storable."""
+    if isinstance(value, str):
+        return where if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _UNSTORABLE.search(key):
+                return [*where, _shown(key)]
+            found = _first_unstorable(item, [*where, key])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_unstorable(item, [*where, str(i)])
+            if found is not None:
+                return found
+    return None
+
+
+def unstorable_input(scope: Scope, body: bytes) -> InvalidRequest | None:
+    """The 400 for the first string of a request that PostgreSQL cannot store (path,
+    query parameters, headers, JSON body), or None."""
+    def refuse(where: str, param: str | None) -> InvalidRequest:
+        return InvalidRequest(f"Invalid {where}: it contains a character that cannot be "
+                              "stored (NUL or an unpaired surrogate)",
+                              code="invalid_string", param=param)
+
+    if _UNSTORABLE.search(scope.get("path", "")):
+        return refuse("request path", None)
+    # Decoded as Starlette decodes it for the routes (so %00 is seen as the NUL it becomes).
+    for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                 keep_blank_values=True):
+        if _UNSTORABLE.search(name) or _UNSTORABLE.search(value):
+            return refuse(f"query parameter '{_shown(name)}'", _shown(name))
+    for raw_name, raw_value in scope.get("headers") or ():
+        if b"\x00" in raw_value or b"\x00" in raw_name:
+            name = _shown(raw_name.decode("latin-1").lower())
+            return refuse(f"header '{name}'", name)
+    if b"\x00" in body:
+        return refuse("request body", None)
+    # An escape is the only way left to spell one; documents without any cost nothing.
+    if b"\\u" in body:
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None  # not JSON: the route answers invalid_json
+        where = _first_unstorable(doc, [])
+        if where is not None:
+            param = ".".join(where) or None
+            return refuse(param or "request body", param)
+    return None
+
+
+class StorableInput:
+    """Refuse, with 400 `invalid_string` in the error shape, any request that carries a
+    string PostgreSQL cannot store - NUL (U+0000) or an unpaired surrogate - in its path,
+    a query parameter, a header (Idempotency-Key, ...) or anywhere in its JSON body.
+
+    Once, at the edge, for every route: such a string would otherwise reach SQL and fail
+    there as a 500 (or end up in a log line, an audit row or an idempotency key). It runs
+    inside BodyLimit (the body is bounded and arrives in one piece) and outside the audit
+    trail (a refused request writes nothing)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # client went away
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        body = b"".join(chunks)
+        refusal = unstorable_input(scope, body)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        delivered = scope["method"] in ("GET", "HEAD", "OPTIONS")
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -13,7 +13,7 @@ from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.errors import from_rpc_error
-from region_node.rpc.tls import RpcTls
+from region_node.rpc.tls import InsecureGrpcRefused, RpcTls, require_loopback
 from region_node.tracing import propagated
 
 ORIGIN_KEY = "paycluster-origin"
@@ -46,13 +46,30 @@ class PeerClients:
     """gRPC stubs for every other region, addressed as configured in `peers`."""
 
     def __init__(self, region: str, peers: dict[str, str], deadline: float,
-                 tls: RpcTls | None = None) -> None:
+                 tls: RpcTls | None = None, *, insecure_loopback_only: bool = False) -> None:
+        """With `tls` every channel is mutual TLS and checks the peer's certificate name.
+        Without, peers are refused (InsecureGrpcRefused) unless `insecure_loopback_only`
+        (the test-only setting) and every peer is on 127.0.0.1: the peer trusts the
+        principal we forward because the link is mutual TLS."""
         self.region = region
         self.peers = dict(peers)
         self.deadline = deadline
-        # With TLS every channel is mutual TLS and checks the peer's certificate name.
         self.tls = tls
+        self.insecure_loopback_only = insecure_loopback_only
         self._channels: dict[str, grpc.aio.Channel] = {}
+        for peer, target in sorted(self.peers.items()):
+            self._check_plaintext(peer, target)
+
+    def _check_plaintext(self, peer: str, target: str) -> None:
+        """Refuse a plaintext channel unless the test-only loopback setting allows it."""
+        if self.tls is not None:
+            return
+        if not self.insecure_loopback_only:
+            raise InsecureGrpcRefused(
+                f"region {self.region}: no mutual TLS for gRPC to peer {peer} ({target}); "
+                "set PAYCLUSTER_TLS_CA_FILE, PAYCLUSTER_TLS_CERT_FILE and "
+                "PAYCLUSTER_TLS_KEY_FILE")
+        require_loopback(target, f"peer {peer}")
 
     def _stub(self, peer: str) -> pb_grpc.RegionStub:
         target = self.peers.get(peer)
@@ -64,6 +81,7 @@ class PeerClients:
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000)]
+            self._check_plaintext(peer, target)
             if self.tls is not None:
                 channel = grpc.aio.secure_channel(
                     target, self.tls.channel_credentials(),

@@ -22,7 +22,7 @@ from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.client import FORWARDED_FROM
 from region_node.rpc.errors import status_for, trailers_for
-from region_node.rpc.tls import RpcTls
+from region_node.rpc.tls import RpcTls, require_loopback
 from region_node.transfer_worker import TransferWorker
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,10 @@ async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferW
     pb_grpc.add_RegionServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Mutual TLS, or (test-only setting, else from_settings refuses) plaintext on loopback.
     tls = RpcTls.from_settings(node.settings)
+    if tls is None:
+        require_loopback(host, "gRPC server")
     address = f"{host}:{node.settings.grpc_port}"
     # With TLS files configured only mutual TLS is served: no plaintext port at all.
     port = (server.add_secure_port(address, tls.server_credentials()) if tls is not None
@@ -157,6 +160,9 @@ async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferW
     await server.start()
     for name in ("", "paycluster.v1.Region"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gRPC serving on %s:%d (%s)", host, port,
-             "mutual TLS" if tls is not None else "plaintext")
+    if tls is not None:
+        log.info("gRPC serving on %s:%d (mutual TLS)", host, port)
+    else:
+        log.warning("gRPC serving on %s:%d in PLAINTEXT (test-only "
+                    "PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY)", host, port)
     return server, service

@@ -6,10 +6,17 @@ of that CA; a client checks that the server's certificate is of that CA and carr
 name of the region it meant to reach. Peers are dialled at addresses that say nothing
 about the region (in the lab: a WAN-link port on 127.0.0.1), so the expected name is set
 explicitly with `grpc.ssl_target_name_override`.
+
+Without the three files a node that serves gRPC or dials peers refuses to start
+(`InsecureGrpcRefused`): the owner trusts the principal a forwarded request carries only
+because mutual TLS authenticated the peer. The one exception is the test-only
+`PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY=true`: plaintext, bound and dialled on 127.0.0.1
+only, logged as a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,8 +26,28 @@ import grpc
 if TYPE_CHECKING:
     from region_node.config import RegionSettings
 
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+"""The only address plaintext gRPC may bind or dial (test-only setting)."""
+
 CERT_DOMAIN = "paycluster.internal"
 """DNS suffix of the name every region's certificate carries."""
+
+
+class InsecureGrpcRefused(ValueError):
+    """gRPC to or from peers was configured without mutual TLS, outside the test-only
+    loopback setting: the node refuses to start."""
+
+
+def require_loopback(target: str, what: str) -> None:
+    """InsecureGrpcRefused unless `target` (`host:port`, or a bare host) is 127.0.0.1."""
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+    if host != LOOPBACK:
+        raise InsecureGrpcRefused(
+            f"{what} at {target!r}: plaintext gRPC (PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY) "
+            f"only binds and dials {LOOPBACK}; configure mutual TLS "
+            "(PAYCLUSTER_TLS_CA_FILE, PAYCLUSTER_TLS_CERT_FILE, PAYCLUSTER_TLS_KEY_FILE)")
 
 
 def cert_name(region: str) -> str:
@@ -46,17 +73,37 @@ class RpcTls:
 
     @classmethod
     def from_settings(cls, settings: RegionSettings) -> RpcTls | None:
-        """The node's TLS material, or None when none is configured (plaintext gRPC).
+        """The node's TLS material; None only where plaintext is allowed: a node without
+        gRPC (no server port, no peers), or one under the test-only
+        `grpc_insecure_loopback_only` setting whose peers are all on 127.0.0.1.
 
-        Half a configuration is an error, not a silent fallback to plaintext.
+        Anything else without the three files is refused (InsecureGrpcRefused), and half
+        a configuration is an error: never a silent fallback to plaintext, since the
+        owner trusts the principal a forwarded request carries because the link is
+        mutual TLS.
         """
         files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-        if not any(files):
-            return None
-        if not all(files):
+        if all(files):
+            return cls.from_files(*files, peer_names=settings.tls_peer_names)
+        if any(files):
             raise ValueError("PAYCLUSTER_TLS_CA_FILE, PAYCLUSTER_TLS_CERT_FILE and "
                              "PAYCLUSTER_TLS_KEY_FILE must be set together")
-        return cls.from_files(*files, peer_names=settings.tls_peer_names)
+        if not settings.grpc_port and not settings.peers:
+            return None  # no gRPC at all: nothing to protect
+        if not settings.grpc_insecure_loopback_only:
+            raise InsecureGrpcRefused(
+                f"region {settings.region}: gRPC between regions requires mutual TLS; set "
+                "PAYCLUSTER_TLS_CA_FILE, PAYCLUSTER_TLS_CERT_FILE and PAYCLUSTER_TLS_KEY_FILE "
+                "(a peer's forwarded principal is trusted because the link is mutual TLS). "
+                "Tests on one machine only: PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY=true "
+                "(plaintext, 127.0.0.1 only)")
+        for peer, target in sorted(settings.peers.items()):
+            require_loopback(target, f"peer {peer}")
+        log.warning("INSECURE: region %s runs gRPC in PLAINTEXT between regions "
+                    "(PAYCLUSTER_GRPC_INSECURE_LOOPBACK_ONLY=true, test-only, 127.0.0.1 "
+                    "only): forwarded principals are trusted without mutual TLS",
+                    settings.region)
+        return None
 
     def peer_name(self, peer: str) -> str:
         """The name `peer`'s certificate must carry."""
