@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/paycluster demo
 
 test: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 lint: venv
 	$(BIN)/ruff check .
