@@ -149,6 +149,7 @@ def _local_is_the_way_out(lab: Cluster) -> None:
             set_enabled(buddy_dsn, REGION, True)
 
 
+@pytest.mark.lab
 def test_regional_at_start_has_a_sync_buddy_before_the_first_payment_and_after_restart(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """`start_cluster(durability="regional")`: each region's nearest other region is its

@@ -195,6 +195,7 @@ def test_cli_status_and_link_commands(lab: Cluster) -> None:
     assert unknown.exit_code == 1 and "unknown region" in unknown.output
 
 
+@pytest.mark.lab
 def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) -> None:
     data_dir = tmp_path / "lab"
     cluster = start_cluster(data_dir, regions=3, wan_scale=0.0, detach=True)
