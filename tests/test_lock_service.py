@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, Text, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -569,3 +571,79 @@ async def test_twenty_contenders_increment_exactly(trio: RedisTrio, locks: LockS
     with pytest.raises(StaleFencingToken):
         async with store.guarded(name, tokens[0]):
             pass
+
+
+# ------------------------------------------------------------- generated schedules
+
+SCHEDULED_LOCK = f"test:schedule:{uuid.uuid4().hex[:8]}"
+SCHEDULED_TOKENS: list[int] = []
+"""Every token granted on SCHEDULED_LOCK, over all generated schedules, in grant order."""
+
+STEPS = st.lists(st.one_of(
+    st.just(("hold", -1)),
+    st.tuples(st.just("kill"), st.integers(0, 2)),
+    st.tuples(st.just("restart"), st.integers(0, 2)),
+    st.tuples(st.just("restart_while_held"), st.integers(0, 2)),
+), min_size=2, max_size=7)
+
+
+@pytest.mark.chaos
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(steps=STEPS)
+def test_tokens_only_go_up_over_generated_kill_and_restart_schedules(
+        trio: RedisTrio, steps: list[tuple[str, int]]) -> None:
+    """Any schedule of holds, SIGKILLs and empty restarts that leaves a majority able to
+    grant (one server impaired at a time; the others are healed first): each grant's
+    token is greater than every token before it, across schedules. Few examples: each
+    costs real crashes and quarantines."""
+
+    async def run() -> None:
+        async with LockService(trio.urls, SETTINGS) as svc:
+            await all_ready(svc)
+            down: set[int] = set()
+            impaired: set[int] = set()  # down, or restarted and maybe in quarantine
+
+            async def heal_others(i: int) -> None:
+                if impaired - {i}:
+                    for j in down:
+                        await asyncio.to_thread(trio.start_empty, j)
+                    down.clear()
+                    impaired.clear()
+                    await all_ready(svc)
+
+            async def hold(during: Callable[[], Awaitable[None]] | None = None) -> None:
+                lease = await svc.acquire(SCHEDULED_LOCK, wait=WAIT)
+                SCHEDULED_TOKENS.append(lease.fence)
+                if during is not None:
+                    await during()
+                await svc.release(lease)
+
+            try:
+                for kind, i in steps:
+                    if kind == "hold":
+                        await hold()
+                        continue
+                    await heal_others(i)
+                    if kind == "kill":
+                        if i not in down:
+                            trio.kill(i)
+                            down.add(i)
+                    elif kind == "restart":
+                        await asyncio.to_thread(trio.restart_empty if i not in down
+                                                else trio.start_empty, i)
+                        down.discard(i)
+                    else:  # restart a server while the lock is held on it
+                        async def restart(i: int = i) -> None:
+                            await asyncio.to_thread(trio.restart_empty if i not in down
+                                                    else trio.start_empty, i)
+                            down.discard(i)
+                        await hold(restart)
+                    impaired.add(i)
+                    await hold()
+            finally:
+                for j in down:
+                    await asyncio.to_thread(trio.start_empty, j)
+                await all_ready(svc)
+
+    asyncio.run(run())
+    assert all(a < b for a, b in itertools.pairwise(SCHEDULED_TOKENS)), SCHEDULED_TOKENS
