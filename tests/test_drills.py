@@ -171,6 +171,10 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     assert result.loss is not None and result.lost_tail is not None
     tail = {str(p["id"]): int(p["amount"]) for p in result.lost_tail}
     missing = {m["id"]: int(m["amount"]) for m in result.loss.missing}
+    # The slowed replication left a tail, and clients saw some of it acknowledged: without
+    # both, the checks below (and the drill's own tail check) would hold vacuously.
+    assert tail, "the crash with slowed replication left no tail"
+    assert missing, "no acknowledged payment was lost: the tail check proves nothing"
     assert set(missing) <= set(tail)
     assert sum(missing.values()) == result.loss.missing_amount
     record = result.lost_tail_record
