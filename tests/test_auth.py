@@ -225,7 +225,11 @@ async def test_access_rules_and_no_money_moves_on_403(settings: RegionSettings,
         assert first.status_code == 201
         other = await client.post("/v1/payments", json=body,
                                   headers={**as_key(bob), "Idempotency-Key": "shared-1"})
-        assert other.status_code in (403, 422) and first.json()["id"] not in other.text
+        # README: "another principal reusing it gets a 422, never someone else's stored
+        # response" - the key is bound to the caller before anything else is looked at.
+        assert other.status_code == 422, other.text
+        assert other.json()["error"]["type"] == "idempotency_error"
+        assert first.json()["id"] not in other.text
 
         # Only an admin opens accounts for another principal.
         for_bob = await client.post("/v1/accounts", headers=as_key(alice), json={
