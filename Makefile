@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/paycluster demo
 
 test: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # The long, on-demand run: the model-based test of the books with fresh seeds and many
 # sequences, then schemathesis over the OpenAPI document with an admin and a customer key.

@@ -12,11 +12,13 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+import cluster.lab
 from cluster.pki import TlsFiles, ensure_cluster_pki
 from cluster.servers import RegionServers, free_port, start_region_servers
 from region_node.app import create_app
@@ -69,6 +71,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the base temp dir this session created (servers are stopped by now)."""
     for base in _OWN_BASETEMP:
         shutil.rmtree(base, ignore_errors=True)
+
+
+LAB_FIXTURES = frozenset({"lab", "cluster"})
+"""Module fixtures that start a lab (every module names its lab one of these)."""
+_RUNNING: list[pytest.Item] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `lab` every test that uses a module's lab fixture, so `-m "not lab"` is the
+    fast job and `-m lab` the rest; a test that starts a lab by itself carries the mark
+    explicitly (checked at run time, see `_start_cluster_marked_lab`)."""
+    for item in items:
+        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING[:] = [item]
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _RUNNING.clear()
+
+
+_start_cluster = cluster.lab.start_cluster
+
+
+def _start_cluster_marked_lab(*args: Any, **kwargs: Any) -> cluster.lab.Cluster:
+    """`cluster.lab.start_cluster`, refused in a test that is not marked `lab` (so the
+    mark stays complete as tests are added)."""
+    if _RUNNING and _RUNNING[0].get_closest_marker("lab") is None:
+        raise pytest.UsageError(f"{_RUNNING[0].nodeid} starts a lab: mark it pytest.mark.lab")
+    return _start_cluster(*args, **kwargs)
+
+
+cluster.lab.start_cluster = _start_cluster_marked_lab  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")

@@ -225,7 +225,13 @@ async def test_access_rules_and_no_money_moves_on_403(settings: RegionSettings,
         assert first.status_code == 201
         other = await client.post("/v1/payments", json=body,
                                   headers={**as_key(bob), "Idempotency-Key": "shared-1"})
-        assert other.status_code in (403, 422) and first.json()["id"] not in other.text
+        # Keys are scoped per caller (README, security model): Bob's "shared-1" is his own
+        # key, so his request runs as a new one and is refused on its merits (Alice's
+        # payer is not his), never answered with Alice's stored response.
+        assert other.status_code == 403, other.text
+        assert other.json()["error"]["type"] == "permission_error"
+        assert first.json()["id"] not in other.text
+        assert "Idempotent-Replayed" not in other.headers
 
         # Only an admin opens accounts for another principal.
         for_bob = await client.post("/v1/accounts", headers=as_key(alice), json={

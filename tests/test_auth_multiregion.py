@@ -124,6 +124,7 @@ def test_revocation_reaches_the_other_region(lab: Cluster) -> None:
         assert http.get("/v1/cluster/ownership", headers=mine).status_code == 401
 
 
+@pytest.mark.lab
 def test_a_restarted_lab_keeps_its_admin_key(tmp_path: Path) -> None:
     """cluster.json is 0600 with the admin key; a lab started again on its data dir (same
     stores) keeps that key instead of minting another admin."""

@@ -32,7 +32,9 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
+from cluster.cli import app
 from cluster.drill import (
     DRILL_NODE_ENV,
     DRILL_ROUTER_ENV,
@@ -117,7 +119,7 @@ async def test_planned_drill(lab: Cluster, tmp_path: Path) -> None:
     _show(result, tmp_path / "report")
     assert result.error is None
     assert result.loss is not None and result.fault is not None
-    assert result.loss.acknowledged > 0.8 * DURATION * RATE
+    assert result.loss.acknowledged > 0  # how many is load-dependent: a benchmark figure
     assert result.loss.rpo_count == 0 and result.loss.missing_amount == 0
     assert result.loss.duplicates == 0
     assert [f for f in result.findings if not f.ok] == []
@@ -179,6 +181,10 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     assert result.loss is not None and result.lost_tail is not None
     tail = {str(p["id"]): int(p["amount"]) for p in result.lost_tail}
     missing = {m["id"]: int(m["amount"]) for m in result.loss.missing}
+    # The slowed replication left a tail, and clients saw some of it acknowledged: without
+    # both, the checks below (and the drill's own tail check) would hold vacuously.
+    assert tail, "the crash with slowed replication left no tail"
+    assert missing, "no acknowledged payment was lost: the tail check proves nothing"
     assert set(missing) <= set(tail)
     assert sum(missing.values()) == result.loss.missing_amount
     record = result.lost_tail_record
@@ -246,7 +252,7 @@ async def test_partition_drill_regional_ends_with_rpo_0(lab: Cluster, tmp_path: 
     _common(result)
     assert result.durability.startswith("regional")
     assert result.loss is not None
-    assert result.loss.acknowledged > 0.5 * DURATION * RATE
+    assert result.loss.acknowledged > 0  # how many is load-dependent: a benchmark figure
     assert result.loss.rpo_count == 0 and result.loss.missing_amount == 0
     acked = {i.payment_id for i in _acked(result)}
     assert result.lost_tail is not None
@@ -329,3 +335,23 @@ def test_sigint_stops_a_drill_and_its_lab(tmp_path: Path) -> None:
             proc.wait(10)
         if (data_dir / "cluster.json").exists():
             stop_cluster(data_dir)
+
+@chaos
+def test_partition_drill_with_reset_cut_from_the_cli(lab: Cluster, tmp_path: Path) -> None:
+    """`paycluster drill partition --cut-mode reset` on the running lab (its data dir):
+    eu-west's connections are reset instead of blackholed; it still stops writing before
+    the majority's takeover, no account is written under two epochs, and the report the
+    operator reads says so, with the invariants and a clean failback."""
+    report = tmp_path / "reset-report"
+    out = CliRunner().invoke(app, [
+        "drill", "partition", "--region", REGION, "--cut-mode", "reset",
+        "--duration", str(DURATION), "--rate", str(RATE), "--report", str(report),
+        "--data-dir", str(lab.data_dir)])
+    print(out.output)
+    assert out.exit_code == 0, out.output
+    doc = json.loads((report / "report.json").read_text())
+    assert (doc["kind"], doc["region"], doc["ok"]) == ("partition", REGION, True)
+    assert f"WAN cut isolating {REGION} (reset)" in out.output
+    assert doc["fence"]["stopped_before_takeover"] is True, doc["fence"]
+    assert doc["fence"]["overlapping_accounts"] == [], doc["fence"]
+    assert all(c["ok"] for c in doc["checks"]), [c for c in doc["checks"] if not c["ok"]]

@@ -14,7 +14,7 @@ from cluster.lab import Cluster, read_cluster, start_cluster
 from geo_router.client import RouterAdmin
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.lab, pytest.mark.timeout(180)]
 
 ROUTER_ENV = {"PAYCLUSTER_ROUTER_PROBE_INTERVAL_SECONDS": "0.4",
               "PAYCLUSTER_ROUTER_PROBE_TIMEOUT_SECONDS": "0.3",

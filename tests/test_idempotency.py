@@ -147,8 +147,10 @@ async def test_keys_expire_after_ttl(settings: RegionSettings, db_url: str) -> N
 
 async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: str) -> None:
     """A node that died after claiming a key (nothing committed) does not block the key
-    forever: after the lock timeout a retry runs the request."""
-    short = settings.model_copy(update={"idempotency_lock_seconds": 0.5})
+    forever: after the lock timeout a retry runs the request. The claim's age is set in
+    the store (just now, then older than the timeout), so no race with the clock."""
+    lock_seconds = 30.0
+    short = settings.model_copy(update={"idempotency_lock_seconds": lock_seconds})
     async with app_client(short) as client:
         payer, payee = await _pair(client)
         key = f"k-{uuid.uuid4()}"
@@ -167,7 +169,11 @@ async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: 
                 (caller_key(ADMIN[0].principal_id, key), req_hash))
         busy = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert busy.status_code == 409
-        await asyncio.sleep(0.6)
+        assert busy.json()["error"]["code"] == "idempotency_key_in_use"
+        assert _payment_count(db_url) == 0
+        with psycopg.connect(db_url) as conn:  # the claim is now older than the lock timeout
+            conn.execute("update idempotency_keys set locked_at = now() - make_interval("
+                         "secs => %s) where key = %s", (lock_seconds + 1, key))
         retry = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert retry.status_code == 201, retry.text
     assert _payment_count(db_url) == 1

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.invariants import conflict_counts
 from cluster.lab import (
     REGION_NAMES,
     WAN_SERVICES,
@@ -33,11 +36,13 @@ from cluster.lab import (
     stop_cluster,
 )
 from cluster.wan import WanControl, default_latency
-from tests.helpers import wait_for
+from tests.helpers import cluster_ledger_checks, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
 
 WAN_SCALE = 0.2
+WAIT = 30.0
+"""Bound on every wait for a condition; a healthy run needs a small fraction of it."""
 
 
 @pytest.fixture(scope="module")
@@ -195,17 +200,105 @@ def test_cli_status_and_link_commands(lab: Cluster) -> None:
     assert unknown.exit_code == 1 and "unknown region" in unknown.output
 
 
-def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) -> None:
+@dataclass
+class Payer:
+    """Payments in a loop through one region, each retried with its key (503, 409, no
+    answer: the region add restarts every node) until acknowledged; anything else is a
+    failure."""
+
+    api_url: str
+    auth: dict[str, str]
+    payer: str
+    payee: str
+    acked: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.api_url, timeout=30, headers=self.auth) as http:
+            while not self.stop.is_set():
+                key = {"Idempotency-Key": f"add-{uuid.uuid4()}"}
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        resp = http.post("/v1/payments", headers=key, json={
+                            "payer": self.payer, "payee": self.payee, "amount": 1,
+                            "currency": "USD"})
+                    except httpx.HTTPError:
+                        resp = None
+                    if resp is not None and resp.status_code == 201:
+                        self.acked.append(str(resp.json()["id"]))
+                        break
+                    if resp is not None and resp.status_code not in (503, 409):
+                        self.failures.append(resp.text)
+                        return
+                    if time.monotonic() > deadline:
+                        self.failures.append("a payment never went through")
+                        return
+                    time.sleep(0.05)
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_detached_lab_takes_a_new_region_under_load_and_stops_completely(
+        tmp_path: Path) -> None:
     data_dir = tmp_path / "lab"
     cluster = start_cluster(data_dir, regions=3, wan_scale=0.0, detach=True)
     try:
         before = open_account(cluster.region("us-east").api_url, "ap-southeast",
                               cluster.auth_headers())
-        wait_for(lambda: account_in_db(cluster.region("us-east").dsn, before), 10,
+        wait_for(lambda: account_in_db(cluster.region("us-east").dsn, before), WAIT,
                  "the account to replicate before the new region joins")
         old_nodes = {r.name: r.node.pid for r in cluster.regions if r.node is not None}
+        eu = cluster.region("eu-west").api_url
+        payer, payee = (open_account(eu, "eu-west", cluster.auth_headers()) for _ in range(2))
+        funded = httpx.post(f"{eu}/v1/accounts/{payer}/deposits", json={"amount": 1_000_000},
+                            headers=cluster.auth_headers(), timeout=30)
+        assert funded.status_code == 201, funded.text
+        load = Payer(eu, cluster.auth_headers(), payer, payee)
+        worker = threading.Thread(target=load.run)
+        worker.start()
+        try:
+            wait_for(lambda: len(load.acked) >= 5 or load.failures, WAIT, "payments first")
+            added = add_region(data_dir, "us-west")  # through cluster.json, as the CLI does
+            joined = len(load.acked)
+            wait_for(lambda: len(load.acked) >= joined + 5 or load.failures, WAIT,
+                     "payments after the new region joined")
+        finally:
+            load.stop.set()
+            worker.join(150)
+        assert not worker.is_alive() and load.failures == [], load.failures[:3]
+        # Every payment acknowledged during the join is in every region, the new one too,
+        # exactly once; the ledgers hold with zero conflicts.
+        doc = read_cluster(data_dir)
+        dsns = {n: doc["regions"][n]["postgres_dsn"] for n in (*REGION_NAMES, "us-west")}
 
-        added = add_region(data_dir, "us-west")  # through cluster.json, as the CLI does
+        def everywhere() -> bool:
+            for dsn in dsns.values():
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    row = conn.execute("select count(*), count(*) filter (where status = "
+                                       "'processing') from payments where id = any(%s::uuid[])",
+                                       (load.acked,)).fetchone()
+                if row != (len(load.acked), 0):
+                    return False
+            return True
+
+        wait_for(everywhere, WAIT, "every acknowledged payment in every region")
+        assert len(set(load.acked)) == len(load.acked)
+        # Zero conflicts everywhere. Apply errors, if any, are streams the join broke
+        # under the apply workers while they were busy (they reconnect by themselves):
+        # reported, then reset so the ledger checks can run.
+        apply_errors = {}
+        for name, dsn in dsns.items():
+            counts = conflict_counts(dsn)
+            assert counts and all(c == 0 for c, _ in counts.values()), (name, counts)
+            apply_errors.update({f"{name}/{sub}": e for sub, (_, e) in counts.items() if e})
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("select pg_stat_reset_subscription_stats(oid) from pg_subscription")
+            cluster_ledger_checks(dsn, 1_000_000)
+        print(f"\n{len(load.acked)} payments through eu-west, {joined} before us-west joined; "
+              f"apply errors during the join (reset): {apply_errors}")
 
         doc = read_cluster(data_dir)
         assert list(doc["regions"]) == [*REGION_NAMES, "us-west"]
@@ -222,7 +315,7 @@ def test_detached_lab_takes_a_new_region_and_stops_completely(tmp_path: Path) ->
                              cluster.auth_headers())  # forwarded from us-west to eu-west
         for name in (*REGION_NAMES, "us-west"):
             wait_for(lambda n=name: account_in_db(doc["regions"][n]["postgres_dsn"], after),
-                     10, f"the new account to reach {name}")
+                     WAIT, f"the new account to reach {name}")
         status = httpx.get(f"{added.api_url}/v1/replication/status", timeout=5,
                            headers=cluster.auth_headers()).json()
         assert {p["from"] for p in status["pairs"].values()} == set(REGION_NAMES)

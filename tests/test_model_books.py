@@ -46,7 +46,7 @@ from hypothesis.stateful import (
 from cluster.invariants import ledger_findings
 from cluster.lab import Cluster, start_cluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.slow, pytest.mark.lab]
 
 EXAMPLES = int(os.environ.get("PAYCLUSTER_MODEL_EXAMPLES", "6"))
 STEPS = int(os.environ.get("PAYCLUSTER_MODEL_STEPS", "30"))

@@ -404,6 +404,7 @@ def _lab_workload(lab: Cluster, admin: dict[str, str], cards: list[str],
 
 @pytest.mark.multiregion
 @pytest.mark.slow
+@pytest.mark.lab
 @pytest.mark.timeout(240)
 def test_lab_cluster_logs_files_and_databases_hold_no_card_or_key(
         tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -26,9 +26,12 @@ from region_node.config import RegionSettings
 from region_node.errors import RateLimited
 from region_node.rate_limit import KEY_PREFIX, RateLimiter
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
-from tests.conftest import app_client
+from tests.conftest import app_client, auth_headers
 
 pytestmark = pytest.mark.integration
+
+WAIT = 30.0
+"""Bound on every wait for a condition; a healthy run needs a small fraction of it."""
 
 
 def _key() -> str:
@@ -65,14 +68,19 @@ async def test_past_the_limit_refused_with_retry_after_then_recovers(
         await limiter.take(key, 2.0, 3)  # the burst
     with pytest.raises(RateLimited) as refused:
         await limiter.take(key, 2.0, 3)
-    # One token comes back every 0.5 s; the bucket was just emptied.
-    assert 0.3 < refused.value.retry_after <= 0.5
+    # One token comes back every 0.5 s (1 / rate): never a longer wait than that.
+    assert 0 < refused.value.retry_after <= 1 / 2.0
     assert refused.value.http_status == 429
     assert refused.value.to_body()["error"]["type"] == "rate_limit_error"
     await asyncio.sleep(refused.value.retry_after)
     await limiter.take(key, 2.0, 3)  # recovered: one token back
-    with pytest.raises(RateLimited):
+    recovered = time.monotonic()
+    try:
         await limiter.take(key, 2.0, 3)
+    except RateLimited as again:
+        assert 0 < again.retry_after <= 1 / 2.0
+    else:  # only if the machine took longer than a refill between the two calls
+        assert time.monotonic() - recovered >= 1 / 2.0 * 0.9
 
 
 async def test_two_nodes_on_one_redis_share_the_bucket(servers: RegionServers) -> None:
@@ -91,16 +99,17 @@ async def test_two_nodes_on_one_redis_share_the_bucket(servers: RegionServers) -
 
 async def test_concurrent_clients_admitted_within_the_bucket_bound(
         servers: RegionServers) -> None:
-    """20 clients (on 4 'nodes') hammer one key for ~1.5 s: admitted <= burst + rate * t."""
+    """20 clients (on 4 'nodes') hammer one key until the refill has handed out a second's
+    worth of tokens beyond the burst (not starved): admitted <= burst + rate * t."""
     rate, burst = 40.0, 10
     nodes = [RateLimiter.from_url(servers.redis.url, rate, burst) for _ in range(4)]
     key = _key()
     admitted = refused = 0
-    deadline = time.monotonic() + 1.5
+    deadline = time.monotonic() + WAIT
 
     async def client(lim: RateLimiter) -> None:
         nonlocal admitted, refused
-        while time.monotonic() < deadline:
+        while admitted < burst + rate and time.monotonic() < deadline:
             try:
                 await lim.take(key)
                 admitted += 1
@@ -122,9 +131,9 @@ async def test_concurrent_clients_admitted_within_the_bucket_bound(
     assert refused > 0
     # Never more than the buckets allow (+1: a token landing between our clock readings).
     assert admitted <= bound + 1, (admitted, bound, fell_back)
-    # And not starved either: the refill really is handed out (a loose bound: on a loaded
-    # machine the clients themselves may not ask often enough to take every token).
-    assert admitted >= burst + rate * elapsed * 0.3, (admitted, refused, bound)
+    # And not starved either: the refill really was handed out (the clients stopped when
+    # it was, or failed the bound above).
+    assert admitted >= burst + rate, (admitted, refused, elapsed)
 
 
 async def test_one_key_does_not_limit_another(limiter: RateLimiter) -> None:
@@ -260,9 +269,13 @@ async def test_shared_buckets_resume_when_redis_is_back(
         await lim.take(_key())
         assert lim.degraded
         redis = await asyncio.to_thread(start_redis, tmp_path / "redis", port)
-        await asyncio.sleep(0.25)
-        await lim.take(_key())
-        assert not lim.degraded
+        deadline = time.monotonic() + WAIT
+        while True:  # tried again every 0.2 s (a call past its 0.25 s bound fails open anew)
+            await asyncio.sleep(0.25)
+            await lim.take(_key())
+            if not lim.degraded:
+                break
+            assert time.monotonic() < deadline, "the limiter never went back to Redis"
     finally:
         await lim.aclose()
         if redis is not None:
@@ -272,7 +285,8 @@ async def test_shared_buckets_resume_when_redis_is_back(
 
 async def test_http_concurrent_clients_on_one_key_stay_within_the_bound(
         client: httpx.AsyncClient) -> None:
-    """10 clients hammer one key for ~1.5 s through the API: admitted <= burst + rate * t."""
+    """10 clients hammer one key through the API until a second's worth of refill beyond
+    the burst was admitted (not starved): admitted <= burst + rate * t."""
     rate, burst = 10.0, 5
     key = await _limited_key(client, rate, burst)
     auth = {"Authorization": f"Bearer {key}"}
@@ -280,17 +294,48 @@ async def test_http_concurrent_clients_on_one_key_stay_within_the_bound(
                                  headers=auth)).json()["id"]
     codes: list[int] = []
     started = time.monotonic()
-    deadline = started + 1.5
+    deadline = started + WAIT
 
     async def hammer() -> None:
-        while time.monotonic() < deadline:
+        while 1 + codes.count(200) < burst + rate and time.monotonic() < deadline:
             codes.append((await client.get(f"/v1/accounts/{account}", headers=auth))
                          .status_code)
 
     await asyncio.gather(*(hammer() for _ in range(10)))
     elapsed = time.monotonic() - started
     admitted = 1 + codes.count(200)  # + the account opening
+    # A Redis call past its 0.25 s bound (a loaded machine) fails the node open to a bucket
+    # of its own for 5 s: by design, up to one more bucket's worth.
+    limiter: RateLimiter = client._transport.app.state.rate_limiter  # type: ignore[attr-defined]
+    fell_back = int(limiter.degraded)
     assert set(codes) <= {200, 429}
     assert codes.count(429) > 0
-    assert admitted <= burst + rate * elapsed + 1, (admitted, elapsed)
-    assert admitted >= burst + rate * (elapsed - 0.5) * 0.5, (admitted, elapsed)
+    assert admitted <= (burst + rate * elapsed) * (1 + fell_back) + 1, (admitted, elapsed)
+    assert admitted >= burst + rate, (admitted, elapsed)
+
+
+async def test_http_redis_down_fails_open_to_a_bucket_per_node(
+        client: httpx.AsyncClient, settings: RegionSettings,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node whose Redis is unreachable keeps serving (payments must not stop for a
+    cache), yet a key is still bounded there by the node's own bucket (same limits), and
+    the outage is logged once."""
+    key = await _limited_key(client, 0.01, 3)
+    caplog.set_level(logging.WARNING, logger="region_node.rate_limit")
+    no_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with app_client(no_redis, key) as node:
+        opened = await node.post("/v1/accounts", json={"currency": "USD"})
+        assert opened.status_code == 201, opened.text
+        account = opened.json()["id"]
+        codes = [(await node.get(f"/v1/accounts/{account}")).status_code for _ in range(4)]
+        assert codes == [200, 200, 429, 429]  # the burst of 3, the opening included
+        refused = await node.get(f"/v1/accounts/{account}")
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        # Another key is not affected; the limiter says it runs on its local buckets.
+        assert (await node.get(f"/v1/accounts/{account}", headers=auth_headers())
+                ).status_code == 200
+        limiter: RateLimiter = node._transport.app.state.rate_limiter  # type: ignore[attr-defined]
+        assert limiter.degraded
+    outage_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]

@@ -304,6 +304,7 @@ def count_of(dsn: str, table: str, count: int) -> Callable[[], bool]:
     return lambda: rows(dsn, f"select count(*) from {table}") == [(count,)]
 
 
+@pytest.mark.lab
 @pytest.mark.multiregion
 @pytest.mark.timeout(120)
 async def test_cli_and_forwarding_on_a_two_region_lab(tmp_path: Path) -> None:

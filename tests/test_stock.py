@@ -98,3 +98,32 @@ async def test_bad_stock_input(client: httpx.AsyncClient) -> None:
     assert (await _order(client, "nope", 1, payer, merchant)).status_code == 404
     assert (await _order(client, "dup", 0, payer, merchant)).status_code == 400
     assert (await client.get("/v1/skus/nope")).status_code == 404
+
+
+async def test_strict_mode_sells_out_exactly_under_the_global_lock(
+        client: httpx.AsyncClient, db_url: str) -> None:
+    """`mode: strict`: the whole stock is allotted to the SKU's home region and every
+    reservation takes the global lock; concurrent buyers still get exactly the stock, and
+    the refused ones pay nothing."""
+    created = await client.post("/v1/skus", json={"sku": "strict-1", "stock": 9,
+                                                  "mode": "strict"})
+    assert created.status_code == 201, created.text
+    assert created.json()["mode"] == "strict"
+    assert created.json()["allotments"]["us-east"]["allotted"] == 9
+    merchant = await open_account(client, kind="merchant")
+    buyers = [await open_account(client, deposit=10_000) for _ in range(8)]
+    responses = await asyncio.gather(*(_order(client, "strict-1", 2, b, merchant)
+                                       for b in buyers))
+    codes = Counter(r.status_code for r in responses)
+    assert codes == {201: 4, 409: 4}, codes
+    assert all(r.json()["error"]["code"] == "out_of_stock"
+               for r in responses if r.status_code == 409)
+    # The last unit is still there, and sold to whoever asks for exactly one.
+    assert (await _order(client, "strict-1", 2, buyers[0], merchant)).status_code == 409
+    last = await _order(client, "strict-1", 1, buyers[0], merchant)
+    assert last.status_code == 201, last.text
+    view = (await client.get("/v1/skus/strict-1")).json()
+    assert (view["mode"], view["stock"], view["sold"], view["reserved"]) == (
+        "strict", 9, 9, 0)
+    assert (await client.get(f"/v1/accounts/{merchant}")).json()["balance"] == 500
+    check_ledger(db_url).assert_sound()

@@ -32,7 +32,12 @@ from cluster.wan import (
     default_latency,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(10)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+# Delays are checked from below only (the emulator never delivers early, and follows a
+# change of the RTT); how little it adds on top is measured by bench/wan.py, since a loaded
+# machine can add any amount. Waits for something to happen are bounded by WAIT.
+WAIT = 15.0
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +115,7 @@ async def round_trip(
     start = time.perf_counter()
     writer.write(payload)
     await writer.drain()
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(WAIT):
         echoed = await reader.readexactly(len(payload))
     elapsed = time.perf_counter() - start
     assert echoed == payload
@@ -168,19 +173,24 @@ def test_default_latency_table_is_symmetric_and_scaled() -> None:
 async def test_latency_matches_configured_rtt_and_follows_changes(
     wan: WanEmulator, echo: EchoServer
 ) -> None:
-    """A request/response through a 100 ms link takes ~100 ms; `set` changes it live."""
+    """A request/response through a 100 ms link takes at least 100 ms; `set` changes it
+    live, up and down (a slower RTT is visible from below whatever the machine's load)."""
     async with connection(echo.port) as (reader, writer):
         direct = [await round_trip(reader, writer) for _ in range(3)]
     link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port, rtt=0.1)
     async with connection(link.listen_port) as (reader, writer):
         samples = [await round_trip(reader, writer) for _ in range(5)]
         for rtt in samples:
-            assert 0.09 <= rtt < 0.1 + 0.15, samples
+            assert 0.09 <= rtt, samples
         # Change the pair's RTT while the connection is open: the next exchange follows it.
+        wan.set("us-east", "eu-west", rtt=0.4)
+        slower = [await round_trip(reader, writer) for _ in range(2)]
+        for rtt in slower:
+            assert 0.36 <= rtt, slower
         wan.set("us-east", "eu-west", rtt=0.03)
         faster = [await round_trip(reader, writer) for _ in range(3)]
         for rtt in faster:
-            assert 0.027 <= rtt < 0.03 + 0.15, faster
+            assert 0.027 <= rtt, faster
     assert link.state()["rtt_ms"] == 30.0
     print(f"\nlatency: direct {statistics.median(direct) * 1000:.2f} ms, "
           f"rtt=100ms link median {statistics.median(samples) * 1000:.1f} ms "
@@ -196,7 +206,7 @@ async def test_default_rtt_from_table_with_scale(echo: EchoServer) -> None:
         assert link.rtt == pytest.approx(0.1075)
         async with connection(link.listen_port) as (reader, writer):
             rtt = await round_trip(reader, writer)
-        assert 0.9 * 0.1075 <= rtt < 0.1075 + 0.15
+        assert 0.9 * 0.1075 <= rtt
     finally:
         await emulator.close()
 
@@ -210,7 +220,7 @@ async def test_jitter_varies_delay_but_never_reorders_bytes(
                               rtt=rtt, jitter=jitter)
     async with connection(link.listen_port) as (reader, writer):
         samples = [await round_trip(reader, writer) for _ in range(10)]
-    assert all(rtt - jitter - 0.002 <= s < rtt + jitter + 0.15 for s in samples), samples
+    assert all(rtt - jitter - 0.002 <= s for s in samples), samples
     assert max(samples) - min(samples) > 0.01, samples  # jitter is really applied
 
     # Messages 1 ms apart with +-20 ms of one-way jitter would overtake each other if every
@@ -226,7 +236,7 @@ async def test_jitter_varies_delay_but_never_reorders_bytes(
 
         sender = asyncio.create_task(send())
         received: list[int] = []
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(WAIT):
             while len(received) < count:
                 received.append(int(await reader.readline()))
         await sender
@@ -236,27 +246,30 @@ async def test_jitter_varies_delay_but_never_reorders_bytes(
 
 
 async def test_throughput_is_not_throttled_by_delay(wan: WanEmulator, echo: EchoServer) -> None:
-    """5 MB echoed through a 100 ms link costs about one RTT plus transfer time, not per chunk."""
-    link = await wan.add_link("us-east", "eu-west", "postgres", "127.0.0.1", echo.port, rtt=0.1)
+    """5 MB echoed through a 1 s link costs about one RTT plus transfer time, not one RTT
+    per chunk: 20 chunks delayed one after the other would take 20 s at least."""
+    rtt, chunk = 1.0, 256 * 1024
+    link = await wan.add_link("us-east", "eu-west", "postgres", "127.0.0.1", echo.port, rtt=rtt)
     payload = os.urandom(5 * 1024 * 1024)
     async with connection(link.listen_port) as (reader, writer):
 
         async def send() -> None:
-            for offset in range(0, len(payload), 256 * 1024):
-                writer.write(payload[offset:offset + 256 * 1024])
+            for offset in range(0, len(payload), chunk):
+                writer.write(payload[offset:offset + chunk])
                 await writer.drain()
 
         start = time.perf_counter()
         sender = asyncio.create_task(send())
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(4 * WAIT):
             echoed = await reader.readexactly(len(payload))
         elapsed = time.perf_counter() - start
         await sender
     assert echoed == payload
-    assert 0.1 <= elapsed < 2.0
+    chunks = len(payload) // chunk
+    assert rtt <= elapsed < chunks * rtt / 2, elapsed
     state = link.state()
     assert state["bytes_up"] == state["bytes_down"] == len(payload)
-    print(f"\nthroughput: 5 MiB echoed through rtt=100ms link in {elapsed * 1000:.0f} ms "
+    print(f"\nthroughput: 5 MiB echoed through rtt=1s link in {elapsed * 1000:.0f} ms "
           f"({2 * len(payload) / elapsed / 1e6:.0f} MB/s both ways)")
 
 
@@ -271,11 +284,11 @@ async def test_cut_reset_closes_live_connections_refuses_new_and_heal_restores(
         assert forward.connections_active == 1
         cut = wan.cut("us-east", "eu-west")
         assert {link.service for link in cut} == {"grpc"} and len(cut) == 2
-        assert await closed_within(reader, 1.0)
+        assert await closed_within(reader, WAIT)
     async with connection(forward.listen_port) as (reader, _writer):
-        assert await closed_within(reader, 1.0)
+        assert await closed_within(reader, WAIT)
     async with connection(backward.listen_port) as (reader, _writer):
-        assert await closed_within(reader, 1.0)
+        assert await closed_within(reader, WAIT)
     state = forward.state()
     assert state["cut"] == "reset" and state["connections_refused"] == 1
     assert state["connections_active"] == 0
@@ -289,7 +302,7 @@ async def test_cut_reset_closes_live_connections_refuses_new_and_heal_restores(
     # One direction only: clients in us-east lose eu-west, eu-west still reaches us-east.
     wan.cut("us-east", "eu-west", both_directions=False)
     async with connection(forward.listen_port) as (reader, _writer):
-        assert await closed_within(reader, 1.0)
+        assert await closed_within(reader, WAIT)
     async with connection(backward.listen_port) as (reader, writer):
         await round_trip(reader, writer)
     wan.heal("us-east", "eu-west")
@@ -303,7 +316,7 @@ async def test_half_close_is_delivered_after_the_data(wan: WanEmulator, echo: Ec
     async with connection(link.listen_port) as (reader, writer):
         writer.write(b"last words")
         writer.write_eof()
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(WAIT):
             assert await reader.read() == b"last words"  # read() returns at EOF, not at reset
     assert link.state()["bytes_down"] == 10
 
@@ -317,7 +330,7 @@ async def test_unreachable_server_resets_the_client(wan: WanEmulator) -> None:
     link = await wan.add_link("us-east", "eu-west", "redis", "127.0.0.1", dead_port, rtt=0.01)
     async with connection(link.listen_port) as (reader, writer):
         writer.write(b"anyone?")
-        assert await closed_within(reader, 2.0)
+        assert await closed_within(reader, WAIT)
     assert link.state()["connect_failures"] == 1
 
 
@@ -342,10 +355,10 @@ async def test_blackhole_holds_traffic_and_delivers_it_after_heal(
             async with connection(link.listen_port) as (_reader_c, writer_c):
                 writer_c.write(b"gave-up")
                 writer_c.close()
-            assert await eventually(lambda: link.connections_active == 2, 1.0)
+            assert await eventually(lambda: link.connections_active == 2, WAIT)
 
             wan.heal("ap-southeast", "us-east")
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(WAIT):
                 assert await reader_a.readexactly(18) == b"held-by-A;and-more"
                 assert await reader_b.readexactly(9) == b"held-by-B"
             assert echo.accepted == 2
@@ -362,7 +375,7 @@ async def test_blackhole_buffer_is_bounded(echo: EchoServer) -> None:
             await round_trip(reader, writer)
             link.cut("blackhole")
             writer.write(b"x" * (1024 * 1024))
-            assert await closed_within(reader, 2.0)
+            assert await closed_within(reader, WAIT)
         assert link.state()["connections_overflowed"] == 1
     finally:
         await emulator.close()
@@ -384,13 +397,13 @@ async def test_control_api_from_another_thread(wan: WanEmulator, echo: EchoServe
             ("us-east", "eu-west", "grpc")
         ]
         async with connection(port) as (reader, writer):
-            assert 0.045 <= await round_trip(reader, writer) < 0.2
+            assert 0.045 <= await round_trip(reader, writer)
             changed = await asyncio.to_thread(client.set, "us-east", "eu-west", rtt_ms=150)
             assert changed[0]["rtt_ms"] == 150.0
-            assert 0.135 <= await round_trip(reader, writer) < 0.3
+            assert 0.135 <= await round_trip(reader, writer)
             cut = await asyncio.to_thread(client.cut, "eu-west", "us-east")
             assert cut[0]["cut"] == "reset"
-            assert await closed_within(reader, 1.0)
+            assert await closed_within(reader, WAIT)
         await asyncio.to_thread(client.heal, "eu-west", "us-east")
         async with connection(port) as (reader, writer):
             await round_trip(reader, writer)
@@ -440,28 +453,28 @@ async def test_emulator_process_is_controlled_over_http_and_stops_on_sigterm(
     )
     try:
         assert proc.stdout is not None
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(WAIT):
             ready = json.loads(await proc.stdout.readline())
         port = ready["links"][0]["listen_port"]
         client = WanControl(ready["control_url"])
         try:
             async with connection(port) as (reader, writer):
                 rtt = await round_trip(reader, writer)
-                assert 0.09 <= rtt < 0.25
+                assert 0.09 <= rtt
                 await asyncio.to_thread(client.cut, "us-east", "eu-west", "blackhole")
                 writer.write(b"during-partition")
                 assert await nothing_within(reader, 0.3)
                 await asyncio.to_thread(client.heal, "us-east", "eu-west")
-                async with asyncio.timeout(1):
+                async with asyncio.timeout(WAIT):
                     assert await reader.readexactly(16) == b"during-partition"
                 await asyncio.to_thread(client.cut, "us-east", "eu-west")
-                assert await closed_within(reader, 1.0)
+                assert await closed_within(reader, WAIT)
             links = await asyncio.to_thread(client.links)
             assert links[0]["cut"] == "reset" and links[0]["connections_total"] == 1
         finally:
             await asyncio.to_thread(client.close)
         os.kill(proc.pid, signal.SIGTERM)
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(WAIT):
             assert await proc.wait() == 0
         print(f"\nprocess: rtt=100ms link via subprocess measured {rtt * 1000:.1f} ms")
     finally:
