@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic_settings import BaseSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 if str(ROOT) not in sys.path:
@@ -283,9 +285,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip()
 
 
-def settings_classes() -> list[type]:
+def settings_classes() -> list[type[BaseSettings]]:
     """The settings classes named in SETTINGS_CLASSES."""
-    out = []
+    out: list[type[BaseSettings]] = []
     for spec in SETTINGS_CLASSES:
         module, name = spec.split(":")
         out.append(getattr(importlib.import_module(module), name))
@@ -614,13 +616,13 @@ def _source_routes(rel: str) -> list[tuple[str, str, str]]:
         if isinstance(node, ast.Call) and _callee(node) == "Route" and _str(
                 node.args[0] if node.args else None):
             target = node.args[1] if len(node.args) > 1 else None
-            fn = funcs.get(target.id) if isinstance(target, ast.Name) else None
+            handler = funcs.get(target.id) if isinstance(target, ast.Name) else None
             methods = ["GET"]
             for kw in node.keywords:
                 if kw.arg == "methods" and isinstance(kw.value, ast.List):
                     methods = [_str(e) or "" for e in kw.value.elts]
             for m in methods:
-                out.append((m, _str(node.args[0]) or "", doc(fn)))
+                out.append((m, _str(node.args[0]) or "", doc(handler)))
     return out
 
 
