@@ -514,13 +514,67 @@ def render_errors() -> str:
 # Routes
 
 
-def node_openapi() -> dict[str, Any]:
-    """The region node's OpenAPI document (no database needed: connections open in the
-    lifespan, which is not run)."""
+def node_app() -> Any:
+    """The region node's app, built, never started (no database needed: connections open
+    in the lifespan, which is not run)."""
     from region_node.app import create_app
     from region_node.config import RegionSettings
 
-    return create_app(RegionSettings(region="us-east")).openapi()
+    return create_app(RegionSettings(region="us-east"))
+
+
+def node_openapi() -> dict[str, Any]:
+    """The region node's OpenAPI document."""
+    return dict(node_app().openapi())
+
+
+def _calls_run_mutation(fn: Callable[..., Any], depth: int = 2) -> bool:
+    """Whether `fn`, or a function of its module it calls (`depth` levels), calls
+    run_mutation (which handles Idempotency-Key)."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if "run_mutation(" in source:
+        return True
+    if depth == 0:
+        return False
+    module = sys.modules.get(fn.__module__)
+    for name in set(re.findall(r"\b([A-Za-z_]\w*)\(", source)):
+        other = getattr(module, name, None)
+        if inspect.isfunction(other) and other is not fn and _calls_run_mutation(
+                other, depth - 1):
+            return True
+    return False
+
+
+def idempotency_support(app: Any) -> dict[tuple[str, str], str]:
+    """(METHOD, path) -> "accepts" (a retry with the same key replays the stored answer),
+    "refuses" (400 idempotency_not_supported: the answer holds a secret) or "ignores"."""
+    out: dict[tuple[str, str], str] = {}
+
+    def walk(routes: list[Any], prefix: str) -> Iterator[tuple[Any, str]]:
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # FastAPI's included routers
+            if inner is not None:
+                context = getattr(route, "include_context", None)
+                yield from walk(inner.routes, prefix + getattr(context, "prefix", ""))
+            else:
+                yield route, prefix + getattr(route, "path", "")
+
+    for route, path in walk(list(app.routes), ""):
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is None:
+            continue
+        try:
+            source = inspect.getsource(endpoint)
+        except (OSError, TypeError):
+            source = ""
+        kind = ("refuses" if "_no_idempotency_key(" in source
+                else "accepts" if _calls_run_mutation(endpoint) else "ignores")
+        for method in getattr(route, "methods", None) or set():
+            out[(method, path)] = kind
+    return out
 
 
 def _schema_type(schema: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -558,7 +612,16 @@ def _body_fields(op: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     return rows
 
 
-def render_node_routes(spec: dict[str, Any]) -> str:
+IDEMPOTENCY_TEXT = {
+    "accepts": " Accepts `Idempotency-Key` (a retry replays the stored answer).",
+    "refuses": " Refuses `Idempotency-Key` (400 `idempotency_not_supported`: the answer "
+               "shows a secret once).",
+    "ignores": " Does not use `Idempotency-Key`.",
+}
+
+
+def render_node_routes(spec: dict[str, Any],
+                       idempotency: dict[tuple[str, str], str] | None = None) -> str:
     """Markdown: a summary table, then one section per operation."""
     parts = ["| method | path | summary |", "|---|---|---|"]
     ops = [(p, m, op) for p, item in spec["paths"].items() for m, op in item.items()]
@@ -587,8 +650,8 @@ def render_node_routes(spec: dict[str, Any]) -> str:
         if path.startswith("/v1/"):
             line += (" Errors: 400 (validation), 401, 403, 429 and the route's own"
                      " (see [errors](errors.md)).")
-        if mutation and path.startswith("/v1/"):
-            line += " Accepts `Idempotency-Key`."
+        if mutation and path.startswith("/v1/") and idempotency is not None:
+            line += IDEMPOTENCY_TEXT[idempotency.get((method.upper(), path), "ignores")]
         parts.append(line + "\n")
     return "\n".join(parts)
 
@@ -659,11 +722,9 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def generated() -> dict[Path, dict[str, Callable[[], str]]]:
     """File -> section name -> renderer."""
-    spec: dict[str, Any] = {}
-
     def node_routes() -> str:
-        spec.update(spec or node_openapi())
-        return render_node_routes(spec)
+        app = node_app()
+        return render_node_routes(app.openapi(), idempotency_support(app))
 
     return {
         DOCS / "api.md": {"node-routes": node_routes, "other-routes": render_other_routes},
