@@ -10,9 +10,10 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-tools.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e ".[dev]"
+	bash scripts/install-tools.sh $(VENV)
 	touch $(STAMP)
 
 demo: venv

@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.channel_cli import channel_app
+from cluster.deploy import deploy_app
 from cluster.drill_cli import drill_app
 from cluster.lab import (
     REGION_NAMES,
@@ -80,6 +81,8 @@ durability_app = typer.Typer(help="Durability mode per region: local (asynchrono
 app.add_typer(durability_app, name="durability")
 app.add_typer(drill_app, name="drill")
 app.add_typer(channel_app, name="channel")
+# The steps of a containerised deployment (docker-compose.multiregion.yml).
+app.add_typer(deploy_app, name="deploy")
 
 
 def make_console(stderr: bool = False) -> Console:

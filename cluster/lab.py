@@ -983,12 +983,23 @@ def _lab_key(cluster: Cluster, key: str | None, name: str, role: str, what: str,
     """`key` if the first region's store still has it as an unrevoked key of principal
     `name` with `role` (a restart on the same data dir), else a new principal and key
     created there; either way awaited in every region."""
+    first = cluster.regions[0]
+    others = {r.name: r.dsn for r in cluster.regions[1:]}
+    return ensure_principal_key(first.name, first.dsn, others, key, name, role, what, timeout)
+
+
+def ensure_principal_key(first_region: str, first_dsn: str, others: dict[str, str],
+                         key: str | None, name: str, role: str, what: str,
+                         timeout: float) -> str:
+    """`key` if the store at `first_dsn` still has it as an unrevoked key of principal
+    `name` with `role`, else a new principal with `role` and its key created there (homed
+    in `first_region`); either way awaited in every region of `others` (name -> DSN).
+    Shared by the lab and by `paycluster deploy bootstrap` (containers)."""
     import psycopg
 
     from region_node.principals import create_principal_sync, hash_key
 
-    first = cluster.regions[0]
-    with psycopg.connect(first.dsn, autocommit=True) as conn:
+    with psycopg.connect(first_dsn, autocommit=True) as conn:
         kept = conn.execute(
             "select k.id from api_keys k join principals p on p.id = k.principal_id "
             "where k.hash = %s and p.name = %s and p.role = %s and not exists "
@@ -997,20 +1008,22 @@ def _lab_key(cluster: Cluster, key: str | None, name: str, role: str, what: str,
     if kept is not None and key:
         key_id = kept[0]
     else:
-        made = create_principal_sync(first.dsn, first.name, name, role)
+        made = create_principal_sync(first_dsn, first_region, name, role)
         key, key_id = made.key, made.key_id
-    _await_key_everywhere(cluster, key_id, what, timeout)
+    _await_key_everywhere(others, key_id, what, timeout)
     return key
 
 
-def _await_key_everywhere(cluster: Cluster, key_id: Any, what: str, timeout: float) -> None:
-    """Wait until the key `key_id` and its principal replicated to every other region."""
+def _await_key_everywhere(others: dict[str, str], key_id: Any, what: str,
+                          timeout: float) -> None:
+    """Wait until the key `key_id` and its principal replicated to every region of
+    `others` (name -> DSN)."""
     import psycopg
 
     deadline = time.monotonic() + timeout
-    for region in cluster.regions[1:]:
+    for name, dsn in others.items():
         while True:
-            with psycopg.connect(region.dsn, autocommit=True) as conn:
+            with psycopg.connect(dsn, autocommit=True) as conn:
                 row = conn.execute(
                     "select 1 from api_keys k join principals p on p.id = k.principal_id "
                     "where k.id = %s", (key_id,)).fetchone()
@@ -1018,7 +1031,7 @@ def _await_key_everywhere(cluster: Cluster, key_id: Any, what: str, timeout: flo
                 break
             if time.monotonic() > deadline:
                 raise ClusterError(f"the {what} key did not replicate to "
-                                   f"{region.name} within {timeout:.0f}s")
+                                   f"{name} within {timeout:.0f}s")
             time.sleep(0.1)
 
 

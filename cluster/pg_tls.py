@@ -63,6 +63,8 @@ class ServerSpec:
     ca: str
     cert: str
     key: str
+    # The lab keeps every gateway on loopback; in a container it must face the network.
+    listen_host: str = LOCALHOST
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class ClientSpec:
     ca: str
     cert: str
     key: str
+    listen_host: str = LOCALHOST
 
 
 def server_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -180,7 +183,7 @@ async def serve_server(spec: ServerSpec) -> asyncio.Server:
         await _splice((reader, writer), upstream)
         _event(event="closed", **info)
 
-    return await asyncio.start_server(handle, LOCALHOST, spec.port)
+    return await asyncio.start_server(handle, spec.listen_host, spec.port)
 
 
 async def serve_client(spec: ClientSpec) -> asyncio.Server:
@@ -203,7 +206,7 @@ async def serve_client(spec: ClientSpec) -> asyncio.Server:
         await _splice((reader, writer), upstream)
         _event(event="closed", **info)
 
-    return await asyncio.start_server(handle, LOCALHOST, spec.port)
+    return await asyncio.start_server(handle, spec.listen_host, spec.port)
 
 
 def load_config(path: Path) -> tuple[list[ServerSpec], list[ClientSpec]]:
@@ -215,7 +218,11 @@ def load_config(path: Path) -> tuple[list[ServerSpec], list[ClientSpec]]:
 
 async def run(config: Path) -> None:
     """Run every gateway of `config` until SIGTERM/SIGINT; print a JSON ready line."""
-    servers_, clients = load_config(config)
+    await run_gateways(*load_config(config))
+
+
+async def run_gateways(servers_: list[ServerSpec], clients: list[ClientSpec]) -> None:
+    """Run these gateways until SIGTERM/SIGINT; print a JSON ready line."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -354,8 +354,10 @@ class Link:
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         blackhole_limit: int = DEFAULT_BLACKHOLE_LIMIT,
         rng: random.Random | None = None,
+        listen_host: str = LOCALHOST,
     ) -> None:
-        """Configure the link; nothing listens until `start()`."""
+        """Configure the link; nothing listens until `start()`. `listen_host` stays
+        loopback in the lab; a containerised emulator serves other containers."""
         if window_bytes <= 0 or blackhole_limit <= 0:
             raise ValueError("window_bytes and blackhole_limit must be positive")
         self.src = src
@@ -364,6 +366,7 @@ class Link:
         self.target_host = target_host
         self.target_port = int(target_port)
         self.listen_port = int(listen_port)
+        self.listen_host = listen_host
         self.rtt = _check_seconds("rtt", rtt)
         self.jitter = _check_seconds("jitter", jitter)
         self.window_bytes = window_bytes
@@ -401,14 +404,15 @@ class Link:
         return max(delay, 0.0)
 
     async def start(self) -> int:
-        """Start listening on 127.0.0.1 (a free port if `listen_port` is 0); returns the port."""
+        """Start listening on `listen_host` (a free port if `listen_port` is 0); returns the
+        port."""
         if self._server is not None:
             return self.listen_port
         self._passable = asyncio.Event()
         if not self.blackholed:
             self._passable.set()
         self._server = await asyncio.start_server(
-            self._on_client, LOCALHOST, self.listen_port, limit=CHUNK_BYTES * 2
+            self._on_client, self.listen_host, self.listen_port, limit=CHUNK_BYTES * 2
         )
         self.listen_port = int(self._server.sockets[0].getsockname()[1])
         return self.listen_port
@@ -473,7 +477,7 @@ class Link:
             "src": self.src,
             "dst": self.dst,
             "service": self.service,
-            "listen_host": LOCALHOST,
+            "listen_host": self.listen_host,
             "listen_port": self.listen_port,
             "target_host": self.target_host,
             "target_port": self.target_port,
@@ -517,14 +521,17 @@ class WanEmulator:
         seed: int | None = None,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         blackhole_limit: int = DEFAULT_BLACKHOLE_LIMIT,
+        listen_host: str = LOCALHOST,
     ) -> None:
-        """`scale` multiplies the default RTT table for links added without an explicit rtt."""
+        """`scale` multiplies the default RTT table for links added without an explicit rtt;
+        links listen on `listen_host`."""
         if scale < 0 or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         self.scale = scale
         self._rng = random.Random(seed)
         self._window_bytes = window_bytes
         self._blackhole_limit = blackhole_limit
+        self.listen_host = listen_host
         self._links: dict[tuple[str, str, str], Link] = {}
         self._pairs: dict[tuple[str, str], tuple[float, float]] = {}
         self._cuts: dict[tuple[str, str], CutMode] = {}
@@ -566,7 +573,7 @@ class WanEmulator:
         link = Link(
             src, dst, service, target_host, target_port, listen_port=listen_port, rtt=rtt,
             jitter=jitter, window_bytes=self._window_bytes, blackhole_limit=self._blackhole_limit,
-            rng=random.Random(self._rng.random()),
+            rng=random.Random(self._rng.random()), listen_host=self.listen_host,
         )
         if (src, dst) in self._cuts:
             link.cut(self._cuts[(src, dst)])
@@ -947,7 +954,8 @@ async def _add_from_config(emulator: WanEmulator, specs: Iterable[Mapping[str, A
 
 
 async def run_emulator(
-    control_port: int, config: Path | None = None, scale: float | None = None
+    control_port: int, config: Path | None = None, scale: float | None = None,
+    listen_host: str = LOCALHOST,
 ) -> None:
     """Run an emulator with its control API until SIGTERM or SIGINT, then close everything.
 
@@ -955,7 +963,8 @@ async def run_emulator(
     parent process that passed port 0 learns where to connect.
     """
     file_scale, specs = _load_config(config) if config else (None, [])
-    emulator = WanEmulator(scale=scale if scale is not None else (file_scale or 1.0))
+    emulator = WanEmulator(scale=scale if scale is not None else (file_scale or 1.0),
+                           listen_host=listen_host)
     control = ControlServer(emulator)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -984,9 +993,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="port of the HTTP control API on 127.0.0.1 (0 = a free one)")
     parser.add_argument("--config", type=Path, help="JSON file with the links to create")
     parser.add_argument("--scale", type=float, help="multiplier of the default RTT table")
+    # The control API stays on loopback either way: cuts are made from inside the host or
+    # container that runs the emulator, never by a peer on the network.
+    parser.add_argument("--listen-host", default=LOCALHOST,
+                        help="address the links listen on (a container: 0.0.0.0)")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(run_emulator(args.control_port, args.config, args.scale))
+        asyncio.run(run_emulator(args.control_port, args.config, args.scale,
+                                 args.listen_host))
     except (OSError, ValueError) as exc:
         print(f"cluster.wan: {exc}", file=sys.stderr)
         return 1

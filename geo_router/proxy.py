@@ -23,7 +23,6 @@ policy chooses and relays the answer.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -37,6 +36,8 @@ from geo_router.errors import RouterError, unavailable
 from geo_router.owners import SAFE_METHODS, body_names_owner, wants_owner
 from geo_router.policy import Decision, NoRoute
 from geo_router.service import RouterService
+from region_node.tracing import TRACE_HEADERS, child_headers
+from region_node.tracing import parse_traceparent as parse_traceparent
 
 log = logging.getLogger("geo_router.proxy")
 
@@ -78,71 +79,18 @@ def connection_headers(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return HOP_BY_HOP | named
 
 
-def _is_hex(text: str, length: int) -> bool:
-    return len(text) == length and all(c in "0123456789abcdef" for c in text) \
-        and text.strip("0") != ""
-
-
-def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
-    """(trace id, parent span id, flags) of a valid W3C traceparent, else None."""
-    if not value:
-        return None
-    parts = value.strip().lower().split("-")
-    if len(parts) < 4 or parts[0] == "ff" or len(parts[0]) != 2:
-        return None
-    if not (_is_hex(parts[1], 32) and _is_hex(parts[2], 16) and len(parts[3]) == 2):
-        return None
-    return parts[1], parts[2], parts[3]
-
-
-_B3_TRACE = b"x-b3-traceid"
-
-
 def trace_headers(headers: Mapping[bytes, bytes], span_id: str | None = None) -> RawHeaders:
     """The trace headers to send upstream, as a mesh sidecar would: this hop becomes a new
-    span (`span_id`) in the client's trace - or the first span of a new trace.
+    span (`span_id`) in the client's trace - or the first span of a new trace. The rules
+    (traceparent, tracestate, b3 / X-B3-*) are the nodes' own: region_node.tracing."""
+    def get(name: str) -> str:
+        return headers.get(name.encode(), b"").decode("latin-1")
 
-    - `traceparent`: child of the client's (same trace id and flags); if the client only
-      sent B3, the trace id comes from B3 so both formats name the same trace; otherwise
-      a new sampled trace.
-    - `b3` (single header) and `X-B3-*`: passed on with this hop's span id and the
-      client's span as parent, only if the client sent them.
-    - `tracestate` is passed on untouched (with the other headers).
-    """
-    span = span_id or secrets.token_hex(8)
-    get = lambda name: headers.get(name, b"").decode("latin-1").strip()  # noqa: E731
-    out: RawHeaders = []
-    b3_single = get(b"b3")
-    b3_parts = b3_single.split("-") if b3_single and b3_single not in ("0", "1", "d") else []
-    b3_trace = (b3_parts[0] if len(b3_parts) >= 2 else get(_B3_TRACE)).lower()
-    parent = parse_traceparent(get(b"traceparent"))
-    if parent is not None:
-        trace, _, flags = parent
-    elif b3_trace and all(c in "0123456789abcdef" for c in b3_trace) and len(b3_trace) in (16,
-                                                                                          32):
-        trace, flags = b3_trace.rjust(32, "0"), "01"
-    else:
-        trace, flags = secrets.token_hex(16), "01"
-    out.append((b"traceparent", f"00-{trace}-{span}-{flags}".encode()))
-    if len(b3_parts) >= 2:
-        sampled = b3_parts[2] if len(b3_parts) >= 3 else ""
-        value = f"{b3_parts[0]}-{span}" + (f"-{sampled}" if sampled else "") + f"-{b3_parts[1]}"
-        out.append((b"b3", value.encode()))
-    elif b3_single:
-        out.append((b"b3", b3_single.encode()))  # a bare sampling decision ("0", "1", "d")
-    if headers.get(_B3_TRACE):
-        out.append((_B3_TRACE, headers[_B3_TRACE]))
-        out.append((b"x-b3-spanid", span.encode()))
-        if headers.get(b"x-b3-spanid"):
-            out.append((b"x-b3-parentspanid", headers[b"x-b3-spanid"]))
-        for name in (b"x-b3-sampled", b"x-b3-flags"):
-            if headers.get(name):
-                out.append((name, headers[name]))
-    return out
+    return [(name.encode(), value.encode("latin-1"))
+            for name, value in child_headers(get, span_id)]
 
 
-_TRACE_NAMES = frozenset({b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid",
-                          b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags"})
+_TRACE_NAMES = frozenset(name.encode() for name in TRACE_HEADERS)
 
 
 def upstream_headers(raw: RawHeaders, *, client_ip: str | None, scheme: str,

@@ -34,6 +34,7 @@ from region_node.hold_expiry import HoldExpiryWorker
 from region_node.janitor import KeyJanitor
 from region_node.leases import OwnershipLeases
 from region_node.node import Node
+from region_node.ops_metrics import OpsMetrics
 from region_node.outbox_relay import OutboxRelay
 from region_node.principals import Authenticator
 from region_node.rate_limit import RateLimiter
@@ -79,7 +80,10 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         app.state.transfer_worker = transfer_worker
         grpc_server = None
         if settings.grpc_port:
-            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker)
+            # gRPC listens where the API does: loopback in the lab, the container's or
+            # task's interfaces in a deployment (the other regions dial it).
+            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker,
+                                                                host=settings.api_host)
         lock_urls = [url for _, url in sorted(settings.lock_redis_urls.items())] or [
             settings.redis_url]
         lock_service = LockService(lock_urls, LockSettings(redis_urls=lock_urls,
@@ -93,6 +97,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             workers.append(leases.run)
         app.state.stock_mover = stock_mover
         workers.append(node.ownership.run)
+        workers.append(OpsMetrics(node, leases).run)
         workers.append(HeartbeatWriter(node.db.engine, settings.region,
                                        settings.heartbeat_seconds).run)
         monitor = ConvergenceMonitor(node.db.engine, settings.region, sorted(settings.peers),

@@ -13,17 +13,8 @@ from region_node.redact import scrub, scrub_value
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 traceparent: ContextVar[str | None] = ContextVar("traceparent", default=None)
-"""W3C trace context of the current request, passed on to every call to another region."""
-
-
-def new_traceparent(parent: str | None = None) -> str:
-    """A W3C traceparent for this hop: same trace id as `parent` (if well formed), new span."""
-    import secrets
-
-    parts = (parent or "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-        return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+"""W3C trace context of the current request's span (region_node.tracing makes it), passed
+on to every call to another region."""
 
 
 class JsonFormatter(logging.Formatter):

@@ -44,15 +44,30 @@ host    replication  all              ::1/128       trust
 """
 
 
-def ensure_replication_role(conn: psycopg.Connection[Any], tables: Sequence[str]) -> None:
+def ensure_replication_role(conn: psycopg.Connection[Any], tables: Sequence[str],
+                            password: str | None = None) -> None:
     """Create the replication role if missing and let it read `tables` (what the
-    publication sends; table sync reads them). Idempotent; `conn` in autocommit."""
+    publication sends; table sync reads them). Idempotent; `conn` in autocommit.
+
+    Without `password` (the lab) the role has none: pg_hba.conf lets it in only through
+    the gateway's socket. With one (a managed PostgreSQL, reached over TCP and TLS) it is
+    set, and where the operator is not a superuser (Amazon RDS) the replication right is
+    granted through the provider's role `rds_replication` instead of the attribute."""
     exists = conn.execute("select 1 from pg_roles where rolname = %s",
                           (REPLICATION_ROLE,)).fetchone()
     role = sql.Identifier(REPLICATION_ROLE)
     if not exists:
-        # No password: pg_hba.conf lets it in only through the gateway's socket.
-        conn.execute(sql.SQL("create role {} with login replication").format(role))
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("create role {} with login replication").format(role))
+        except psycopg.errors.InsufficientPrivilege:
+            conn.execute(sql.SQL("create role {} with login").format(role))
+            if conn.execute("select 1 from pg_roles where rolname = 'rds_replication'"
+                            ).fetchone():
+                conn.execute(sql.SQL("grant rds_replication to {}").format(role))
+    if password is not None:
+        conn.execute(sql.SQL("alter role {} with password {}").format(
+            role, sql.Literal(password)))
     if tables:
         conn.execute(sql.SQL("grant select on {} to {}").format(
             sql.SQL(", ").join(sql.Identifier(t) for t in tables), role))

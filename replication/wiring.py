@@ -186,6 +186,9 @@ class RegionDb:
     dsn: str
     reach: Mapping[str, Endpoint] = field(default_factory=dict)
     replication_user: str = "postgres"
+    # Only where subscriptions log in with a password (a managed PostgreSQL without the
+    # lab's TLS gateways); it is then part of the subscriptions' connection strings.
+    replication_password: str | None = field(default=None, repr=False)
 
     @property
     def dbname(self) -> str:
@@ -249,15 +252,17 @@ def _origin_lsn(conn: psycopg.Connection[dict[str, Any]], subid: int) -> str | N
 # --------------------------------------------------------------------------- publish / subscribe
 
 
-def create_publication(dsn: str, tables: Sequence[str] = REPLICATED_TABLES) -> bool:
+def create_publication(dsn: str, tables: Sequence[str] = REPLICATED_TABLES,
+                       replication_password: str | None = None) -> bool:
     """Create the region's publication of `tables`; if it exists, make its table set match.
 
-    Also makes sure the replication role subscribers log in as exists and may read them.
+    Also makes sure the replication role subscribers log in as exists and may read them
+    (with `replication_password` where they log in over TCP, e.g. a managed PostgreSQL).
     Returns True when something was created or changed.
     """
     wanted = sorted(tables)
     with _connect(dsn) as conn:
-        ensure_replication_role(conn, wanted)
+        ensure_replication_role(conn, wanted, replication_password)
         exists = conn.execute("select 1 from pg_publication where pubname = %s",
                               (PUBLICATION,)).fetchone()
         table_list = sql.SQL(", ").join(sql.Identifier(t) for t in wanted)
@@ -456,7 +461,7 @@ def wire_cluster(regions: Mapping[str, RegionDb] | Iterable[RegionDb], *,
     """
     by_name = _as_map(regions)
     for region in by_name.values():
-        create_publication(region.dsn)
+        create_publication(region.dsn, replication_password=region.replication_password)
     created: list[tuple[str, str]] = []
     for sub in by_name.values():
         with _connect(sub.dsn) as conn:
@@ -474,7 +479,8 @@ def wire_cluster(regions: Mapping[str, RegionDb] | Iterable[RegionDb], *,
                             "with copy_data=false would lose them (use add_region)")
             host, port = pub.endpoint_for(sub.name)
             if subscribe(sub.dsn, sub.name, pub.name, host, port, dbname=pub.dbname,
-                         streaming=streaming, user=pub.replication_user):
+                         streaming=streaming, user=pub.replication_user,
+                         password=pub.replication_password):
                 created.append((sub.name, pub.name))
     return created
 

@@ -13,9 +13,10 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from region_node import tracing
 from region_node.api.errors import error_response
 from region_node.errors import InvalidRequest, PayloadTooLarge
-from region_node.logs import new_traceparent, request_id, traceparent
+from region_node.logs import request_id, traceparent
 from region_node.metrics import NodeMetrics
 from region_node.redact import scrub
 
@@ -44,8 +45,10 @@ class RequestContext:
             rid = ""
         rid = rid or uuid.uuid4().hex
         token = request_id.set(rid)
-        trace = traceparent.set(new_traceparent(
-            headers.get(b"traceparent", b"").decode("latin-1") or None))
+        span, carried = tracing.enter(
+            lambda name: headers.get(name.encode(), b"").decode("latin-1"))
+        trace = traceparent.set(span)
+        carried_token = tracing.propagated.set(carried)
         started = time.perf_counter()
         status = 500
 
@@ -75,6 +78,7 @@ class RequestContext:
                                          time.perf_counter() - started)
             request_id.reset(token)
             traceparent.reset(trace)
+            tracing.propagated.reset(carried_token)
 
 
 class BodyLimit:

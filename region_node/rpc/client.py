@@ -14,6 +14,7 @@ from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.errors import from_rpc_error
 from region_node.rpc.tls import InsecureGrpcRefused, RpcTls, require_loopback
+from region_node.tracing import propagated
 
 ORIGIN_KEY = "paycluster-origin"
 """gRPC metadata key naming the calling region."""
@@ -27,7 +28,8 @@ FORWARD_HEADERS = ("content-type", "idempotency-key", "x-request-id", "tracepare
 
 
 def call_metadata(origin: str) -> tuple[tuple[str, str], ...]:
-    """Metadata every outgoing call carries: who asks, request id, W3C trace context."""
+    """Metadata every outgoing call carries: who asks, request id, trace context (W3C and,
+    if the request came with it, B3)."""
     items = [(ORIGIN_KEY, origin)]
     rid = request_id.get()
     if rid:
@@ -35,6 +37,8 @@ def call_metadata(origin: str) -> tuple[tuple[str, str], ...]:
     trace = traceparent.get()
     if trace:
         items.append(("traceparent", trace))
+    # tracestate and B3, so a mesh (Istio) stitches the call into the caller's trace.
+    items.extend(propagated.get())
     return tuple(items)
 
 

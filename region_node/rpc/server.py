@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import stock, transfers
+from region_node import stock, tracing, transfers
 from region_node.api.auth import trusted_forward_headers
 from region_node.errors import InvalidRequest, PaymentError
-from region_node.logs import new_traceparent, request_id, traceparent
+from region_node.logs import request_id, traceparent
 from region_node.node import Node
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
@@ -52,7 +52,9 @@ class RegionService(pb_grpc.RegionServicer):
                      ) -> Resp:
         meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         rid = request_id.set(meta.get("x-request-id") or uuid.uuid4().hex)
-        trace = traceparent.set(new_traceparent(meta.get("traceparent")))
+        span, carried = tracing.enter(meta.get)
+        trace = traceparent.set(span)
+        carried_token = tracing.propagated.set(carried)
         try:
             return await call()
         except PaymentError as exc:
@@ -62,6 +64,7 @@ class RegionService(pb_grpc.RegionServicer):
         finally:
             request_id.reset(rid)
             traceparent.reset(trace)
+            tracing.propagated.reset(carried_token)
 
     async def Forward(self, request: pb.ForwardRequest,
                       context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
@@ -77,6 +80,7 @@ class RegionService(pb_grpc.RegionServicer):
                 headers["x-request-id"] = request_id.get() or ""
             if traceparent.get():
                 headers["traceparent"] = traceparent.get() or ""
+            headers.update(tracing.propagated.get())
             resp = await self._http.request(
                 request.method, request.path + (f"?{request.query}" if request.query else ""),
                 content=request.body, headers=headers)
