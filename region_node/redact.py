@@ -123,7 +123,14 @@ def mask_card_numbers(text: str, *, keep_labelled_ids: bool = False) -> str:
                 return head + (tail[0] + _mask_run(tail[1]) if tail else "")
         return _mask_run(run)
 
-    return _DIGIT_GROUPS.sub(repl, text)
+    # A mask keeps the last four digits, and they can spell a new card together with the
+    # digit groups that follow ("...3092 112334200"): mask again until nothing changes,
+    # so the output is stable under scrub. Each pass only turns digits into stars.
+    while True:
+        masked = _DIGIT_GROUPS.sub(repl, text)
+        if masked == text:
+            return masked
+        text = masked
 
 
 def redact_secrets(text: str) -> str:

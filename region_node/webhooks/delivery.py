@@ -67,7 +67,9 @@ def retry_delay(failures: int, *, base: float, cap: float,
     Exponential (`base`, 2x, 4x, ... up to `cap`) with "equal jitter": half the step
     fixed, half random, so receivers that fail together are not retried in lockstep.
     """
-    step = min(cap, base * 2 ** max(failures - 1, 0))
+    # A float power, its exponent bounded: an int 2 ** 1100 does not fit a float
+    # (OverflowError), while 2.0 ** 1000 * base at worst becomes inf, and min() takes cap.
+    step = min(cap, base * 2.0 ** min(max(failures - 1, 0), 1000))
     r = random.random() if rand is None else rand
     return step / 2 + r * step / 2
 

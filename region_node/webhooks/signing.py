@@ -65,7 +65,7 @@ def parse(header: str) -> tuple[int, list[str]]:
         if not sep:
             raise SignatureError("malformed signature header: expected key=value items")
         if key == "t":
-            if timestamp is not None or not value.isdigit():
+            if timestamp is not None or not (value.isascii() and value.isdigit()):
                 raise SignatureError("malformed signature header: bad timestamp")
             timestamp = int(value)
         elif key == SCHEME:
