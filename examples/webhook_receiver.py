@@ -42,7 +42,7 @@ def verify(body: bytes, header: str, secret: str, tolerance: int = TOLERANCE_SEC
         key, sep, value = item.strip().partition("=")
         if not sep:
             raise SignatureError("malformed signature header")
-        if key == "t" and value.isdigit():
+        if key == "t" and value.isascii() and value.isdigit():
             timestamp = int(value)
         elif key == "v1":
             signatures.append(value)
