@@ -1,0 +1,75 @@
+"""Imports run one way: a package never imports one above it (the architecture's map).
+
+The layers, written down once, top to bottom: `bench` -> `cluster` -> `replication` ->
+`region_node` -> `lock_service`. Beside them: `geo_router`, which may use only the node's
+published contracts (region names and ids, masking, trace headers), and `channel`, an
+outside party that imports nothing of ours. `cluster` (the lab) may start anything.
+
+KNOWN_UPWARD lists the upward imports that exist today, each to be removed (issue 19);
+the test fails on any new one, and on an exception that is gone (so the list only
+shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("lock_service", "region_node", "replication", "cluster", "bench")
+"""Bottom to top: a package may import the ones before it."""
+BESIDE = ("geo_router", "channel")
+ROUTER_MAY_USE = ("region_node.regions", "region_node.redact", "region_node.tracing",
+                  "region_node.ids")
+"""The node's published contracts the geo router may import."""
+
+KNOWN_UPWARD = {
+    ("cluster/cli.py", "bench.durability"),
+    ("cluster/cli.py", "bench.payments"),
+    ("cluster/cli.py", "bench.router"),
+    ("lock_service/bench.py", "cluster.servers"),
+    ("lock_service/bench.py", "cluster.wan"),
+    ("region_node/app.py", "replication.monitor"),
+    ("replication/reconcile.py", "cluster.lab"),
+    ("replication/reconcile.py", "cluster.servers"),
+    ("geo_router/__main__.py", "region_node.logs"),
+}
+
+
+def _imports() -> set[tuple[str, str]]:
+    """(file, imported module) for every absolute import of one of our packages made by
+    another of our packages."""
+    ours = set(LAYERS) | set(BESIDE)
+    found: set[tuple[str, str]] = set()
+    for pkg in ours:
+        for path in (ROOT / pkg).rglob("*.py"):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in ours and top != pkg:
+                        found.add((path.relative_to(ROOT).as_posix(), name))
+    return found
+
+
+def _allowed(file: str, module: str) -> bool:
+    pkg, target = file.split("/")[0], module.split(".")[0]
+    if pkg == "channel":
+        return False
+    if pkg == "geo_router":
+        return module.startswith(ROUTER_MAY_USE)
+    if target in BESIDE:
+        return pkg == "cluster"  # the lab starts routers and the channel
+    return LAYERS.index(target) < LAYERS.index(pkg)
+
+
+def test_no_package_imports_one_above_it() -> None:
+    upward = {(f, m) for f, m in _imports() if not _allowed(f, m)}
+    assert upward - KNOWN_UPWARD == set(), "new upward imports"
+    assert KNOWN_UPWARD - upward == set(), "gone: remove them from KNOWN_UPWARD"
