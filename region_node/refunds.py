@@ -187,11 +187,12 @@ def _amount(captured: int, committed: int, amount: int | None) -> int:
 
 async def create(conn: AsyncConnection, *, region: str, refund_id: uuid.UUID,
                  payment_id: uuid.UUID, amount: int | None, principal: Principal,
-                 serving_home: str) -> Row[Any]:
+                 serving_home: str, payer_home: str | None = None) -> Row[Any]:
     """Refund `amount` (default: all that is left) of a payment, at the region serving the
     payee's home (`serving_home`, fenced by the caller's transaction). Only the payee's
     principal (or an admin) may. Same home: done at once (`succeeded`). Across regions:
     the payee is debited into transit and the refund is `pending` (push it after commit).
+    `payer_home` is the home stamped in the payment id, if the cluster knows it.
     """
     payment = (await conn.execute(sa.select(P).where(P.c.id == payment_id))).one_or_none()
     if payment is not None and (payment.payee_home or payment.home_region) == payment.home_region:
@@ -200,9 +201,15 @@ async def create(conn: AsyncConnection, *, region: str, refund_id: uuid.UUID,
                                   payment_id=payment_id, amount=amount, principal=principal)
     credit = await credit_of(conn, payment_id)
     if credit is None:
-        if payment is None:
+        if payment is not None:
+            raise Conflict(f"Cannot refund a payment whose status is '{payment.status}'",
+                           code="payment_unexpected_state")
+        if payer_home is None or payer_home == serving_home:
+            # We would hold the payment (we serve its home): it does not exist.
             raise NotFound(f"No such payment: '{payment_id}'")
-        raise Conflict(f"Cannot refund a payment whose status is '{payment.status}'",
+        # Routed here by a region that has the payment (api/refunds.py): it exists in its
+        # payer's home, and has not been credited to the payee here (yet).
+        raise Conflict("The payment has not been credited to its payee yet",
                        code="payment_unexpected_state")
     _served(credit.payee_home, serving_home)
     return await _start_cross_region(conn, region=region, refund_id=refund_id, credit=credit,

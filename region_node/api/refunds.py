@@ -86,7 +86,7 @@ async def create_refund(request: Request, payment_id: str, amount: int | None) -
     async def step(conn: AsyncConnection) -> Result:
         row = await refunds.create(conn, region=node.region, refund_id=refund_id,
                                    payment_id=pid, amount=amount, principal=principal,
-                                   serving_home=home)
+                                   serving_home=home, payer_home=home_of(request, pid))
         return 201, refunds.to_api(row)
 
     return await run_mutation(request, step, home=home, after_commit=push_if_pending(request))
