@@ -9,8 +9,10 @@ refund during a planned handover (replication and ownership move).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,12 +20,16 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cluster.cli import failover_targets
+from cluster.lab import Cluster, start_cluster
 from cluster.servers import RegionServers
 from region_node import refunds
 from region_node.db import Database
 from region_node.principals import Principal
+from replication.failover import RegionHandle, planned_handover
+from replication.reconcile import lost_tail
 from tests.conftest import two_regions
-from tests.helpers import check_ledger, open_account
+from tests.helpers import check_ledger, cluster_ledger_checks, open_account
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +284,216 @@ async def test_a_merchant_cannot_close_while_its_refund_is_in_transit(
         assert refused.status_code == 409, refused.text
         assert refused.json()["error"]["code"] == "account_not_empty"
         assert "refund" in refused.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ a lost tail
+
+async def test_a_refund_lost_in_a_tail_is_listed_and_its_credit_parked(
+        servers: RegionServers) -> None:
+    """eu-west (serving the merchant's home) started a refund, us-east credited the payer
+    from the push, then eu-west is taken over by us-east and its unreplicated tail lost
+    (here: no replication at all, so its whole store is the tail). The refund is listed
+    for reconciliation with the merchant's debit; the payer's credit is an orphan refund
+    credit, parked in us-east's suspense account once, so us-east's books balance."""
+    async with two_regions(servers, grpc_deadline_seconds=20.0) as (a, b, db_a, db_b, _):
+        _, payee, pid = await _cross_payment(a, b, 1_000, deposit=1_000)
+        resp = await b.post(f"/v1/payments/{pid}/refunds", json={"amount": 400})
+        assert resp.status_code == 201, resp.text
+        rid = resp.json()["id"]
+        await _wait(b, f"/v1/refunds/{rid}", "succeeded")
+        clearing_a = _one(db_a, "select id::text from accounts where kind = 'clearing'")
+        # The forced takeover of eu-west by us-east, as crash_takeover records it.
+        with psycopg.connect(db_a) as conn:
+            conn.execute("insert into ownership_epochs (home_region, epoch, serving_region) "
+                         "values ('eu-west', 7, 'us-east')")
+            conn.execute("insert into ownership_takeovers (home_region, epoch, serving_region,"
+                         " from_region, from_epoch, forced) values "
+                         "('eu-west', 7, 'us-east', 'eu-west', 1, true)")
+        tail = lost_tail(RegionHandle("eu-west", "http://unused", db_b),
+                         {"us-east": RegionHandle("us-east", "http://unused", db_a)}, "eu-west")
+        assert [(r["id"], r["amount"], r["status"], r["payee"]) for r in tail.refunds] == [
+            (rid, 400, "succeeded", payee)]
+        assert [(e["account_id"], e["amount"], e["entry_type"])
+                for e in tail.refunds[0]["entries"] if e["amount"] < 0] == [
+            (payee, -400, "refund_out")], "the merchant's lost debit is listed with it"
+        assert [(c["refund_id"], c["amount"], c["credit_region"], c["clearing_account"])
+                for c in tail.orphan_refund_credits] == [(rid, 400, "us-east", clearing_a)]
+        with psycopg.connect(db_a) as conn:
+            kinds = dict(conn.execute(
+                "select item_kind, amount from reconciliation_items where item_id = any(%s)",
+                ([rid, tail.orphan_refund_credits[0]["journal_id"]],)).fetchall())
+        assert kinds == {"refund": 400, "orphan_refund_credit": 400}
+        # us-east's refund scan parks it, once.
+        deadline = time.monotonic() + 20
+        while _one(db_a, "select count(*) from journal_entries "
+                         "where entry_type = 'suspense_refund'") == 0:
+            assert time.monotonic() < deadline, "orphan refund credit not parked"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert _one(db_a, "select count(distinct journal_id) from journal_entries "
+                          "where entry_type = 'suspense_refund'") == 1
+        assert _one(db_a, "select balance from accounts where kind = 'suspense'") == -400
+        # us-east alone: 1,000 went into transit to eu-west (credited there, in the tail);
+        # the refund's 400 came back out of clearing and is now covered by suspense.
+        assert _clearing(db_a) == 1_000
+        check_ledger(db_a).assert_sound()
+        # The operator writes it off at any region (the credit region settles it): the
+        # house absorbs the refund paid without a debit, suspense back to zero, once.
+        item = {"home_region": "eu-west", "takeover_epoch": 7,
+                "item_id": tail.orphan_refund_credits[0]["journal_id"],
+                "resolution": "claw_back", "note": "merchant keeps it, house pays"}
+        refused = await a.post("/v1/admin/reconciliation/resolve", json=item)
+        assert refused.status_code == 400, refused.text
+        written = await a.post("/v1/admin/reconciliation/resolve",
+                               json={**item, "resolution": "write_off"})
+        assert written.status_code == 201, written.text
+        again = await a.post("/v1/admin/reconciliation/resolve",
+                             json={**item, "resolution": "write_off"})
+        assert again.status_code == 409, again.text
+        assert _one(db_a, "select balance from accounts where kind = 'suspense'") == 0
+        check_ledger(db_a).assert_sound()
+
+
+# ------------------------------------------------------------------ planned handovers
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real two-region lab (replication, leases, the refund scans), stopped at the end."""
+    cluster = start_cluster(tmp_path_factory.mktemp("lab"), regions=2, wan_scale=0,
+                            extra_env={"PAYCLUSTER_TRANSFER_POLL_SECONDS": "0.1"})
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class RefundClients:
+    """Merchants refunding through both regions, retrying (same key) what got no decision."""
+
+    def __init__(self, clients: list[httpx.AsyncClient], payments: list[str]) -> None:
+        self.clients = clients
+        self.payments = payments
+        self.acked: dict[str, dict[str, Any]] = {}  # refund id -> the answer
+        self.refused: dict[str, int] = {}  # error code -> count
+        self.retries = 0
+
+    async def run(self, worker: int, stop: asyncio.Event) -> None:
+        rng = random.Random(worker)
+        while not stop.is_set():
+            pid = rng.choice(self.payments)
+            key = f"handover-{uuid.uuid4()}"
+            while True:
+                try:
+                    resp = await rng.choice(self.clients).post(
+                        f"/v1/payments/{pid}/refunds", json={"amount": 40},
+                        headers={"Idempotency-Key": key})
+                except httpx.HTTPError:
+                    # A connection dropped under the handover: no answer, so ask again.
+                    self.retries += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                code = resp.json().get("error", {}).get("code") if resp.status_code >= 400 else None
+                if resp.status_code == 503 or code == "idempotency_key_in_use":
+                    # The handover's ban, a lost lease, a forward in flight: no decision
+                    # yet, so the same request again, as any client would.
+                    self.retries += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                break
+            if resp.status_code == 201:
+                self.acked[resp.json()["id"]] = resp.json()
+            else:
+                assert resp.status_code in (400, 409), resp.text
+                self.refused[str(code)] = self.refused.get(str(code), 0) + 1
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.multiregion
+@pytest.mark.chaos
+async def test_refunds_during_planned_handovers_of_either_region(lab: Cluster) -> None:
+    payer_home, payee_home = lab.names[0], lab.names[1]
+    clients = {name: httpx.AsyncClient(base_url=lab.region(name).api_url, timeout=30,
+                                       headers=lab.auth_headers()) for name in lab.names}
+    deposits = 0
+    try:
+        pays: list[str] = []
+        merchant = await open_account(clients[payee_home], kind="merchant",
+                                      home_region=payee_home)
+        local_payer = await open_account(clients[payee_home], deposit=2_000,
+                                         home_region=payee_home)
+        deposits += 2_000
+        for _ in range(4):
+            payer = await open_account(clients[payer_home], deposit=1_000,
+                                       home_region=payer_home)
+            deposits += 1_000
+            resp = await clients[payer_home].post("/v1/payments", json={
+                "payer": payer, "payee": merchant, "amount": 1_000, "currency": "USD"})
+            assert resp.status_code == 201, resp.text
+            pays.append(resp.json()["id"])
+        resp = await clients[payee_home].post("/v1/payments", json={
+            "payer": local_payer, "payee": merchant, "amount": 2_000, "currency": "USD"})
+        assert resp.status_code == 201, resp.text
+        pays.append(resp.json()["id"])
+        for pid in pays:
+            await _wait(clients[payer_home], f"/v1/payments/{pid}?consistency=strong",
+                        "succeeded")
+
+        work = RefundClients(list(clients.values()), pays)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(work.run(i, stop)) for i in range(6)]
+        try:
+            await asyncio.sleep(1.0)
+            # The payee's home moves (the refunds' writer), then the payer's home (the
+            # payment rows' writer, who credits the payers), each over and back.
+            for home, other in ((payee_home, payer_home), (payer_home, payee_home)):
+                regions, lock_urls = failover_targets(lab, other)
+                over = await planned_handover(regions, lock_urls, home, other,
+                                              headers=lab.auth_headers())
+                assert not over.aborted, over
+                await asyncio.sleep(1.5)
+                regions, lock_urls = failover_targets(lab, home)
+                back = await planned_handover(regions, lock_urls, home, home,
+                                              headers=lab.auth_headers())
+                assert not back.aborted, back
+                await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        assert len(work.acked) > 10, (work.acked, work.refused)
+
+        # Every acknowledged refund ends succeeded, once, in both regions' copies.
+        deadline = time.monotonic() + 60
+        while True:
+            views = []
+            for name in lab.names:
+                with psycopg.connect(lab.region(name).dsn) as conn:
+                    views.append(conn.execute(
+                        "select id::text, payment_id::text, amount, status from refunds "
+                        "where payment_id = any(%s::uuid[]) order by id", (pays,)).fetchall())
+            if views[0] == views[1] and all(r[3] == "succeeded" for r in views[0]):
+                break
+            assert time.monotonic() < deadline, views
+            await asyncio.sleep(0.3)
+        assert {r[0] for r in views[0]} == set(work.acked), "acknowledged = stored, once"
+        by_payment: dict[str, int] = {}
+        for _, pid, amount, _ in views[0]:
+            by_payment[pid] = by_payment.get(pid, 0) + int(amount)
+        deadline = time.monotonic() + 30
+        while True:
+            refunded = {}
+            for name in lab.names:
+                with psycopg.connect(lab.region(name).dsn) as conn:
+                    refunded[name] = dict(conn.execute(
+                        "select id::text, amount_refunded from payments "
+                        "where id = any(%s::uuid[])", (pays,)).fetchall())
+            want = {pid: by_payment.get(pid, 0) for pid in pays}
+            if all(r == want for r in refunded.values()):
+                break
+            assert time.monotonic() < deadline, (refunded, want)
+            await asyncio.sleep(0.3)
+        assert all(v <= 2_000 for v in by_payment.values())
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    for name in lab.names:
+        cluster_ledger_checks(lab.region(name).dsn, deposits)
