@@ -5,6 +5,9 @@
 - `run`: the certainty path. Credit pending refunds that replicated in for payer homes we
   serve and have no result yet; settle our pending refunds whose result replicated back.
   Everything it does is idempotent, so it may race the push freely.
+- The same scan parks orphan refund credits (`region_node.suspense`): payers' refund
+  credits out of our clearing account whose merchant debit was lost in another region's
+  tail, once listed for reconciliation.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import refunds, schema
+from region_node import refunds, schema, suspense
 from region_node.errors import PaymentError
 from region_node.node import Node
 from region_node.ownership import assert_serving
@@ -115,7 +118,26 @@ class RefundWorker:
                 done += 1
             except PaymentError as exc:
                 log.info("refund %s not settled here: %s", outcome.refund_id, exc.message)
-        return done
+        return done + await self.park_orphan_refund_credits()
+
+    async def park_orphan_refund_credits(self) -> int:
+        """Park the orphan refund credits listed for our clearing accounts (their
+        merchant debit was lost in a crashed region's tail); returns how many."""
+        me = self.node.region
+        async with self.node.db.engine.connect() as conn:
+            orphans = await suspense.pending_refund_credits(conn, region=me, limit=self.batch)
+        parked = 0
+        for credit in orphans:
+            async def step(conn: AsyncConnection, credit: suspense.OrphanCredit = credit
+                           ) -> bool:
+                return await suspense.park_refund_credit(conn, region=me, credit=credit)
+            if await self.node.db.transaction(step):
+                parked += 1
+                log.warning("parked orphan refund credit %s of payment %s (%d %s) in "
+                            "suspense: its merchant debit was lost; listed for "
+                            "reconciliation", credit.item_id, credit.payment_id,
+                            credit.amount, credit.currency)
+        return parked
 
     async def run(self, stop: asyncio.Event) -> None:
         """Scan until stopped; errors are logged, never fatal."""
