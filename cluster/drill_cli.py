@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+_T = TypeVar("_T")
 
 drill_app = typer.Typer(help="Rehearse losing a region under load (through the geo router) "
                              "and report RTO, RPO, duplicates, client errors, invariants "
@@ -44,10 +49,49 @@ TailLagOpt = Annotated[float, typer.Option(
                                 "has a tail to lose")]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def run_stoppable(main: Coroutine[Any, Any, _T]) -> _T:
+    """`asyncio.run(main)` that SIGTERM and SIGHUP stop the way Ctrl-C does: the main
+    task is cancelled (its cleanup runs: the workload is cancelled, a cut region healed),
+    then `cluster.cli._Stop` is raised (KeyboardInterrupt for Ctrl-C, as asyncio.run
+    does). The CLI's own handlers (`_terminate_as_interrupt`) raise `_Stop` wherever the
+    main thread is: inside the event loop that lands in a task or a callback, where
+    asyncio or an ``except Exception`` swallows it, and the drill went on. Outside the
+    loop they are in force again."""
+    from cluster.cli import _Stop
+
+    async def runner() -> _T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        got: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            got.append(signum)
+            task.cancel()
+
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if got:
+                raise _Stop(signal.Signals(got[0]).name) from None
+            raise
+        finally:
+            for sig, old in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, old)
+
+    return asyncio.run(runner())
+
+
 def _run(kind: str, region: str, duration: float, rate: float, report: Path | None,
          data_dir: Path | None, wan_scale: float, durability: str | None, to: str | None,
          drain: bool, cut_mode: str, seed: int, tail_lag: float = 0.0) -> None:
-    import asyncio
     import shutil
     import tempfile
 
@@ -70,7 +114,7 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
         try:
             with drill_lab(lab_dir, wan_scale, on_status=console.print,
                            shield=_shielded) as cluster:
-                result = asyncio.run(run_drill_async(cluster, config, console.print))
+                result = run_stoppable(run_drill_async(cluster, config, console.print))
                 target = report or ((Path("drill-reports") if temp else
                                      cluster.data_dir / "drills") / f"{kind}-{result.run_id}")
                 paths = write_report(result, target)

@@ -112,7 +112,8 @@ class Workload:
     def __init__(self, router_url: str, regions: list[str], *, focus: str, rate: float,
                  t0: float, run_id: str, headers: Mapping[str, str] | None = None,
                  seed: int = 0, focus_share: float = 0.5, cross_share: float = 0.2,
-                 give_up_after: float = 30.0, request_timeout: float = 10.0) -> None:
+                 give_up_after: float = 30.0, request_timeout: float = 10.0,
+                 max_in_flight: int = 256) -> None:
         self.router_url = router_url
         self.regions = list(regions)
         self.focus = focus
@@ -131,13 +132,21 @@ class Workload:
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._serial = 0
+        # At most this many requests in flight (the HTTP pool's size). Arrivals keep
+        # their open-loop schedule, but while the cluster does not answer the intents
+        # waiting for an attempt queue here, not in the HTTP pool, whose request
+        # assignment costs O(queued x connections) per event: with thousands of retrying
+        # intents (a stalled region, a lab that stopped) that kept a core busy.
+        self.max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     # ---------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Workload:
         self._client = httpx.AsyncClient(
             base_url=self.router_url, timeout=self.request_timeout,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+            limits=httpx.Limits(max_connections=self.max_in_flight,
+                                max_keepalive_connections=64))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -147,6 +156,12 @@ class Workload:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+
+    def abandon(self) -> None:
+        """Cancel every payment still in flight (the drill was interrupted: nobody waits
+        for the clients' retries, which may take `give_up_after`)."""
+        for task in list(self._tasks):
+            task.cancel()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -257,7 +272,8 @@ class Workload:
         deadline = intent.created + self.give_up_after
         backoff = 0.1
         while True:
-            attempt = await self._attempt(intent, body)
+            async with self._slots:
+                attempt = await self._attempt(intent, body)
             self.attempts.append(attempt)
             if attempt.payment_id is not None:
                 intent.ids_seen.append(attempt.payment_id)

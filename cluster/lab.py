@@ -396,6 +396,9 @@ class Cluster:
     # cluster.durability); what the lab set, kept across restarts of its data dir.
     durability: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    stopping: bool = field(default=False, repr=False)
+    """Set when `stop` begins: a step still running in another thread (a drill that was
+    interrupted during a rejoin) must not start a server the stop has already passed."""
 
     @property
     def cluster_file(self) -> Path:
@@ -536,14 +539,28 @@ class Cluster:
         env.update(self.extra_env)
         return env
 
+    def check_running(self) -> None:
+        """ClusterError once `stop` has begun (see `stopping`)."""
+        if self.stopping:
+            raise ClusterError(f"the lab in {self.data_dir} is stopping")
+
     def start_node(self, name: str, timeout: float = READY_TIMEOUT) -> NodeProcess:
         """Start region `name`'s node with the cluster's current peers; record it."""
+        self.check_running()
         region = self.region(name)
         region.peers = self.peers_of(name) if self.wan is not None else {}
         region.node = start_node(name, region.servers, self.data_dir, api_port=region.api_port,
                                  extra_env=self._node_extra_env(region), timeout=timeout)
         self.write()
+        self._stop_if_stopping(region.node)
         return region.node
+
+    def _stop_if_stopping(self, proc: Any) -> None:
+        """A process started while `stop` began: stop it too, and say so."""
+        if self.stopping:
+            with contextlib.suppress(Exception):
+                proc.stop()
+            self.check_running()
 
     def restart_node(self, name: str, crash: bool = False,
                      timeout: float = READY_TIMEOUT) -> NodeProcess:
@@ -553,6 +570,7 @@ class Cluster:
         node = region.node
         if node is None:
             return self.start_node(name, timeout)
+        self.check_running()
         if crash:
             node.kill()
         region.peers = self.peers_of(name) if self.wan is not None else {}
@@ -560,6 +578,7 @@ class Cluster:
                             self._node_extra_env(region))
         node.restart(timeout)
         self.write()
+        self._stop_if_stopping(node)
         return node
 
     def add_region(self, name: str, timeout: float = 120.0) -> Region:
@@ -603,6 +622,7 @@ class Cluster:
         """Stop every node, then the WAN emulator, then every region's servers; then
         anything else cluster.json lists (added by another process); mark it stopped."""
         with self._lock:
+            self.stopping = True
             regions = list(reversed(self.regions))
             wan = self.wan
             gateway = self.pg_tls

@@ -50,8 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import redis.asyncio as aioredis
-import sqlalchemy as sa
 
 from lock_service.config import LockSettings
 from lock_service.errors import LockUnavailable
@@ -78,12 +78,12 @@ return 1
 
 
 # Sessions holding (or waiting for) a home's ownership lock shared: its writers.
-_TERMINATE_WRITERS = sa.text("""
+_TERMINATE_WRITERS = """
 select pg_terminate_backend(l.pid) from pg_locks l
- where l.locktype = 'advisory' and l.classid = cast(:cls as oid)
-   and l.objid = cast(hashtext(:home) as oid) and l.objsubid = 2 and l.mode = 'ShareLock'
+ where l.locktype = 'advisory' and l.classid = cast(%(cls)s as oid)
+   and l.objid = cast(hashtext(%(home)s) as oid) and l.objsubid = 2 and l.mode = 'ShareLock'
    and l.pid <> pg_backend_pid()
-""")
+"""
 
 
 # What a write's transaction_timeout keeps from the lease's remaining time: the round trip
@@ -388,10 +388,15 @@ class OwnershipLeases:
                 await asyncio.wait_for(stop.wait(), 0.05)
 
     async def _terminate_writers(self, home: str) -> int:
-        async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(_TERMINATE_WRITERS,
-                                       {"cls": own.LOCK_CLASS, "home": home})).all()
-            await conn.commit()
+        # A connection of its own, not one of the pool: the writers to end may be exactly
+        # what fills the pool (commits waiting for a cut-off synchronous standby).
+        dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True,
+                                                         connect_timeout=2) as conn:
+            cur = await conn.execute(_TERMINATE_WRITERS,
+                                     {"cls": own.LOCK_CLASS, "home": home})
+            rows = await cur.fetchall()
         return sum(1 for r in rows if r[0])
 
     def snapshot(self) -> list[dict[str, Any]]:

@@ -450,10 +450,10 @@ def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> s
     handle = regions.get(dead)
     if handle is not None:
         try:
-            with psycopg.connect(handle.dsn, autocommit=True, connect_timeout=2) as conn:
+            with _isolated_session(handle.dsn) as conn:
                 row = conn.execute("show synchronous_standby_names").fetchone()
             return "regional" if row and slot_name(dead, to) in str(row[0]) else "local"
-        except psycopg.OperationalError:
+        except psycopg.Error:
             pass
     with psycopg.connect(regions[to].dsn, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("select subsynccommit from pg_subscription where subname = %s",
@@ -463,18 +463,49 @@ def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> s
     return "regional" if row and str(row[0]) != "off" else "local"
 
 
+ISOLATED_STATEMENT_TIMEOUT = 5.0
+"""Seconds any statement of the guard may take in the old owner's store during a
+forced takeover (and its lock waits: `ISOLATED_LOCK_TIMEOUT`): that store may be cut off
+with commits waiting for a synchronous standby that will never answer."""
+
+ISOLATED_LOCK_TIMEOUT = 2.0
+
+
+def _isolated_session(dsn: str, statement_timeout: float = ISOLATED_STATEMENT_TIMEOUT,
+                      lock_timeout: float = ISOLATED_LOCK_TIMEOUT) -> psycopg.Connection[Any]:
+    """An autocommit session on a store that may be cut off from the cluster (the old
+    owner in a forced takeover): it never waits for a synchronous standby (its commits
+    are ``synchronous_commit = local``: the standby may be the region that is cut off,
+    and these are the guard's catalog changes, not payments), and every statement and
+    lock wait is bounded, so a lock held by a transaction stuck in ``SyncRep`` cannot
+    hold the takeover up."""
+    options = (f"-c synchronous_commit=local "
+               f"-c statement_timeout={max(1, int(statement_timeout * 1000))} "
+               f"-c lock_timeout={max(1, int(lock_timeout * 1000))}")
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=2, options=options)
+
+
 def _quarantine_inbound(handle: RegionHandle, survivors: Sequence[str]) -> list[str]:
     """Best effort, if the old owner's store answers (a partition): pause its
     subscriptions to the survivors, so that after the heal it does not apply the new
     owner's updates on top of rows it changed in its tail (`replication.reconcile`
-    decides how it comes back). Returns the subscriptions paused."""
+    decides how it comes back). Bounded (`_isolated_session`): a store whose commits
+    wait for a cut-off synchronous standby, or whose catalog is locked by such a
+    commit, is left as it is (a rebuild brings it back). Returns the subscriptions
+    paused."""
     paused = []
-    for name in survivors:
-        try:
-            set_enabled(handle.dsn, name, False)
-            paused.append(name)
-        except (psycopg.Error, OSError):
-            break
+    try:
+        with _isolated_session(handle.dsn) as conn:
+            for name in survivors:
+                try:
+                    conn.execute(sql.SQL("alter subscription {} disable").format(
+                        sql.Identifier(subscription_name(name))))
+                except psycopg.errors.UndefinedObject:
+                    continue
+                paused.append(name)
+    except (psycopg.Error, OSError) as exc:
+        log.warning("could not pause %s's subscriptions (%s paused): %s", handle.name,
+                    paused or "none", exc)
     return paused
 
 

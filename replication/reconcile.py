@@ -32,6 +32,17 @@ again like a new region (`replication.wiring.add_region`: one copy from a donor
 snapshot, then streams from everyone). A region in ``regional`` durability mode is made
 ``local`` first (its synchronous standby, the buddy's cut-off subscription, would never
 confirm a commit, the rebuild's own included) and ``regional`` again once it streams.
+
+**Commits waiting for the cut-off buddy** (`end_sync_waiters`). A region in ``regional``
+mode that was cut off by a partition keeps the writers that were committing when the
+cut came waiting in ``SyncRep``: committed in its own WAL, not yet visible, never
+acknowledged. Clearing ``synchronous_standby_names`` would release them, and a node still
+holding their sessions would then acknowledge payments that no survivor has (RPO > 0).
+So before anything else touches such a store (the tail is listed, the mode changed) those
+backends are terminated: the client sees its connection fail (never an
+acknowledgement), the backend's commit completes locally, and the rows land in the lost
+tail, where they are listed and never applied. (``pg_cancel_backend`` would not do: a
+cancelled wait returns COMMIT as a success with a warning, an acknowledgement.)
 Its node then sees that the new owner serves its home and never tries to take the
 lease; ownership fails back the planned way (`replication.failover.planned_handover`).
 """
@@ -85,6 +96,9 @@ class LostTail:
     refunds: list[dict[str, Any]] = field(default_factory=list)
     orphan_refund_credits: list[dict[str, Any]] = field(default_factory=list)
     recorded: int = 0
+    sync_waiters_ended: int = 0
+    """Commits that were waiting for a cut-off synchronous standby, ended before the
+    tail was read (`end_sync_waiters`)."""
 
     @property
     def count(self) -> int:
@@ -174,21 +188,56 @@ def _owner(dsn: str, home: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+_SYNC_WAITERS = """
+select pid from pg_stat_activity
+ where wait_event_type = 'IPC' and wait_event = 'SyncRep' and pid <> pg_backend_pid()
+"""
+
+
+def end_sync_waiters(dsn: str, timeout: float = 15.0) -> int:
+    """Terminate every backend of the store at `dsn` that waits in ``SyncRep`` for a
+    synchronous standby (see the module docstring: its commit completes locally and was
+    never acknowledged), and wait until they are gone; returns how many there were.
+    Never waits for a standby itself. ReconcileError if some outlive `timeout`."""
+    deadline = time.monotonic() + timeout
+    ended: set[int] = set()
+    with _connect(dsn) as conn:
+        conn.execute("set synchronous_commit = local")
+        conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
+        while True:
+            pids = [int(r[0]) for r in conn.execute(_SYNC_WAITERS).fetchall()]
+            # A terminated backend's commit is visible once it has exited.
+            alive = [int(r[0]) for r in conn.execute(
+                "select pid from pg_stat_activity where pid = any(%s)", (sorted(ended),))]
+            if not pids and not alive:
+                return len(ended)
+            if time.monotonic() > deadline:
+                raise ReconcileError(f"backends {pids or alive} still wait for a synchronous "
+                                     f"standby after {timeout:g} s")
+            for pid in pids:
+                conn.execute("select pg_terminate_backend(%s)", (pid,))
+                ended.add(pid)
+            time.sleep(0.05)
+
+
 def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], home: str, *,
               record: bool = True) -> LostTail:
     """List the returning region's transactions that no survivor has (its lost tail),
     and with `record` write them to ``reconciliation_items`` in the current owner's
     store (never applied). The returning region's PostgreSQL must be up (its node need
-    not be); every survivor's store must answer. Synchronous (psycopg)."""
+    not be); every survivor's store must answer. Commits of the returning store still
+    waiting for a cut-off synchronous standby are ended first (`end_sync_waiters`), so
+    that they are listed too. Synchronous (psycopg)."""
     if not survivors:
         raise ReconcileError("no survivor given")
+    waiters = end_sync_waiters(returning.dsn)
     dsns = [h.dsn for h in survivors.values()]
     first = next(iter(survivors.values()))
     owner = _owner(first.dsn, home)
     owner_handle = survivors.get(owner or "")
     taken = _takeover(owner_handle.dsn if owner_handle else first.dsn, home, returning.name)
     tail = LostTail(home, returning.name, owner, taken[0] if taken else None,
-                    taken[1] if taken else None)
+                    taken[1] if taken else None, sync_waiters_ended=waiters)
     with _connect(returning.dsn) as conn:
         payments = conn.execute(_LOCAL_PAYMENTS).fetchall()
         entries = conn.execute(_LOCAL_ENTRIES).fetchall()
@@ -493,6 +542,9 @@ def _local_meanwhile(dsn: str, region: str, others: Mapping[str, str]) -> Iterat
 
     was = durability(dsn, region, [region, *others])
     if was.mode != "local":
+        # Going local releases whatever waits for the standby: end those commits first
+        # (never acknowledged, see `end_sync_waiters`).
+        end_sync_waiters(dsn)
         set_durability(dsn, region, "local")
     yield
     if was.mode != "local" and was.buddy is not None and was.buddy in others:
@@ -510,10 +562,14 @@ def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
     pg = region.servers.postgres
     if pg.is_running():
         return
+    cluster.check_running()
     gateway = started_with_gateway(Path(pg.data_dir))
     region.servers.postgres = start_postgres(Path(pg.data_dir), port=pg.port, timeout=timeout,
                                              gateway=gateway)
     cluster.write()
+    if cluster.stopping:  # the lab's stop began meanwhile: it may have passed this one
+        region.servers.postgres.stop()
+        cluster.check_running()
 
 
 def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,

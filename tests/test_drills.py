@@ -8,7 +8,10 @@ the issue's numbers from the drill's own report.
   missing (ids, count, amount), listed for reconciliation on the region's return;
 - partition: the isolated region stopped writing before the takeover's epoch committed,
   no account was written under two epochs at once, zero conflicts, invariants after the
-  heal.
+  heal;
+- partition, regional mode: the isolated region's commits wait for its cut-off buddy,
+  yet takeover, heal, rejoin and failback end within a bound, with RPO 0;
+- Ctrl-C (SIGINT) stops a running drill and the lab it started: no process left.
 
 The drills share one lab (module fixture): each ends with the drilled region serving its
 own accounts again and the regions converged, which the next drill starts from.
@@ -16,7 +19,12 @@ own accounts again and the regions converged, which the next drill starts from.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +44,7 @@ from cluster.drill import (
 from cluster.drill_measure import disruption
 from cluster.drill_report import write_report
 from cluster.drill_workload import Attempt
-from cluster.lab import Cluster, start_cluster
+from cluster.lab import Cluster, is_ours, start_cluster, stop_cluster
 
 REGION = "eu-west"
 FIRST = "us-east"
@@ -212,3 +220,112 @@ async def test_partition_drill_fences_the_isolated_region(lab: Cluster, tmp_path
     assert fence["stopped_before_takeover"] is True, fence
     assert fence["overlapping_accounts"] == [], fence
     assert result.ok, [c for c in result.checks if not c.ok]
+
+
+REGIONAL_PARTITION_BOUND = 240.0
+"""Seconds a partition drill in regional mode may take in all (fault sequence, converge,
+measurements) on a loaded 2-core machine; before #12 it never ended."""
+
+
+@chaos
+async def test_partition_drill_regional_ends_with_rpo_0(lab: Cluster, tmp_path: Path) -> None:
+    """eu-west in regional mode (its buddy is the takeover region) cut off from both
+    other regions: its commits wait for the cut-off buddy (nothing downgrades them), yet
+    the majority's takeover needs nothing from it, and heal, rejoin and failback end
+    within the bound. RPO 0: every acknowledged payment is in the converged state and no
+    acknowledged payment is in the lost tail (the tail holds only the commits that waited
+    for the buddy, never acknowledged, listed); zero conflicts, the invariants in every
+    region, the fence held, ownership back at eu-west."""
+    started = time.monotonic()
+    config = DrillConfig("partition", REGION, duration=DURATION, rate=RATE, hold=HOLD,
+                         durability="regional", deadline=120.0)
+    result = await asyncio.wait_for(run_drill_async(lab, config, print),
+                                    REGIONAL_PARTITION_BOUND)
+    took = time.monotonic() - started
+    _show(result, tmp_path / "report")
+    _common(result)
+    assert result.durability.startswith("regional")
+    assert result.loss is not None
+    assert result.loss.acknowledged > 0.5 * DURATION * RATE
+    assert result.loss.rpo_count == 0 and result.loss.missing_amount == 0
+    acked = {i.payment_id for i in _acked(result)}
+    assert result.lost_tail is not None
+    assert [p for p in result.lost_tail if str(p["id"]) in acked] == []
+    fence = result.fence
+    assert fence is not None and fence["stopped_before_takeover"] is True, fence
+    assert fence["overlapping_accounts"] == [], fence
+    owner = owner_of(lab.region(REGION).dsn, REGION)
+    # eu-west serves its home again (under the failback's epoch, or a later one of its
+    # own if a lease renewal failed under load since and it took the lease again).
+    assert owner is not None and owner[1] == REGION
+    assert owner[0] >= result.handovers[-1]["new_epoch"]
+    assert result.ok, [c for c in result.checks if not c.ok]
+    assert took < REGIONAL_PARTITION_BOUND
+    print(f"regional partition drill took {took:.1f}s (bound {REGIONAL_PARTITION_BOUND:g}s); "
+          f"{(result.lost_tail_record or {}).get('sync_waiters_ended')} commits waiting "
+          f"for the buddy ended, tail {len(result.lost_tail)} payments")
+
+
+def _acked(result: DrillResult) -> list[Any]:
+    """The workload's acknowledged payments (from the attempts)."""
+    return [a for a in result.attempts if a.payment_id is not None]
+
+
+def _lab_processes(data_dir: Path) -> list[dict[str, Any]]:
+    """Every process entry (a dict with a pid) of `data_dir`'s cluster.json."""
+    found: list[dict[str, Any]] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            if isinstance(obj.get("pid"), int):
+                found.append(obj)
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                walk(value)
+
+    walk(json.loads((data_dir / "cluster.json").read_text()))
+    return found
+
+
+@chaos
+def test_sigint_stops_a_drill_and_its_lab(tmp_path: Path) -> None:
+    """`paycluster drill partition --durability regional` on a lab of its own, Ctrl-C
+    while eu-west is cut off and its commits wait for its buddy (where the drill used to
+    hang): the command exits with 130 within a bound, and every process of its lab
+    (servers, nodes, WAN emulator, router) is gone, checked by pid and start time."""
+    data_dir = tmp_path / "lab"
+    log_path = tmp_path / "drill.log"
+    cli = Path(sys.executable).with_name("paycluster")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(cli), "drill", "partition", "--region", REGION, "--duration", "30",
+             "--rate", str(RATE), "--durability", "regional", "--data-dir", str(data_dir),
+             "--report", str(tmp_path / "report")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "takeover done" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        processes = _lab_processes(data_dir)
+        assert len(processes) >= 10 and all(is_ours(p) for p in processes)
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(90)
+        took = time.monotonic() - sent
+        out = log_path.read_text(errors="replace")
+        assert rc == 130, out
+        assert "the lab the drill started was stopped" in out
+        left = [(p.get("pid"), p.get("kind")) for p in processes if is_ours(p)]
+        assert left == [], out
+        print(f"SIGINT to exit with the lab stopped: {took:.1f}s "
+              f"({len(processes)} processes)")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if (data_dir / "cluster.json").exists():
+            stop_cluster(data_dir)

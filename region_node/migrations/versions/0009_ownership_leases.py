@@ -1,7 +1,7 @@
 """Ownership leases: forced takeovers and the reconciliation list of a lost tail.
 
 Revision ID: 0009
-Revises: 0004
+Revises: 0006
 Create Date: 2026-11-26
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0009"
-down_revision = "0004"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
