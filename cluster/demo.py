@@ -12,10 +12,10 @@ cross-region (payer and payee homed apart): those answer 201 `processing` and tu
 `succeeded` once the payee's region has credited the payee. For each of them (or a sample,
 see `watch_every`) the demo measures how long after the acknowledgement the payment is
 `succeeded` in BOTH regions' local copies. Some payments hold funds first (manual capture:
-captured, partly captured or canceled), a few local payments are refunded, one payment is
-retried with its Idempotency-Key through another region, a few exceed the payer's balance
-(402), merchants withdraw a payout. Meanwhile every region's `/v1/replication/status` is
-sampled for the worst lag.
+captured, partly captured or canceled), a few payments are refunded (within and across
+regions), one payment is retried with its Idempotency-Key through another region, a few
+exceed the payer's balance (402), merchants withdraw a payout. Meanwhile every region's
+`/v1/replication/status` is sampled for the worst lag.
 
 After quiescence (nothing `processing`, every region's copy of the ledger identical) the
 summary reads every region's PostgreSQL directly: totals per region's view (balances,
@@ -428,16 +428,25 @@ async def _payments(api: Api, accounts: list[Account], count: int, concurrency: 
 
 
 async def _refunds(api: Api, result: DemoResult, rng: random.Random) -> None:
-    """Refund a few local payments (cross-region refunds are not supported yet)."""
-    home = {a.id: a.home for a in result.accounts}
-    local = [p for p in result.payments.values()
-             if p.get("status") == "succeeded" and p.get("capture_method") == "automatic"
-             and home.get(p["payer"]) == home.get(p["payee"])]
-    for i, payment in enumerate(rng.sample(local, min(REFUNDS, len(local)))):
+    """Refund a few payments, local and cross-region. A cross-region refund answers
+    `pending` (the merchant's region debited the merchant into transit) and is waited for
+    until the payer's region has credited the payer (`succeeded`), so the books read
+    afterwards see it whole."""
+    automatic = [p for p in result.payments.values()
+                 if p.get("capture_method") == "automatic"
+                 and p.get("status") in ("succeeded", "processing")]
+    for i, payment in enumerate(rng.sample(automatic, min(REFUNDS, len(automatic)))):
         # Alternate full refunds (no amount) and partial ones.
         body = {} if i % 2 == 0 else {"amount": max(1, int(payment["amount"]) // 3)}
         try:
-            await api.post(api.pick(), f"/v1/payments/{payment['id']}/refunds", body)
+            refund = (await api.post(api.pick(), f"/v1/payments/{payment['id']}/refunds",
+                                     body)).json()
+            deadline = time.monotonic() + 30
+            while refund.get("status") == "pending" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                refund = await _strong(api, f"/v1/refunds/{refund['id']}")
+            if refund.get("status") != "succeeded":
+                result.errors.append(f"refund of {payment['id']} ended {refund.get('status')}")
         except (DemoError, httpx.HTTPError) as exc:
             result.errors.append(f"refund of {payment['id']}: {exc}")
 
@@ -702,7 +711,8 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
                                   watcher, regions))
             await phase("wait for every cross-region payment to succeed in both regions",
                         watcher.drain())
-            await phase(f"refund {REFUNDS} local payments", _refunds(api, result, rng))
+            await phase(f"refund {REFUNDS} payments, local and cross-region",
+                        _refunds(api, result, rng))
             await phase("retry one payment with the same Idempotency-Key via another region",
                         _replay(api, result.accounts, result))
             await phase(f"try {OVERDRAFT_ATTEMPTS} payments above the payer's balance",

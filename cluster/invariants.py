@@ -5,7 +5,8 @@ The same checks as `tests/helpers.py`'s `cluster_ledger_checks` (ARCHITECTURE.md
 section 6), meant for a quiet cluster: double entry, balances equal their entries, money
 conserved (customers + merchants + in transit == what came in through the funding
 accounts, with what the suspense accounts parked: `region_node.suspense`), nothing in
-transit, no negative available balance, zero replication
+transit (clearing accounts at zero, no refund pending), every cross-region refund ended as
+its payer's region answered, no negative available balance, zero replication
 conflicts and apply errors, one credit posting per succeeded payment. Conservation is
 checked against the funding accounts rather than a caller's deposit count, so it also
 holds in a lab that other clients used before.
@@ -76,7 +77,13 @@ def ledger_findings(region: str, dsn: str,
         add("money conserved", users + in_transit + parked == came_in,
             f"customers+merchants {users} + in transit {in_transit} + suspense {parked} "
             f"!= deposits {came_in}")
-        add("nothing in transit", in_transit == 0, f"{in_transit} in clearing accounts")
+        # Refunds travel the other way through the same clearing accounts: a pending
+        # cross-region refund is money in transit too, and must have ended once settled.
+        counted = conn.execute("select count(*) from refunds where status = 'pending'"
+                               ).fetchone()
+        pending_refunds = int(counted[0]) if counted else 0
+        add("nothing in transit", in_transit == 0 and pending_refunds == 0,
+            f"{in_transit} in clearing accounts, {pending_refunds} refunds pending")
         # Not a failure: orphan credits of a lost tail, open for an operator.
         found.append(Finding(region, "suspense (informational)", True,
                              f"{-parked} paid out without a surviving debit, listed for "
@@ -90,6 +97,14 @@ def ledger_findings(region: str, dsn: str,
             "('payment', 'transfer_in')) as credited from payments p "
             "left join journal_entries e on e.payment_id = p.id group by p.id, p.status) t "
             "where credited <> case when status = 'succeeded' then 1 else 0 end").fetchall())
+        # A cross-region refund ends as the payer's region answered, once: succeeded with
+        # a credit there, or failed (merchant re-credited) with a rejection.
+        add("every refund ended as its payer's region answered", conn.execute(
+            "select r.id, r.status, rr.outcome from refunds r "
+            "left join refund_results rr on rr.refund_id = r.id "
+            "where r.payer_home <> r.home_region and r.status <> 'pending' "
+            "and rr.outcome is distinct from case r.status when 'succeeded' then 'credited' "
+            "else 'rejected' end").fetchall())
     before = conflicts_before or {}
     counts = conflict_counts(dsn)
     # A counter below its earlier value was reset (e.g. a rebuilt region's new

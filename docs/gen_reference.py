@@ -106,8 +106,6 @@ ADVICE: dict[str, str] = {
                    "ownership.",
     "hold_expired": "The hold ran out and was released; create a new payment.",
     "payment_unexpected_state": "Read the payment and act on its current status.",
-    "cross_region_refund_unsupported": "Refunds of cross-region payments are not supported "
-                                       "yet; pay the amount back as a new payment.",
     "charge_already_refunded": "Nothing is left to refund.",
     "tcc_confirm_after_cancel": "The hold was canceled; create a new payment.",
     "tcc_cancel_after_confirm": "The payment was captured; refund it instead.",

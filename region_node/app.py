@@ -22,6 +22,7 @@ from region_node.api import (
     health,
     payments,
     reconciliation,
+    refunds,
     stock,
 )
 from region_node.api import webhooks as webhook_routes
@@ -38,6 +39,7 @@ from region_node.ops_metrics import OpsMetrics
 from region_node.outbox_relay import OutboxRelay
 from region_node.principals import Authenticator
 from region_node.rate_limit import RateLimiter
+from region_node.refund_worker import RefundWorker
 from region_node.rpc.server import start_grpc_server
 from region_node.stock_mover import QuorumStockLock, StockMover
 from region_node.transfer_worker import TransferWorker
@@ -78,6 +80,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         await node.ownership.bootstrap()
         transfer_worker = TransferWorker(node)
         app.state.transfer_worker = transfer_worker
+        # The reverse saga (refunds); set before gRPC serves, its ApplyRefund uses it.
+        refund_worker = RefundWorker(node, transfer_worker.served_homes)
+        app.state.refund_worker = refund_worker
         grpc_server = None
         if settings.grpc_port:
             # gRPC listens where the API does: loopback in the lab, the container's or
@@ -110,7 +115,8 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             workers += [HoldExpiryWorker(node).run, KeyJanitor(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
                         NotificationConsumer(node.db, settings).run,
-                        transfer_worker.run, stock_mover.run, WebhookWorker(node).run]
+                        transfer_worker.run, refund_worker.run, stock_mover.run,
+                        WebhookWorker(node).run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)
@@ -146,6 +152,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(accounts.router)
     app.include_router(payments.router)
+    app.include_router(refunds.router)
     app.include_router(webhook_routes.router)
     app.include_router(stock.router)
     app.include_router(health.router)

@@ -238,8 +238,9 @@ async def _movement(conn: AsyncConnection, kind: str, journal_id: uuid.UUID,
 async def close_account(conn: AsyncConnection, account_id: uuid.UUID) -> Account:
     """Close an empty account; a closed account receives nothing more.
 
-    Refused while a payment from it is still in transit to another region: if the payee's
-    region rejects it, the saga refunds the payer, and that refund needs an open account.
+    Refused while a payment from it (or a refund out of it) is still in transit to another
+    region: if the other region rejects it, the saga gives the money back to this account,
+    which needs to be open.
     Payments start from (and reversals credit) the payer's locked row, so no payment can
     slip in between this check and the close."""
     locked = (await lock_accounts(conn, [account_id]))[account_id]
@@ -253,6 +254,16 @@ async def close_account(conn: AsyncConnection, account_id: uuid.UUID) -> Account
     if in_transit:
         raise Conflict("A payment from this account is still in transit; close it once the "
                        "payment has settled", code="account_not_empty")
+    # Likewise a refund out of this (merchant) account still in transit: if the payer's
+    # region rejects it, the saga re-credits this account (region_node.refunds.settle).
+    # Refunds start from the payee's locked row, so none can slip in after this check.
+    refunding = (await conn.execute(
+        sa.select(sa.func.count()).select_from(schema.refunds)
+        .where(schema.refunds.c.payee_id == account_id,
+               schema.refunds.c.status == "pending"))).scalar_one()
+    if refunding:
+        raise Conflict("A refund from this account is still in transit; close it once the "
+                       "refund has settled", code="account_not_empty")
     row = (await conn.execute(A.update().where(A.c.id == account_id)
                               .values(status="closed", updated_at=sa.func.now())
                               .returning(*A.c))).one()

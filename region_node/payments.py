@@ -1,4 +1,5 @@
-"""Payments: create (automatic or manual capture), capture, cancel, refund, expire holds.
+"""Payments: create (automatic or manual capture), capture, cancel, expire holds (refunds:
+region_node/refunds.py).
 
 Each public function is one business step that runs inside the caller's transaction:
 ledger postings, the payment row, the TCC barrier row and the outbox event commit
@@ -25,7 +26,6 @@ from region_node.outbox import write_event
 from region_node.payment_view import to_api
 
 P = schema.payments
-R = schema.refunds
 E = schema.ownership_epochs
 
 PAYER_BRANCH = "payer-hold"
@@ -216,43 +216,6 @@ async def cancel(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
                 updated_at=sa.func.now()).returning(*P.c))).one()
     await _event(conn, region, "payment.canceled", row)
     return row
-
-
-async def refund(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
-                 amount: int | None) -> dict[str, Any]:
-    """Send captured money back from payee to payer; never more than was captured."""
-    payment = await get_payment(conn, payment_id, for_update=True)
-    if payment.status != st.SUCCEEDED:
-        raise st.Conflict(f"Cannot refund a payment whose status is '{payment.status}'",
-                          code="payment_unexpected_state")
-    if payment.payee_home is not None and payment.payee_home != payment.home_region:
-        # The payee's money lives in another region; a refund needs a reverse saga.
-        raise st.Conflict("Refunds of cross-region payments are not supported yet",
-                          code="cross_region_refund_unsupported")
-    refundable = payment.amount_captured - payment.amount_refunded
-    to_refund = refundable if amount is None else amount
-    if refundable == 0:
-        raise st.Conflict("This payment has been fully refunded", code="charge_already_refunded")
-    if to_refund > refundable:
-        raise InvalidRequest(f"Cannot refund {to_refund}: only {refundable} is refundable",
-                             code="amount_too_large", param="amount")
-    accounts = await ledger.lock_accounts(conn, [payment.payer_id, payment.payee_id])
-    ledger.require_open(accounts[payment.payer_id], param="payer")
-    ledger.require_spendable(accounts[payment.payee_id], to_refund, param="payee")
-    await ledger.post(conn, legs=[(payment.payee_id, -to_refund), (payment.payer_id, to_refund)],
-                      currency=payment.currency, entry_type="refund", payment_id=payment.id,
-                      region=region)
-    refund_row = (await conn.execute(
-        R.insert().values(id=new_id(), payment_id=payment.id, amount=to_refund,
-                          currency=payment.currency).returning(*R.c))).one()
-    row = (await conn.execute(
-        P.update().where(P.c.id == payment.id)
-        .values(amount_refunded=P.c.amount_refunded + to_refund, updated_at=sa.func.now())
-        .returning(*P.c))).one()
-    await _event(conn, region, "payment.refunded", row)
-    return {"id": str(refund_row.id), "object": "refund", "payment_id": str(payment.id),
-            "amount": to_refund, "currency": payment.currency, "status": refund_row.status,
-            "created_at": refund_row.created_at.isoformat()}
 
 
 async def expired_holds(conn: AsyncConnection, *, limit: int,

@@ -9,8 +9,8 @@ settles each item once, with one of:
 - ``claw_back`` (orphan credits only): take the credit back from the payee, who must have
   the available funds (402 ``insufficient_funds`` otherwise, nothing written): payee
   -amount, suspense +amount.
-- ``write_off`` (orphan credits only): the house absorbs it: funding -amount, suspense
-  +amount.
+- ``write_off`` (orphan credits, also orphan refund credits): the house absorbs it:
+  funding -amount, suspense +amount.
 
 Both money resolutions need the credit parked in suspense first (`region_node.suspense`;
 409 ``not_parked``), and either brings that suspense balance back to zero.
@@ -64,6 +64,11 @@ class Item:
         """A credit whose debit was lost (parked in its region's suspense account)."""
         return self.item_kind == suspense.ITEM_KIND
 
+    @property
+    def is_orphan_refund_credit(self) -> bool:
+        """A payer's refund credit whose merchant debit was lost (parked the same way)."""
+        return self.item_kind == suspense.REFUND_ITEM_KIND
+
     def key(self) -> dict[str, Any]:
         """The item's (and its resolution's) primary key as bind parameters."""
         return {"home": self.home_region, "epoch": self.takeover_epoch, "item": self.item_id}
@@ -73,7 +78,7 @@ def resolver_region(item_kind: str, detail: dict[str, Any], serving_home: str) -
     """The one region allowed to settle an item of `item_kind` with `detail`: an orphan
     credit's credit region (None if it names none), else `serving_home` (the region
     serving the item's home region right now)."""
-    if item_kind == suspense.ITEM_KIND:
+    if item_kind in (suspense.ITEM_KIND, suspense.REFUND_ITEM_KIND):
         value = detail.get("credit_region")
         return str(value) if value else None
     return serving_home
@@ -112,7 +117,9 @@ def _check_allowed(item: Item, resolution: str) -> None:
     if resolution not in RESOLUTIONS:
         raise InvalidRequest(f"Unknown resolution '{resolution}'", code="invalid_value",
                              param="resolution")
-    if resolution in MOVES_MONEY and not item.is_orphan_credit:
+    if resolution == WRITE_OFF and item.is_orphan_refund_credit:
+        pass  # the house absorbs a refund paid twice over, like any orphan credit
+    elif resolution in MOVES_MONEY and not item.is_orphan_credit:
         raise InvalidRequest(f"{resolution} settles orphan credits only; a "
                              f"'{item.item_kind}' item can only be acknowledged",
                              code="resolution_not_allowed", param="resolution")
@@ -128,7 +135,11 @@ async def _payment_of(conn: AsyncConnection, item: Item) -> uuid.UUID:
     except (KeyError, ValueError) as exc:
         raise Conflict(f"Orphan credit {item.item_id} names no payment",
                        code="not_resolvable") from exc
-    if not await suspense.is_parked(conn, payment_id):
+    if item.is_orphan_refund_credit:
+        parked = await suspense.is_refund_credit_parked(conn, item.item_id)
+    else:
+        parked = await suspense.is_parked(conn, payment_id)
+    if not parked:
         raise Conflict(f"Orphan credit {item.item_id} is not parked in suspense yet (its "
                        "region parks it once the item has replicated there); retry shortly",
                        code="not_parked")

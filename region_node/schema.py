@@ -97,17 +97,51 @@ sa.Index("ix_payments_expiring", payments.c.hold_expires_at,
 sa.Index("ix_payments_in_transit", payments.c.payer_id,
          postgresql_where=sa.text("status = 'processing'"))
 
+# Written only by the region serving the payee's home (region_node/refunds.py). No foreign
+# key to payments (migration 0013): a cross-region payment's row lives in the payer's home
+# and may not have replicated to the payee's region yet. A pending cross-region refund is
+# also the transfer message the payer's region scans.
 refunds = sa.Table(
     "refunds", metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("payment_id", UUID(as_uuid=True), sa.ForeignKey("payments.id"), nullable=False),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=False),
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.CHAR(3), nullable=False),
     sa.Column("status", sa.Text, nullable=False, server_default="succeeded"),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    # Migration 0013 (null on rows written before it: same-region refunds).
+    sa.Column("payee_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("payer_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("home_region", sa.Text, nullable=True),   # the payee's home: who executes
+    sa.Column("payer_home", sa.Text, nullable=True),    # who credits the payer
+    sa.Column("reason", sa.Text, nullable=True),        # why a refund failed
+    sa.Column("journal_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
     sa.CheckConstraint("amount > 0", name="ck_refund_amount"),
+    sa.CheckConstraint("status in ('pending', 'succeeded', 'failed')", name="ck_refund_status"),
 )
 sa.Index("ix_refunds_payment", refunds.c.payment_id)
+sa.Index("ix_refunds_pending", refunds.c.payer_home,
+         postgresql_where=sa.text("status = 'pending'"))
+sa.Index("ix_refunds_payee_pending", refunds.c.payee_id,
+         postgresql_where=sa.text("status = 'pending'"))
+
+# The payer region's inbox and acknowledgement of a cross-region refund in one row: keyed
+# by the refund id, so the payer is credited (or the refund rejected) exactly once however
+# often the refund arrives. Inserted only by the region serving the payer's home.
+refund_results = sa.Table(
+    "refund_results", metadata,
+    sa.Column("refund_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payment_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("from_home", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("payer_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("journal_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("outcome in ('credited', 'rejected')", name="ck_refund_outcome"),
+)
+sa.Index("ix_refund_results_payment", refund_results.c.payment_id)
 
 # TCC sub-transaction barrier: one row per (global transaction, branch, phase).
 tcc_barrier = sa.Table(
@@ -229,6 +263,7 @@ transfer_results = sa.Table(
     sa.Column("journal_id", UUID(as_uuid=True), nullable=True),
     sa.Column("created_at", TS, nullable=False, server_default=_now()),
 )
+sa.Index("ix_transfer_results_payment", transfer_results.c.payment_id)
 
 # --------------------------------------------------------------------------- global stock
 
@@ -451,7 +486,7 @@ reconciliation_resolutions = sa.Table(
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
-    "transfer_results", "ownership_takeovers", "reconciliation_items",
+    "transfer_results", "refund_results", "ownership_takeovers", "reconciliation_items",
     "reconciliation_resolutions",
     "skus", "sku_allotments", "stock_grants", "stock_grant_receipts", "orders",
     "webhook_endpoints", "webhook_secrets", "webhook_endpoint_deletions", "webhook_deliveries",

@@ -52,11 +52,14 @@ log = logging.getLogger("replication.failover")
 
 RESTAMPED: tuple[tuple[str, str], ...] = (
     ("accounts", "home_region"), ("payments", "home_region"), ("idempotency_keys", "scope"),
+    ("refunds", "home_region"),
 )
 """Replicated tables whose rows of a home region its owner updates (or deletes) after
 inserting them, and the column that names the home region. Insert-only tables need no
 restamp; nor do orders and stock allotments, which the selling region keeps writing
-whoever owns the buyer's home."""
+whoever owns the buyer's home. A cross-region refund is inserted `pending` by the region
+serving the payee's home (`refunds.home_region`) and finished by whoever serves it when
+the payer's answer comes, perhaps the new owner."""
 
 
 class HandoverError(RuntimeError):

@@ -14,8 +14,12 @@ already been pushed to the payee's region and credited there (the push leaves ri
 the payer's commit, before replication) is an **orphan credit**: the survivors hold the
 credit but not the debit that fed it. It is listed too, with the clearing account that
 paid it, and that account's region parks the amount in its suspense account
-(`region_node.suspense`) so the ledger balances while the item is open. The items are
-written to ``reconciliation_items``
+(`region_node.suspense`) so the ledger balances while the item is open. Refunds go the
+other way: a refund the returning region (serving the payee's home) started and no
+survivor has is listed as a ``refund`` item with the merchant's debit; if the payer's
+region had already credited the payer (push before replication), that credit is an
+``orphan_refund_credit``, parked the same way by the region whose clearing account paid
+it. The items are written to ``reconciliation_items``
 in the current owner's store (it replicates to every region; readable through
 ``GET /v1/admin/reconciliation``), keyed by (home, takeover epoch, item) so a rerun
 adds nothing. They are never applied: an operator settles them with the customers.
@@ -86,6 +90,11 @@ class LostTail:
     amount_by_currency: dict[str, int] = field(default_factory=dict)
     other_rows: dict[str, int] = field(default_factory=dict)
     orphan_credits: list[dict[str, Any]] = field(default_factory=list)
+    # Refunds the returning region (serving a payee's home) started and no survivor has,
+    # with their journal entries; and those of them the payer's region already credited
+    # (pushed before replication): the survivors hold that credit without its debit.
+    refunds: list[dict[str, Any]] = field(default_factory=list)
+    orphan_refund_credits: list[dict[str, Any]] = field(default_factory=list)
     recorded: int = 0
     sync_waiters_ended: int = 0
     """Commits that were waiting for a cut-off synchronous standby, ended before the
@@ -108,7 +117,7 @@ class LostTail:
     def ledger_rows(self) -> int:
         """Lost ledger rows (payments, journal entries): 0 means only non-ledger rows
         (heartbeats, ...) are in the tail."""
-        return len(self.payments) + self.journal_entries
+        return len(self.payments) + len(self.refunds) + self.journal_entries
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -140,9 +149,15 @@ select t.id::text, t.journal_id::text, t.payment_id::text, t.account_id::text, t
   from journal_entries t where {_LOCAL}
 """
 
+_LOCAL_REFUNDS = f"""
+select t.id::text, t.payment_id::text, t.amount, t.currency, t.status, t.payee_id::text,
+       t.payer_home, t.home_region, t.journal_id::text, pg_xact_commit_timestamp(t.xmin)
+  from refunds t where {_LOCAL}
+"""
+
 # Every other replicated table is checked for local rows no survivor has (by primary
 # key): an idempotency claim whose effect was refused, an account opened in the tail...
-_LEDGER_TABLES = ("payments", "journal_entries")
+_LEDGER_TABLES = ("payments", "journal_entries", "refunds")
 
 
 def _present(dsns: list[str], table: str, ids: list[str]) -> set[str]:
@@ -226,17 +241,25 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
     with _connect(returning.dsn) as conn:
         payments = conn.execute(_LOCAL_PAYMENTS).fetchall()
         entries = conn.execute(_LOCAL_ENTRIES).fetchall()
+        refunds = conn.execute(_LOCAL_REFUNDS).fetchall()
         others = {t: _local_keys(conn, t) for t in REPLICATED_TABLES if t not in _LEDGER_TABLES}
     have_pay = _present(dsns, "payments", [str(p[0]) for p in payments])
     have_entry = _present(dsns, "journal_entries", [str(e[0]) for e in entries])
     lost_entries = [e for e in entries if str(e[0]) not in have_entry]
+    have_refund = _present(dsns, "refunds", [str(r[0]) for r in refunds])
+    lost_refunds = [r for r in refunds if str(r[0]) not in have_refund]
+    # A lost refund's own posting (the payee's debit) is listed with the refund.
+    refund_journals: dict[str, list[dict[str, Any]]] = {
+        str(r[8]): [] for r in lost_refunds if r[8] is not None}
     by_payment: dict[str, list[dict[str, Any]]] = {}
     by_journal: dict[str, list[dict[str, Any]]] = {}
     for e in lost_entries:
         item = {"id": e[0], "journal_id": e[1], "payment_id": e[2], "account_id": e[3],
                 "amount": int(e[4]), "currency": e[5], "entry_type": e[6],
                 "committed_at": e[7].isoformat() if e[7] else None}
-        if e[2] is not None:
+        if str(e[1]) in refund_journals:
+            refund_journals[str(e[1])].append(item)
+        elif e[2] is not None:
             by_payment.setdefault(str(e[2]), []).append(item)
         else:
             by_journal.setdefault(str(e[1]), []).append(item)
@@ -250,6 +273,13 @@ def lost_tail(returning: RegionHandle, survivors: Mapping[str, RegionHandle], ho
             "entries": by_payment.pop(str(p[0]), [])})
         tail.amount_by_currency[p[4]] = tail.amount_by_currency.get(p[4], 0) + int(p[3])
     tail.orphan_credits = _orphan_credits(returning.dsn, dsns, tail.payments)
+    for r in lost_refunds:
+        tail.refunds.append({
+            "id": r[0], "payment_id": r[1], "amount": int(r[2]), "currency": r[3],
+            "status": r[4], "payee": r[5], "payer_home": r[6], "home_region": r[7],
+            "journal_id": r[8], "committed_at": r[9].isoformat() if r[9] else None,
+            "entries": refund_journals.get(str(r[8]), [])})
+    tail.orphan_refund_credits = _orphan_refund_credits(dsns, tail.refunds)
     # Entries of payments the survivors have (e.g. a capture posted in the tail, or the
     # credit of a transfer from another region), and journals without a payment
     # (deposits, withdrawals). A lost credit the survivors made again (the new owner
@@ -317,6 +347,41 @@ def _orphan_credits(returning_dsn: str, dsns: list[str],
     for credit in credits.values():
         by_id[credit["payment_id"]]["credited"] = {
             k: credit[k] for k in ("transfer_id", "journal_id", "credit_region")}
+    return sorted(credits.values(), key=lambda c: str(c["credited_at"]))
+
+
+# The payer region's credit of a refund, with the clearing account that paid it.
+_REFUND_CREDITS_OF = """
+select r.refund_id::text, r.journal_id::text, a.id::text, a.home_region, e.amount,
+       e.currency, r.payer_id::text, r.created_at
+  from refund_results r
+  join journal_entries e on e.journal_id = r.journal_id
+  join accounts a on a.id = e.account_id and a.kind = 'clearing'
+ where r.outcome = 'credited' and r.refund_id = any(%s::uuid[])
+"""
+
+
+def _orphan_refund_credits(dsns: list[str],
+                           refunds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Credits the survivors hold for lost refunds (the payer was credited out of its
+    region's clearing account, the merchant's debit that fed it is gone); each refund's
+    item is annotated with its credit."""
+    by_id = {str(r["id"]): r for r in refunds}
+    credits: dict[str, dict[str, Any]] = {}
+    for dsn in dsns:
+        if not by_id or len(credits) == len(by_id):
+            break
+        with _connect(dsn) as conn:
+            for c in conn.execute(_REFUND_CREDITS_OF, (list(by_id),)):
+                refund = by_id[str(c[0])]
+                credits.setdefault(str(c[0]), {
+                    "refund_id": c[0], "payment_id": refund["payment_id"], "payer": c[6],
+                    "journal_id": c[1], "clearing_account": c[2], "credit_region": c[3],
+                    "amount": -int(c[4]), "currency": c[5],
+                    "credited_at": c[7].isoformat() if c[7] else None})
+    for credit in credits.values():
+        by_id[str(credit["refund_id"])]["credited"] = {
+            k: credit[k] for k in ("journal_id", "credit_region")}
     return sorted(credits.values(), key=lambda c: str(c["credited_at"]))
 
 
@@ -395,6 +460,14 @@ def _record(owner: RegionHandle, tail: LostTail) -> int:
         rows.append((tail.home, tail.takeover_epoch, c["journal_id"], suspense.ITEM_KIND,
                      tail.returning, owner.name, None, "credited", c["currency"],
                      c["amount"], c["credited_at"], json.dumps(c)))
+    for r in tail.refunds:
+        rows.append((tail.home, tail.takeover_epoch, r["id"], "refund", tail.returning,
+                     owner.name, None, r["status"], r["currency"], r["amount"],
+                     r["committed_at"], json.dumps(r)))
+    for c in tail.orphan_refund_credits:
+        rows.append((tail.home, tail.takeover_epoch, c["journal_id"],
+                     suspense.REFUND_ITEM_KIND, tail.returning, owner.name, None, "credited",
+                     c["currency"], c["amount"], c["credited_at"], json.dumps(c)))
     inserted = 0
     with _connect(owner.dsn) as conn, conn.transaction():
         for row in rows:

@@ -4,10 +4,12 @@ real two-region lab, checked against a model of what every account must hold.
 Hypothesis' rule-based state machine drives accounts opened in both regions (customers
 and merchants, of three principals), deposits, withdrawals, automatic and manual
 payments within and across regions, full and partial captures, cancels, partial and full
-refunds, closing accounts (also payees that holds point at), retries with the same
-Idempotency-Key (same body through the other region: the stored answer; another body:
-422) and requests made with another principal's key (403, nothing moves). Every request
-enters through a random region, so writes for the other region's accounts are forwarded.
+refunds within and across regions (a cross-region refund is waited for like a payment: it
+succeeds, or fails and re-credits the merchant when the payer has closed), closing
+accounts (also payees that holds point at), retries with the same Idempotency-Key (same
+body through the other region: the stored answer; another body: 422) and requests made
+with another principal's key (403, nothing moves). Every request enters through a random
+region, so writes for the other region's accounts are forwarded.
 
 After every sequence, once the cluster is quiet, it checks: every balance and hold equals
 the model, and every payment record its modelled status and amounts; the journal sums to
@@ -200,6 +202,19 @@ class Books(RuleBasedStateMachine):
             assert time.monotonic() < deadline, f"payment {pay.id} stuck processing"
             time.sleep(0.02)
 
+    def settle_refund(self, pay: Pay, refund_id: str) -> tuple[str, dict[str, Any]]:
+        """Wait until a cross-region refund has left `pending` (read at the region serving
+        the payee's home, its only writer); its status and body."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            status, doc = self.call("GET", f"/v1/refunds/{refund_id}?consistency=strong",
+                                    "admin", pay.payee.home)
+            assert status == 200, doc
+            if doc["status"] != "pending":
+                return str(doc["status"]), doc
+            assert time.monotonic() < deadline, f"refund {refund_id} stuck pending"
+            time.sleep(0.02)
+
     def expect(self, got: tuple[int, dict[str, Any]], status: int, code: str | None = None
                ) -> dict[str, Any]:
         assert got[0] == status, (status, code, got)
@@ -368,21 +383,33 @@ class Books(RuleBasedStateMachine):
         amount = refundable if partial is None else partial
         if pay.status != "succeeded":
             self.expect(got, 409, "payment_unexpected_state")
-        elif pay.cross:
-            self.expect(got, 409, "cross_region_refund_unsupported")
         elif refundable == 0:
             self.expect(got, 409, "charge_already_refunded")
         elif amount > refundable:
             self.expect(got, 400, "amount_too_large")
-        elif pay.payer.closed or pay.payee.closed:
+        elif pay.payee.closed or (pay.payer.closed and not pay.cross):
+            # Across regions only the payer's region knows its payer: a closed payer ends
+            # the refund `failed` there (below), not refused here.
             self.expect(got, 400, "account_closed")
         elif pay.payee.balance - pay.payee.held < amount:
             self.expect(got, 402, "insufficient_funds")
-        else:
-            self.expect(got, 201)
+        elif not pay.cross:
+            doc = self.expect(got, 201)
+            assert doc["status"] == "succeeded", doc
             pay.refunded += amount
             pay.payee.balance -= amount
             pay.payer.balance += amount
+        else:
+            doc = self.expect(got, 201)
+            status, settled = self.settle_refund(pay, str(doc["id"]))
+            if pay.payer.closed:
+                # Compensated: the merchant got its money back out of transit.
+                assert (status, settled["reason"]) == ("failed", "account_closed"), settled
+            else:
+                assert status == "succeeded", settled
+                pay.refunded += amount
+                pay.payee.balance -= amount
+                pay.payer.balance += amount
 
     # ------------------------------------------------------------------ retries, strangers
 

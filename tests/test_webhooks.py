@@ -661,7 +661,7 @@ async def test_endpoint_routes_belong_to_their_principal(settings: RegionSetting
     {"url": "ftp://127.0.0.1/x"}, {"url": "127.0.0.1:8000/hook"}, {"url": "http:///nohost"},
     {"url": "http://user:pw@127.0.0.1/x"}, {"url": "http://127.0.0.1:99999/x"},
     {"url": "http://127.0.0.1/x", "event_types": []},
-    {"url": "http://127.0.0.1/x", "event_types": ["refund.created"]},
+    {"url": "http://127.0.0.1/x", "event_types": ["refund.created"]},  # no such event
     {"url": "http://127.0.0.1/x", "event_types": ["payment.succeeded; drop"]},
     {"url": "http://127.0.0.1/x", "secret": "mine"},
 ])
@@ -744,6 +744,34 @@ async def test_order_events_reach_the_parties_that_subscribed(settings: RegionSe
             assert [(e["type"], e["data"]["id"]) for e in events] == [
                 ("order.confirmed", order.json()["id"])], (path, events)
             assert events[0]["data"]["payment"]["payer"] == payer
+
+
+@pytest.mark.integration
+async def test_refund_events_reach_the_parties_that_subscribed(
+        settings: RegionSettings) -> None:
+    async with receiver() as rec, node(settings) as (client, _db):
+        _, a = await merchant(client, "refunded buyer a")
+        _, b = await merchant(client, "refunding seller b")
+        _, c = await merchant(client, "bystander c")
+        for name, headers, types in (("a", a, ["refund.*"]), ("b", b, ["refund.succeeded"]),
+                                     ("c", c, ["refund.*"])):
+            resp = await client.post("/v1/webhook_endpoints", headers=headers,
+                                     json={"url": f"{rec.url}/{name}", "event_types": types})
+            assert resp.status_code == 201, resp.text
+        payer = await own_account(client, a, deposit=1000, kind="customer")
+        payee = await own_account(client, b)
+        pid = await pay(client, payer, payee)
+        refund = await client.post(f"/v1/payments/{pid}/refunds", headers=b,
+                                   json={"amount": 40})
+        assert refund.status_code == 201, refund.text
+        await wait_until(lambda: rec.by_path("/a") and rec.by_path("/b"), "refund events")
+        await asyncio.sleep(0.3)  # a wrongly routed event would arrive by now
+        for path in ("/a", "/b"):
+            events = [json.loads(r.body) for r in rec.by_path(path)]
+            assert [(e["type"], e["data"]["id"], e["data"]["amount"]) for e in events] == [
+                ("refund.succeeded", refund.json()["id"], 40)], (path, events)
+            assert (events[0]["data"]["payer"], events[0]["data"]["payee"]) == (payer, payee)
+        assert rec.by_path("/c") == [], "not a party to the refund"
 
 
 @pytest.mark.integration

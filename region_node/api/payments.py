@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import access, payments
 from region_node import payment_states as st
+from region_node.api import refunds as refund_routes
 from region_node.api.auth import caller, principal_of
 from region_node.api.models import Cancel, Capture, CreatePayment, Refund, check_amount
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
@@ -128,13 +129,9 @@ async def cancel(payment_id: str, request: Request,
 async def refund(payment_id: str, request: Request,
                  body: Refund | None = Body(None)) -> Response:
     """Refund a captured payment, fully or partly; the payee's principal (the merchant
-    refunds, as with Stripe)."""
-    amount = body.amount if body else None
-
-    async def act(conn: AsyncConnection, region: str, pid: uuid.UUID) -> Result:
-        return 201, await payments.refund(conn, region=region, payment_id=pid, amount=amount)
-
-    return await _on_payment(request, payment_id, act, (access.PAYEE,))
+    refunds, as with Stripe). Executed by the region serving the payee's home: at once
+    within one home region, as a saga (`pending`) across regions (api/refunds.py)."""
+    return await refund_routes.create_refund(request, payment_id, body.amount if body else None)
 
 
 async def _on_payment(request: Request, payment_id: str,

@@ -77,7 +77,9 @@ async def resolve(body: ResolveReconciliationItem, request: Request) -> Response
     # The ownership fence of the accounts written: the item's home for a non-orphan
     # item; for an orphan credit our own system accounts, and the payee's home when the
     # payee's account is debited.
-    home = (payee_home or node.region) if item.is_orphan_credit else item.home_region
+    # An orphan refund credit's write-off touches only our own system accounts.
+    home = ((payee_home or node.region) if item.is_orphan_credit
+            else node.region if item.is_orphan_refund_credit else item.home_region)
     principal = principal_of(request)
     journal_id: uuid.UUID = node.new_id(node.region)
 

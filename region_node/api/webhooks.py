@@ -34,8 +34,11 @@ router = APIRouter(prefix="/v1/webhook_endpoints", tags=["webhooks"],
 
 Caller = Annotated[Principal, Depends(caller)]
 
-EVENT_FAMILIES = ("payment", "order")
-_EVENT_TYPE = re.compile(r"^(\*|(payment|order)\.(\*|[a-z_]{1,40}))$")
+EVENT_FAMILIES = ("payment", "order", "refund")
+# Refunds announce only how they ended (region_node/refunds.py): other refund types are a
+# typo that would never receive anything.
+_EVENT_TYPE = re.compile(
+    r"^(\*|(payment|order)\.(\*|[a-z_]{1,40})|refund\.(\*|succeeded|failed))$")
 MAX_URL_LENGTH = 2048
 DEFAULT_GRACE_SECONDS = 24 * 3600
 MAX_GRACE_SECONDS = 7 * 24 * 3600

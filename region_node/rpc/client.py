@@ -113,6 +113,12 @@ class PeerClients:
         result: pb.TransferResult = await self._call(peer, "ApplyTransfer", message, deadline)
         return result
 
+    async def apply_refund(self, peer: str, message: pb.RefundMessage,
+                           deadline: float | None = None) -> pb.RefundResult:
+        """Push a cross-region refund to the payer's region."""
+        result: pb.RefundResult = await self._call(peer, "ApplyRefund", message, deadline)
+        return result
+
     async def ownership(self, peer: str, deadline: float | None = None) -> pb.OwnershipReply:
         """A peer's view of ownership."""
         reply: pb.OwnershipReply = await self._call(peer, "GetOwnership",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cregion_node/rpc/region.proto\x12\rpaycluster.v1\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x8a\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12&\n\x07headers\x18\x04 \x03(\x0b\x32\x15.paycluster.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x15\n\rorigin_region\x18\x06 \x01(\t\"j\n\x0f\x46orwardResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12&\n\x07headers\x18\x02 \x03(\x0b\x32\x15.paycluster.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x11\n\tserved_by\x18\x04 \x01(\t\"\x9b\x01\n\x0fTransferMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x10\n\x08payer_id\x18\x03 \x01(\t\x12\x10\n\x08payee_id\x18\x04 \x01(\t\x12\x11\n\tfrom_home\x18\x05 \x01(\t\x12\x0f\n\x07to_home\x18\x06 \x01(\t\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\"F\n\x0eTransferResult\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x12\n\x10OwnershipRequest\"L\n\x0eOwnershipEntry\x12\x13\n\x0bhome_region\x18\x01 \x01(\t\x12\x16\n\x0eserving_region\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"P\n\x0eOwnershipReply\x12\x0e\n\x06region\x18\x01 \x01(\t\x12.\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1d.paycluster.v1.OwnershipEntry\"d\n\x11StockGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x11\n\tto_region\x18\x03 \x01(\t\x12\x0e\n\x06wanted\x18\x04 \x01(\x03\x12\r\n\x05\x66\x65nce\x18\x05 \x01(\x03\"v\n\x0fStockGrantReply\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_region\x18\x03 \x01(\t\x12\x11\n\tto_region\x18\x04 \x01(\t\x12\r\n\x05units\x18\x05 \x01(\x03\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x32\xc2\x02\n\x06Region\x12H\n\x07\x46orward\x12\x1d.paycluster.v1.ForwardRequest\x1a\x1e.paycluster.v1.ForwardResponse\x12N\n\rApplyTransfer\x12\x1e.paycluster.v1.TransferMessage\x1a\x1d.paycluster.v1.TransferResult\x12N\n\x0cGetOwnership\x12\x1f.paycluster.v1.OwnershipRequest\x1a\x1d.paycluster.v1.OwnershipReply\x12N\n\nGrantStock\x12 .paycluster.v1.StockGrantRequest\x1a\x1e.paycluster.v1.StockGrantReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cregion_node/rpc/region.proto\x12\rpaycluster.v1\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x8a\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12&\n\x07headers\x18\x04 \x03(\x0b\x32\x15.paycluster.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x15\n\rorigin_region\x18\x06 \x01(\t\"j\n\x0f\x46orwardResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12&\n\x07headers\x18\x02 \x03(\x0b\x32\x15.paycluster.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x11\n\tserved_by\x18\x04 \x01(\t\"\x9b\x01\n\x0fTransferMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x10\n\x08payer_id\x18\x03 \x01(\t\x12\x10\n\x08payee_id\x18\x04 \x01(\t\x12\x11\n\tfrom_home\x18\x05 \x01(\t\x12\x0f\n\x07to_home\x18\x06 \x01(\t\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\"F\n\x0eTransferResult\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"u\n\rRefundMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x11\n\tfrom_home\x18\x03 \x01(\t\x12\x0f\n\x07to_home\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\"T\n\x0cRefundResult\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08payer_id\x18\x04 \x01(\t\"\x12\n\x10OwnershipRequest\"L\n\x0eOwnershipEntry\x12\x13\n\x0bhome_region\x18\x01 \x01(\t\x12\x16\n\x0eserving_region\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"P\n\x0eOwnershipReply\x12\x0e\n\x06region\x18\x01 \x01(\t\x12.\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1d.paycluster.v1.OwnershipEntry\"d\n\x11StockGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x11\n\tto_region\x18\x03 \x01(\t\x12\x0e\n\x06wanted\x18\x04 \x01(\x03\x12\r\n\x05\x66\x65nce\x18\x05 \x01(\x03\"v\n\x0fStockGrantReply\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_region\x18\x03 \x01(\t\x12\x11\n\tto_region\x18\x04 \x01(\t\x12\r\n\x05units\x18\x05 \x01(\x03\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x32\x8c\x03\n\x06Region\x12H\n\x07\x46orward\x12\x1d.paycluster.v1.ForwardRequest\x1a\x1e.paycluster.v1.ForwardResponse\x12N\n\rApplyTransfer\x12\x1e.paycluster.v1.TransferMessage\x1a\x1d.paycluster.v1.TransferResult\x12H\n\x0b\x41pplyRefund\x12\x1c.paycluster.v1.RefundMessage\x1a\x1b.paycluster.v1.RefundResult\x12N\n\x0cGetOwnership\x12\x1f.paycluster.v1.OwnershipRequest\x1a\x1d.paycluster.v1.OwnershipReply\x12N\n\nGrantStock\x12 .paycluster.v1.StockGrantRequest\x1a\x1e.paycluster.v1.StockGrantReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,16 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERMESSAGE']._serialized_end=491
   _globals['_TRANSFERRESULT']._serialized_start=493
   _globals['_TRANSFERRESULT']._serialized_end=563
-  _globals['_OWNERSHIPREQUEST']._serialized_start=565
-  _globals['_OWNERSHIPREQUEST']._serialized_end=583
-  _globals['_OWNERSHIPENTRY']._serialized_start=585
-  _globals['_OWNERSHIPENTRY']._serialized_end=661
-  _globals['_OWNERSHIPREPLY']._serialized_start=663
-  _globals['_OWNERSHIPREPLY']._serialized_end=743
-  _globals['_STOCKGRANTREQUEST']._serialized_start=745
-  _globals['_STOCKGRANTREQUEST']._serialized_end=845
-  _globals['_STOCKGRANTREPLY']._serialized_start=847
-  _globals['_STOCKGRANTREPLY']._serialized_end=965
-  _globals['_REGION']._serialized_start=968
-  _globals['_REGION']._serialized_end=1290
+  _globals['_REFUNDMESSAGE']._serialized_start=565
+  _globals['_REFUNDMESSAGE']._serialized_end=682
+  _globals['_REFUNDRESULT']._serialized_start=684
+  _globals['_REFUNDRESULT']._serialized_end=768
+  _globals['_OWNERSHIPREQUEST']._serialized_start=770
+  _globals['_OWNERSHIPREQUEST']._serialized_end=788
+  _globals['_OWNERSHIPENTRY']._serialized_start=790
+  _globals['_OWNERSHIPENTRY']._serialized_end=866
+  _globals['_OWNERSHIPREPLY']._serialized_start=868
+  _globals['_OWNERSHIPREPLY']._serialized_end=948
+  _globals['_STOCKGRANTREQUEST']._serialized_start=950
+  _globals['_STOCKGRANTREQUEST']._serialized_end=1050
+  _globals['_STOCKGRANTREPLY']._serialized_start=1052
+  _globals['_STOCKGRANTREPLY']._serialized_end=1170
+  _globals['_REGION']._serialized_start=1173
+  _globals['_REGION']._serialized_end=1569
 # @@protoc_insertion_point(module_scope)

@@ -72,6 +72,34 @@ class TransferResult(_message.Message):
     reason: str
     def __init__(self, transfer_id: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class RefundMessage(_message.Message):
+    __slots__ = ("id", "payment_id", "from_home", "to_home", "amount", "currency")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_HOME_FIELD_NUMBER: _ClassVar[int]
+    TO_HOME_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    payment_id: str
+    from_home: str
+    to_home: str
+    amount: int
+    currency: str
+    def __init__(self, id: _Optional[str] = ..., payment_id: _Optional[str] = ..., from_home: _Optional[str] = ..., to_home: _Optional[str] = ..., amount: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...
+
+class RefundResult(_message.Message):
+    __slots__ = ("refund_id", "outcome", "reason", "payer_id")
+    REFUND_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    refund_id: str
+    outcome: str
+    reason: str
+    payer_id: str
+    def __init__(self, refund_id: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., payer_id: _Optional[str] = ...) -> None: ...
+
 class OwnershipRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class RegionStub:
                 request_serializer=region__node_dot_rpc_dot_region__pb2.TransferMessage.SerializeToString,
                 response_deserializer=region__node_dot_rpc_dot_region__pb2.TransferResult.FromString,
                 _registered_method=True)
+        self.ApplyRefund = channel.unary_unary(
+                '/paycluster.v1.Region/ApplyRefund',
+                request_serializer=region__node_dot_rpc_dot_region__pb2.RefundMessage.SerializeToString,
+                response_deserializer=region__node_dot_rpc_dot_region__pb2.RefundResult.FromString,
+                _registered_method=True)
         self.GetOwnership = channel.unary_unary(
                 '/paycluster.v1.Region/GetOwnership',
                 request_serializer=region__node_dot_rpc_dot_region__pb2.OwnershipRequest.SerializeToString,
@@ -70,6 +75,14 @@ class RegionServicer:
     def ApplyTransfer(self, request, context):
         """Deliver a cross-region transfer message to the payee's region. Idempotent per message
         id: a repeat answers the recorded result and moves no money.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyRefund(self, request, context):
+        """Deliver a cross-region refund to the payer's region (the reverse saga). Idempotent per
+        refund id: a repeat answers the recorded result and moves no money.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +115,11 @@ def add_RegionServicer_to_server(servicer, server):
                     servicer.ApplyTransfer,
                     request_deserializer=region__node_dot_rpc_dot_region__pb2.TransferMessage.FromString,
                     response_serializer=region__node_dot_rpc_dot_region__pb2.TransferResult.SerializeToString,
+            ),
+            'ApplyRefund': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyRefund,
+                    request_deserializer=region__node_dot_rpc_dot_region__pb2.RefundMessage.FromString,
+                    response_serializer=region__node_dot_rpc_dot_region__pb2.RefundResult.SerializeToString,
             ),
             'GetOwnership': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOwnership,
@@ -168,6 +186,33 @@ class Region:
             '/paycluster.v1.Region/ApplyTransfer',
             region__node_dot_rpc_dot_region__pb2.TransferMessage.SerializeToString,
             region__node_dot_rpc_dot_region__pb2.TransferResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyRefund(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paycluster.v1.Region/ApplyRefund',
+            region__node_dot_rpc_dot_region__pb2.RefundMessage.SerializeToString,
+            region__node_dot_rpc_dot_region__pb2.RefundResult.FromString,
             options,
             channel_credentials,
             insecure,

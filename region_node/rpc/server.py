@@ -13,11 +13,12 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import stock, tracing, transfers
+from region_node import refunds, stock, tracing, transfers
 from region_node.api.auth import trusted_forward_headers
 from region_node.errors import InvalidRequest, PaymentError
 from region_node.logs import request_id, traceparent
 from region_node.node import Node
+from region_node.refund_worker import RefundWorker
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc.client import FORWARDED_FROM
@@ -104,6 +105,23 @@ class RegionService(pb_grpc.RegionServicer):
             outcome = await self.transfer_worker.receive(message)
             return pb.TransferResult(transfer_id=str(outcome.transfer_id),
                                      outcome=outcome.outcome, reason=outcome.reason or "")
+        return await self._guard(context, call)
+
+    async def ApplyRefund(self, request: pb.RefundMessage,
+                          context: grpc.aio.ServicerContext) -> pb.RefundResult:
+        """Credit a cross-region refund's payer exactly once (or say why not)."""
+        async def call() -> pb.RefundResult:
+            message = refunds.RefundMessage(
+                id=_uuid(request.id, "id"), payment_id=_uuid(request.payment_id, "payment_id"),
+                from_home=request.from_home, to_home=request.to_home, amount=request.amount,
+                currency=request.currency)
+            if message.amount <= 0:
+                raise InvalidRequest("amount must be positive", param="amount")
+            worker: RefundWorker = self.app.state.refund_worker
+            outcome = await worker.receive(message)
+            return pb.RefundResult(refund_id=str(outcome.refund_id), outcome=outcome.outcome,
+                                   reason=outcome.reason or "",
+                                   payer_id=str(outcome.payer_id) if outcome.payer_id else "")
         return await self._guard(context, call)
 
     async def GetOwnership(self, request: pb.OwnershipRequest,
