@@ -1,0 +1,256 @@
+"""Pay-ins and payouts through the channel (the acquirer simulator), end to end: a real
+node served over HTTP on 127.0.0.1 (so the real channel process can call it back), its
+real PostgreSQL, Redis and NATS, and the channel's own fault injection.
+
+Timings are squeezed: an operation is stuck after 1 s, queried on a 0.4/0.4/0.8 s
+schedule, then given up; the breaker opens after 3 failures for 1.5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+from channel.client import ChannelAdmin
+from channel.signing import SIGNATURE_HEADER, sign
+from cluster.servers import ChannelServer, RegionServers, free_port
+from region_node.app import create_app
+from region_node.channel_config import ChannelLinkSettings
+from region_node.config import RegionSettings
+from tests.channel_fixtures import start_test_channel
+from tests.conftest import auth_headers, region_settings
+from tests.helpers import check_ledger, open_account
+
+pytestmark = pytest.mark.integration
+
+APPROVED = "4242424242424242"
+DECLINED = "4000000000000002"
+PAID_ACCOUNT = "000123456789"
+RETURNED_ACCOUNT = "000111111116"
+CARD = {"number": APPROVED, "exp_month": 12, "exp_year": 2035, "cvc": "123"}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers (pytest owns the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def link_settings(channel: ChannelServer, port: int, **overrides: Any) -> ChannelLinkSettings:
+    """A node's channel settings for the tests' squeezed timings."""
+    values: dict[str, Any] = {
+        "url": channel.url, "api_key": channel.api_key,
+        "callback_secret": channel.callback_secret,
+        "callback_url": f"http://127.0.0.1:{port}/v1/channel/callbacks",
+        "timeout_seconds": 1.0, "stuck_after_seconds": 1.0, "compensation_seconds": 0.2,
+        "retry_schedule_seconds": [0.4, 0.4, 0.8], "queue_poll_seconds": 0.2,
+        "breaker_failure_threshold": 3, "breaker_open_seconds": 1.5,
+        "run_statement_job": False}
+    values.update(overrides)
+    return ChannelLinkSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def http_node(settings: RegionSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """The node of `settings` in this process, served over real HTTP on its api_port
+    (lifespan and workers running); a client sending the session's admin key."""
+    app = create_app(settings)
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api_port,
+                                    lifespan="on", log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert not task.done(), "node server exited before it started"
+        assert time.monotonic() < deadline, "node server did not start"
+        await asyncio.sleep(0.05)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}",
+                                     headers=auth_headers(), timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+def node_settings(servers: RegionServers, db_url: str, channel: ChannelServer,
+                  **link: Any) -> RegionSettings:
+    """us-east on the session's servers, with a channel link to `channel`."""
+    port = free_port()
+    return region_settings(servers, db_url, api_port=port,
+                           channel=link_settings(channel, port, **link))
+
+
+async def wait_status(client: httpx.AsyncClient, kind: str, op_id: str,
+                      statuses: tuple[str, ...], within: float = 20.0) -> dict[str, Any]:
+    """Poll GET /v1/{kind}s/{id} until its status is one of `statuses`."""
+    deadline = time.monotonic() + within
+    while True:
+        resp = await client.get(f"/v1/{kind}s/{op_id}")
+        assert resp.status_code == 200, resp.text
+        doc: dict[str, Any] = resp.json()
+        if doc["status"] in statuses:
+            return doc
+        assert time.monotonic() < deadline, f"{kind} {op_id} still {doc['status']}"
+        await asyncio.sleep(0.05)
+
+
+async def payin(client: httpx.AsyncClient, account: str, amount: int,
+                card: dict[str, Any] | None = None) -> httpx.Response:
+    """POST a pay-in."""
+    return await client.post(f"/v1/accounts/{account}/payins",
+                             json={"amount": amount, "card": card or CARD})
+
+
+async def payout(client: httpx.AsyncClient, account: str, amount: int,
+                 number: str = PAID_ACCOUNT) -> httpx.Response:
+    """POST a payout."""
+    return await client.post(f"/v1/accounts/{account}/payouts", json={
+        "amount": amount, "bank_account": {"account_number": number, "holder_name": "Ada"}})
+
+
+async def balance(client: httpx.AsyncClient, account: str) -> int:
+    """The account's balance."""
+    resp = await client.get(f"/v1/accounts/{account}")
+    return int(resp.json()["balance"])
+
+
+def postings(db_url: str, op_id: str) -> list[tuple[str, int]]:
+    """(entry_type, amount) of the entries that touched user accounts for an operation."""
+    with psycopg.connect(db_url) as conn:
+        return [(str(t), int(a)) for t, a in conn.execute(
+            "select e.entry_type, e.amount from journal_entries e join accounts a "
+            "on a.id = e.account_id where e.payment_id = %s and a.kind in "
+            "('customer', 'merchant') order by e.id", (op_id,)).fetchall()]
+
+
+def system_balances(db_url: str) -> dict[str, int]:
+    """Balance per system account kind."""
+    with psycopg.connect(db_url) as conn:
+        return {str(k): int(v) for k, v in conn.execute(
+            "select kind, sum(balance)::bigint from accounts where kind not in "
+            "('customer', 'merchant') group by kind").fetchall()}
+
+
+@pytest.fixture
+async def own_channel(tmp_path: Path) -> AsyncIterator[ChannelServer]:
+    """A channel of this test alone (its statement holds only this test's operations)."""
+    server = start_test_channel(tmp_path / "channel")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- pay-ins, payouts
+
+
+async def test_payins_and_payouts_settle_once_through_callbacks(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """An approved card credits the account once, even with every callback sent twice; a
+    declined card credits nothing; a payout debits at once and is paid, or returned with
+    the money back; no card number is stored anywhere."""
+    await channel_admin.set_faults(seed=1, callback_duplicate=1.0)
+    async with http_node(node_settings(servers, db_url, channel_server)) as client:
+        acc = await open_account(client, "EUR")
+        resp = await payin(client, acc, 10_000)
+        assert resp.status_code == 201, resp.text
+        doc = resp.json()
+        assert doc["card"] == {"last4": "4242", "brand": "visa"}
+        done = await wait_status(client, "payin", doc["id"], ("succeeded",))
+        assert done["settled_by"] in ("callback", "send")
+        declined = (await payin(client, acc, 500, {**CARD, "number": DECLINED})).json()
+        failed = await wait_status(client, "payin", declined["id"], ("failed",))
+        assert failed["failure_code"] == "card_declined"
+        # Both callbacks of every event arrived (duplicates): still one credit.
+        async with ChannelAdmin(channel_server.admin_url, channel_server.admin_key) as adm:
+            cbs = await adm.callbacks(doc["id"])
+        assert cbs, "the channel sent callbacks"
+        assert await balance(client, acc) == 10_000
+        assert postings(db_url, doc["id"]) == [("payin", 10_000)]
+        assert postings(db_url, declined["id"]) == []
+
+        out = (await payout(client, acc, 3_000)).json()
+        assert out["status"] in ("pending", "paid")
+        assert await balance(client, acc) == 7_000  # debited at once
+        await wait_status(client, "payout", out["id"], ("paid",))
+        back = (await payout(client, acc, 2_000, RETURNED_ACCOUNT)).json()
+        returned = await wait_status(client, "payout", back["id"], ("returned",))
+        assert returned["failure_code"] == "account_closed"
+        assert await balance(client, acc) == 7_000
+        too_much = await payout(client, acc, 1_000_000)
+        assert too_much.status_code == 402
+        bad = await payin(client, acc, 100, {**CARD, "number": "4242424242424241"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "incorrect_number"
+        assert "4242424242424241" not in bad.text
+    check_ledger(db_url).assert_sound()
+    sys_bal = system_balances(db_url)
+    assert sys_bal.get("payout", 0) == 0  # nothing left on its way out
+    assert sys_bal["channel"] == -10_000 + 3_000  # in by card, out by the paid payout
+    with psycopg.connect(db_url) as conn:
+        for table in ("channel_operations", "idempotency_keys", "outbox", "audit_log",
+                      "channel_callbacks"):
+            dump = str(conn.execute(f"select * from {table}").fetchall())
+            assert APPROVED not in dump and DECLINED not in dump, table
+
+
+async def test_callbacks_verified_idempotent_monotonic_and_forwarded(
+        servers: RegionServers, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """A callback with a bad signature is refused; the same event twice is applied once;
+    an older version never moves an operation back; a callback reaching the wrong region
+    is forwarded over gRPC to the owner, which applies it."""
+    from tests.conftest import two_regions
+
+    await channel_admin.set_faults(seed=2, callback_drop=1.0)  # we deliver them ourselves
+    link = link_settings(channel_server, 1, stuck_after_seconds=3600.0)
+    async with two_regions(servers, channel=link) as (a, b, db_a, _db_b, _ports):
+        acc = await open_account(a, "EUR")
+        doc = (await payin(a, acc, 4_200)).json()
+        ref = doc["id"]
+        async with httpx.AsyncClient(base_url=channel_server.url, headers={
+                "Authorization": f"Bearer {channel_server.api_key}"}) as ch:
+            deadline = time.monotonic() + 10
+            while (data := (await ch.get(f"/v1/operations/{ref}")).json())["status"] != \
+                    "captured":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        event = {"id": f"evt_{uuid.uuid4().hex}", "type": "payment.captured", "data": data}
+        raw = json.dumps(event).encode()
+
+        def headers(body: bytes, secret: str = channel_server.callback_secret) -> dict[str, str]:
+            return {SIGNATURE_HEADER: sign(body, secret), "content-type": "application/json"}
+
+        async with httpx.AsyncClient(transport=b._transport, base_url="http://node") as anon:
+            bad = await anon.post("/v1/channel/callbacks", content=raw,
+                                  headers=headers(raw, "chsec_wrong"))
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_signature"
+            # eu-west does not own the account (us-east): it forwards to us-east.
+            first = await anon.post("/v1/channel/callbacks", content=raw, headers=headers(raw))
+            assert first.status_code == 200, first.text
+            assert first.json()["outcome"] == "settled"
+            assert first.headers.get("paycluster-served-by") == "us-east"
+            again = await anon.post("/v1/channel/callbacks", content=raw, headers=headers(raw))
+            assert again.json()["outcome"] == "duplicate"
+            older = {"id": f"evt_{uuid.uuid4().hex}", "type": "payment.pending",
+                     "data": {**data, "status": "pending", "version": 1}}
+            raw_old = json.dumps(older).encode()
+            stale = await anon.post("/v1/channel/callbacks", content=raw_old,
+                                    headers=headers(raw_old))
+            assert stale.json()["outcome"] == "stale"
+        assert (await a.get(f"/v1/payins/{ref}")).json()["status"] == "succeeded"
+        assert await balance(a, acc) == 4_200
+        assert postings(db_a, ref) == [("payin", 4_200)]
