@@ -18,6 +18,7 @@ and a lease on their next check, and every settlement re-checks under the row lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -34,9 +35,9 @@ from region_node.periodic import run_every
 log = logging.getLogger(__name__)
 
 
-def _due_now(op_id: Any) -> Any:
+def _due_now(op_id: Any, attempts: int = 0) -> Any:
     async def due(conn: Any) -> None:
-        await ops.reschedule(conn, op_id, attempts=0, after=0.0)
+        await ops.reschedule(conn, op_id, attempts=attempts, after=0.0)
     return due
 
 
@@ -88,7 +89,14 @@ class ChannelWorker:
             return done
         for home in statement_recon.served_homes(self.node):
             for op in await self._claim(home, ops.PENDING):
-                done[await self._check(home, op)] += 1
+                try:
+                    done[await self._check(home, op)] += 1
+                except Exception:
+                    # One operation's trouble must not hold the others back until their
+                    # claims run out; it is due again at once.
+                    log.exception("channel check of %s failed", op.id)
+                    with contextlib.suppress(Exception):
+                        await in_fence(self.node, home, _due_now(op.id, op.sync_attempts))
         if any(done.values()):
             log.info("channel compensation pass: %s", done)
         return done

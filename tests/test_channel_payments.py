@@ -254,3 +254,102 @@ async def test_callbacks_verified_idempotent_monotonic_and_forwarded(
         assert (await a.get(f"/v1/payins/{ref}")).json()["status"] == "succeeded"
         assert await balance(a, acc) == 4_200
         assert postings(db_a, ref) == [("payin", 4_200)]
+
+
+def findings(db_url: str) -> list[Any]:
+    """The ledger invariants of cluster.invariants that fail (replication ones aside: a
+    single region has no subscriptions)."""
+    from cluster.invariants import ledger_findings
+
+    return [f for f in ledger_findings("us-east", db_url) if not f.ok]
+
+
+def settle_seconds(db_url: str, op_id: str) -> float:
+    """How long an operation took from creation to settlement."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("select extract(epoch from settled_at - created_at) from "
+                           "channel_operations where id = %s", (op_id,)).fetchone()
+    assert row is not None and row[0] is not None
+    return float(row[0])
+
+
+# --------------------------------------------------------------------------- compensation
+
+
+async def test_compensation_settles_payments_whose_callbacks_were_lost(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """Every callback is dropped: the compensation job asks the channel's status API once
+    an operation is stuck past the threshold and settles it from the answer, once."""
+    await channel_admin.set_faults(seed=3, callback_drop=1.0)
+    async with http_node(node_settings(servers, db_url, channel_server)) as client:
+        acc = await open_account(client, "EUR")
+        pin = (await payin(client, acc, 8_000)).json()
+        early = await payout(client, acc, 1_000, PAID_ACCOUNT)
+        assert early.status_code == 402  # nothing to pay out until the pay-in settles
+        done = await wait_status(client, "payin", pin["id"], ("succeeded",))
+        assert done["settled_by"] == "sync"
+        pout = (await payout(client, acc, 1_000, PAID_ACCOUNT)).json()
+        paid = await wait_status(client, "payout", pout["id"], ("paid",))
+        assert paid["settled_by"] == "sync"
+        assert await balance(client, acc) == 7_000
+    took = [settle_seconds(db_url, pin["id"]), settle_seconds(db_url, pout["id"])]
+    # Stuck after 1 s, then the first query (the job polls every 0.2 s).
+    assert all(1.0 <= t < 5.0 for t in took), took
+    print(f"\nstuck operations settled by the status API after {took} s")
+    assert postings(db_url, pin["id"]) == [("payin", 8_000)]
+    assert findings(db_url) == []
+
+
+async def test_compensation_gives_up_once_and_a_late_success_becomes_an_item(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """The channel takes a pay-in and a payout, then goes down past the whole retry
+    schedule and holds back its callbacks: both fail with channel_timeout and are
+    reversed (the payout's money comes back) exactly once. When the channel's late
+    'captured' and 'paid' arrive, no money moves: each becomes a reconciliation item."""
+    await channel_admin.set_faults(seed=4, callback_delay=1.0, callback_delay_seconds=9.0)
+    # Stuck after 3 s: the outage must be in force before the first status query.
+    async with http_node(node_settings(servers, db_url, channel_server,
+                                       stuck_after_seconds=3.0)) as client:
+        acc = await open_account(client, "EUR", deposit=5_000)
+        pin = (await payin(client, acc, 2_500)).json()
+        pout = (await payout(client, acc, 1_500, PAID_ACCOUNT)).json()
+        assert pin["status"] == "pending" and pout["status"] == "pending"
+        # 503 rather than a closed port: a pooled keep-alive connection may outlive the
+        # listener's close for a moment, and this test needs every query to fail.
+        await channel_admin.down(7.0, mode="503")
+        t0 = time.monotonic()
+        failed_in = await wait_status(client, "payin", pin["id"], ("failed", "succeeded"))
+        failed_out = await wait_status(client, "payout", pout["id"], ("failed", "paid"))
+        gave_up_after = time.monotonic() - t0
+        assert (failed_in["status"], failed_in["failure_code"]) == \
+            ("failed", "channel_timeout"), (failed_in, gave_up_after)
+        assert (failed_out["status"], failed_out["failure_code"]) == \
+            ("failed", "channel_timeout")
+        assert await balance(client, acc) == 5_000  # the payout's money is back
+        await channel_admin.up()
+        # The held-back callbacks arrive after our reversal.
+        deadline = time.monotonic() + 20
+        while True:
+            with psycopg.connect(db_url) as conn:
+                outcomes = sorted(str(r[0]) for r in conn.execute(
+                    "select outcome from channel_callbacks where outcome = "
+                    "'late_after_reversal'").fetchall())
+            if len(outcomes) >= 2:
+                break
+            assert time.monotonic() < deadline, outcomes
+            await asyncio.sleep(0.1)
+        items = (await client.get("/v1/admin/reconciliation")).json()["items"]
+        late = sorted((i["item_kind"], i["detail"]["operation_id"]) for i in items)
+        assert late == sorted([("channel_late_success", pin["id"]),
+                               ("channel_late_success", pout["id"])])
+        assert (await client.get(f"/v1/payins/{pin['id']}")).json()["status"] == "failed"
+        assert await balance(client, acc) == 5_000
+        metrics = (await client.get("/metrics")).text
+        assert ('paycluster_channel_reconciliation_open_items{item_kind='
+                '"channel_late_success",region="us-east"} 2.0') in metrics
+    print(f"\ngave up (channel_timeout, reversed) {gave_up_after:.1f} s into the outage")
+    assert postings(db_url, pin["id"]) == []
+    assert postings(db_url, pout["id"]) == [("payout", -1_500), ("payout_returned", 1_500)]
+    assert findings(db_url) == []
