@@ -353,3 +353,158 @@ async def test_compensation_gives_up_once_and_a_late_success_becomes_an_item(
     assert postings(db_url, pin["id"]) == []
     assert postings(db_url, pout["id"]) == [("payout", -1_500), ("payout_returned", 1_500)]
     assert findings(db_url) == []
+
+
+# --------------------------------------------------------------------------- breaker, degradation
+
+
+async def test_breaker_opens_and_closes_while_the_channel_is_down(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """Channel down: calls fail until the breaker opens; then a pay-in is a quick 503 with
+    Retry-After, a payout queues (money already set aside), payments inside the ledger go
+    on, readiness says degraded and the gauge says open. Channel back: after the open
+    period a trial call closes the breaker and the queued payout goes out and is paid."""
+    await channel_admin.down(60.0, mode="503")
+    async with http_node(node_settings(servers, db_url, channel_server)) as client:
+        acc = await open_account(client, "EUR", deposit=10_000)
+        other = await open_account(client, "EUR")
+        unknown = []
+        for _ in range(3):  # the breaker's threshold
+            resp = await payin(client, acc, 100)
+            assert resp.status_code == 201 and resp.json()["status"] == "pending"
+            unknown.append(resp.json()["id"])
+        t0 = time.monotonic()
+        refused = await payin(client, acc, 100)
+        quick = time.monotonic() - t0
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "channel_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert quick < 0.5, quick
+        queued = await payout(client, acc, 2_500)
+        assert queued.status_code == 201 and queued.json()["status"] == "queued"
+        assert await balance(client, acc) == 7_500
+        pay = await client.post("/v1/payments", json={"payer": acc, "payee": other,
+                                                      "amount": 500, "currency": "EUR"})
+        assert pay.status_code == 201 and pay.json()["status"] == "succeeded"
+        ready = (await client.get("/health/ready")).json()
+        assert ready["status"] == "degraded" and ready["checks"]["channel"] == "breaker open"
+        assert "paycluster_channel_breaker_state{region=\"us-east\"} 2.0" in \
+            (await client.get("/metrics")).text
+
+        await channel_admin.up()
+        done = await wait_status(client, "payout", queued.json()["id"], ("paid",), within=30)
+        assert done["settled_by"] in ("send", "callback", "sync")
+        ready = (await client.get("/health/ready")).json()
+        assert ready["status"] == "ready" and ready["channel"]["breaker"] == "closed"
+        assert "paycluster_channel_breaker_state{region=\"us-east\"} 0.0" in \
+            (await client.get("/metrics")).text
+        # The pay-ins the channel never got fail once the schedule is over: nothing moved.
+        for op_id in unknown:
+            failed = await wait_status(client, "payin", op_id, ("failed",), within=30)
+            assert failed["failure_code"] == "channel_timeout"
+        assert (await payin(client, acc, 300)).status_code == 201
+    check_ledger(db_url).assert_sound()
+    assert findings(db_url) == []
+
+
+async def test_redis_down_pay_ins_and_payouts_keep_working(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin, tmp_path: Path) -> None:
+    """Redis down (our own instance, stopped by pid): pay-ins and payouts still settle,
+    an Idempotency-Key still replays (SQL holds the truth), readiness says degraded with
+    the Redis check failed."""
+    from cluster.servers import start_redis
+
+    redis = start_redis(tmp_path / "redis")
+    try:
+        settings = node_settings(servers, db_url, channel_server).model_copy(
+            update={"redis_url": redis.url})
+        async with http_node(settings) as client:
+            acc = await open_account(client, "EUR")
+            redis.stop()
+            ready = (await client.get("/health/ready")).json()
+            assert ready["status"] == "degraded" and ready["checks"]["redis"] != "ok"
+            key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+            body = {"amount": 1_200, "card": CARD}
+            first = await client.post(f"/v1/accounts/{acc}/payins", json=body, headers=key)
+            assert first.status_code == 201, first.text
+            again = await client.post(f"/v1/accounts/{acc}/payins", json=body, headers=key)
+            assert again.headers.get("idempotent-replayed") == "true"
+            assert again.json()["id"] == first.json()["id"]
+            await wait_status(client, "payin", first.json()["id"], ("succeeded",))
+            out = (await payout(client, acc, 200)).json()
+            await wait_status(client, "payout", out["id"], ("paid",))
+            assert await balance(client, acc) == 1_000
+    finally:
+        redis.stop()
+    assert findings(db_url) == []
+
+
+async def test_nats_down_money_still_moves_and_events_wait_in_the_outbox(
+        servers: RegionServers, db_url: str, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin, tmp_path: Path) -> None:
+    """NATS down (our own instance, stopped by pid): pay-ins and payouts settle, their
+    events wait in the outbox (nothing lost), readiness says degraded with the bus
+    check failed."""
+    from cluster.servers import start_nats
+
+    nats = start_nats(tmp_path / "nats")
+    try:
+        settings = node_settings(servers, db_url, channel_server).model_copy(
+            update={"nats_url": nats.url})
+        async with http_node(settings) as client:
+            acc = await open_account(client, "EUR")
+            nats.stop()
+            deadline = time.monotonic() + 20
+            while (ready := (await client.get("/health/ready")).json())["checks"]["bus"] == "ok":
+                assert time.monotonic() < deadline, ready
+                await asyncio.sleep(0.1)
+            assert ready["status"] == "degraded"
+            pin = (await payin(client, acc, 900)).json()
+            await wait_status(client, "payin", pin["id"], ("succeeded",))
+            out = (await payout(client, acc, 400)).json()
+            await wait_status(client, "payout", out["id"], ("paid",))
+            with psycopg.connect(db_url) as conn:
+                waiting = {str(r[0]) for r in conn.execute(
+                    "select event_type from outbox where published_at is null").fetchall()}
+            assert {"payin.succeeded", "payout.paid"} <= waiting
+    finally:
+        nats.stop()
+    assert findings(db_url) == []
+
+
+async def test_peer_region_down_own_accounts_keep_working(
+        servers: RegionServers, channel_server: ChannelServer,
+        channel_admin: ChannelAdmin) -> None:
+    """eu-west down: us-east still takes pay-ins and payouts for its own accounts and
+    their callbacks; a pay-in for an eu-west account through us-east is a clear 503
+    region_unavailable, and nothing is written for it."""
+    from tests.conftest import app_client, fresh_database, tls_overrides
+
+    ports = {"us-east": free_port(), "eu-west": free_port()}
+    with fresh_database(servers) as db_a, fresh_database(servers) as db_b:
+        port_a = free_port()
+        sa_ = region_settings(servers, db_a, region="us-east", grpc_port=ports["us-east"],
+                              api_port=port_a,
+                              peers={"eu-west": f"127.0.0.1:{ports['eu-west']}"},
+                              channel=link_settings(channel_server, port_a),
+                              **tls_overrides(servers, "us-east"))
+        sb = region_settings(servers, db_b, region="eu-west", grpc_port=ports["eu-west"],
+                             peers={"us-east": f"127.0.0.1:{ports['us-east']}"},
+                             **tls_overrides(servers, "eu-west"))
+        async with http_node(sa_) as a:
+            async with app_client(sb) as b:
+                remote = await open_account(b, "EUR")
+            # eu-west is gone (its gRPC server and app stopped).
+            acc = await open_account(a, "EUR")
+            pin = (await payin(a, acc, 700)).json()
+            await wait_status(a, "payin", pin["id"], ("succeeded",))
+            out = (await payout(a, acc, 300)).json()
+            await wait_status(a, "payout", out["id"], ("paid",))
+            lost = await payin(a, remote, 700)
+            assert lost.status_code == 503, lost.text
+            assert lost.json()["error"]["code"] == "region_unavailable"
+        with psycopg.connect(db_a) as conn:
+            assert conn.execute("select count(*) from channel_operations").fetchone() == (2,)
+        assert findings(db_a) == []
