@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import psycopg
 import pytest
 import uvicorn
 
-from channel.client import ChannelAdmin
+from channel.client import ChannelAdmin, ChannelClient
 from channel.signing import SIGNATURE_HEADER, sign
 from cluster.servers import ChannelServer, RegionServers, free_port
 from region_node.app import create_app
@@ -508,3 +509,106 @@ async def test_peer_region_down_own_accounts_keep_working(
         with psycopg.connect(db_a) as conn:
             assert conn.execute("select count(*) from channel_operations").fetchone() == (2,)
         assert findings(db_a) == []
+
+
+# --------------------------------------------------------------------------- statements
+
+
+async def test_statement_reconciliation_fixes_once_and_lists_the_rest(
+        servers: RegionServers, db_url: str, own_channel: ChannelServer,
+        tmp_path: Path) -> None:
+    """The day's statement against our operations: matched rows post their fee once; a
+    capture we were still waiting for (its callbacks lost) is settled from the statement;
+    each injected difference (amount, status, a row left out, a row we never had) becomes
+    exactly one reconciliation item. A second run fixes nothing twice and lists nothing
+    new; the CLI prints the report and writes JSON and markdown."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app as cli
+    from tests.conftest import admin_key
+
+    today = datetime.now(UTC).date()
+    async with ChannelAdmin(own_channel.admin_url, own_channel.admin_key) as adm, \
+            ChannelClient(own_channel.url, own_channel.api_key) as ch, \
+            http_node(node_settings(servers, db_url, own_channel,
+                                    stuck_after_seconds=3600.0)) as client:
+        acc = await open_account(client, "EUR")
+        ids = {}
+        for name, amount, card in (("ok", 10_000, APPROVED), ("amount", 2_000, APPROVED),
+                                   ("status", 3_000, APPROVED), ("missing", 4_000, APPROVED),
+                                   ("declined", 500, DECLINED)):
+            ids[name] = (await payin(client, acc, amount, {**CARD, "number": card})).json()["id"]
+        for name in ids:
+            await wait_status(client, "payin", ids[name], ("succeeded", "failed"))
+        ids["paid"] = (await payout(client, acc, 1_000)).json()["id"]
+        ids["returned"] = (await payout(client, acc, 700, RETURNED_ACCOUNT)).json()["id"]
+        await wait_status(client, "payout", ids["paid"], ("paid",))
+        await wait_status(client, "payout", ids["returned"], ("returned",))
+        # Its callbacks are lost and the compensation job would wait an hour.
+        await adm.set_faults(seed=5, callback_drop=1.0)
+        ids["waiting"] = (await payin(client, acc, 6_000)).json()["id"]
+        deadline = time.monotonic() + 10
+        while (await ch.status(ids["waiting"])).status != "captured":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await adm.add_difference(ids["amount"], "amount", amount=2_100)
+        await adm.add_difference(ids["status"], "status", status="declined")
+        await adm.add_difference(ids["missing"], "missing")
+        await adm.add_difference("ext-unknown-1", "extra", amount=999, currency="EUR",
+                                 day=today.isoformat())
+        statement = await ch.statement(today)
+        csv_file = tmp_path / f"statement-{today.isoformat()}.csv"
+        csv_file.write_text(await ch.statement_csv(today))
+
+        first = (await client.post("/v1/admin/channel/statement",
+                                   json={"day": today.isoformat()})).json()
+        assert first["summary"] == {"matched": 4, "fixed": 1, "missing_here": 1,
+                                    "missing_at_channel": 1, "amount_mismatch": 1,
+                                    "status_mismatch": 1, "skipped": 0}, first["summary"]
+        found = sorted((d["category"], d["reference"]) for d in first["differences"])
+        assert found == sorted([("amount_mismatch", ids["amount"]),
+                                ("status_mismatch", ids["status"]),
+                                ("missing_at_channel", ids["missing"]),
+                                ("missing_here", "ext-unknown-1")])
+        assert [f["reference"] for f in first["fixed"]] == [ids["waiting"]]
+        assert first["items_new"] == 4 and first["items_already_listed"] == 0
+        fees = {r.reference: r.fee for r in statement}
+        expected_fees = sum(fees[ids[n]] for n in ("ok", "paid", "waiting", "declined",
+                                                   "returned"))
+        assert first["fees_posted"] == {"EUR": expected_fees}
+        done = (await client.get(f"/v1/payins/{ids['waiting']}")).json()
+        assert (done["status"], done["settled_by"]) == ("succeeded", "statement")
+
+        # Again, from the file through the CLI: nothing fixed or posted twice.
+        runner = CliRunner()
+        out_json, out_md = tmp_path / "report.json", tmp_path / "report.md"
+        result = await asyncio.to_thread(
+            runner.invoke, cli, ["reconcile", "statement", "--region", "us-east",
+                                 "--file", str(csv_file), "--json", str(out_json),
+                                 "--markdown", str(out_md), "--api-url",
+                                 str(client.base_url).rstrip("/"), "--key", admin_key()])
+        assert result.exit_code == 2, result.output  # differences listed
+        second = json.loads(out_json.read_text())
+        assert second["summary"]["matched"] == 5 and second["summary"]["fixed"] == 0
+        assert second["items_new"] == 0 and second["items_already_listed"] == 4
+        assert second["fees_posted"] == {}
+        assert "amount_mismatch" in result.output and "ext-unknown-1" in result.output
+        assert "| amount_mismatch | 1 |" in out_md.read_text()
+
+        # The operator settles an item with the existing resolutions; the gauge follows.
+        items = (await client.get("/v1/admin/reconciliation")).json()["items"]
+        extra = next(i for i in items if i["item_kind"] == "statement_missing_here")
+        resolved = await client.post("/v1/admin/reconciliation/resolve", json={
+            "home_region": extra["home_region"], "takeover_epoch": 0,
+            "item_id": extra["item_id"], "resolution": "acknowledge",
+            "note": "not ours: the channel corrected its statement"})
+        assert resolved.status_code == 201, resolved.text
+        metrics = (await client.get("/metrics")).text
+        assert "statement_missing_here" not in metrics
+        assert ('paycluster_channel_reconciliation_open_items{item_kind='
+                '"statement_amount_mismatch",region="us-east"} 1.0') in metrics
+    with psycopg.connect(db_url) as conn:
+        fee_total = conn.execute("select -sum(balance) from accounts where kind = 'fees'"
+                                 ).fetchone()
+    assert fee_total == (expected_fees,)
+    assert findings(db_url) == []
