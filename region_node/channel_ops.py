@@ -66,6 +66,14 @@ def outcome_of(kind: str, channel_status: str) -> str | None:
     return _OUTCOMES[kind].get(channel_status)
 
 
+def same_money(kind: str, ours: str, outcome: str) -> bool:
+    """True if two terminal outcomes moved the same money: equal, or for a payout both
+    ended with the money back (returned by the bank, or failed: ours may say failed
+    because we gave up, the channel's returned)."""
+    back = (RETURNED, FAILED)
+    return ours == outcome or (kind == PAYOUT and ours in back and outcome in back)
+
+
 @dataclass(frozen=True)
 class ChannelAnswer:
     """What the channel says about an operation (a callback's data or a status query)."""
@@ -223,7 +231,7 @@ async def apply_answer(conn: AsyncConnection, *, region: str, op_id: uuid.UUID,
     if op.status in TERMINAL:
         row = (await conn.execute(O.update().where(O.c.id == op.id).values(**values)
                                   .returning(*O.c))).one()
-        if outcome is None or outcome == op.status:
+        if outcome is None or same_money(op.kind, op.status, outcome):
             return Applied("already_settled", row)
         # The channel took money in (or paid out) after we had failed and reversed the
         # operation, or answered otherwise than what we settled: never a second posting.

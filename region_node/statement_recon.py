@@ -112,7 +112,7 @@ async def _match(conn: AsyncConnection, region: str, row: StatementRow,
         assert settled is not None  # locked above and still waiting
         result["category"], result["fixed"] = "fixed", "settled"
         result["ours"] = _side(settled.status, settled.amount, settled.currency)
-    elif outcome is not None and outcome == op.status:
+    elif outcome is not None and ops.same_money(op.kind, op.status, outcome):
         result["category"] = "matched"
     else:
         result["category"] = "status_mismatch"
