@@ -251,14 +251,15 @@ async def apply_answer(conn: AsyncConnection, *, region: str, op_id: uuid.UUID,
 
 
 async def give_up(conn: AsyncConnection, *, region: str, op_id: uuid.UUID,
-                  reason: str = TIMEOUT_CODE) -> Row[Any] | None:
-    """The compensation job's last step: fail a still-waiting operation with `reason` and
-    reverse it (a payout's money goes back). None if it has settled meanwhile."""
+                  reason: str = TIMEOUT_CODE, by: str = "compensation") -> Row[Any] | None:
+    """Fail a still-waiting operation with `reason` and reverse it (a payout's money goes
+    back): the compensation job's last step, or the sender's when the channel refused the
+    operation or never got it. None if it has settled meanwhile."""
     op = await get_operation(conn, op_id, for_update=True)
     if op.status in TERMINAL:
         return None
     return await _settle(conn, region=region, op=op, outcome=FAILED, failure_code=reason,
-                         by="compensation", extra={})
+                         by=by, extra={})
 
 
 async def _settle(conn: AsyncConnection, *, region: str, op: Row[Any], outcome: str,

@@ -774,3 +774,95 @@ async def test_drill_every_operation_settles_once_and_the_statement_reconciles(
           f"listed {report['items_already_listed']}, gave up then done at the channel: "
           f"{len(gave_up_then_done)}")
     assert breaker["breaker_opened"] >= 1
+
+
+# --------------------------------------------------------------------------- units
+
+
+async def test_breaker_state_machine_on_a_clock_we_move() -> None:
+    """closed -> open after the threshold of consecutive failures (a refusal is an answer
+    and resets the count); open refuses without calling; after the open period one trial
+    at a time; a failed trial opens it again, a good one closes it."""
+    from channel.client import ChannelRejected, ChannelUnavailable
+    from region_node.breaker import BreakerOpen, CircuitBreaker
+
+    now = [0.0]
+    changes: list[str] = []
+    breaker = CircuitBreaker(failure_threshold=2, open_seconds=10.0,
+                             clock=lambda: now[0], on_change=changes.append)
+    calls = 0
+
+    async def fails() -> None:
+        nonlocal calls
+        calls += 1
+        raise ChannelUnavailable("down")
+
+    async def refuses() -> None:
+        nonlocal calls
+        calls += 1
+        raise ChannelRejected("no", 400)
+
+    async def works() -> str:
+        nonlocal calls
+        calls += 1
+        return "ok"
+
+    for fn, exc in ((fails, ChannelUnavailable), (refuses, ChannelRejected),
+                    (fails, ChannelUnavailable)):
+        with pytest.raises(exc):
+            await breaker.call(fn)
+    assert breaker.state == "closed"  # the refusal in between reset the count
+    with pytest.raises(ChannelUnavailable):
+        await breaker.call(fails)
+    assert breaker.state == "open" and breaker.retry_after() == 10.0
+    before = calls
+    with pytest.raises(BreakerOpen) as refused:
+        await breaker.call(works)
+    assert calls == before and refused.value.retry_after == 10.0
+    now[0] = 10.0
+    assert breaker.state == "half_open" and breaker.allows()
+    with pytest.raises(ChannelUnavailable):
+        await breaker.call(fails)  # the trial failed
+    assert breaker.state == "open"
+    now[0] = 25.0
+    assert await breaker.call(works) == "ok"
+    assert breaker.state == "closed"
+    assert changes == ["open", "half_open", "open", "half_open", "closed"]
+    assert breaker.opened_count == 2
+
+
+def test_lab_channel_is_recorded_and_its_keys_stay_out_of_cluster_json(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab's channel: recorded in its channel.json (so `paycluster channel ...` finds
+    it), rebuilt from cluster.json's entry with its keys read from its secrets.json; the
+    node settings it gives carry the keys, the recorded node env does not."""
+    from cluster.channel_cli import STATE_FILE
+    from cluster.lab import (
+        CHANNEL_SECRET_ENV,
+        channel_from_json,
+        channel_node_env,
+        start_lab_channel,
+    )
+
+    server = start_lab_channel(tmp_path)
+    try:
+        record = json.loads((tmp_path / "channel" / STATE_FILE).read_text())
+        assert record["pid"] == server.pid and record["url"] == server.url
+        again = channel_from_json(server.to_json())
+        assert (again.url, again.api_key, again.callback_secret) == \
+            (server.url, server.api_key, server.callback_secret)
+        assert "api_key" not in json.dumps(server.to_json())
+        env = channel_node_env(again, 8123)
+        assert env["PAYCLUSTER_CHANNEL_URL"] == server.url
+        assert env["PAYCLUSTER_CHANNEL_CALLBACK_URL"] == \
+            "http://127.0.0.1:8123/v1/channel/callbacks"
+        assert set(CHANNEL_SECRET_ENV) <= set(env)
+        for name, value in env.items():  # as the node process reads them
+            monkeypatch.setenv(name, value)
+        settings = ChannelLinkSettings()
+        assert settings.url == server.url and settings.api_key == server.api_key
+        assert settings.compensation_seconds == 5.0
+        assert settings.retry_schedule_seconds == [10.0, 30.0, 60.0]
+    finally:
+        server.stop()
+    assert not server.is_running()

@@ -168,13 +168,13 @@ async def create_payin(account_id: str, body: PayIn, request: Request) -> Respon
     except (BreakerOpen, ChannelNotConfigured) as exc:
         # Never sent: the card is gone with this request, so the pay-in fails now.
         await in_fence(node, home, lambda c: channel_ops.give_up(
-            c, region=node.region, op_id=op_id, reason="channel_unavailable"))
+            c, region=node.region, op_id=op_id, reason="channel_unavailable", by="send"))
         raise ChannelDown("The card channel is unavailable right now; retry later",
                           retry_after=getattr(exc, "retry_after", 5.0)) from None
     except ChannelRejected as exc:
         reason = exc.code or "channel_rejected"
         await in_fence(node, home, lambda c: channel_ops.give_up(
-            c, region=node.region, op_id=op_id, reason=reason))
+            c, region=node.region, op_id=op_id, reason=reason, by="send"))
         return JSONResponse(await _current(node, op_id), 201)
     except ChannelUnavailable:
         # Unknown outcome: the callback or the compensation job settles it.
@@ -234,7 +234,7 @@ async def send_payout(node: Node, link: ChannelLink, op_id: uuid.UUID, home: str
     except ChannelRejected as exc:
         reason = exc.code or "channel_rejected"
         await in_fence(node, home, lambda c: channel_ops.give_up(
-            c, region=node.region, op_id=op_id, reason=reason))
+            c, region=node.region, op_id=op_id, reason=reason, by="send"))
         return "rejected"
     except ChannelUnavailable:
         await in_fence(node, home, lambda c: channel_ops.mark_sent(
