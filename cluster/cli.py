@@ -313,7 +313,8 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     for region, kind, pid in stopped:
-        what = "WAN emulator" if kind == "wan" else f"{region} {kind}"
+        what = {"wan": "WAN emulator", "channel": "channel (acquirer simulator)"}.get(
+            kind, f"{region} {kind}")
         console.print(f"[green]✓[/] stopped {what} (pid {pid})")
     if not stopped:
         console.print("nothing was running")

@@ -866,3 +866,22 @@ def test_lab_channel_is_recorded_and_its_keys_stay_out_of_cluster_json(
     finally:
         server.stop()
     assert not server.is_running()
+
+
+async def test_daily_statement_job_settles_a_capture_we_still_waited_for(
+        servers: RegionServers, db_url: str, own_channel: ChannelServer) -> None:
+    """The statement job (here every second, for today): a pay-in whose callbacks were
+    lost and whose compensation is an hour away is settled from the statement, once."""
+    async with ChannelAdmin(own_channel.admin_url, own_channel.admin_key) as adm:
+        await adm.set_faults(seed=6, callback_drop=1.0)
+    settings = node_settings(servers, db_url, own_channel, stuck_after_seconds=3600.0,
+                             run_statement_job=True, statement_seconds=1.0,
+                             statement_lag_days=0)
+    async with http_node(settings) as client:
+        acc = await open_account(client, "EUR")
+        pin = (await payin(client, acc, 3_300)).json()
+        done = await wait_status(client, "payin", pin["id"], ("succeeded",), within=30)
+        assert done["settled_by"] == "statement"
+        assert await balance(client, acc) == 3_300
+    assert postings(db_url, pin["id"]) == [("payin", 3_300)]
+    assert findings(db_url) == []
