@@ -13,6 +13,7 @@
     paycluster failover planned --home H --to B [--data-dir DIR] [--catch-up-timeout S] [--json]
     paycluster reconcile list [--json] | resolve --home H --epoch E --item ID
                          --resolution acknowledge|claw_back|write_off --note TEXT
+                         | statement --region R [--file F] [--json P] [--markdown P]
     paycluster durability show | set REGION local|regional [--buddy B]
                           | bench [bench/durability.py options]
     paycluster drill planned|crash|partition --region R [--duration S] [--rate N]
@@ -57,6 +58,7 @@ from cluster.lab import (
     stop_cluster,
 )
 from cluster.servers import ServerStartError
+from cluster.statement_cli import reconcile_statement
 from cluster.wan import WanControl, WanControlError
 from geo_router.client import RouterAdmin, RouterAdminError, resolve
 
@@ -314,7 +316,8 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         err_console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     for region, kind, pid in stopped:
-        what = "WAN emulator" if kind == "wan" else f"{region} {kind}"
+        what = {"wan": "WAN emulator", "channel": "channel (acquirer simulator)"}.get(
+            kind, f"{region} {kind}")
         console.print(f"[green]✓[/] stopped {what} (pid {pid})")
     if not stopped:
         console.print("nothing was running")
@@ -357,8 +360,10 @@ def probe_region(region: dict[str, Any], client: httpx.Client) -> dict[str, Any]
     if code is not None:
         rcode, rbody = _get_json(client, f"{region['api_url']}/v1/replication/status")
         replication = rbody if rcode == 200 and isinstance(rbody, dict) else None
+    channel = body.get("channel") if isinstance(body, dict) else None
     return {"api_url": region["api_url"], "state": state, "ready": state == "ready",
             "detail": detail, "checks": checks, "stale_pairs": stale,
+            "channel_breaker": (channel or {}).get("breaker"),
             "replication": replication, "pids": pids}
 
 
@@ -467,10 +472,13 @@ def collect_status(doc: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
     }
 
 
+_BREAKER_COLORS = {"closed": "green", "half_open": "yellow", "open": "red"}
+
+
 def _regions_table(status: dict[str, Any]) -> Table:
     table = Table(title=f"cluster in {status['data_dir']} ({status['status']})",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("region", "api", "state", *_KINDS):
+    for col in ("region", "api", "state", "channel", *_KINDS):
         table.add_column(col, no_wrap=True, justify="right" if col in _KINDS else "left")
     colors = {"ready": "green", "degraded": "yellow"}
     for name, probe in status["regions"].items():
@@ -483,12 +491,15 @@ def _regions_table(status: dict[str, Any]) -> Table:
             pid = probe["pids"].get(kind)
             cells.append("-" if pid is None else
                          f"{pid['pid']} " + ("[green]✓[/]" if pid["alive"] else "[red]✗[/]"))
-        table.add_row(name, probe["api_url"], label, *cells)
+        breaker = probe.get("channel_breaker")
+        table.add_row(name, probe["api_url"], label,
+                      "-" if breaker is None else f"[{_BREAKER_COLORS[breaker]}]{breaker}[/]",
+                      *cells)
     wan = status["wan"]
     if wan is not None:
         table.add_row("wan", wan["control_url"], f"{status['links']} links, scale "
                       f"{wan['scale']:g}" if wan.get("scale") is not None else "",
-                      f"{wan['pid']} " + ("[green]✓[/]" if wan["alive"] else "[red]✗[/]"),
+                      "", f"{wan['pid']} " + ("[green]✓[/]" if wan["alive"] else "[red]✗[/]"),
                       "", "", "")
     return table
 
@@ -1001,6 +1012,8 @@ def durability_bench(ctx: typer.Context) -> None:
 reconcile_app = typer.Typer(help="Settle the items a lost tail left for reconciliation "
                                  "(/v1/admin/reconciliation).", no_args_is_help=True)
 app.add_typer(reconcile_app, name="reconcile")
+# The channel's daily statement against a region's ledger (issue #15).
+reconcile_app.command("statement")(reconcile_statement)
 
 
 def reconciliation_listings(cluster: Cluster, client: httpx.Client

@@ -6,7 +6,8 @@ section 6), meant for a quiet cluster: double entry, balances equal their entrie
 conserved (customers + merchants + in transit == what came in through the funding
 accounts, with what the suspense accounts parked: `region_node.suspense`), nothing in
 transit (clearing accounts at zero, no refund pending), every cross-region refund ended as
-its payer's region answered, no negative available balance, zero replication
+its payer's region answered, one posting per channel operation (pay-ins, payouts), no
+negative available balance, zero replication
 conflicts and apply errors, one credit posting per succeeded payment. Conservation is
 checked against the funding accounts rather than a caller's deposit count, so it also
 holds in a lab that other clients used before.
@@ -22,6 +23,29 @@ import psycopg
 CONFLICT_SUM = ("confl_insert_exists + confl_update_origin_differs + confl_update_exists "
                 "+ confl_update_missing + confl_delete_origin_differs + confl_delete_missing "
                 "+ confl_multiple_unique_conflicts")
+
+
+# A channel operation's money moved exactly once: a succeeded pay-in has one credit, any
+# other none; a payout one debit, and once terminal one settlement (paid or returned).
+_CHANNEL_POSTINGS = """
+    select o.id, o.kind, o.status, t.credits, t.debits, t.settles from channel_operations o
+      left join lateral (
+        select count(distinct e.journal_id) filter (where e.entry_type = 'payin') credits,
+               count(distinct e.journal_id) filter (where e.entry_type = 'payout') debits,
+               count(distinct e.journal_id) filter (where e.entry_type in
+                   ('payout_paid', 'payout_returned')) settles
+          from journal_entries e where e.payment_id = o.id) t on true
+     where (o.kind = 'payin' and (t.credits <> case when o.status = 'succeeded' then 1
+                                              else 0 end or t.debits + t.settles <> 0))
+        or (o.kind = 'payout' and (t.debits <> 1 or t.credits <> 0 or t.settles <>
+                                   case when o.status in ('queued', 'pending') then 0
+                                   else 1 end))"""
+
+
+def _payouts_waiting(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("select coalesce(sum(amount), 0)::bigint from channel_operations "
+                       "where kind = 'payout' and status in ('queued', 'pending')").fetchone()
+    return int(row[0]) if row else 0
 
 
 @dataclass(frozen=True)
@@ -73,10 +97,16 @@ def ledger_findings(region: str, dsn: str,
         users = by_kind.get("customer", 0) + by_kind.get("merchant", 0)
         in_transit = by_kind.get("clearing", 0)
         parked = by_kind.get("suspense", 0)
-        came_in = -by_kind.get("funding", 0)
-        add("money conserved", users + in_transit + parked == came_in,
+        deposits = -by_kind.get("funding", 0)
+        # Card pay-ins less payouts paid: the channel clearing account goes negative like
+        # funding when money comes in by card, and its fees (charged to it, paid from the
+        # fees account) cancel out: -(channel + fees) = pay-ins - payouts paid.
+        by_card = -by_kind.get("channel", 0) - by_kind.get("fees", 0)
+        going_out = by_kind.get("payout", 0)
+        add("money conserved", users + in_transit + parked + going_out == deposits + by_card,
             f"customers+merchants {users} + in transit {in_transit} + suspense {parked} "
-            f"!= deposits {came_in}")
+            f"+ payouts on their way {going_out} != deposits {deposits} + card pay-ins "
+            f"net of payouts paid {by_card}")
         # Refunds travel the other way through the same clearing accounts: a pending
         # cross-region refund is money in transit too, and must have ended once settled.
         counted = conn.execute("select count(*) from refunds where status = 'pending'"
@@ -84,6 +114,10 @@ def ledger_findings(region: str, dsn: str,
         pending_refunds = int(counted[0]) if counted else 0
         add("nothing in transit", in_transit == 0 and pending_refunds == 0,
             f"{in_transit} in clearing accounts, {pending_refunds} refunds pending")
+        waiting = _payouts_waiting(conn)
+        add("payout clearing holds the payouts waiting", going_out == waiting,
+            f"{going_out} in payout clearing accounts, {waiting} in payouts waiting")
+        add("one posting per channel operation", conn.execute(_CHANNEL_POSTINGS).fetchall())
         # Not a failure: orphan credits of a lost tail, open for an operator.
         found.append(Finding(region, "suspense (informational)", True,
                              f"{-parked} paid out without a surviving debit, listed for "

@@ -61,6 +61,7 @@ from cluster.pg_tls import ClientSpec, GatewayProcess, ServerSpec, start_gateway
 from cluster.pg_tls import load_config as load_gateway_config
 from cluster.pki import ensure_cluster_pki, region_tls_files
 from cluster.servers import (
+    ChannelServer,
     NatsServer,
     PostgresServer,
     RedisServer,
@@ -70,6 +71,7 @@ from cluster.servers import (
     _tail,
     free_port,
     spawn,
+    start_channel,
     start_region_servers,
     stop_pid,
 )
@@ -361,7 +363,7 @@ class Region:
             node = self.node.to_json()
             # Only our own settings: enough to restart the node from another process.
             node["env"] = {k: v for k, v in self.node.env.items()
-                           if k.startswith("PAYCLUSTER_")}
+                           if k.startswith("PAYCLUSTER_") and k not in CHANNEL_SECRET_ENV}
             entry["node"] = _with_start_time(node)
         return entry
 
@@ -379,6 +381,9 @@ class Cluster:
     wan_scale: float = 1.0
     extra_env: dict[str, str] = field(default_factory=dict)
     routers: list[RouterProcess] = field(default_factory=list)
+    # The acquirer simulator every region's node reaches for pay-ins and payouts (one
+    # shared channel for the lab, like one acquirer contract for the company).
+    channel: ChannelServer | None = None
     # PAYCLUSTER_ROUTER_* given to every router on top of the lab's (see router_env).
     router_env: dict[str, str] = field(default_factory=dict)
     detached: bool = False
@@ -536,6 +541,8 @@ class Cluster:
                **region_tls_files(self.data_dir, region.name).node_env(sorted(region.peers))}
         if self.wan is not None:
             env["PAYCLUSTER_LOCK_REDIS_URLS"] = json.dumps(self.lock_urls_of(region.name))
+        if self.channel is not None:
+            env.update(channel_node_env(self.channel, region.api_port))
         env.update(self.extra_env)
         return env
 
@@ -614,6 +621,8 @@ class Cluster:
                 "links": list(self.links),
                 "router_env": dict(self.router_env),
                 "routers": [_with_start_time(r.to_json()) for r in self.routers],
+                "channel": (_with_start_time(self.channel.to_json())
+                            if self.channel is not None else None),
                 "durability": {k: dict(v) for k, v in self.durability.items()},
             }
             _write_json(self.cluster_file, doc)
@@ -627,12 +636,15 @@ class Cluster:
             wan = self.wan
             gateway = self.pg_tls
             routers = list(self.routers)
+            channel = self.channel
         # Routers first: clients stop reaching the nodes before the nodes go away.
         _run_parallel(_quietly(RouterProcess.stop), routers, "router-stop")
         _run_parallel(_quietly(NodeProcess.stop),
                       [r.node for r in regions if r.node is not None], "node-stop")
         if wan is not None:
             _quietly(WanProcess.stop)(wan)
+        if channel is not None:
+            _quietly(ChannelServer.stop)(channel)
         if gateway is not None:
             _quietly(GatewayProcess.stop)(gateway)
         _run_parallel(_quietly(Region.stop), regions, "region-stop")
@@ -684,6 +696,9 @@ class Cluster:
                                             config=str(gateway.get("config") or ""))
         for name, entry in doc.get("regions", {}).items():
             cluster.regions.append(_region_from_json(name, entry, cluster))
+        channel = doc.get("channel")
+        if isinstance(channel, dict):
+            cluster.channel = channel_from_json(channel)
         for entry in doc.get("routers") or []:
             cluster.routers.append(RouterProcess(
                 "router", **_proc_args(entry), site=str(entry.get("site") or ""),
@@ -728,6 +743,58 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as out:
         out.write(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- channel
+
+CHANNEL_SECRET_ENV = ("PAYCLUSTER_CHANNEL_API_KEY", "PAYCLUSTER_CHANNEL_CALLBACK_SECRET")
+"""Node settings that are the channel's keys: read from its secrets.json (mode 0600) when
+a node starts, never written to cluster.json."""
+
+LAB_CHANNEL_TIMINGS = {
+    # The lab's compensation job in seconds, not the production five minutes.
+    "PAYCLUSTER_CHANNEL_COMPENSATION_SECONDS": "5",
+    "PAYCLUSTER_CHANNEL_STUCK_AFTER_SECONDS": "15",
+    "PAYCLUSTER_CHANNEL_RETRY_SCHEDULE_SECONDS": "[10, 30, 60]",
+    "PAYCLUSTER_CHANNEL_BREAKER_OPEN_SECONDS": "10",
+}
+
+
+def start_lab_channel(data_dir: Path) -> ChannelServer:
+    """The lab's channel under `<data_dir>/channel`, recorded in its channel.json too, so
+    `paycluster channel faults|down|up|statement -d DIR` operate the lab's channel."""
+    from cluster.channel_cli import STATE_FILE
+
+    folder = (data_dir / "channel").resolve()
+    server = start_channel(folder)
+    record = {**server.to_json(), "started_at": psutil.Process(server.pid).create_time()}
+    (folder / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return server
+
+
+def channel_from_json(entry: dict[str, Any]) -> ChannelServer:
+    """The lab's channel as cluster.json records it (its keys from its secrets.json)."""
+    server = ChannelServer("channel", int(entry["port"]), Path(str(entry["data_dir"])),
+                           Path(str(entry["log"])), int(entry["pid"]),
+                           started_at=entry.get("started_at"),
+                           admin_port=int(entry.get("admin_port") or 0))
+    with contextlib.suppress(OSError, ValueError):
+        keys = json.loads((server.data_dir / "secrets.json").read_text())
+        server.api_key = str(keys.get("api_key", ""))
+        server.admin_key = str(keys.get("admin_key", ""))
+        server.callback_secret = str(keys.get("callback_secret", ""))
+    return server
+
+
+def channel_node_env(channel: ChannelServer, api_port: int) -> dict[str, str]:
+    """PAYCLUSTER_CHANNEL_* of a lab node: where the channel is, its keys, where it calls
+    the node back, and the lab's timings."""
+    return {"PAYCLUSTER_CHANNEL_URL": channel.url,
+            "PAYCLUSTER_CHANNEL_API_KEY": channel.api_key,
+            "PAYCLUSTER_CHANNEL_CALLBACK_SECRET": channel.callback_secret,
+            "PAYCLUSTER_CHANNEL_CALLBACK_URL":
+                f"http://127.0.0.1:{api_port}/v1/channel/callbacks",
+            **LAB_CHANNEL_TIMINGS}
 
 
 def _with_start_time(entry: dict[str, object]) -> dict[str, object]:
@@ -945,6 +1012,9 @@ def _start_all(cluster: Cluster, names: Sequence[str], routers: int = 0) -> None
     cluster.router_key = router_key(cluster)
     cluster.write()
     step.done("bootstrap admin and geo router keys, replicated to every region")
+    cluster.channel = start_lab_channel(cluster.data_dir)
+    cluster.write()
+    step.done("channel (acquirer simulator) at %s", cluster.channel.url)
     for region in cluster.regions:
         region.peers = cluster.peers_of(region.name) if multi else {}
     _run_parallel(lambda r: cluster.start_node(r.name), cluster.regions, "node-start")
@@ -1170,6 +1240,9 @@ def _processes(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]
             gateway = doc.get("pg_tls")
             if isinstance(gateway, dict) and isinstance(gateway.get("pid"), int):
                 yield "pg_tls", "pg_tls", gateway
+            channel = doc.get("channel")
+            if isinstance(channel, dict) and isinstance(channel.get("pid"), int):
+                yield "channel", "channel", channel
             continue
         for region_name, region in regions:
             for kind in kinds:
@@ -1226,7 +1299,7 @@ def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[s
             log.exception("stopping %s %s (pid %s) failed", region_name, kind, entry["pid"])
         return region_name, kind, int(entry["pid"])
 
-    for phase in (("router",), ("node",), ("wan", "pg_tls"), _SERVER_KINDS):
+    for phase in (("router",), ("node",), ("wan", "pg_tls", "channel"), _SERVER_KINDS):
         batch = [p for p in procs if p[1] in phase]
         stopped += _run_parallel(stop_one, batch, "stop")
     doc["status"] = "stopped"

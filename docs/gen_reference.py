@@ -40,6 +40,7 @@ SETTINGS_CLASSES = (
     "geo_router.config:RouterSettings",
     "lock_service.config:LockSettings",
     "channel.config:ChannelSettings",
+    "region_node.channel_config:ChannelLinkSettings",
 )
 """Every pydantic-settings class; test_docs fails if a BaseSettings subclass is missing."""
 

@@ -17,6 +17,7 @@ from region_node.api import (
     accounts,
     admin,
     auth,
+    channel,
     cluster_info,
     errors,
     health,
@@ -28,6 +29,8 @@ from region_node.api import (
 from region_node.api import webhooks as webhook_routes
 from region_node.api.audit_trail import AuditTrail
 from region_node.api.middleware import BodyLimit, RequestContext, StorableInput
+from region_node.channel_link import ChannelLink
+from region_node.channel_worker import ChannelWorker
 from region_node.config import RegionSettings
 from region_node.event_bus import EventBus
 from region_node.event_consumer import NotificationConsumer
@@ -111,6 +114,11 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         app.state.monitor = monitor
         if settings.peers:
             workers.append(monitor.run)
+        if settings.run_workers and link.configured:
+            chan = ChannelWorker(node, link)
+            workers += [chan.run_compensation, chan.run_queue]
+            if settings.channel.run_statement_job:
+                workers.append(chan.run_statements)
         if settings.run_workers:
             workers += [HoldExpiryWorker(node).run, KeyJanitor(node).run,
                         OutboxRelay(node.db, settings, bus=bus).run,
@@ -136,12 +144,17 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                 await leases.aclose()
             await lock_service.aclose()
             await rate_limiter.aclose()
+            await link.aclose()
             await node.close()
 
     app = FastAPI(title="paycluster region node", version="1.0.0", lifespan=lifespan,
                   description="Public API v1: accounts, deposits, payments (automatic and "
                               "manual capture), refunds. Amounts are integer minor units.")
     app.state.node = node
+    # Pay-ins and payouts through the external channel, behind a circuit breaker.
+    link = ChannelLink(settings.channel, region=settings.region, api_host=settings.api_host,
+                       api_port=settings.api_port, registry=node.metrics.registry)
+    app.state.channel = link
     # Every /v1 route authenticates its caller (api/auth.py); keys are cached briefly.
     auth.install(app, Authenticator(node.db.engine, settings.auth_cache_seconds))
     # Per-key limits, checked by the auth dependency (api/auth.py) after authentication.
@@ -159,6 +172,8 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(cluster_info.router)
     app.include_router(admin.router)
     app.include_router(reconciliation.router)
+    app.include_router(channel.router)
+    app.include_router(channel.callbacks)
     # Innermost: the audit trail sees the request id and the matched route.
     app.add_middleware(AuditTrail)
     # Outside the audit trail, inside the body limit: strings PostgreSQL cannot store are

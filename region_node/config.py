@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from region_node.channel_config import ChannelLinkSettings
 from region_node.regions import DEFAULT_REGION_CODES
 
 
@@ -103,3 +104,6 @@ class RegionSettings(BaseSettings):
     # While Redis is unreachable each node limits on its own; it probes Redis again after
     # this many seconds.
     rate_limit_fallback_seconds: float = Field(5.0, gt=0)
+
+    # The external channel (acquirer): its own settings class, env `PAYCLUSTER_CHANNEL_*`.
+    channel: ChannelLinkSettings = Field(default_factory=ChannelLinkSettings)

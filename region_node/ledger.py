@@ -27,9 +27,10 @@ A = schema.accounts
 J = schema.journal_entries
 
 USER_KINDS = ("customer", "merchant")
-SYSTEM_KINDS = ("funding", "clearing", "suspense")
-"""A region's own accounts per currency: outside money, money in transit, and credits
-parked for reconciliation (`region_node.suspense`)."""
+SYSTEM_KINDS = ("funding", "clearing", "suspense", "channel", "payout", "fees")
+"""A region's own accounts per currency: outside money, money in transit, credits parked
+for reconciliation (`region_node.suspense`), and the acquirer's clearing, payouts on their
+way out and the acquirer's fees (`region_node.channel_ops`)."""
 
 
 @dataclass(frozen=True)

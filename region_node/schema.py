@@ -34,8 +34,10 @@ accounts = sa.Table(
     sa.Column("principal_id", UUID(as_uuid=True), nullable=True),
     # suspense (migration 0010): where a region parks a credit whose debit was lost in
     # another region's unreplicated tail, until an operator settles it.
-    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing','suspense')",
-                       name="ck_account_kind"),
+    # channel, payout, fees (migration 0020): money through the acquirer (region_node/
+    # channel_ops.py).
+    sa.CheckConstraint("kind in ('customer','merchant','funding','clearing','suspense',"
+                       "'channel','payout','fees')", name="ck_account_kind"),
     sa.CheckConstraint("status in ('open','closed')", name="ck_account_status"),
     sa.CheckConstraint("held >= 0", name="ck_account_held"),
     # The last line of defence for invariant 3: no negative available balance.
@@ -43,7 +45,8 @@ accounts = sa.Table(
 )
 sa.Index("uq_system_account", accounts.c.home_region, accounts.c.kind, accounts.c.currency,
          unique=True,
-         postgresql_where=sa.text("kind in ('funding','clearing','suspense')"))
+         postgresql_where=sa.text("kind in ('funding','clearing','suspense','channel',"
+                                  "'payout','fees')"))
 
 journal_entries = sa.Table(
     "journal_entries", metadata,
@@ -483,6 +486,56 @@ reconciliation_resolutions = sa.Table(
                        name="ck_resolution"),
 )
 
+# Pay-ins and payouts through the acquirer (migration 0020, region_node/channel_ops.py),
+# and the inbox of its callbacks keyed by the channel's event id. Written only by the
+# region serving the account's home region.
+channel_operations = sa.Table(
+    "channel_operations", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("account_id", UUID(as_uuid=True), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("home_region", sa.Text, nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.CHAR(3), nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("failure_code", sa.Text, nullable=True),
+    sa.Column("channel_status", sa.Text, nullable=True),
+    sa.Column("channel_version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("card_last4", sa.Text, nullable=True),
+    sa.Column("card_brand", sa.Text, nullable=True),
+    sa.Column("bank_account", sa.Text, nullable=True),
+    sa.Column("holder_name", sa.Text, nullable=True),
+    sa.Column("fee", sa.BigInteger, nullable=True),
+    sa.Column("sync_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_check_at", TS, nullable=True),
+    sa.Column("settled_by", sa.Text, nullable=True),
+    sa.Column("settled_at", TS, nullable=True),
+    sa.Column("epoch", sa.BigInteger, nullable=True),
+    sa.Column("created_at", TS, nullable=False, server_default=_now()),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now()),
+    sa.CheckConstraint("kind in ('payin','payout')", name="ck_chop_kind"),
+    sa.CheckConstraint("amount > 0", name="ck_chop_amount"),
+    sa.CheckConstraint("status in ('queued','pending','succeeded','paid','returned','failed')",
+                       name="ck_chop_status"),
+)
+sa.Index("ix_chop_waiting", channel_operations.c.home_region,
+         channel_operations.c.next_check_at,
+         postgresql_where=sa.text("status in ('queued','pending')"))
+sa.Index("ix_chop_account", channel_operations.c.account_id, channel_operations.c.id.desc())
+
+channel_callbacks = sa.Table(
+    "channel_callbacks", metadata,
+    sa.Column("event_id", sa.Text, primary_key=True),
+    sa.Column("operation_id", UUID(as_uuid=True), nullable=True),
+    sa.Column("reference", sa.Text, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("received_at", TS, nullable=False, server_default=_now()),
+)
+sa.Index("ix_chcb_operation", channel_callbacks.c.operation_id)
+
 REPLICATED_TABLES: tuple[str, ...] = (
     "accounts", "journal_entries", "payments", "refunds", "tcc_barrier", "idempotency_keys",
     "region_ownership", "ownership_epochs", "ownership_bans", "heartbeats", "transfers",
@@ -493,6 +546,8 @@ REPLICATED_TABLES: tuple[str, ...] = (
     "webhook_attempts",
     # Security (migration 0005): who may call the API, and who did what.
     "principals", "api_keys", "api_key_revocations", "audit_log",
+    # External channels (migration 0020).
+    "channel_operations", "channel_callbacks",
 )
 """Tables every region publishes (its own changes) and subscribes to (everyone else's).
 The outbox and the consumer's notifications stay local: each region relays its own."""

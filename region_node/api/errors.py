@@ -43,8 +43,10 @@ def error_response(exc: PaymentError, headers: dict[str, str] | None = None) -> 
     """The HTTP response for a domain error (429 carries Retry-After in whole seconds,
     401 a WWW-Authenticate challenge)."""
     headers = dict(headers or {})
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, RateLimited) or retry_after is not None:
+        # 429, and a 503 that knows when to come back (the channel's breaker).
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1.0)))
     elif isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="paycluster"'
     return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers or None)

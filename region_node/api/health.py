@@ -15,6 +15,26 @@ from region_node.payment_states import STATUSES
 
 router = APIRouter(tags=["health"])
 
+
+async def channel_gauges(request: Request) -> None:
+    """Refresh the channel's gauges at scrape time: breaker state, open reconciliation
+    items by kind, operations by kind and status."""
+    from region_node.statement_recon import open_items, operation_counts
+
+    node, link = node_of(request), getattr(request.app.state, "channel", None)
+    if link is None:
+        return
+    link.state()
+    async with node.db.engine.connect() as conn:
+        items = await open_items(conn)
+        counts = await operation_counts(conn)
+    link.open_items.clear()
+    for kind, n in items.items():
+        link.open_items.labels(node.region, kind).set(n)
+    for kind, by_status in counts.items():
+        for status, n in by_status.items():
+            link.settled.labels(node.region, kind, status).set(n)
+
 CHECK_TIMEOUT = 2.0
 
 
@@ -53,6 +73,14 @@ async def ready(request: Request) -> JSONResponse:
     monitor = getattr(request.app.state, "monitor", None)
     stale = monitor.stale_pairs() if monitor is not None else []
     checks["replication"] = "ok" if not stale else f"stale: {', '.join(stale)}"
+    link = getattr(request.app.state, "channel", None)
+    channel: dict[str, Any] | None = None
+    if link is not None and link.configured:
+        # The channel is not needed for payments inside the ledger: an open breaker
+        # degrades the region (pay-ins 503, payouts queue), it does not take it out.
+        state = link.state()
+        channel = {"breaker": state, "retry_after": link.breaker.retry_after()}
+        checks["channel"] = "ok" if state == "closed" else f"breaker {state}"
     if checks["database"] != "ok":
         status, code = "unavailable", 503
     elif all(v == "ok" for v in checks.values()):
@@ -60,7 +88,7 @@ async def ready(request: Request) -> JSONResponse:
     else:
         status, code = "degraded", 200
     return JSONResponse({"status": status, "region": node.region, "checks": checks,
-                         "stale_pairs": stale}, status_code=code)
+                         "stale_pairs": stale, "channel": channel}, status_code=code)
 
 
 @router.get("/metrics")
@@ -79,6 +107,7 @@ async def metrics(request: Request) -> Response:
         for status in STATUSES:
             node.metrics.payments.labels(node.region, status).set(counts.get(status, 0))
         node.metrics.outbox_backlog.labels(node.region).set(backlog)
+        await channel_gauges(request)
     except Exception:  # the request metrics are still worth serving
         pass
     return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")

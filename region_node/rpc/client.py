@@ -23,7 +23,9 @@ FORWARDED_FROM = "paycluster-forwarded-from"
 """HTTP header on a request that another region forwarded here: never forward it again."""
 
 FORWARD_HEADERS = ("content-type", "idempotency-key", "x-request-id", "traceparent",
-                   "authorization", "user-agent", "accept")
+                   "authorization", "user-agent", "accept",
+                   # The owner verifies a forwarded channel callback itself.
+                   "channel-signature")
 """Request headers worth carrying to the owner; hop-by-hop and host headers are not."""
 
 
