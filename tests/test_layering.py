@@ -3,7 +3,8 @@
 The layers, written down once, top to bottom: `bench` -> `cluster` -> `replication` ->
 `region_node` -> `lock_service`. Beside them: `geo_router`, which may use only the node's
 published contracts (region names and ids, masking, trace headers), and `channel`, an
-outside party that imports nothing of ours; its client and signature check are its SDK. `cluster` (the lab) may start anything.
+outside party that imports nothing of ours; its client and signature check are its SDK.
+`cluster` (the lab) may start anything.
 
 KNOWN_UPWARD lists the upward imports that exist today, each to be removed (issue 19);
 the test fails on any new one, and on an exception that is gone (so the list only
