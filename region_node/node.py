@@ -66,7 +66,8 @@ class Node:
                                      settings.grpc_deadline_seconds,
                                      tls=RpcTls.from_settings(settings)),
                    hot_path=HotPath(settings.database_url, region=settings.region,
-                                    size=settings.hot_path_pool_size,
+                                    executors=settings.hot_path_executors,
+                                    batch_max=settings.hot_path_batch_max,
                                     lock_timeout_ms=settings.hot_path_lock_timeout_ms,
                                     ttl_seconds=settings.idempotency_ttl_seconds,
                                     lock_seconds=settings.idempotency_lock_seconds)

@@ -3,6 +3,7 @@ answers, rows and refusals as the general path, in one call."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -129,3 +130,47 @@ async def test_forbidden_payer(client: httpx.AsyncClient, db_url: str,
     assert resp.status_code == 403
     assert resp.json()["error"]["message"] == "This API key may not access this payer account"
     assert _payments(db_url) == 0
+
+
+async def test_group_commit_gives_each_payment_its_own_answer(client: httpx.AsyncClient,
+                                                              db_url: str) -> None:
+    """A burst is committed in batches (pay_batch); a refusal, a duplicate key and a
+    payer locked elsewhere (its batch falls back to the general path) never change the
+    answers of their batch-mates."""
+    pairs = [(await open_account(client, deposit=1_000),
+              await open_account(client, kind="merchant")) for _ in range(12)]
+    broke = await open_account(client, deposit=10)
+    shared_key = f"k-{uuid.uuid4()}"
+
+    def body(i: int) -> dict[str, Any]:
+        payer, payee = pairs[i % len(pairs)]
+        return {"payer": payer, "payee": payee, "amount": 10, "currency": "USD"}
+
+    async def pay(b: dict[str, Any], key: str) -> httpx.Response:
+        return await client.post("/v1/payments", json=b, headers={"Idempotency-Key": key})
+
+    node = client._transport.app.state.node  # type: ignore[attr-defined]
+    before = (node.hot_path.batches, node.hot_path.payments)
+    with psycopg.connect(db_url) as blocker:
+        # Held for 1.5 s: longer than the hot path's lock timeout (1 s).
+        blocker.execute("select 1 from accounts where id = %s for update", (pairs[0][0],))
+        tasks = [pay(body(i), f"k-{uuid.uuid4()}") for i in range(48)]
+        tasks += [pay(body(1), shared_key), pay(body(1), shared_key)]
+        tasks.append(pay({**body(2), "payer": broke, "amount": 500}, f"k-{uuid.uuid4()}"))
+        running = [asyncio.ensure_future(t) for t in tasks]
+        await asyncio.sleep(1.5)
+        blocker.rollback()
+    answers = await asyncio.gather(*running)
+    plain, dupes, refused = answers[:48], answers[48:50], answers[50]
+    assert [r.status_code for r in plain] == [201] * 48, [r.text for r in plain
+                                                         if r.status_code != 201]
+    assert len({r.json()["id"] for r in plain}) == 48
+    assert {r.status_code for r in dupes} <= {201, 409}
+    assert len({r.json()["id"] for r in dupes if r.status_code == 201}) == 1
+    assert refused.status_code == 402
+    batches, payments = (node.hot_path.batches - before[0], node.hot_path.payments - before[1])
+    assert payments > batches, "the burst was committed in batches, not one by one"
+    with psycopg.connect(db_url) as conn:
+        count = conn.execute("select count(*) from payments").fetchone()
+    assert count == (49,)
+    check_ledger(db_url).assert_sound()
