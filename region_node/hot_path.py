@@ -112,8 +112,10 @@ class Caller:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The answer of pay_local: `kind` ok, replay or error; `token` set when an error's
-    key claim committed (the caller records the error as the key's answer)."""
+    """The answer of pay_local: `kind` ok, replay, error or busy; `token` set when the
+    key's claim committed without an answer: an error's (the caller records the error as
+    the key's answer), or a busy payment's (the caller runs the effect on the general path
+    under that claim)."""
 
     kind: str
     status: int
@@ -296,7 +298,9 @@ class HotPath:
         self.payments += len(batch)
         for idx, kind, status, body, claim_token, code, message, param in rows:
             item = batch[idx - 1]
-            if kind == "fallback":
+            if kind == "busy":
+                item.done.set_result(Outcome(kind, 0, None, claim_token, None))
+            elif kind == "fallback":
                 log.info("payment hot path: %s rolled back alone (%s: %s); general path",
                          item.payment.payment_id, code, message)
                 item.done.set_exception(Fallback(code))

@@ -73,8 +73,12 @@ async def create(body: CreatePayment, request: Request) -> Response:
         return forwarded
     if (node.hot_path is not None and req.capture_method == "automatic"
             and not req.cross_region):
-        if (answer := await _pay_in_one_call(request, req, node.hot_path)) is not None:
+        answer = await _pay_in_one_call(request, req, node.hot_path)
+        if isinstance(answer, Response):
             return answer
+        claimed = answer
+    else:
+        claimed = None
     principal = principal_of(request)
 
     async def step(conn: AsyncConnection) -> Result:
@@ -85,13 +89,15 @@ async def create(body: CreatePayment, request: Request) -> Response:
         return 201, payments.to_api(row)
 
     return await run_mutation(request, step, home=req.payer_home,
-                              after_commit=push_if_processing(request))
+                              after_commit=push_if_processing(request), claim=claimed)
 
 
 async def _pay_in_one_call(request: Request, req: payments.PaymentRequest,
-                           path: hot_path.HotPath) -> Response | None:
+                           path: hot_path.HotPath) -> Response | Claim | None:
     """An automatic same-region payment in one SQL call (region_node/hot_path.py): the
-    answer, or None when the call was rolled back and the general path must run it.
+    answer; None when the call was rolled back and the general path must run it; or the
+    key's committed claim when an account was locked elsewhere too long (the general
+    path runs the effect under it, as after its own claim transaction).
 
     Everything run_mutation does around create_payment happens in the call; what stays
     here is what it does outside the transaction: scoping and hashing the key, and
@@ -114,6 +120,9 @@ async def _pay_in_one_call(request: Request, req: payments.PaymentRequest,
             amount=req.amount, currency=req.currency, description=req.description), who)
     except hot_path.Fallback:
         return None
+    if outcome.kind == "busy":
+        return Claim(req.payer_home, key, outcome.token) if (
+            key is not None and outcome.token is not None) else None
     if outcome.kind == "replay":
         return JSONResponse(outcome.body, outcome.status,
                             headers={"Idempotent-Replayed": "true"})

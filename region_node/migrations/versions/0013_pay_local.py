@@ -36,16 +36,17 @@ depends_on = None
 #      (api/audit_trail.record_in) and the stored response (IdempotencyStore.finish).
 #
 # It never raises for a domain outcome: it returns (kind, status, body, token, code,
-# message, param). kind 'ok' (body: the payment as payment_view.to_api shapes it, keys
+# message, param). kind 'busy' (an account is locked elsewhere past lock_timeout: the
+# claim, if any, commits and `token` names it; the caller runs the effect on the general
+# path), 'ok' (body: the payment as payment_view.to_api shapes it, keys
 # in that order, timestamps as Python's isoformat writes them), 'replay' (the stored
 # response), 'error' (a domain error the caller raises; `token` is set when the key was
 # claimed by this call and the claim committed: the caller records the error as the key's
 # answer, as run_mutation does). A domain error writes nothing but that claim.
 #
-# A row lock it cannot get within the caller's lock_timeout raises 55P03 and rolls the
-# whole call back: the caller then runs the request on the two-transaction path, whose
-# claim commits first, so a duplicate that arrives while the payment waits for its
-# accounts sees the claim and gets 409 at once.
+# Any other lock it cannot get within the caller's lock_timeout (a duplicate's
+# uncommitted claim) raises 55P03 and rolls the whole call back: nothing was claimed,
+# and the caller runs the request on the two-transaction path.
 FUNCTIONS = r"""
 CREATE FUNCTION paycluster_isoformat(ts timestamptz) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
@@ -72,6 +73,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now timestamptz := now();
+    v_check timestamptz;     -- when an existing key is judged (see below)
     v_epoch bigint;          -- the current epoch row's (NULL: home not in the log yet)
     v_fence bigint;          -- what assert_serving returns: the epoch, 0 without a row
     v_serving text;
@@ -140,12 +142,15 @@ BEGIN
                 token := NULL;
                 RETURN;
             END;
-            IF v_key.expires_at <= v_now THEN
+            -- Judged at this moment, not at the call's start: the insert may have waited
+            -- for a concurrent claim of the same key to commit.
+            v_check := clock_timestamp();
+            IF v_key.expires_at <= v_check THEN
                 -- An expired key is forgotten: the same key starts a new request.
                 UPDATE idempotency_keys
-                   SET request_hash = p_hash, state = 'started', locked_at = v_now,
-                       response_status = NULL, response_body = NULL, created_at = v_now,
-                       expires_at = v_now + make_interval(secs => p_ttl_s), epoch = v_fence,
+                   SET request_hash = p_hash, state = 'started', locked_at = v_check,
+                       response_status = NULL, response_body = NULL, created_at = v_check,
+                       expires_at = v_check + make_interval(secs => p_ttl_s), epoch = v_fence,
                        token = pay_local.token
                  WHERE scope = p_scope AND key = p_key;
             ELSIF v_key.request_hash <> p_hash THEN
@@ -159,7 +164,7 @@ BEGIN
                 body := v_key.response_body::json; token := NULL;
                 RETURN;
             ELSIF v_key.locked_at IS NOT NULL
-                  AND v_key.locked_at > v_now - make_interval(secs => p_lock_s)
+                  AND v_key.locked_at > v_check - make_interval(secs => p_lock_s)
                   AND NOT (v_key.epoch IS NOT NULL AND v_key.epoch <> v_fence) THEN
                 kind := 'error'; status := 409; code := 'idempotency_key_in_use';
                 message := 'A request with this Idempotency-Key is still being processed; '
@@ -169,7 +174,7 @@ BEGIN
             ELSE
                 -- Stalled past the lock time, or claimed under an earlier epoch: take it
                 -- over; the original can no longer finish (its token is gone).
-                UPDATE idempotency_keys SET locked_at = v_now, epoch = v_fence,
+                UPDATE idempotency_keys SET locked_at = v_check, epoch = v_fence,
                                             token = pay_local.token
                  WHERE scope = p_scope AND key = p_key;
             END IF;
@@ -178,13 +183,30 @@ BEGIN
 
     -- 3. Accounts, locked in the global order (ledger.lock_accounts: customer and
     -- merchant accounts by id, then system accounts), and create_payment's checks.
-    FOR v_acc IN
-        SELECT * FROM accounts WHERE id IN (p_payer, p_payee)
-         ORDER BY (kind IN ('funding', 'clearing', 'suspense'))::int, id
-           FOR UPDATE
-    LOOP
-        IF v_acc.id = p_payer THEN v_payer := v_acc; ELSE v_payee := v_acc; END IF;
-    END LOOP;
+    BEGIN
+        FOR v_acc IN
+            SELECT * FROM accounts WHERE id IN (p_payer, p_payee)
+             ORDER BY (kind IN ('funding', 'clearing', 'suspense'))::int, id
+               FOR UPDATE
+        LOOP
+            IF v_acc.id = p_payer THEN v_payer := v_acc; ELSE v_payee := v_acc; END IF;
+        END LOOP;
+    EXCEPTION WHEN lock_not_available THEN
+        -- An account is held elsewhere longer than lock_timeout: answer 'busy' and keep
+        -- the claim, which commits with this call as the general path's claim
+        -- transaction does; the caller runs the effect on the general path under that
+        -- token. A duplicate arriving meanwhile sees a committed claim: 409, never a
+        -- takeover of a key whose first request is still running.
+        -- The claim counts from now, when it becomes visible, not from the call's
+        -- start: a retry must see it as fresh for lock_seconds (409), as it sees the
+        -- general path's claim.
+        IF p_key IS NOT NULL THEN
+            UPDATE idempotency_keys SET locked_at = clock_timestamp()
+             WHERE scope = p_scope AND key = p_key;
+        END IF;
+        kind := 'busy';
+        RETURN;
+    END;
     -- access.require_account ran before any lock in Python; the order of the answers is
     -- the same: 403 for a payer that exists and is not the caller's, then 404s.
     IF NOT p_admin AND v_payer.id IS NOT NULL

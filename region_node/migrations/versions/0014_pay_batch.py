@@ -58,10 +58,16 @@ BEGIN
     FOR h IN SELECT DISTINCT u FROM unnest(p_homes) u ORDER BY u LOOP
         PERFORM pg_advisory_xact_lock_shared(p_lock_class, hashtext(h));
     END LOOP;
-    PERFORM 1 FROM accounts a
-     WHERE a.id = ANY (p_payers || p_payees)
-     ORDER BY (a.kind IN ('funding', 'clearing', 'suspense'))::int, a.id
-       FOR UPDATE;
+    BEGIN
+        PERFORM 1 FROM accounts a
+         WHERE a.id = ANY (p_payers || p_payees)
+         ORDER BY (a.kind IN ('funding', 'clearing', 'suspense'))::int, a.id
+           FOR UPDATE;
+    EXCEPTION WHEN lock_not_available THEN
+        -- An account is held elsewhere past lock_timeout: every payment locks its own
+        -- (pay_local), and the blocked ones answer 'busy' with their claims kept.
+        NULL;
+    END;
     FOR i IN 1 .. cardinality(p_payment_ids) LOOP
         idx := i;
         BEGIN
