@@ -18,10 +18,13 @@ around payments.create_payment), which it mirrors step for step:
 - a domain error (402, 404...) commits only the claim; it is recorded as the key's answer
   here, as run_mutation does (`IdempotencyStore.finish_alone`).
 
-Anything the function cannot finish quickly falls back to the general path: a row lock
-not granted within `hot_path_lock_timeout_ms` (a hot account, a duplicate in flight)
-rolls the call back (SQLSTATE 55P03), and the request runs again as two transactions,
-whose committed claim is what a concurrent duplicate must see to answer 409 at once.
+Anything the function cannot finish quickly goes to the general path. An account locked
+elsewhere for longer than `hot_path_lock_timeout_ms` answers 'busy': the key's claim
+commits (as the general path's claim transaction would) and the effect runs on the
+general path under that claim, so a duplicate arriving meanwhile sees a committed claim
+and gets 409 at once. Any other lock not granted in time (a duplicate's uncommitted
+claim), a deadlock or a lost connection rolls the call back, and the request runs again
+as two transactions.
 
 Not here: Redis. The SQL row is the truth for replays and one call answers them anyway;
 a Redis read and write per payment cost more node CPU than they save.
