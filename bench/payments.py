@@ -38,7 +38,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
-from bench.stats import TimedRun, percentile, stop_lab
+from bench.stats import CpuMeter, TimedRun, percentile, stop_lab
 from cluster.cli import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError, pg_bin
@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "a self-started lab's own key otherwise")
     target.add_argument("--pg-dsn", help="libpq URL of that region's PostgreSQL (for pgbench); "
                         "without it pgbench is skipped")
+    target.add_argument("--node-pid", type=int, help="pid of the node at --api-url (for its "
+                        "CPU per payment)")
+    target.add_argument("--pg-pid", type=int, help="pid of that region's postmaster (for "
+                        "PostgreSQL's CPU per payment)")
     target.add_argument("--data-dir", type=Path,
                         help="where a self-started region lives (default: a temp dir)")
     load = p.add_argument_group("load")
@@ -79,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="clients in flight, for payments and pgbench alike (default 16)")
     load.add_argument("--pairs", type=int, help="payer/payee pairs (default: = concurrency, "
                       "so clients do not queue on each other's rows)")
+    load.add_argument("--hot", action="store_true",
+                      help="one hot pair: every client pays from the same payer to the same "
+                      "payee (= --pairs 1)")
     load.add_argument("--duration", "-T", type=float, default=10.0,
                       help="seconds per round (default 10)")
     load.add_argument("--payments", "-n", type=int,
@@ -106,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be positive")
     if args.pg_dsn and not args.api_url:
         p.error("--pg-dsn needs --api-url (the region it belongs to)")
+    if args.hot:
+        args.pairs = 1
     args.pairs = args.pairs or args.concurrency
     return args
 
@@ -272,9 +281,17 @@ class Round:
     p99_ms: float
     pgbench_tps: float | None
     ratio: float | None
+    # CPU milliseconds per successful payment (psutil, over the payment phase of the
+    # round): the region node, PostgreSQL (every backend), this load generator.
+    cpu_node_ms: float | None = None
+    cpu_pg_ms: float | None = None
+    cpu_client_ms: float | None = None
+    # pgbench's PostgreSQL CPU per transaction, in the same round (the baseline's cost).
+    cpu_pg_per_tpcb_ms: float | None = None
 
 
-METRICS = ("payments_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "pgbench_tps", "ratio")
+METRICS = ("payments_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "pgbench_tps", "ratio",
+           "cpu_node_ms", "cpu_pg_ms", "cpu_client_ms", "cpu_pg_per_tpcb_ms")
 
 
 def medians(rounds: list[Round]) -> dict[str, float | None]:
@@ -284,6 +301,21 @@ def medians(rounds: list[Round]) -> dict[str, float | None]:
         values = [v for r in rounds if (v := getattr(r, name)) is not None and not math.isnan(v)]
         out[name] = statistics.median(values) if values else None
     return out
+
+
+def _meter(args: argparse.Namespace) -> CpuMeter:
+    pids: dict[str, tuple[int, bool]] = {}
+    if args.node_pid:
+        pids["node"] = (args.node_pid, True)
+    if args.pg_pid:
+        pids["postgres"] = (args.pg_pid, True)
+    return CpuMeter(pids)
+
+
+def _per(used: dict[str, float], name: str, count: int) -> float | None:
+    if name not in used or count <= 0:
+        return None
+    return round(used[name] * 1000 / count, 3)
 
 
 async def _bench_rounds(args: argparse.Namespace, api_url: str,
@@ -304,26 +336,38 @@ async def _bench_rounds(args: argparse.Namespace, api_url: str,
             what = (f"{args.payments} payments" if args.payments else f"{args.duration:g}s")
             with console.status(f"round {n}/{args.rounds}: payments ({what}, "
                                 f"{args.concurrency} clients) ..."):
+                meter = _meter(args)
+                meter.start()
                 run = await drive_payments(client, pairs, args.concurrency, args.amount,
                                            args.duration, args.payments,
                                            not args.no_idempotency_key)
+                used = meter.stop()
             tps: float | None = None
+            pg_per_tpcb: float | None = None
             if target is not None:
                 seconds = max(1, math.ceil(run.seconds if args.payments else args.duration))
                 with console.status(f"round {n}/{args.rounds}: pgbench -c {args.concurrency} "
                                     f"-T {seconds} ..."):
                     # pgbench blocks; run it off the event loop (nothing else runs meanwhile).
+                    pg_meter = _meter(args)
+                    pg_meter.start()
                     tps = await asyncio.to_thread(pgbench_run, target, args.concurrency,
                                                   args.pgbench_jobs, seconds)
+                    pg_used = pg_meter.stop()
+                    pg_per_tpcb = _per(pg_used, "postgres", round(tps * seconds))
             lat = run.latencies_ms
             r = Round(n, run.ok, run.errors, dict(run.error_kinds), round(run.seconds, 3),
                       round(run.per_second, 1), round(percentile(lat, 50), 2),
                       round(percentile(lat, 95), 2), round(percentile(lat, 99), 2),
                       round(tps, 1) if tps is not None else None,
-                      round(run.per_second / tps, 4) if tps else None)
+                      round(run.per_second / tps, 4) if tps else None,
+                      _per(used, "node", run.ok), _per(used, "postgres", run.ok),
+                      _per(used, "client", run.ok), pg_per_tpcb)
             rounds.append(r)
             console.print(f"round {n}: {r.payments_per_s:.0f} payments/s, p99 {r.p99_ms:.1f} ms, "
-                          f"{r.errors} errors" + (f", pgbench {tps:.0f} tps" if tps else ""))
+                          f"{r.errors} errors" + (f", pgbench {tps:.0f} tps" if tps else "")
+                          + f"; CPU ms/payment node {_fmt(r.cpu_node_ms, 2)}, "
+                          f"PostgreSQL {_fmt(r.cpu_pg_ms, 2)}, client {_fmt(r.cpu_client_ms, 2)}")
         return rounds
 
 
@@ -336,16 +380,20 @@ def print_table(rounds: list[Round], median: dict[str, float | None]) -> None:
     table = Table(title="payments over HTTP vs pgbench TPC-B (same PostgreSQL)",
                   caption="ratio = payments/s ÷ pgbench tps")
     for col in ("round", "payments/s", "p50 ms", "p95 ms", "p99 ms", "errors", "pgbench tps",
-                "ratio"):
+                "ratio", "CPU ms/pay node", "CPU ms/pay PG", "CPU ms/pay client",
+                "PG CPU ms/TPC-B"):
         table.add_column(col, justify="right")
     for r in rounds:
         table.add_row(str(r.round), _fmt(r.payments_per_s), _fmt(r.p50_ms, 2), _fmt(r.p95_ms, 2),
                       _fmt(r.p99_ms, 2), str(r.errors), _fmt(r.pgbench_tps),
-                      _fmt(r.ratio, 3))
+                      _fmt(r.ratio, 3), _fmt(r.cpu_node_ms, 2), _fmt(r.cpu_pg_ms, 2),
+                      _fmt(r.cpu_client_ms, 2), _fmt(r.cpu_pg_per_tpcb_ms, 2))
     table.add_row("median", _fmt(median["payments_per_s"]), _fmt(median["p50_ms"], 2),
                   _fmt(median["p95_ms"], 2), _fmt(median["p99_ms"], 2),
                   _fmt(median["errors"], 0), _fmt(median["pgbench_tps"]),
-                  _fmt(median["ratio"], 3), style="bold")
+                  _fmt(median["ratio"], 3), _fmt(median["cpu_node_ms"], 2),
+                  _fmt(median["cpu_pg_ms"], 2), _fmt(median["cpu_client_ms"], 2),
+                  _fmt(median["cpu_pg_per_tpcb_ms"], 2), style="bold")
     console.print(table)
 
 
@@ -437,6 +485,9 @@ def _self_started(args: argparse.Namespace) -> int:
     try:
         region = cluster.regions[0]
         args.api_key = cluster.admin_key
+        if region.node is not None:
+            args.node_pid = region.node.pid
+        args.pg_pid = region.servers.postgres.pid
         console.print(f"region {region.name} at {region.api_url}, PostgreSQL "
                       f"127.0.0.1:{region.servers.postgres.port}")
         code = _run(args, region.api_url, region.servers.postgres.dsn("paycluster"),

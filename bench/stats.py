@@ -3,6 +3,7 @@ self-started lab is stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -10,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from cluster.lab import Cluster
@@ -54,3 +56,51 @@ def stop_lab(cluster: Cluster, console: Console, what: str, temp_dir: Path | Non
         shutil.rmtree(temp_dir, ignore_errors=True)
     elif temp_dir is not None:
         console.print(f"kept {temp_dir} for the logs")
+
+
+def process_cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """User + system CPU seconds of process `pid` so far (0.0 if it is gone).
+
+    `with_children`: also every live child's, and what its reaped children used
+    (PostgreSQL's postmaster reaps the backends: pgbench's short-lived ones count too)."""
+    try:
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        total = t.user + t.system
+        if with_children:
+            total += t.children_user + t.children_system
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    ct = child.cpu_times()
+                    total += ct.user + ct.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by named processes between `start` and `stop`: the figure that a
+    shared, noisy machine does not move (per operation: divide by the operations)."""
+
+    pids: dict[str, tuple[int, bool]]
+    """name -> (pid, count its children) ; the load generator is this process."""
+    used: dict[str, float] = field(default_factory=dict)
+    _at_start: dict[str, float] = field(default_factory=dict)
+
+    def _now(self) -> dict[str, float]:
+        now = {name: process_cpu_seconds(pid, with_children=kids)
+               for name, (pid, kids) in self.pids.items()}
+        t = psutil.Process().cpu_times()
+        now["client"] = t.user + t.system
+        return now
+
+    def start(self) -> None:
+        """Take the starting reading."""
+        self._at_start = self._now()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per process since `start`."""
+        end = self._now()
+        self.used = {k: end[k] - self._at_start.get(k, 0.0) for k in end}
+        return self.used

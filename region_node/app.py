@@ -104,6 +104,8 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             await leases.start(wait=settings.ownership_lease_ttl_seconds + 2.0)
             workers.append(leases.run)
         app.state.stock_mover = stock_mover
+        if node.hot_path is not None:
+            await node.hot_path.start()
         workers.append(node.ownership.run)
         workers.append(OpsMetrics(node, leases).run)
         workers.append(HeartbeatWriter(node.db.engine, settings.region,

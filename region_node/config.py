@@ -24,6 +24,16 @@ class RegionSettings(BaseSettings):
     db_pool_size: int = Field(20, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_retry_attempts: int = Field(8, ge=1)
+    # The payment hot path (region_node/hot_path.py): automatic same-region payments run
+    # as one call of the SQL function pay_local, or batched by `hot_path_executors`
+    # (each with a connection of its own, up to `hot_path_batch_max` payments a call:
+    # group commit) through pay_batch. A payment that waits longer than
+    # `hot_path_lock_timeout_ms` for a row lock (a hot account locked elsewhere, or a
+    # duplicate request in flight) is rolled back and runs on the two-transaction path.
+    hot_path: bool = True
+    hot_path_executors: int = Field(2, ge=1)
+    hot_path_batch_max: int = Field(64, ge=1)
+    hot_path_lock_timeout_ms: int = Field(1000, ge=1)
 
     max_amount: int = Field(100_000_000_00, gt=0, description="largest amount in minor units")
     max_body_bytes: int = Field(64 * 1024, gt=0)

@@ -215,6 +215,11 @@ class OwnershipLeases:
             raise RegionUnavailable(f"Lease of {home} is held here under epoch={held.token}, not "
                                     f"epoch={epoch}; retry shortly", code="lease_lost")
 
+    def token(self, home: str) -> int | None:
+        """The token of the lease held for `home` (the epoch its writes carry), or None."""
+        held = self.held.get(home)
+        return None if held is None else held.token
+
     # ------------------------------------------------------------------ acquire / release
 
     def _note(self, home: str, what: str) -> None:

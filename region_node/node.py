@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from region_node.config import RegionSettings
 from region_node.db import Database
+from region_node.hot_path import HotPath
 from region_node.idempotency import IdempotencyStore
 from region_node.ids import new_id
 from region_node.metrics import NodeMetrics
@@ -31,6 +32,9 @@ class Node:
     catalog: RegionCatalog
     ownership: OwnershipMap
     peers: PeerClients
+    # The payment hot path's own connections (None: disabled, every payment takes the
+    # general path).
+    hot_path: HotPath | None = None
 
     @property
     def region(self) -> str:
@@ -62,7 +66,14 @@ class Node:
                                      settings.grpc_deadline_seconds,
                                      tls=RpcTls.from_settings(settings),
                                      insecure_loopback_only=(
-                                         settings.grpc_insecure_loopback_only)))
+                                         settings.grpc_insecure_loopback_only)),
+                   hot_path=HotPath(settings.database_url, region=settings.region,
+                                    executors=settings.hot_path_executors,
+                                    batch_max=settings.hot_path_batch_max,
+                                    lock_timeout_ms=settings.hot_path_lock_timeout_ms,
+                                    ttl_seconds=settings.idempotency_ttl_seconds,
+                                    lock_seconds=settings.idempotency_lock_seconds)
+                   if settings.hot_path else None)
 
     def new_id(self, home_region: str) -> uuid.UUID:
         """A UUIDv7 stamped with `home_region` (see region_node.regions)."""
@@ -75,5 +86,7 @@ class Node:
     async def close(self) -> None:
         """Close pools and clients."""
         await self.peers.close()
+        if self.hot_path is not None:
+            await self.hot_path.close()
         await self.redis.aclose()
         await self.db.dispose()

@@ -131,6 +131,9 @@ class WriteGuard(Protocol):
     def check(self, home: str, epoch: int) -> None:
         """Raise 503 lease_lost unless a valid lease with token `epoch` is held."""
 
+    def token(self, home: str) -> int | None:
+        """The token (epoch) of the lease held for `home`, valid or not; None if none."""
+
 
 _GUARDS: dict[str, WriteGuard] = {}
 
@@ -142,6 +145,12 @@ def register_guard(region: str, guard: WriteGuard | None) -> None:
         _GUARDS.pop(region, None)
     else:
         _GUARDS[region] = guard
+
+
+def guard_for(region: str) -> WriteGuard | None:
+    """The write guard registered for `region` in this process, if any (the payment hot
+    path checks the lease itself before its one call, `region_node.hot_path`)."""
+    return _GUARDS.get(region)
 
 
 # Writers of a home region take this advisory lock shared, a ban or takeover takes it

@@ -161,19 +161,19 @@ async def test_abandoned_claim_can_be_retried(settings: RegionSettings, db_url: 
         from tests.conftest import ADMIN
         # Keys are the caller's own (the admin key of the test client).
         req_hash = request_hash("POST", "/v1/payments", json.dumps(body).encode())
+        stored_key = caller_key(ADMIN[0].principal_id, key)
         with psycopg.connect(db_url) as conn:
             conn.execute(
                 "insert into idempotency_keys (scope, key, request_hash, state, locked_at, "
                 "expires_at, token) values ('us-east', %s, %s, 'started', now(), "
-                "now() + interval '1 day', gen_random_uuid())",
-                (caller_key(ADMIN[0].principal_id, key), req_hash))
+                "now() + interval '1 day', gen_random_uuid())", (stored_key, req_hash))
         busy = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert busy.status_code == 409
         assert busy.json()["error"]["code"] == "idempotency_key_in_use"
         assert _payment_count(db_url) == 0
         with psycopg.connect(db_url) as conn:  # the claim is now older than the lock timeout
             conn.execute("update idempotency_keys set locked_at = now() - make_interval("
-                         "secs => %s) where key = %s", (lock_seconds + 1, key))
+                         "secs => %s) where key = %s", (lock_seconds + 1, stored_key))
         retry = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
         assert retry.status_code == 201, retry.text
     assert _payment_count(db_url) == 1

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from region_node.api.audit_trail import mark_audited, record_in
 from region_node.errors import IdempotencyInProgress, IdempotencyMismatch, PaymentError
 from region_node.idempotency import (
+    Claim,
     ClaimLost,
     StoredResponse,
     caller_key,
@@ -34,7 +35,8 @@ def node_of(request: Request) -> Node:
 
 async def run_mutation(request: Request, step: Step, *, home: str | None,
                        after_commit: AfterCommit | None = None,
-                       unrecorded: tuple[type[PaymentError], ...] = ()) -> JSONResponse:
+                       unrecorded: tuple[type[PaymentError], ...] = (),
+                       claim: Claim | None = None) -> JSONResponse:
     """Run `step` in a transaction and answer with its (status, body).
 
     The transaction first checks, under lock, that this region still serves `home` (the
@@ -45,7 +47,9 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     success. Keys are the caller's own (`idempotency.caller_key`), and only the executor
     holding the key's claim commits (`IdempotencyStore.hold`). Errors in `unrecorded` are
     not the key's final answer (the caller may fix the cause and run the request again,
-    e.g. after moving stock): the claim is released.
+    e.g. after moving stock): the claim is released. `claim`: the key was claimed
+    already (the payment hot path's committed claim, api/payments.py): run the effect
+    under it.
     """
     node = node_of(request)
     home = home or node.region
@@ -72,14 +76,16 @@ async def run_mutation(request: Request, step: Step, *, home: str | None,
     key = caller_key(principal.id if principal is not None else None, validate_key(key))
     scope = home
     req_hash = request_hash(request.method, request.url.path, await request.body())
-    claimed = await node.idempotency.claim(scope, key, req_hash)
-    if isinstance(claimed, StoredResponse):
-        return _replay(claimed)
-    claim = claimed
+    if claim is None:
+        claimed = await node.idempotency.claim(scope, key, req_hash)
+        if isinstance(claimed, StoredResponse):
+            return _replay(claimed)
+        claim = claimed
+    held = claim
 
     async def step_and_record(conn: AsyncConnection) -> Result:
-        status, body = await fenced(conn, before=lambda: node.idempotency.hold(conn, claim))
-        await node.idempotency.finish(conn, claim, status, body)
+        status, body = await fenced(conn, before=lambda: node.idempotency.hold(conn, held))
+        await node.idempotency.finish(conn, held, status, body)
         return status, body
 
     try:

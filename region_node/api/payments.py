@@ -10,14 +10,17 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import access, payments
+from region_node import access, hot_path, payments
 from region_node import payment_states as st
 from region_node.api import refunds as refund_routes
+from region_node.api.audit_trail import action_of, mark_audited
 from region_node.api.auth import caller, principal_of
 from region_node.api.models import Cancel, Capture, CreatePayment, Refund, check_amount
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.errors import InvalidRequest, NotFound
+from region_node.idempotency import Claim, caller_key, request_hash, validate_key
+from region_node.logs import request_id
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"], dependencies=[Depends(caller)])
 
@@ -69,6 +72,14 @@ async def create(body: CreatePayment, request: Request) -> Response:
                       description=body.description)
     if (forwarded := await owner_route(request, req.payer_home)) is not None:
         return forwarded
+    if (node.hot_path is not None and req.capture_method == "automatic"
+            and not req.cross_region):
+        answer = await _pay_in_one_call(request, req, node.hot_path)
+        if isinstance(answer, Response):
+            return answer
+        claimed = answer
+    else:
+        claimed = None
     principal = principal_of(request)
 
     async def step(conn: AsyncConnection) -> Result:
@@ -79,7 +90,53 @@ async def create(body: CreatePayment, request: Request) -> Response:
         return 201, payments.to_api(row)
 
     return await run_mutation(request, step, home=req.payer_home,
-                              after_commit=push_if_processing(request))
+                              after_commit=push_if_processing(request), claim=claimed)
+
+
+async def _pay_in_one_call(request: Request, req: payments.PaymentRequest,
+                           path: hot_path.HotPath) -> Response | Claim | None:
+    """An automatic same-region payment in one SQL call (region_node/hot_path.py): the
+    answer; None when the call was rolled back and the general path must run it; or the
+    key's committed claim when an account was locked elsewhere too long (the general
+    path runs the effect under it, as after its own claim transaction).
+
+    Everything run_mutation does around create_payment happens in the call; what stays
+    here is what it does outside the transaction: scoping and hashing the key, and
+    recording a domain error as the key's answer."""
+    node = node_of(request)
+    principal = principal_of(request)
+    raw_key = request.headers.get("idempotency-key")
+    key = req_hash = None
+    if raw_key is not None:
+        key = caller_key(principal.id, validate_key(raw_key))
+        req_hash = request_hash(request.method, request.url.path, await request.body())
+    who = hot_path.Caller(
+        principal_id=principal.id, key_id=principal.key_id, admin=principal.is_admin,
+        key=key, request_hash=req_hash,
+        request_id=request_id.get(), action=action_of(request.scope),
+        audit_id=node.new_id(node.region))
+    try:
+        outcome = await path.pay(hot_path.Payment(
+            payment_id=req.payment_id, payer=req.payer, payee=req.payee, home=req.payer_home,
+            amount=req.amount, currency=req.currency, description=req.description), who)
+    except hot_path.Fallback:
+        return None
+    if outcome.kind == "busy":
+        return Claim(req.payer_home, key, outcome.token) if (
+            key is not None and outcome.token is not None) else None
+    if outcome.kind == "replay":
+        return JSONResponse(outcome.body, outcome.status,
+                            headers={"Idempotent-Replayed": "true"})
+    if outcome.kind == "ok":
+        mark_audited(request)  # the audit row committed with the payment
+        return JSONResponse(outcome.body, outcome.status)
+    error = outcome.error
+    assert error is not None
+    if outcome.token is not None and key is not None:
+        # A decision (402, 404...) is the key's answer too: replayed on a retry.
+        await node.idempotency.finish_alone(Claim(req.payer_home, key, outcome.token),
+                                            error.http_status, error.to_body())
+    raise error
 
 
 @router.get("/{payment_id}")
