@@ -46,6 +46,20 @@ class AlignError(RuntimeError):
     """A survivor could not be cut off or aligned."""
 
 
+def take_origin(conn: psycopg.Connection[Any], origin: str, deadline: float) -> None:
+    """Set this session up as `origin`. The stopped apply worker leaves
+    pg_stat_subscription a moment before its process has released the origin (55006
+    object_in_use, "already active for PID ..."): retried until `deadline`."""
+    while True:
+        try:
+            conn.execute("select pg_replication_origin_session_setup(%s)", (origin,))
+            return
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _libpq(dsn: str) -> str:
     return dsn.replace("postgresql+psycopg://", "postgresql://", 1)
 
@@ -163,7 +177,7 @@ def align(source_dsn: str, target_dsn: str, publisher: str) -> dict[str, int]:
             deletes = [k for k in gone_keys if k not in still_there]
             if upserts or deletes:
                 plan.append((table, pk, upserts, deletes))
-        dst.execute("select pg_replication_origin_session_setup(%s)", (dst_name,))
+        take_origin(dst, dst_name, time.monotonic() + 10)
         try:
             with dst.transaction():
                 dst.execute("set local session_replication_role = replica")

@@ -45,7 +45,7 @@ from psycopg import sql
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
-from replication.align import align, cut_off, lsn_int
+from replication.align import align, cut_off, lsn_int, take_origin
 from replication.wiring import set_enabled, slot_name, subscription_name
 
 log = logging.getLogger("replication.failover")
@@ -173,7 +173,7 @@ def restamp(dsn: str, home: str, publisher: str, timeout: float = 10.0) -> int:
                 if time.monotonic() > deadline:
                     raise HandoverError(f"apply worker of {sub} did not stop in {timeout}s")
                 time.sleep(0.005)
-            conn.execute("select pg_replication_origin_session_setup(%s)", (f"pg_{subid}",))
+            take_origin(conn, f"pg_{subid}", deadline)
             try:
                 with conn.transaction():
                     for table, column in RESTAMPED:

@@ -239,7 +239,7 @@ async def test_callbacks_verified_idempotent_monotonic_and_forwarded(
         async with httpx.AsyncClient(transport=b._transport, base_url="http://node") as anon:
             bad = await anon.post("/v1/channel/callbacks", content=raw,
                                   headers=headers(raw, "chsec_wrong"))
-            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_signature"
+            assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_signature"
             # eu-west does not own the account (us-east): it forwards to us-east.
             first = await anon.post("/v1/channel/callbacks", content=raw, headers=headers(raw))
             assert first.status_code == 200, first.text

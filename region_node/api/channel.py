@@ -32,7 +32,7 @@ from region_node.api.mutation import Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.breaker import BreakerOpen
 from region_node.channel_link import CALLBACK_PATH, ChannelLink, ChannelNotConfigured
-from region_node.errors import InvalidRequest, NotFound, RegionUnavailable
+from region_node.errors import InvalidRequest, NotFound, RegionUnavailable, Unauthenticated
 from region_node.ids import parse_id
 from region_node.node import Node
 from region_node.ownership import assert_serving
@@ -285,8 +285,11 @@ async def channel_callback(request: Request) -> Response:
     duplicate does nothing), applied only if its version is newer (never backwards), at
     the region serving the operation's home region (forwarded there if not here)."""
     node, link = node_of(request), link_of(request)
+    # The signature is the callback's credential, as an API key is for the rest of /v1:
+    # without a valid one (or a secret to check it against) nothing is read: 401.
     if not link.settings.callback_secret:
-        raise ChannelDown("No channel is configured in this region", retry_after=60)
+        raise Unauthenticated("This region takes no channel callbacks (no channel is "
+                              "configured)", code="channel_not_configured")
     raw = await request.body()
     try:
         verify(raw, request.headers.get(SIGNATURE_HEADER, ""), link.settings.callback_secret,
@@ -296,8 +299,8 @@ async def channel_callback(request: Request) -> Response:
         reference = str(data["reference"])
         answer = channel_ops.ChannelAnswer.from_json(data)
     except SignatureError as exc:
-        raise InvalidRequest(f"Invalid callback signature: {exc}",
-                             code="invalid_signature") from None
+        raise Unauthenticated(f"Invalid callback signature: {exc}",
+                              code="invalid_signature") from None
     except (ValueError, KeyError, TypeError):
         raise InvalidRequest("Malformed callback body", code="invalid_callback") from None
     op_id = parse_id(reference)
