@@ -108,6 +108,8 @@ ADVICE: dict[str, str] = {
     "hold_expired": "The hold ran out and was released; create a new payment.",
     "payment_unexpected_state": "Read the payment and act on its current status.",
     "charge_already_refunded": "Nothing is left to refund.",
+    "channel_not_configured": "Channel only: this region takes no callbacks; point the "
+                              "channel at a region that has it configured.",
     "tcc_confirm_after_cancel": "The hold was canceled; create a new payment.",
     "tcc_cancel_after_confirm": "The payment was captured; refund it instead.",
     "sku_exists": "Use another SKU name, or read the existing one.",
