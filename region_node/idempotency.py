@@ -80,8 +80,7 @@ class ClaimLost(IdempotencyInProgress):
     must not commit. `stored` is the winner's response if it has finished."""
 
     def __init__(self, stored: StoredResponse | None) -> None:
-        super().__init__("A request with this Idempotency-Key is still being processed; "
-                         "retry later")
+        super().__init__(_IN_PROGRESS)
         self.stored = stored
 
 
