@@ -1,8 +1,8 @@
 """The ledger invariants of one region's copy, as findings rather than assertions, for
 tools that report (the failover drill) instead of failing a test.
 
-The same checks as `tests/helpers.py`'s `cluster_ledger_checks` (ARCHITECTURE.md
-section 6), meant for a quiet cluster: double entry, balances equal their entries, money
+The same checks as `tests/helpers.py`'s `cluster_ledger_checks` (docs/architecture.md,
+"Invariants"), meant for a quiet cluster: double entry, balances equal their entries, money
 conserved (customers + merchants + in transit == what came in through the funding
 accounts, with what the suspense accounts parked: `region_node.suspense`), nothing in
 transit (clearing accounts at zero, no refund pending), every cross-region refund ended as

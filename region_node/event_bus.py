@@ -1,4 +1,4 @@
-"""The region's event bus: NATS JetStream (ARCHITECTURE.md section 4, "Events").
+"""The region's event bus: NATS JetStream (docs/architecture.md, "Flows", "Events").
 
 One stream (`settings.events_stream`) holds every event under
 `<events_subject_prefix>.<region>.<event_type>`. The outbox row id travels as the

@@ -1,7 +1,8 @@
 """Table definitions (SQLAlchemy Core). The migrations create exactly these tables.
 
 Every primary key is an application-generated UUIDv7 or a key that only one region can
-insert, because these tables replicate between regions (see ARCHITECTURE.md section 3).
+insert, because these tables replicate between regions (see docs/architecture.md, "Data
+ownership: one writer per row").
 """
 
 from __future__ import annotations

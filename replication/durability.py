@@ -1,4 +1,5 @@
-"""Durability modes of a region (ARCHITECTURE.md section 3), settable at runtime.
+"""Durability modes of a region (docs/architecture.md, "Durability modes"), settable at
+runtime.
 
 - ``local``: a commit is acknowledged when the region's own store has it; the other
   regions converge asynchronously (``synchronous_standby_names`` empty).

@@ -1,5 +1,5 @@
 """Test helpers: opening funded accounts over the API and checking the ledger invariants
-(ARCHITECTURE.md section 6) straight from the database."""
+(docs/architecture.md, "Invariants") straight from the database."""
 
 from __future__ import annotations
 

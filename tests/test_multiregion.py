@@ -42,8 +42,9 @@ longer soak, e.g. 5000)."""
 CONCURRENCY = 24
 OPENING_BALANCE = 50_000
 CONVERGE = 30.0
-"""Invariant 7 (ARCHITECTURE.md): every region pair converges within 30 s while links are
-up. The short SLO above only makes the cut-link test's breach quick to appear."""
+"""Invariant 7 (docs/architecture.md, "Invariants"): every region pair converges within 30 s
+while links are up. The short SLO above only makes the cut-link test's breach quick to
+appear."""
 WAIT = 60.0
 """Bound on the other waits for a condition; a healthy run needs a small fraction of it."""
 
