@@ -1,12 +1,14 @@
 """The docs stay true to the code: every route, error code and setting is documented, the
-generated reference is fresh, every relative link resolves, and the standalone webhook
-receiver verifies what the nodes sign. No servers: the app is built, never started."""
+generated reference is fresh, every relative link resolves, the pages build as a site
+(MkDocs, strict), and the standalone webhook receiver verifies what the nodes sign. No
+servers: the app is built, never started."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +133,17 @@ def test_every_relative_link_resolves() -> None:
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 broken.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_the_docs_build_as_a_site_in_strict_mode(tmp_path: Path) -> None:
+    """`mkdocs build --strict` (mkdocs.yml): every page is in the nav, every link to a page
+    and every anchor resolve by MkDocs' own rules; a warning fails the build."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+         "-d", str(tmp_path / "site")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "runbooks" / "region-crash" / "index.html").is_file()
 
 
 # --- the standalone webhook receiver ---------------------------------------------------
