@@ -47,8 +47,12 @@ CUSTOMERS_PER_REGION = 4
 MERCHANTS_PER_REGION = 2
 OVERDRAFT_ATTEMPTS = 3
 REFUNDS = 10
-# Retries of one logical request with the same Idempotency-Key (transport errors, 409, 503).
-MAX_ATTEMPTS = 6
+# Retries of one logical request with the same Idempotency-Key (transport errors, 409, 503):
+# for up to RETRY_SECONDS, backing off to at most RETRY_MAX_SLEEP_SECONDS between tries. A
+# budget in time, not in tries: on a loaded machine a 409 `idempotency_key_in_use` lasts as
+# long as the first attempt is still running, which can be seconds.
+RETRY_SECONDS = 30.0
+RETRY_MAX_SLEEP_SECONDS = 1.0
 RETRYABLE_STATUS = {409, 429, 502, 503, 504}
 SERVED_BY = "paycluster-served-by"
 ROUTED_TO = "paycluster-routed-to"
@@ -194,22 +198,25 @@ class Api:
         with the SAME key, which makes the retry safe: the owner either replays the stored
         result or runs the request for the first time, never twice."""
         headers = {"Idempotency-Key": key or f"demo-{uuid.uuid4()}"}
-        for attempt in range(MAX_ATTEMPTS):
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while True:
+            last = time.monotonic() >= deadline
             self.result.requests += 1
             try:
                 resp = await self.clients[via].post(path, json=body, headers=headers)
             except httpx.TransportError:
-                if attempt + 1 == MAX_ATTEMPTS:
+                if last:
                     raise
             else:
-                if resp.status_code not in RETRYABLE_STATUS or attempt + 1 == MAX_ATTEMPTS:
+                if resp.status_code not in RETRYABLE_STATUS or last:
                     if resp.status_code not in expect:
                         raise DemoError(f"POST {path} via {via} -> {resp.status_code}: "
                                         f"{resp.text[:300]}")
                     return resp
             self.result.retries += 1
-            await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+            await asyncio.sleep(min(RETRY_MAX_SLEEP_SECONDS, 0.05 * 2**attempt))
+            attempt += 1
 
     async def get(self, via: str, path: str, **params: Any) -> httpx.Response:
         """GET through region `via` (any status; the caller judges)."""
