@@ -541,8 +541,10 @@ def _calls_run_mutation(fn: Callable[..., Any], depth: int = 2) -> bool:
     if depth == 0:
         return False
     module = sys.modules.get(fn.__module__)
-    for name in set(re.findall(r"\b([A-Za-z_]\w*)\(", source)):
-        other = getattr(module, name, None)
+    # `name(` is a function of the module; `alias.name(` one of a module it imported.
+    for alias, name in set(re.findall(r"(?:\b([A-Za-z_]\w*)\.)?\b([A-Za-z_]\w*)\(", source)):
+        owner = getattr(module, alias, None) if alias else module
+        other = getattr(owner, name, None) if inspect.ismodule(owner) else None
         if inspect.isfunction(other) and other is not fn and _calls_run_mutation(
                 other, depth - 1):
             return True
@@ -597,6 +599,8 @@ def _body_fields(op: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     if not content:
         return []
     schema = content["schema"]
+    # An optional body (`Body | None`) is anyOf [the model, null].
+    schema = next((s for s in schema.get("anyOf", []) if "$ref" in s), schema)
     if "$ref" in schema:
         schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
     required = set(schema.get("required", []))
