@@ -3,6 +3,9 @@ drill runs its client workload through the router, injects its fault, and the te
 the issue's numbers from the drill's own report.
 
 - planned: RPO 0, no duplicates, invariants hold, RTO under 10 s, failback clean;
+- every drill: merchants refund part of acknowledged payments (same- and cross-region)
+  while it runs; each acknowledged refund is stored once and ended (succeeded or failed,
+  nothing pending), or, lost in a local-mode tail, listed for reconciliation;
 - crash, regional mode: RPO 0 (the buddy has every acknowledged payment), empty tail;
 - crash, local mode: the lost tail is exactly what clients saw acknowledged and is
   missing (ids, count, amount), listed for reconciliation on the region's return;
@@ -122,6 +125,9 @@ async def test_planned_drill(lab: Cluster, tmp_path: Path) -> None:
     assert result.loss.acknowledged > 0  # how many is load-dependent: a benchmark figure
     assert result.loss.rpo_count == 0 and result.loss.missing_amount == 0
     assert result.loss.duplicates == 0
+    # Merchants refunded during the handover too, each refund stored once and ended.
+    assert result.refunds is not None and result.refunds.acknowledged > 0, result.refunds
+    assert result.refunds.problems(tail_allowed=False) == []
     assert [f for f in result.findings if not f.ok] == []
     assert result.fault.rto_stable is not None and result.fault.rto_stable < 10.0
     assert result.converged_after is not None and result.diverged == []
@@ -140,6 +146,8 @@ def _common(result: DrillResult, region: str = REGION) -> None:
     assert result.loss is not None and result.fault is not None
     assert result.converged_after is not None and result.diverged == []
     assert result.loss.duplicates == 0
+    assert result.refunds is not None, "the refunds were not measured"
+    assert result.refunds.not_ended == [] and result.refunds.client_saw_two_ids == []
     assert [f for f in result.findings if not f.ok] == []
     assert result.fault.rto_first is not None
     back = [h for h in result.handovers if h["label"] == "failback"]
@@ -194,13 +202,22 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     assert credited == set(orphans) and set(orphans) <= set(tail)
     assert all(orphans[p] == tail[p] for p in orphans)
     assert record["recorded"] >= len(tail) + len(orphans)
+    # Refunds lost with the tail (started by eu-west for its merchants) are listed too;
+    # a lost refund the payer's region had credited already is an orphan refund credit.
+    lost_refunds = {str(r["id"]) for r in record["refunds"]}
+    assert result.refunds is not None
+    assert set(result.refunds.listed_in_tail) <= lost_refunds
+    assert result.refunds.unlisted_missing == [], result.refunds
+    refund_orphans = sum(int(c["amount"]) for c in record["orphan_refund_credits"])
     # Parked: the paying regions' suspense accounts hold exactly the orphan credits.
     parked = {r.name: _suspense_balance(r.dsn) for r in lab.regions}
-    assert set(parked.values()) == {-sum(orphans.values())}, parked
+    assert set(parked.values()) == {-sum(orphans.values()) - refund_orphans}, parked
     assert result.ok, [c for c in result.checks if not c.ok]
     print(f"lost tail: {len(tail)} payments, {sum(tail.values())} minor units; "
           f"acknowledged and missing: {len(missing)}, {sum(missing.values())}; "
-          f"orphan credits {len(orphans)}, {sum(orphans.values())}")
+          f"orphan credits {len(orphans)}, {sum(orphans.values())}; refunds in the tail "
+          f"{len(lost_refunds)}, acknowledged {len(result.refunds.listed_in_tail)}, "
+          f"orphan refund credits {len(record['orphan_refund_credits'])} ({refund_orphans})")
 
 
 def _suspense_balance(dsn: str) -> int:
