@@ -965,7 +965,8 @@ def _checks(result: DrillResult, final: list[StoredPayment]) -> list[Check]:
     checks.append(Check("every refund ended exactly once", not refund_problems,
                         "; ".join(refund_problems) if refund_problems or refunds is None else
                         f"{refunds.acknowledged} of {refunds.intents} refunds acknowledged "
-                        f"({refunds.cross_region} cross-region), stored {refunds.statuses}"
+                        f"({refunds.cross_region} of them all cross-region; answers "
+                        f"{refunds.results}), stored {refunds.statuses}"
                         + (f", {len(refunds.listed_in_tail)} listed in the lost tail"
                            if refunds.listed_in_tail else "")))
     broken = [f for f in result.findings if not f.ok]
