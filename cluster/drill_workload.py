@@ -342,8 +342,9 @@ class Workload:
     # ---------------------------------------------------------------- refunds
 
     def _plan_refund(self, client: str) -> RefundIntent | None:
-        """A partial refund of a payment acknowledged `refund_after` s ago with something
-        left to refund (None if there is none yet); at most three per payment."""
+        """A partial refund (at most a third of the payment) of a payment acknowledged
+        `refund_after` s ago with at least 3 minor units left to ask for (None if there is
+        none yet)."""
         assert self.accounts is not None
         ripe = self.now() - self.refund_after
         candidates = [i for i in self._acked if i.acked_at is not None and i.acked_at <= ripe
