@@ -116,6 +116,7 @@ class RegionView:
     unbalanced_journals: int = 0
     journal_sum: int = 0
     processing: int = 0
+    """Payments `processing` and refunds `pending`: money in transit."""
 
     @property
     def user_balances(self) -> int:
@@ -241,7 +242,9 @@ select
   (select md5(coalesce(string_agg(id::text || ':' || status || ':' || amount_captured || ':'
                                   || amount_refunded, ',' order by id), '')) from payments),
   (select count(*) from journal_entries),
-  (select count(*) from transfer_results)
+  (select count(*) from transfer_results),
+  (select md5(coalesce(string_agg(id::text || ':' || status, ',' order by id), ''))
+     from refunds)
 """
 
 
@@ -261,8 +264,11 @@ def read_view(dsn: str) -> RegionView:
         view.unbalanced_journals = int(unbalanced[0]) if unbalanced else 0
         total = conn.execute("select coalesce(sum(amount), 0) from journal_entries").fetchone()
         view.journal_sum = int(total[0]) if total else 0
+        # Money in transit either way: payments processing and cross-region refunds
+        # pending (the reverse saga).
         processing = conn.execute(
-            "select count(*) from payments where status = 'processing'").fetchone()
+            "select (select count(*) from payments where status = 'processing')"
+            " + (select count(*) from refunds where status = 'pending')").fetchone()
         view.processing = int(processing[0]) if processing else 0
     return view
 

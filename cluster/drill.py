@@ -58,11 +58,14 @@ from cluster.drill_faults import (
 from cluster.drill_measure import (
     Disruption,
     Loss,
+    RefundLoss,
     StoredPayment,
     disruption,
     loss,
     max_lag,
+    refund_loss,
     stored_payments,
+    stored_refunds,
     timeline,
 )
 from cluster.drill_workload import Attempt, LagSampler, Workload
@@ -122,6 +125,8 @@ class DrillConfig:
     deadline: float = 300.0
     """Seconds the fault sequence (fault, takeover, return, failback) may take."""
     cross_share: float = 0.2
+    refund_share: float = 0.1
+    """Share of arrivals that also start a partial refund of an acknowledged payment."""
     tail_lag: float = 0.0
     """Crash: seconds of extra one-way delay on the region's outgoing replication for
     the last seconds before the SIGKILL (its WAN links slowed), so that local mode has an
@@ -178,6 +183,7 @@ class DrillResult:
     events: list[Event] = field(default_factory=list)
     disruptions: list[Disruption] = field(default_factory=list)
     loss: Loss | None = None
+    refunds: RefundLoss | None = None
     findings: list[Finding] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     handovers: list[dict[str, Any]] = field(default_factory=list)
@@ -222,6 +228,7 @@ class DrillResult:
             "events": [asdict(e) for e in self.events],
             "disruptions": [d.to_json() for d in self.disruptions],
             "loss": None if self.loss is None else self.loss.to_json(),
+            "refunds": None if self.refunds is None else self.refunds.to_json(),
             "errors_by_code": self.errors_by_code,
             "invariants": [f.to_json() for f in self.findings],
             "handovers": self.handovers, "lost_tail": self.lost_tail_record,
@@ -634,6 +641,13 @@ class _Run:
             await _blocking(wait_parked, survivors, tail)
             self.event("suspense", f"{len(tail.orphan_credits)} orphan credits parked in "
                        "the paying regions' suspense accounts")
+        if tail.orphan_refund_credits:
+            # wait_parked waits for payments' orphan credits only; a refund's is parked by
+            # its payer region's refund scan, before the invariants are read.
+            await _blocking(_wait_refund_credits_parked, survivors,
+                            tail.orphan_refund_credits)
+            self.event("suspense", f"{len(tail.orphan_refund_credits)} orphan refund "
+                       "credits parked in the paying regions' suspense accounts")
         # A regional region is rebuilt in local mode and made regional again (its buddy
         # no longer streamed from it): replication.reconcile.rejoin_region.
         await _blocking(rejoin_region, self.cluster, home)
@@ -641,6 +655,33 @@ class _Run:
         self.event("rejoined", f"{home} rebuilt from a donor snapshot, its node up"
                    + (f", regional again (buddy {self.buddy})" if self.regional else ""))
         await self.handover(home, "failback")
+
+
+def _wait_refund_credits_parked(stores: Mapping[str, Any], credits: list[dict[str, Any]],
+                                timeout: float = 30.0) -> None:
+    """Wait until each orphan refund credit of a lost tail has its suspense posting (one
+    per item, journal `suspense.refund_park_journal`) in the region that paid it."""
+    import psycopg
+
+    from region_node.suspense import refund_park_journal
+
+    deadline = time.monotonic() + timeout
+    waiting = list(credits)
+    while waiting:
+        still = []
+        for credit in waiting:
+            journal = refund_park_journal(uuid.UUID(str(credit["journal_id"])))
+            with psycopg.connect(stores[credit["credit_region"]].dsn, autocommit=True,
+                                 connect_timeout=5) as conn:
+                if conn.execute("select 1 from journal_entries where journal_id = %s "
+                                "limit 1", (journal,)).fetchone() is None:
+                    still.append(credit)
+        waiting = still
+        if waiting and time.monotonic() > deadline:
+            raise DrillError(f"orphan refund credits not parked within {timeout:g} s: "
+                             f"{[c['refund_id'] for c in waiting]}")
+        if waiting:
+            time.sleep(0.1)
 
 
 def fence_check(old_dsn: str, new_dsn: str, home: str, new_epoch: int,
@@ -734,7 +775,8 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
     fault_at = max(2.0, config.duration / 4)
     async with Workload(cluster.router_url, cluster.names, focus=home, rate=config.rate,
                         t0=run.t0, run_id=result.run_id, headers=run.headers,
-                        seed=config.seed, cross_share=config.cross_share) as work:
+                        seed=config.seed, cross_share=config.cross_share,
+                        refund_share=config.refund_share) as work:
         accounts = await work.open_accounts()
         # The clock starts with the workload: everything is measured from here.
         run.t0 = work.t0 = sampler.t0 = time.monotonic()
@@ -784,7 +826,7 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
                     work.abandon()
                     raise
             run.event("workload stopped", f"{len(work.intents)} payments, "
-                      f"{len(work.attempts)} attempts")
+                      f"{len(work.attempts)} attempts, {len(work.refunds)} refunds")
         await sampler.stop()
     result.events, result.handovers = run.events, run.handovers
     result.takeover, result.lost_tail, result.fence = run.takeover, None, run.fence
@@ -804,8 +846,16 @@ async def run_drill_async(cluster: Cluster, config: DrillConfig,
                                                           result.run_id)
         except Exception as exc:  # a region still down after a failed drill
             result.diverged.append(f"{region.name}'s store cannot be read: {exc}")
-    final = stored.get(home, stored.get(run.takeover, []))
+    final_region = home if home in stored else run.takeover
+    final = stored.get(final_region, [])
     result.loss = loss(work.intents, final)
+    if final_region in stored:
+        # The refunds in the same store; a refund lost with a tail is listed there.
+        refunds_stored = await asyncio.to_thread(
+            stored_refunds, cluster.region(final_region).dsn,
+            [r.payment_id for r in work.refunds])
+        tail_refunds = [str(r["id"]) for r in (run.lost_tail or {}).get("refunds") or []]
+        result.refunds = refund_loss(work.refunds, refunds_stored, tail_refunds)
     for name, rows in stored.items():
         if {p.id for p in rows} != {p.id for p in final}:
             result.diverged.append(f"{name} has {len(rows)} drill payments, {home} "
@@ -859,6 +909,8 @@ def _workload_figures(work: Workload, deposited: int, end: float) -> dict[str, A
             "rate_per_s": round(len(work.intents) / end, 2) if end else None,
             "acknowledged": sum(1 for i in work.intents if i.payment_id),
             "focus_payments": sum(1 for i in work.intents if i.home == work.focus),
+            "refunds": len(work.refunds),
+            "refunds_acknowledged": sum(1 for r in work.refunds if r.refund_id),
             "deposited": deposited}
 
 
@@ -903,6 +955,20 @@ def _checks(result: DrillResult, final: list[StoredPayment]) -> list[Check]:
     checks.append(Check("no duplicates", lossy.duplicates == 0,
                         f"{len(lossy.duplicate_keys)} keys charged twice, "
                         f"{len(lossy.client_saw_two_ids)} keys answered with two ids"))
+    # Refunds in flight through the fault (nothing pending is also an invariant above):
+    # each acknowledged one stored once and ended; in local mode one lost with the
+    # crashed region's tail is listed for reconciliation instead.
+    refunds = result.refunds
+    refund_problems = (["not measured (no store to read)"] if refunds is None else
+                       refunds.problems(tail_allowed=kind in ("crash", "partition")
+                                        and not regional))
+    checks.append(Check("every refund ended exactly once", not refund_problems,
+                        "; ".join(refund_problems) if refund_problems or refunds is None else
+                        f"{refunds.acknowledged} of {refunds.intents} refunds acknowledged "
+                        f"({refunds.cross_region} of them all cross-region; answers "
+                        f"{refunds.results}), stored {refunds.statuses}"
+                        + (f", {len(refunds.listed_in_tail)} listed in the lost tail"
+                           if refunds.listed_in_tail else "")))
     broken = [f for f in result.findings if not f.ok]
     checks.append(Check("invariants hold in every region", not broken,
                         "; ".join(f"{f.region}: {f.name}: {f.detail}" for f in broken)

@@ -10,6 +10,11 @@ samples and the stores' final, converged state.
 - **RPO**: acknowledged payments missing from the final state (count and amount).
 - **Duplicates**: a key charged more than once in the stores, or a client that saw two
   different payment ids for one key.
+- **Refunds** (`refund_loss`): every acknowledged refund is in the final state once and has
+  ended (``succeeded`` or ``failed``, none ``pending``), or, lost with a crashed region's
+  tail in ``local`` mode, is listed for reconciliation; no payment holds more refunds than
+  were asked for it, or more refunded than its amount; the payer's region's
+  ``amount_refunded`` is the sum of its succeeded refunds.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from typing import Any
 
 import psycopg
 
-from cluster.drill_workload import DESCRIPTION_PREFIX, Attempt, Intent, LagSample
+from cluster.drill_workload import (
+    DESCRIPTION_PREFIX,
+    Attempt,
+    Intent,
+    LagSample,
+    RefundIntent,
+)
 
 STABLE_RATIO = 0.95
 """Share of answered attempts per second after which writes count as recovered."""
@@ -245,4 +256,127 @@ def loss(intents: Sequence[Intent], stored: Sequence[StoredPayment]) -> Loss:
                                     "home": intent.home, "acked_at": intent.acked_at})
                 out.missing_amount += intent.amount
     out.unacknowledged_stored = sum(1 for p in stored if p.key not in acked_keys)
+    return out
+
+
+# --------------------------------------------------------------------------- refunds
+
+
+@dataclass(frozen=True)
+class StoredRefund:
+    """A refund of a drill payment as a store has it."""
+
+    id: str
+    payment_id: str
+    amount: int
+    status: str
+
+
+@dataclass
+class StoredRefunds:
+    """The refunds of some payments in one store, and what the payments say was refunded
+    (`refunded`: payment id -> (amount captured, amount refunded))."""
+
+    refunds: list[StoredRefund] = field(default_factory=list)
+    refunded: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def stored_refunds(dsn: str, payment_ids: Iterable[str]) -> StoredRefunds:
+    """The refunds of `payment_ids` in the store at `dsn`, and those payments' amounts."""
+    ids = sorted(set(payment_ids))
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        refunds = conn.execute(
+            "select id::text, payment_id::text, amount, status from refunds "
+            "where payment_id = any(%s::uuid[])", (ids,)).fetchall()
+        payments = conn.execute(
+            "select id::text, amount_captured, amount_refunded from payments "
+            "where id = any(%s::uuid[])", (ids,)).fetchall()
+    return StoredRefunds([StoredRefund(str(i), str(p), int(a), str(s))
+                          for i, p, a, s in refunds],
+                         {str(i): (int(c), int(r)) for i, c, r in payments})
+
+
+@dataclass
+class RefundLoss:
+    """Did every refund end exactly once? From the clients' answers and one store."""
+
+    intents: int = 0
+    cross_region: int = 0
+    acknowledged: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    listed_in_tail: list[str] = field(default_factory=list)
+    not_ended: list[str] = field(default_factory=list)
+    client_saw_two_ids: list[str] = field(default_factory=list)
+    more_refunds_than_asked: list[str] = field(default_factory=list)
+    over_refunded: list[str] = field(default_factory=list)
+    refunded_differs: list[str] = field(default_factory=list)
+
+    @property
+    def unlisted_missing(self) -> list[dict[str, Any]]:
+        """Acknowledged refunds missing and not listed in a lost tail."""
+        listed = set(self.listed_in_tail)
+        return [m for m in self.missing if m["id"] not in listed]
+
+    def problems(self, tail_allowed: bool) -> list[str]:
+        """What breaks "every refund ended exactly once"; `tail_allowed`: a refund lost
+        in a listed tail is accounted for (local mode), else any missing one counts."""
+        lost = self.unlisted_missing if tail_allowed else self.missing
+        out = [f"{len(lost)} acknowledged refunds missing"] if lost else []
+        for name, items in (("still pending", self.not_ended),
+                            ("answered with two ids", self.client_saw_two_ids),
+                            ("payments with more refunds than asked", self.more_refunds_than_asked),
+                            ("payments refunded beyond their amount", self.over_refunded),
+                            ("payments whose amount_refunded differs from their refunds",
+                             self.refunded_differs)):
+            if items:
+                out.append(f"{len(items)} {name}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def refund_loss(intents: Sequence[RefundIntent], stored: StoredRefunds,
+                tail_refund_ids: Iterable[str] = ()) -> RefundLoss:
+    """Compare the refunds clients saw acknowledged with what the store has;
+    `tail_refund_ids`: the refunds a lost tail listed for reconciliation."""
+    out = RefundLoss(intents=len(intents),
+                     cross_region=sum(1 for i in intents if i.cross_region),
+                     results=dict(Counter(i.result for i in intents)),
+                     statuses=dict(Counter(r.status for r in stored.refunds)))
+    by_id = {r.id: r for r in stored.refunds}
+    tail = {str(t) for t in tail_refund_ids}
+    asked: Counter[str] = Counter(i.payment_id for i in intents)
+    for intent in intents:
+        if intent.refund_id is None:
+            continue
+        out.acknowledged += 1
+        if len(set(intent.ids_seen)) > 1:
+            out.client_saw_two_ids.append(intent.key)
+        for rid in set(intent.ids_seen):
+            if rid not in by_id:
+                out.missing.append({"id": rid, "key": intent.key, "amount": intent.amount,
+                                    "payment_id": intent.payment_id})
+                if rid in tail:
+                    out.listed_in_tail.append(rid)
+    out.not_ended = sorted(r.id for r in stored.refunds if r.status == "pending")
+    per_payment: dict[str, list[StoredRefund]] = {}
+    for r in stored.refunds:
+        per_payment.setdefault(r.payment_id, []).append(r)
+    # A payment with a refund lost in the tail may still count it in amount_refunded (the
+    # payer's region credited it from the push: an orphan refund credit, listed too).
+    in_tail = {m["payment_id"] for m in out.missing if m["id"] in tail}
+    for pid in sorted(set(asked) | set(per_payment)):
+        refunds = per_payment.get(pid, [])
+        if len(refunds) > asked[pid]:
+            out.more_refunds_than_asked.append(pid)
+        captured, refunded = stored.refunded.get(pid, (0, 0))
+        if sum(r.amount for r in refunds if r.status != "failed") > captured:
+            out.over_refunded.append(pid)
+        if refunded != sum(r.amount for r in refunds if r.status == "succeeded") \
+                and pid not in in_tail:
+            out.refunded_differs.append(pid)
     return out

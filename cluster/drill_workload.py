@@ -13,6 +13,14 @@ ever charged twice.
 
 Accounts (payers homed in every region, funded; payees in every region) are opened
 before the fault, through the router too.
+
+Refunds ride along: at `refund_share` of the arrivals the merchant of a payment that was
+acknowledged a while ago (so it has usually succeeded, across regions too) refunds part of
+it, a *refund intent* with its own key, retried the same way (409 only while the key is in
+use: any other 409 is a decision). The refunds of one payment never ask for more than its
+amount, so every refused refund is a rule of the system at work, not of the workload. The
+drill then checks that every acknowledged refund ended exactly once
+(`drill_measure.refund_loss`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,6 +99,33 @@ class Intent:
 
 
 @dataclass
+class RefundIntent:
+    """A merchant's partial refund of an acknowledged payment: one key, retried until
+    answered or given up. `payer_home`/`payee_home` are the payment's parties' homes (a
+    cross-region refund when they differ); `status` is the refund's as first answered."""
+
+    key: str
+    client: str
+    payment_id: str
+    payer_home: str
+    payee_home: str
+    amount: int
+    created: float
+    attempts: int = 0
+    refund_id: str | None = None
+    status: str | None = None
+    acked_at: float | None = None
+    result: str = "pending"
+    code: str | None = None
+    ids_seen: list[str] = field(default_factory=list)
+
+    @property
+    def cross_region(self) -> bool:
+        """Payer and payee homed apart: the reverse saga."""
+        return self.payer_home != self.payee_home
+
+
+@dataclass
 class DrillAccounts:
     """The accounts a drill opened: payers per home region (funded), payees per region."""
 
@@ -107,13 +142,16 @@ class Workload:
     """Payments through the router at `rate` per second in total, spread evenly over the
     client regions; payers homed in `focus` make up `focus_share` of them (so RTO for the
     drilled region's users is measured on enough samples); `cross_share` of payments go
-    to a payee homed in another region (a cross-region saga)."""
+    to a payee homed in another region (a cross-region saga). At `refund_share` of the
+    arrivals a partial refund of a payment acknowledged at least `refund_after` seconds
+    earlier starts as well (its own random stream: the payments stay those of `seed`)."""
 
     def __init__(self, router_url: str, regions: list[str], *, focus: str, rate: float,
                  t0: float, run_id: str, headers: Mapping[str, str] | None = None,
                  seed: int = 0, focus_share: float = 0.5, cross_share: float = 0.2,
                  give_up_after: float = 30.0, request_timeout: float = 10.0,
-                 max_in_flight: int = 256) -> None:
+                 max_in_flight: int = 256, refund_share: float = 0.1,
+                 refund_after: float = 2.0) -> None:
         self.router_url = router_url
         self.regions = list(regions)
         self.focus = focus
@@ -128,6 +166,14 @@ class Workload:
         self.request_timeout = request_timeout
         self.attempts: list[Attempt] = []
         self.intents: list[Intent] = []
+        self.refund_share = refund_share
+        self.refund_after = refund_after
+        self.refund_rng = random.Random(seed + 1)
+        self.refunds: list[RefundIntent] = []
+        self._acked: list[Intent] = []
+        # What the workload may still ask back per payment (its amount less the refunds
+        # planned): never more than captured, so a refusal is the system's, not ours.
+        self._refundable: dict[str, int] = {}
         self.accounts: DrillAccounts | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,6 +326,7 @@ class Workload:
                 intent.payment_id = intent.payment_id or attempt.payment_id
                 intent.acked_at = attempt.ended
                 intent.result = "acked"
+                self._acked.append(intent)
                 return
             retry = attempt.outcome == "exception" or attempt.status in RETRY_STATUS
             if not retry:
@@ -292,9 +339,81 @@ class Workload:
             await asyncio.sleep(backoff * (0.5 + self.rng.random()))
             backoff = min(backoff * 1.5, 1.0)
 
+    # ---------------------------------------------------------------- refunds
+
+    def _plan_refund(self, client: str) -> RefundIntent | None:
+        """A partial refund (at most a third of the payment) of a payment acknowledged
+        `refund_after` s ago with at least 3 minor units left to ask for (None if there is
+        none yet)."""
+        assert self.accounts is not None
+        ripe = self.now() - self.refund_after
+        candidates = [i for i in self._acked if i.acked_at is not None and i.acked_at <= ripe
+                      and self._refundable.get(str(i.payment_id), i.amount) >= 3]
+        if not candidates:
+            return None
+        rng = self.refund_rng
+        paid = rng.choice(candidates)
+        pid = str(paid.payment_id)
+        left = self._refundable.get(pid, paid.amount)
+        amount = rng.randint(1, max(1, min(left, paid.amount // 3)))
+        self._refundable[pid] = left - amount
+        payee_home = next(h for h, ids in self.accounts.payees.items() if paid.payee in ids)
+        self._serial += 1
+        key = f"drill-{self.run_id}-r{self._serial}x{uuid.uuid4().hex[:8]}"
+        return RefundIntent(key=key, client=client, payment_id=pid, payer_home=paid.home,
+                            payee_home=payee_home, amount=amount, created=self.now())
+
+    async def _refund(self, intent: RefundIntent) -> None:
+        """POST the refund with its key until answered: retried on no answer, 429/502/
+        503/504 and 409 key in use (still running); any other answer is final."""
+        headers = {**self.headers, CLIENT_REGION: intent.client,
+                   "Idempotency-Key": intent.key}
+        path = f"/v1/payments/{intent.payment_id}/refunds"
+        deadline = intent.created + self.give_up_after
+        backoff = 0.1
+        while True:
+            intent.attempts += 1
+            code: str | None = None
+            status: int | None = None
+            try:
+                async with self._slots:
+                    resp = await self.client.post(path, json={"amount": intent.amount},
+                                                  headers=headers)
+            except httpx.HTTPError as exc:
+                code = type(exc).__name__
+            else:
+                status = resp.status_code
+                if status in (200, 201):
+                    doc = resp.json()
+                    intent.ids_seen.append(str(doc["id"]))
+                    intent.refund_id = intent.refund_id or str(doc["id"])
+                    intent.status = intent.status or str(doc.get("status"))
+                    intent.acked_at = self.now()
+                    intent.result = "acked"
+                    return
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                    code = str(resp.json()["error"]["code"])
+                code = code or f"http_{status}"
+            intent.code = code
+            retry = status is None or (status in RETRY_STATUS and status != 409) \
+                or code == "idempotency_key_in_use"
+            if not retry:
+                intent.result = "declined" if status == 402 else "refused"
+                return
+            if self.now() + backoff > deadline:
+                intent.result = "gave_up"
+                return
+            await asyncio.sleep(backoff * (0.5 + self.refund_rng.random()))
+            backoff = min(backoff * 1.5, 1.0)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Start payments at the configured rate until `stop` is set, then wait for every
-        intent to be answered or to give up."""
+        """Start payments (and now and then a refund) at the configured rate until `stop`
+        is set, then wait for every intent to be answered or to give up."""
         interval = 1.0 / self.rate
         started = time.monotonic()
         n = 0
@@ -302,9 +421,12 @@ class Workload:
             client = self.regions[n % len(self.regions)]
             intent = self._plan(client)
             self.intents.append(intent)
-            task = asyncio.create_task(self._pay(intent))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pay(intent))
+            if self.refund_share > 0 and self.refund_rng.random() < self.refund_share:
+                refund = self._plan_refund(client)
+                if refund is not None:
+                    self.refunds.append(refund)
+                    self._spawn(self._refund(refund))
             n += 1
             # Fixed schedule (open loop): a slow answer does not slow the arrivals down,
             # as with real users.

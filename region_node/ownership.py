@@ -191,6 +191,14 @@ async def _current(conn: AsyncConnection, home_region: str, *,
     return (await conn.execute(_CURRENT_OF, {"home": home_region})).one_or_none()
 
 
+async def serving_region(conn: AsyncConnection, home_region: str) -> str:
+    """Inside a transaction: the region serving `home_region` now (the home itself while
+    it is not in the log), with the home's ownership lock held shared until commit, so no
+    ban or takeover at this region commits before the caller does."""
+    row = await _current(conn, home_region, exclusive=False)
+    return str(row.serving_region) if row is not None else home_region
+
+
 async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -> int:
     """Inside a writing transaction: fail unless `region` serves `home_region` under an
     epoch that is not banned; returns the epoch (0: the home is not in the log yet and

@@ -17,11 +17,21 @@ Both money resolutions need the credit parked in suspense first (`region_node.su
 
 The resolution row (``reconciliation_resolutions``, replicated, insert-only) is keyed
 like the item, so an item is settled once cluster-wide (409 ``already_resolved``). That
-key must only ever be inserted by ONE region (`resolver`): for an orphan credit the
-region whose clearing account paid it (it alone writes its suspense, clearing and funding
-accounts, and it credited the payee), for every other item the region serving the item's
-home region. The row, the posting and the caller's audit row commit in one transaction;
-concurrent resolves of one item queue on the row's key and all but one get 409.
+key must only ever be inserted by ONE region (`resolver`), fenced by an ownership epoch:
+for an orphan credit the region serving the payee's home right now (a claw-back writes the
+payee's account, which only that region may write), for an orphan refund credit the
+region whose clearing account paid it (it alone writes its suspense and funding accounts),
+for every other item the region serving the item's home region. The row, the posting and
+the caller's audit row commit in one transaction; concurrent resolves of one item queue
+on the row's key and all but one get 409.
+
+Suspense accounts are per region, like clearing accounts: the credit region parked the
+orphan credit in ITS suspense account (-amount), and a claw-back or write-off posts
++amount into the RESOLVING region's suspense account. When those differ (the payee's home
+moved since, e.g. by a planned handover), each region's suspense balance stays non-zero
+and their sum per currency is zero, exactly as the clearing accounts of a settled
+cross-region payment: the open exposure is the cluster-wide sum, which the invariants
+(`cluster.invariants`) and the reconciliation listing count.
 """
 
 from __future__ import annotations
@@ -35,8 +45,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import ledger, schema, suspense
+from region_node import ledger, ownership, schema, suspense
 from region_node.errors import Conflict, InvalidRequest, NotFound
+from region_node.ids import parse_id
 
 R = schema.reconciliation_resolutions
 
@@ -74,19 +85,32 @@ class Item:
         return {"home": self.home_region, "epoch": self.takeover_epoch, "item": self.item_id}
 
 
-def resolver_region(item_kind: str, detail: dict[str, Any], serving_home: str) -> str | None:
-    """The one region allowed to settle an item of `item_kind` with `detail`: an orphan
-    credit's credit region (None if it names none), else `serving_home` (the region
-    serving the item's home region right now)."""
+def payee_home(detail: dict[str, Any]) -> str | None:
+    """The home region of an orphan credit's payee, as the lost transfer named it
+    (``to_home``); the same in every region's copy of the item."""
+    value = detail.get("to_home")
+    return str(value) if value else None
+
+
+def resolver_region(item_kind: str, detail: dict[str, Any], serving_home: str,
+                    serving_payee_home: str | None = None) -> str | None:
+    """The one region allowed to settle an item of `item_kind` with `detail`.
+
+    An orphan credit: `serving_payee_home` (the region serving the payee's home region
+    right now), else, for an item that names no payee home, its credit region (None if it
+    names none either). An orphan refund credit: its credit region. Any other item:
+    `serving_home` (the region serving the item's home region right now)."""
+    if item_kind == suspense.ITEM_KIND and serving_payee_home:
+        return serving_payee_home
     if item_kind in (suspense.ITEM_KIND, suspense.REFUND_ITEM_KIND):
         value = detail.get("credit_region")
         return str(value) if value else None
     return serving_home
 
 
-def resolver(item: Item, serving_home: str) -> str:
-    """`resolver_region` of `item`; Conflict if an orphan credit names no credit region."""
-    region = resolver_region(item.item_kind, item.detail, serving_home)
+def resolver(item: Item, serving_home: str, serving_payee_home: str | None = None) -> str:
+    """`resolver_region` of `item`; Conflict if an orphan credit names no region."""
+    region = resolver_region(item.item_kind, item.detail, serving_home, serving_payee_home)
     if region is None:
         raise Conflict(f"Orphan credit {item.item_id} names no credit region",
                        code="not_resolvable")
@@ -111,6 +135,20 @@ async def get_item(conn: AsyncConnection, home_region: str, takeover_epoch: int,
     return Item(str(row.home_region), int(row.takeover_epoch), row.item_id,
                 str(row.item_kind), row.currency, None if row.amount is None
                 else int(row.amount), detail)
+
+
+async def _serving_payee_home(conn: AsyncConnection, item: Item) -> str | None:
+    """The region serving an orphan credit's payee's home now (None for other items, or
+    an orphan credit that names no payee)."""
+    if not item.is_orphan_credit:
+        return None
+    home = payee_home(item.detail)
+    if home is None:
+        payee = parse_id(str(item.detail.get("payee", "")))
+        if payee is None:
+            return None
+        home = (await ledger.get_account(conn, payee)).home_region
+    return await ownership.serving_region(conn, home)
 
 
 def _check_allowed(item: Item, resolution: str) -> None:
@@ -179,13 +217,16 @@ async def resolve(conn: AsyncConnection, *, region: str, item: Item, resolution:
                   journal_id: uuid.UUID) -> dict[str, Any]:
     """Settle `item` at `region` in the caller's transaction; returns the resolution.
 
-    The caller has fenced the home region whose accounts this writes (the item's home
-    for a non-orphan item, the payee's for a claw-back). `journal_id` (an id stamped with
-    `region`) names the posting of a claw-back or write-off. Errors roll everything back:
-    400 (resolution not allowed for the item's kind), 409 ``wrong_region``,
-    ``already_resolved`` or ``not_parked``, 402 ``insufficient_funds`` (claw-back)."""
+    The caller has fenced the home region whose accounts this writes and that makes it
+    the item's resolver (the item's home for a non-orphan item, the payee's home for an
+    orphan credit): `region` serves it. `journal_id` (an id stamped with `region`) names
+    the posting of a claw-back or write-off. Errors roll everything back: 400 (resolution
+    not allowed for the item's kind), 409 ``wrong_region``, ``already_resolved`` or
+    ``not_parked``, 402 ``insufficient_funds`` (claw-back)."""
     _check_allowed(item, resolution)
-    allowed = resolver(item, region)
+    # Under the caller's fence `region` serves the homes it was asked to act for, so it
+    # stands in for "the region serving them" here.
+    allowed = resolver(item, region, await _serving_payee_home(conn, item))
     if allowed != region:
         raise Conflict(f"Item {item.item_id} is settled by region {allowed}, not {region}: "
                        f"ask {allowed}", code="wrong_region")

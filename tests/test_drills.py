@@ -3,6 +3,9 @@ drill runs its client workload through the router, injects its fault, and the te
 the issue's numbers from the drill's own report.
 
 - planned: RPO 0, no duplicates, invariants hold, RTO under 10 s, failback clean;
+- every drill: merchants refund part of acknowledged payments (same- and cross-region)
+  while it runs; each acknowledged refund is stored once and ended (succeeded or failed,
+  nothing pending), or, lost in a local-mode tail, listed for reconciliation;
 - crash, regional mode: RPO 0 (the buddy has every acknowledged payment), empty tail;
 - crash, local mode: the lost tail is exactly what clients saw acknowledged and is
   missing (ids, count, amount), listed for reconciliation on the region's return;
@@ -43,9 +46,9 @@ from cluster.drill import (
     owner_of,
     run_drill_async,
 )
-from cluster.drill_measure import disruption
+from cluster.drill_measure import StoredRefund, StoredRefunds, disruption, refund_loss
 from cluster.drill_report import write_report
-from cluster.drill_workload import Attempt
+from cluster.drill_workload import Attempt, RefundIntent
 from cluster.lab import Cluster, is_ours, start_cluster, stop_cluster
 
 REGION = "eu-west"
@@ -109,6 +112,39 @@ def test_rto_is_measured_from_the_fault_to_recovery() -> None:
     assert got.longest_ack_gap == pytest.approx(1.9, abs=1e-6)  # acks at 1.15 and 3.05
 
 
+def test_refund_loss_names_every_way_a_refund_can_go_wrong() -> None:
+    """The refund check on hand-made answers and a store: a payment holding more refunds
+    than were asked for it and refunded beyond its amount, a refund still pending, a key
+    answered with two ids, an acknowledged refund missing (accounted for only if a lost
+    tail listed it), amount_refunded that differs from the succeeded refunds."""
+    def intent(key: str, pid: str, amount: int, *ids: str) -> RefundIntent:
+        return RefundIntent(key, "us-east", pid, "us-east", "eu-west", amount, 0.0,
+                            refund_id=ids[0] if ids else None, ids_seen=list(ids),
+                            result="acked" if ids else "refused")
+
+    intents = [intent("a", "p1", 10, "r1"), intent("b", "p1", 5, "r2", "r3"),
+               intent("c", "p2", 3, "r4"), intent("d", "p2", 4, "r5"), intent("e", "p3", 1)]
+    store = StoredRefunds(
+        [StoredRefund("r1", "p1", 10, "succeeded"), StoredRefund("r2", "p1", 5, "succeeded"),
+         StoredRefund("r3", "p1", 5, "pending"), StoredRefund("r6", "p3", 1, "succeeded")],
+        {"p1": (15, 15), "p2": (100, 7), "p3": (50, 0)})
+    got = refund_loss(intents, store, tail_refund_ids=["r4"])
+    assert (got.intents, got.acknowledged, got.cross_region) == (5, 4, 5)
+    assert [m["id"] for m in got.missing] == ["r4", "r5"] and got.listed_in_tail == ["r4"]
+    assert [m["id"] for m in got.unlisted_missing] == ["r5"]
+    assert got.not_ended == ["r3"] and got.client_saw_two_ids == ["b"]
+    assert got.more_refunds_than_asked == ["p1"] and got.over_refunded == ["p1"]
+    assert got.refunded_differs == ["p3"], "p2 lost a refund with the tail: not counted"
+    assert got.problems(tail_allowed=True) == [
+        "1 acknowledged refunds missing", "1 still pending", "1 answered with two ids",
+        "1 payments with more refunds than asked", "1 payments refunded beyond their amount",
+        "1 payments whose amount_refunded differs from their refunds"]
+    assert got.problems(tail_allowed=False)[0] == "2 acknowledged refunds missing"
+    clean = refund_loss(intents[:1], StoredRefunds([StoredRefund("r1", "p1", 10, "succeeded")],
+                                                   {"p1": (15, 10)}))
+    assert clean.problems(tail_allowed=False) == []
+
+
 @chaos
 async def test_planned_drill(lab: Cluster, tmp_path: Path) -> None:
     """Planned handover of eu-west and failback under load: RPO 0, no duplicates,
@@ -122,6 +158,9 @@ async def test_planned_drill(lab: Cluster, tmp_path: Path) -> None:
     assert result.loss.acknowledged > 0  # how many is load-dependent: a benchmark figure
     assert result.loss.rpo_count == 0 and result.loss.missing_amount == 0
     assert result.loss.duplicates == 0
+    # Merchants refunded during the handover too, each refund stored once and ended.
+    assert result.refunds is not None and result.refunds.acknowledged > 0, result.refunds
+    assert result.refunds.problems(tail_allowed=False) == []
     assert [f for f in result.findings if not f.ok] == []
     assert result.fault.rto_stable is not None and result.fault.rto_stable < 10.0
     assert result.converged_after is not None and result.diverged == []
@@ -140,6 +179,8 @@ def _common(result: DrillResult, region: str = REGION) -> None:
     assert result.loss is not None and result.fault is not None
     assert result.converged_after is not None and result.diverged == []
     assert result.loss.duplicates == 0
+    assert result.refunds is not None, "the refunds were not measured"
+    assert result.refunds.not_ended == [] and result.refunds.client_saw_two_ids == []
     assert [f for f in result.findings if not f.ok] == []
     assert result.fault.rto_first is not None
     back = [h for h in result.handovers if h["label"] == "failback"]
@@ -170,11 +211,14 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     listed for reconciliation on the region's return, never applied. Half the payments
     cross regions: a lost one whose transfer was already pushed to and credited by the
     payee's region is listed as an orphan credit, and that region parks the amount in
-    its suspense account, so the invariants hold in every region afterwards."""
+    its suspense account, so the invariants hold in every region afterwards. Merchants
+    refund meanwhile (more often than in the other drills, so a refund may fall into the
+    tail): one acknowledged and lost must be listed in the tail, its payer credit parked."""
     result = await run_drill_async(lab, DrillConfig("crash", REGION, duration=DURATION,
                                                     rate=RATE, hold=HOLD,
                                                     durability="local", tail_lag=1.0,
-                                                    cross_share=0.5), print)
+                                                    cross_share=0.5, refund_share=0.3),
+                                 print)
     _show(result, tmp_path / "report")
     _common(result)
     assert result.durability == "local"
@@ -194,13 +238,22 @@ async def test_crash_drill_local_lists_the_lost_tail(lab: Cluster, tmp_path: Pat
     assert credited == set(orphans) and set(orphans) <= set(tail)
     assert all(orphans[p] == tail[p] for p in orphans)
     assert record["recorded"] >= len(tail) + len(orphans)
+    # Refunds lost with the tail (started by eu-west for its merchants) are listed too;
+    # a lost refund the payer's region had credited already is an orphan refund credit.
+    lost_refunds = {str(r["id"]) for r in record["refunds"]}
+    assert result.refunds is not None
+    assert set(result.refunds.listed_in_tail) <= lost_refunds
+    assert result.refunds.unlisted_missing == [], result.refunds
+    refund_orphans = sum(int(c["amount"]) for c in record["orphan_refund_credits"])
     # Parked: the paying regions' suspense accounts hold exactly the orphan credits.
     parked = {r.name: _suspense_balance(r.dsn) for r in lab.regions}
-    assert set(parked.values()) == {-sum(orphans.values())}, parked
+    assert set(parked.values()) == {-sum(orphans.values()) - refund_orphans}, parked
     assert result.ok, [c for c in result.checks if not c.ok]
     print(f"lost tail: {len(tail)} payments, {sum(tail.values())} minor units; "
           f"acknowledged and missing: {len(missing)}, {sum(missing.values())}; "
-          f"orphan credits {len(orphans)}, {sum(orphans.values())}")
+          f"orphan credits {len(orphans)}, {sum(orphans.values())}; refunds in the tail "
+          f"{len(lost_refunds)}, acknowledged {len(result.refunds.listed_in_tail)}, "
+          f"orphan refund credits {len(record['orphan_refund_credits'])} ({refund_orphans})")
 
 
 def _suspense_balance(dsn: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner
 
 from cluster.cli import app as cli
+from cluster.cli import failover_targets
 from cluster.invariants import ledger_findings
 from cluster.lab import start_cluster
 from region_node import reconciliation, suspense, transfers
@@ -33,6 +35,7 @@ from region_node.db import Database
 from region_node.errors import Conflict
 from region_node.ids import new_id
 from region_node.regions import RegionCatalog
+from replication.failover import planned_handover
 from tests.conftest import app_client, auth_headers
 from tests.helpers import check_ledger, open_account, wait_for
 
@@ -261,7 +264,7 @@ async def test_only_admins_resolve(client: httpx.AsyncClient, db_url: str) -> No
     assert rows(db_url, "select count(*) from reconciliation_resolutions") == [(0,)]
 
 
-async def test_only_the_credit_region_resolves_an_orphan_credit(
+async def test_only_the_payees_owner_resolves_an_orphan_credit(
         client: httpx.AsyncClient, db_url: str) -> None:
     """The domain refuses a region that may not insert the resolution's key."""
     payee = await open_account(client, kind="merchant")
@@ -357,6 +360,88 @@ async def test_cli_and_forwarding_on_a_two_region_lab(tmp_path: Path) -> None:
         for region in (us, eu):
             wait_for(count_of(region.dsn, "reconciliation_resolutions", 2), 20,
                      f"both resolutions in {region.name}")
+            assert by_kind(region.dsn)["suspense"] == 0
+            failed = [f for f in ledger_findings(region.name, region.dsn) if not f.ok]
+            assert failed == [], failed
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _resolve_until_decided(http: httpx.AsyncClient, url: str, body: dict[str, Any],
+                                 headers: dict[str, str] | None = None) -> httpx.Response:
+    """POST a resolve, asked again (same key) while the answer is no decision: a 503 while
+    a node's ownership view still names the old owner right after a handover."""
+    deadline = time.monotonic() + 60
+    while True:
+        resp = await http.post(url, json=body, headers=headers)
+        if resp.status_code != 503:
+            return resp
+        assert time.monotonic() < deadline, resp.text
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.lab
+@pytest.mark.multiregion
+@pytest.mark.timeout(240)
+async def test_claw_back_wherever_the_payees_home_is_served(tmp_path: Path) -> None:
+    """eu-west credited its merchant for a payment lost with us-east and parked the credit
+    in eu-west's suspense account; then the merchant's home (eu-west) is handed over to
+    us-east. A claw-back sent to eu-west, which no longer owns the payee, is forwarded to
+    us-east and settled there, once: the merchant is debited, us-east's suspense account
+    takes the amount (eu-west's keeps the parked debit: per region like clearing, summing
+    to zero), a retry with the same key through us-east replays, another is 409."""
+    cluster = await asyncio.to_thread(start_cluster, tmp_path / "lab", regions=2,
+                                      wan_scale=0.0)
+    try:
+        us, eu = cluster.region("us-east"), cluster.region("eu-west")
+        headers = cluster.auth_headers()
+        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+            opened = await http.post(f"{eu.api_url}/v1/accounts", json={
+                "currency": "USD", "kind": "merchant", "home_region": "eu-west"})
+            assert opened.status_code == 201, opened.text
+            payee = opened.json()["id"]
+            orphan = await orphan_credit(eu.dsn, payee, region="eu-west", lost="us-east")
+            # The parking posting reaches us-east before it may settle the item.
+            wait_for(count_of(us.dsn, "reconciliation_items", 1), 30, "item in us-east")
+            wait_for(lambda: rows(us.dsn, "select count(*) from journal_entries "
+                                          "where entry_type = 'suspense'") == [(2,)],
+                     30, "the parking posting in us-east")
+
+            regions, lock_urls = failover_targets(cluster, "us-east")
+            over = await planned_handover(regions, lock_urls, "eu-west", "us-east",
+                                          headers=headers)
+            assert not over.aborted, over
+
+            item = {**request(orphan, "claw_back", "payee agreed"), "home_region": "us-east"}
+            key = {"Idempotency-Key": f"claw-{orphan}"}
+            done = await _resolve_until_decided(http, f"{eu.api_url}{RESOLVE}", item, key)
+            assert done.status_code == 201, done.text
+            assert done.headers["paycluster-served-by"] == "us-east"
+            assert done.json()["region"] == "us-east"
+            assert done.json()["resolution"] == "claw_back"
+            assert done.json()["amount"] == AMOUNT
+            replay = await _resolve_until_decided(http, f"{us.api_url}{RESOLVE}", item, key)
+            assert replay.status_code == 201, replay.text
+            assert replay.headers["idempotent-replayed"] == "true"
+            assert replay.json() == done.json()
+            again = await _resolve_until_decided(http, f"{eu.api_url}{RESOLVE}", item)
+            assert again.status_code == 409, again.text
+            assert again.json()["error"]["code"] == "already_resolved"
+            listing = (await http.get(f"{eu.api_url}/v1/admin/reconciliation")).json()
+            assert [(i["item_id"], i["resolver_region"], i["resolution"]["region"])
+                    for i in listing["items"]] == [(orphan, "us-east", "us-east")]
+
+        for region in (us, eu):
+            wait_for(count_of(region.dsn, "reconciliation_resolutions", 1), 30,
+                     f"the resolution in {region.name}")
+            wait_for(lambda dsn=region.dsn: rows(
+                dsn, "select count(*) from journal_entries where entry_type = 'claw_back'"
+            ) == [(2,)], 30, f"the claw-back posting in {region.name}")
+            assert rows(region.dsn, "select balance from accounts where id = %s",
+                        payee) == [(0,)], "credited once, clawed back once"
+            assert dict(rows(region.dsn, "select home_region, balance from accounts "
+                                         "where kind = 'suspense'")) == {
+                "eu-west": -AMOUNT, "us-east": AMOUNT}
             assert by_kind(region.dsn)["suspense"] == 0
             failed = [f for f in ledger_findings(region.name, region.dsn) if not f.ok]
             assert failed == [], failed

@@ -2,9 +2,10 @@
 them with their resolutions, and settle one (`region_node.reconciliation`). Admins only
 (every path here is under /v1/admin/, see api/auth.py).
 
-An item is settled by one region only (`reconciliation.resolver`); a resolve that
-arrives elsewhere is forwarded there over gRPC like any other write (api/routing.py),
-so an operator may call any region.
+An item is settled by one region only (`reconciliation.resolver`: for an orphan credit the
+region serving the payee's home, wherever that is now); a resolve that arrives elsewhere
+is forwarded there over gRPC like any other write (api/routing.py), so an operator may
+call any region.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ async def reconciliation_items(request: Request) -> JSONResponse:
         )).mappings().all()
     for item in items:
         serving = (await node.ownership.owner(item["home_region"])).serving_region
+        payee_home = reconciliation.payee_home(item["detail"] or {})
+        serving_payee = (None if payee_home is None
+                         else (await node.ownership.owner(payee_home)).serving_region)
         item["resolver_region"] = reconciliation.resolver_region(
-            item["item_kind"], item["detail"] or {}, serving)
+            item["item_kind"], item["detail"] or {}, serving, serving_payee)
 
     def plain(row: Any) -> dict[str, Any]:
         return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
@@ -65,21 +69,29 @@ async def resolve(body: ResolveReconciliationItem, request: Request) -> Response
     async with node.db.engine.connect() as conn:
         item = await reconciliation.get_item(conn, body.home_region, body.takeover_epoch,
                                              item_id)
+        # An orphan credit is settled where the payee's home is served (a claw-back writes
+        # the payee's account): a resolve arriving elsewhere goes to that owner like any
+        # write, which keeps one inserter of the resolution's key, fenced by the payee
+        # home's epoch. The listing names the payee's home; an item that does not is
+        # looked up by its payee's account.
         payee_home = None
-        if body.resolution == reconciliation.CLAW_BACK and "payee" in item.detail:
-            payee = parse_id(str(item.detail["payee"]))
-            if payee is not None:
+        if item.is_orphan_credit:
+            payee_home = reconciliation.payee_home(item.detail)
+            payee = parse_id(str(item.detail.get("payee", "")))
+            if payee_home is None and payee is not None:
                 payee_home = (await ledger.get_account(conn, payee)).home_region
     serving = (await node.ownership.owner(item.home_region)).serving_region
-    region = reconciliation.resolver(item, serving)
+    serving_payee = (None if payee_home is None
+                     else (await node.ownership.owner(payee_home)).serving_region)
+    region = reconciliation.resolver(item, serving, serving_payee)
     if region != node.region:
         return await forward(request, region)
-    # The ownership fence of the accounts written: the item's home for a non-orphan
-    # item; for an orphan credit our own system accounts, and the payee's home when the
-    # payee's account is debited.
-    # An orphan refund credit's write-off touches only our own system accounts.
-    home = ((payee_home or node.region) if item.is_orphan_credit
-            else node.region if item.is_orphan_refund_credit else item.home_region)
+    # The ownership fence of what is written and of who may insert the resolution: the
+    # payee's home for an orphan credit (our own suspense and funding accounts besides);
+    # our own system accounts only for an orphan refund credit (or an orphan credit that
+    # names no payee: its credit region settles it); the item's home for anything else.
+    home = (payee_home or node.region) if item.is_orphan_credit \
+        else node.region if item.is_orphan_refund_credit else item.home_region
     principal = principal_of(request)
     journal_id: uuid.UUID = node.new_id(node.region)
 
