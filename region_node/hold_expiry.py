@@ -59,6 +59,8 @@ class HoldExpiryWorker:
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until `stop` is set; errors are logged, never fatal."""
+        """Poll until `stop` is set; errors are logged, never fatal. While no hold
+        expires the polls back off to 4x `hold_expiry_poll_seconds` (a hold is released
+        that much later at worst; expiry is a recovery path, not a deadline)."""
         await run_every(stop, lambda: self.node.settings.hold_expiry_poll_seconds,
-                        self.run_once, "hold expiry pass")
+                        self.run_once, "hold expiry pass", idle_backoff=True)

@@ -23,6 +23,16 @@ from region_node.event_bus import BusEvent, BusUnavailable, EventBus
 
 log = logging.getLogger(__name__)
 
+# Prebuilt statements (no SQLAlchemy compilation or cache-key work per pass): the relay
+# runs every `outbox_poll_seconds` and after every full batch.
+_CLAIM = sa.text("""
+    select id, region, event_type, aggregate_id, payload from outbox
+     where region = :region and published_at is null
+     order by id limit :limit
+       for update skip locked
+""")
+_MARK = sa.text("update outbox set published_at = now() where id = any(cast(:ids as uuid[]))")
+
 
 class OutboxRelay:
     """Publishes unpublished outbox rows of `settings.region`, oldest first.
@@ -63,17 +73,11 @@ class OutboxRelay:
             self.bus_available = False
             return 0
         self.bus_available = True
-        outbox = schema.outbox
         # The row locks are held while publishing: that is what keeps a second relay off
         # these rows (it skips them) until they are marked and committed.
         async with self.db.engine.begin() as conn:
-            rows = (await conn.execute(
-                sa.select(outbox.c.id, outbox.c.region, outbox.c.event_type,
-                          outbox.c.aggregate_id, outbox.c.payload)
-                .where(self._unpublished())
-                .order_by(outbox.c.id)
-                .limit(self.settings.outbox_batch)
-                .with_for_update(skip_locked=True))).all()
+            rows = (await conn.execute(_CLAIM, {"region": self.settings.region,
+                                                "limit": self.settings.outbox_batch})).all()
             acked: list[uuid.UUID] = []
             for row in rows:
                 try:
@@ -88,8 +92,7 @@ class OutboxRelay:
                     break
                 acked.append(row.id)
             if acked:
-                await conn.execute(outbox.update().where(outbox.c.id.in_(acked))
-                                   .values(published_at=sa.func.now()))
+                await conn.execute(_MARK, {"ids": acked})
         return len(acked)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -76,6 +76,10 @@ class OwnershipMap:
         self.refresh_seconds = refresh_seconds
         self._owners: dict[str, Owner] = {}
         self._loaded_at = 0.0
+        # The refresh in flight, shared by every request that finds the map stale at
+        # the same time (single flight): without it, N concurrent requests ran N
+        # identical reads each time the map went stale.
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def bootstrap(self) -> None:
         """Claim our own home region at epoch 1 if nobody did yet (first start of a region).
@@ -102,8 +106,11 @@ class OwnershipMap:
     async def owner(self, home_region: str) -> Owner:
         """Who serves `home_region`; a home not in the table yet is served by itself."""
         if time.monotonic() - self._loaded_at > self.refresh_seconds:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self.refresh())
+            # shield: a cancelled request must not cancel the read the others wait for.
             with contextlib.suppress(Exception):
-                await self.refresh()
+                await asyncio.shield(self._refreshing)
         return self._owners.get(home_region, Owner(home_region, home_region, 0))
 
     def snapshot(self) -> list[Owner]:

@@ -12,6 +12,14 @@ into an outage of payments: every request of every merchant refused. Instead eac
 falls back, for a bounded time before it probes Redis again, to an in-process bucket with
 the same rate and burst: still a bound (at most nodes x limit across the region), with no
 network call. The outage is logged once when it starts and once when it ends.
+
+A busy key does not cost a Redis round trip per request. When Redis reports a bucket far
+from empty (at least LEASE_HEADROOM x the lease left), a node takes a few tokens at once
+(up to LEASE_MAX, and no more than LEASE_SECONDS of the key's rate) and spends them
+locally for at most LEASE_SECONDS; what it has not spent by then is dropped, never
+returned. Every admitted request still spends a token taken from the shared bucket, so
+the bound holds across the region; a near-empty bucket (the only case where sharing
+matters) is taken from one token at a time, exactly as before.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "ratelimit:"
 """Redis key of a bucket: KEY_PREFIX + key id."""
 
-# KEYS[1]: the bucket. ARGV: rate (tokens per second), burst (capacity).
-# Returns {admitted (1/0), microseconds until one token is back, whole tokens left}.
+# KEYS[1]: the bucket. ARGV: rate (tokens per second), burst (capacity), tokens wanted
+# (optional, default 1). Takes as many of them as there are whole tokens (at least 1, or
+# none). Returns {tokens taken (0: refused), microseconds until one token is back, whole
+# tokens left}.
 # Time in integer microseconds from the Redis server's TIME: every node of the region
 # reads the same clock. A bucket not seen before starts full. The TTL is the time to
 # refill completely: after that a missing bucket and a full one are the same thing.
@@ -59,11 +69,12 @@ if now > ts then
   ts = now
 end
 if tokens > burst then tokens = burst end
+local wanted = tonumber(ARGV[3] or '1')
 local admitted = 0
 local wait_us = 0
 if tokens >= 1 then
-  tokens = tokens - 1
-  admitted = 1
+  admitted = math.min(wanted, math.floor(tokens))
+  tokens = tokens - admitted
 else
   wait_us = math.ceil((1 - tokens) * 1000000 / rate)
 end
@@ -78,6 +89,22 @@ return {admitted, wait_us, math.floor(tokens)}
 _CONNECT_KW: dict[str, Any] = {"protocol": 2} | (
     {"driver_info": None}
     if "driver_info" in inspect.signature(aioredis.Connection.__init__).parameters else {})
+
+
+LEASE_MAX = 16
+"""Most tokens a node takes from a key's bucket in one round trip."""
+LEASE_HEADROOM = 8
+"""A lease of n tokens is taken only while at least n x this many are left."""
+LEASE_SECONDS = 0.25
+"""How long a node may spend the tokens of a lease; the rest are dropped."""
+
+
+@dataclass
+class _Lease:
+    """Tokens this node took from a key's shared bucket and has not spent yet."""
+
+    tokens: int
+    until: float  # monotonic
 
 
 @dataclass
@@ -105,6 +132,11 @@ class RateLimiter:
         self._script = redis.register_script(TAKE_SCRIPT)
         self._down_until = 0.0  # monotonic; while in the future, use the local buckets
         self._local: dict[str, _LocalBucket] = {}
+        self._leases: dict[str, _Lease] = {}
+        # Whole tokens the key's bucket had left at its last answer, and keys with a
+        # call to Redis in flight (only one of them asks for a lease at a time).
+        self._left: dict[str, int] = {}
+        self._asking: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, default_rate: float, default_burst: int, *,
@@ -132,10 +164,26 @@ class RateLimiter:
         """Take one token from the key's bucket; raise RateLimited (with the seconds until
         one token is back) when it is empty."""
         eff_rate, eff_burst = self.limits(rate, burst)
-        if time.monotonic() >= self._down_until:
+        now = time.monotonic()
+        if now >= self._down_until:
+            lease = self._leases.get(key_id)
+            if lease is not None:
+                if lease.until > now and lease.tokens > 0:
+                    lease.tokens -= 1  # taken from the shared bucket already
+                    return
+                del self._leases[key_id]
+            wanted = 1
+            asker = key_id not in self._asking
+            if asker:
+                # Ask for a lease only while the bucket is far from empty; its size is
+                # what this key spends in LEASE_SECONDS at its full rate, at most.
+                self._asking.add(key_id)
+                wanted = max(1, min(LEASE_MAX, self._left.get(key_id, 0) // LEASE_HEADROOM,
+                                    int(eff_rate * LEASE_SECONDS)))
             try:
-                admitted, wait_us, _ = await self._script(
-                    keys=[KEY_PREFIX + key_id], args=[repr(eff_rate), str(eff_burst)])
+                taken, wait_us, left = await self._script(
+                    keys=[KEY_PREFIX + key_id],
+                    args=[repr(eff_rate), str(eff_burst), str(wanted)])
             except (RedisError, OSError, RuntimeError) as exc:
                 # RuntimeError: under uvloop a write to a transport the peer just closed.
                 self._went_down(exc)
@@ -144,10 +192,34 @@ class RateLimiter:
                     self._down_until = 0.0
                     self._local.clear()
                     log.warning("rate limiter: Redis reachable again; shared buckets resumed")
-                if not int(admitted):
+                if int(left) >= 2 * LEASE_HEADROOM:
+                    if len(self._left) >= 10_000:  # a bound for many keys
+                        self._left.clear()
+                    self._left[key_id] = int(left)
+                else:
+                    self._left.pop(key_id, None)
+                if not int(taken):
                     self._refuse(int(wait_us) / 1e6)
+                if int(taken) > 1:
+                    self._lease(key_id, int(taken) - 1)
                 return
+            finally:
+                if asker:
+                    self._asking.discard(key_id)
         self._take_local(key_id, eff_rate, eff_burst)
+
+    def _lease(self, key_id: str, tokens: int) -> None:
+        """Keep `tokens` taken from the key's shared bucket for this node's next requests."""
+        lease = self._leases.get(key_id)
+        until = time.monotonic() + LEASE_SECONDS
+        if lease is None or lease.until <= time.monotonic():
+            self._leases[key_id] = _Lease(tokens, until)
+        else:
+            lease.tokens += tokens
+            lease.until = until
+        if len(self._leases) > 10_000:  # a bound for many keys: drop the expired ones
+            now = time.monotonic()
+            self._leases = {k: v for k, v in self._leases.items() if v.until > now}
 
     def _went_down(self, exc: BaseException) -> None:
         first = not self._down_until

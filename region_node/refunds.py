@@ -60,6 +60,22 @@ FAILED = "failed"
 CREDITED = "credited"
 REJECTED = "rejected"
 
+# The refund worker's polls (every `transfer_poll_seconds`, usually finding nothing):
+# prebuilt, no SQLAlchemy compilation or cache-key work per poll. The status is spelled
+# out (PENDING): the predicate of the partial index ix_refunds_pending.
+_INBOUND_PENDING = sa.text("""
+    select r.* from refunds r
+      left join refund_results rr on rr.refund_id = r.id
+     where r.status = 'pending' and r.payer_home = any(cast(:homes as text[]))
+       and r.payer_home <> r.home_region and rr.refund_id is null
+     order by r.created_at limit :limit
+""")
+_OUTBOUND_SETTLEABLE = sa.text("""
+    select rr.* from refund_results rr join refunds r on r.id = rr.refund_id
+     where r.status = 'pending' and r.home_region = any(cast(:homes as text[]))
+     order by r.created_at limit :limit
+""")
+
 
 @dataclass(frozen=True)
 class RefundMessage:
@@ -378,21 +394,14 @@ async def inbound_pending(conn: AsyncConnection, *, homes: list[str],
                           limit: int) -> list[RefundMessage]:
     """Pending cross-region refunds (replicated in) to payers of homes we serve that have
     no result yet."""
-    rows = (await conn.execute(
-        sa.select(R).outerjoin(RR, RR.c.refund_id == R.c.id)
-        .where(R.c.status == PENDING, R.c.payer_home.in_(homes),
-               R.c.payer_home != R.c.home_region, RR.c.refund_id.is_(None))
-        .order_by(R.c.created_at).limit(limit))).all()
+    rows = (await conn.execute(_INBOUND_PENDING, {"homes": homes, "limit": limit})).all()
     return [RefundMessage.from_row(r) for r in rows]
 
 
 async def outbound_settleable(conn: AsyncConnection, *, homes: list[str],
                               limit: int) -> list[RefundOutcome]:
     """Our pending refunds whose result has replicated back."""
-    rows = (await conn.execute(
-        sa.select(RR).join(R, R.c.id == RR.c.refund_id)
-        .where(R.c.status == PENDING, R.c.home_region.in_(homes))
-        .order_by(R.c.created_at).limit(limit))).all()
+    rows = (await conn.execute(_OUTBOUND_SETTLEABLE, {"homes": homes, "limit": limit})).all()
     return [RefundOutcome(r.refund_id, r.outcome, r.reason, r.payer_id) for r in rows]
 
 

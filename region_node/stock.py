@@ -34,6 +34,15 @@ AL = schema.sku_allotments
 G = schema.stock_grants
 GR = schema.stock_grant_receipts
 
+# The stock mover's poll (every `transfer_poll_seconds`, usually finding nothing):
+# prebuilt, no SQLAlchemy compilation or cache-key work per poll.
+_GRANTS_PENDING = sa.text("""
+    select g.* from stock_grants g
+      left join stock_grant_receipts r on r.grant_id = g.id
+     where g.to_region = :me and r.grant_id is null
+     order by g.created_at limit :limit
+""")
+
 MODES = ("escrow", "strict")
 
 
@@ -195,10 +204,7 @@ async def receive_grant(conn: AsyncConnection, *, grant: Grant, me: str) -> bool
 
 async def grants_pending(conn: AsyncConnection, *, me: str, limit: int = 100) -> list[Grant]:
     """Grants to this region (replicated in) that it has not received yet."""
-    rows = (await conn.execute(
-        sa.select(G).outerjoin(GR, GR.c.grant_id == G.c.id)
-        .where(G.c.to_region == me, GR.c.grant_id.is_(None))
-        .order_by(G.c.created_at).limit(limit))).all()
+    rows = (await conn.execute(_GRANTS_PENDING, {"me": me, "limit": limit})).all()
     return [Grant.from_row(r) for r in rows]
 
 

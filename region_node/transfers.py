@@ -39,6 +39,23 @@ from region_node.payment_view import to_api
 T = schema.transfers
 TR = schema.transfer_results
 P = schema.payments
+
+# The transfer worker's polls (every `transfer_poll_seconds`, usually finding nothing):
+# prebuilt, no SQLAlchemy compilation or cache-key work per poll. The status is spelled
+# out (st.PROCESSING): a partial index's predicate, which a bound parameter would hide.
+_INBOUND_PENDING = sa.text("""
+    select t.* from transfers t
+      left join transfer_results tr on tr.transfer_id = t.id
+     where t.to_home = any(cast(:homes as text[])) and tr.transfer_id is null
+     order by t.created_at limit :limit
+""")
+_OUTBOUND_SETTLEABLE = sa.text("""
+    select p.id, tr.transfer_id, tr.outcome, tr.reason from payments p
+      join transfers t on t.payment_id = p.id
+      join transfer_results tr on tr.transfer_id = t.id
+     where p.status = 'processing' and p.home_region = any(cast(:homes as text[]))
+     limit :limit
+""")
 log = logging.getLogger(__name__)
 
 
@@ -170,21 +187,14 @@ async def settle(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
 async def inbound_pending(conn: AsyncConnection, *, homes: list[str],
                           limit: int) -> list[TransferMessage]:
     """Transfer messages (replicated in) for homes we serve that have no result yet."""
-    rows = (await conn.execute(
-        sa.select(T).outerjoin(TR, TR.c.transfer_id == T.c.id)
-        .where(T.c.to_home.in_(homes), TR.c.transfer_id.is_(None))
-        .order_by(T.c.created_at).limit(limit))).all()
+    rows = (await conn.execute(_INBOUND_PENDING, {"homes": homes, "limit": limit})).all()
     return [TransferMessage.from_row(r) for r in rows]
 
 
 async def outbound_settleable(conn: AsyncConnection, *, homes: list[str],
                               limit: int) -> list[tuple[uuid.UUID, TransferOutcome]]:
     """Our `processing` payments whose result has replicated back."""
-    rows = (await conn.execute(
-        sa.select(P.c.id, TR.c.transfer_id, TR.c.outcome, TR.c.reason)
-        .join(T, T.c.payment_id == P.c.id).join(TR, TR.c.transfer_id == T.c.id)
-        .where(P.c.status == st.PROCESSING, P.c.home_region.in_(homes))
-        .limit(limit))).all()
+    rows = (await conn.execute(_OUTBOUND_SETTLEABLE, {"homes": homes, "limit": limit})).all()
     return [(r.id, TransferOutcome(r.transfer_id, r.outcome, r.reason)) for r in rows]
 
 

@@ -22,6 +22,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +54,26 @@ PURGE_BATCH = 10_000
 # A lease outlives the longest POST (the client's total timeout) by this much, so it does
 # not expire under a live task; a node that died mid-POST delays the retry by this long.
 LEASE_MARGIN_SECONDS = 5.0
+
+# `_claim` when no delivery is in flight on this node: the due rows, at most `cap` per
+# endpoint (the earliest due first), leased for `lease`.
+_CLAIM_IDLE = sa.text("""
+    with ready as (
+        select delivery_id, due_at,
+               row_number() over (partition by endpoint_id order by due_at) as rn
+          from webhook_queue
+         where due_at <= now() and (lease_until is null or lease_until < now())),
+    due as (
+        select q.delivery_id from webhook_queue q
+         where q.delivery_id in (select delivery_id from ready where rn <= :cap)
+           and q.due_at <= now() and (q.lease_until is null or q.lease_until < now())
+         order by q.due_at limit :limit
+           for update of q skip locked)
+    update webhook_queue set lease_until = now() + :lease
+     where delivery_id in (select delivery_id from due)
+    returning delivery_id, endpoint_id, event_id, body, attempts, due_at, lease_until,
+              created_at
+""")
 
 
 def lease_seconds(timeout: float) -> float:
@@ -223,6 +244,12 @@ class WebhookWorker:
         # At most `cap` deliveries per endpoint in flight on this node, so a receiver that
         # hangs until the timeout holds a few of the worker's slots, never all of them.
         room: dict[uuid.UUID, int] = {e: max(cap - n, 0) for e, n in self._busy.items()}
+        if not room:
+            # Nothing in flight (an idle node's every-second look): the same claim as
+            # below with every endpoint's room at `cap`, prebuilt (no compilation).
+            rows = (await conn.execute(_CLAIM_IDLE, {"cap": cap, "limit": limit,
+                                                     "lease": lease})).all()
+            return await self._jobs(conn, rows)
         ready = sa.and_(Q.c.due_at <= sa.func.now(),
                         sa.or_(Q.c.lease_until.is_(None), Q.c.lease_until < sa.func.now()))
         full = [e for e, r in room.items() if r == 0]
@@ -241,6 +268,10 @@ class WebhookWorker:
         rows = (await conn.execute(
             Q.update().where(Q.c.delivery_id.in_(due.scalar_subquery()))
             .values(lease_until=sa.func.now() + lease).returning(*Q.c))).all()
+        return await self._jobs(conn, rows)
+
+    async def _jobs(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Job]:
+        """The claimed queue rows with their endpoints' URLs and active secrets."""
         if not rows:
             return []
         endpoint_ids = {r.endpoint_id for r in rows}

@@ -24,12 +24,25 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import schema
-from region_node.webhooks.store import EP, not_deleted
 
-OUTBOX = schema.outbox
-PENDING = schema.webhook_pending_events
 DLV = schema.webhook_deliveries
 Q = schema.webhook_queue
+
+# Prebuilt statements for what runs every `webhook_poll_seconds` (no SQLAlchemy
+# compilation or cache-key work per pass).
+_PENDING = sa.text("""
+    select o.id, o.event_type, o.aggregate_id, o.payload, o.created_at
+      from webhook_pending_events p join outbox o on o.id = p.event_id
+     where p.region = :region
+     order by p.event_id limit :limit
+       for update of p skip locked
+""")
+_SUBSCRIBERS = sa.text("""
+    select e.id, e.principal_id, e.event_types, e.receives_all from webhook_endpoints e
+     where not exists (select 1 from webhook_endpoint_deletions d where d.endpoint_id = e.id)
+""")
+_DONE = sa.text(
+    "delete from webhook_pending_events where event_id = any(cast(:ids as uuid[]))")
 
 
 @dataclass(frozen=True)
@@ -97,19 +110,11 @@ async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
     not replicated yet (a cross-region payee) is left for a later pass, for at most
     `wait_for_parties` after it was written; after that it goes to whoever is known.
     """
-    events = (await conn.execute(
-        sa.select(OUTBOX.c.id, OUTBOX.c.event_type, OUTBOX.c.aggregate_id, OUTBOX.c.payload,
-                  OUTBOX.c.created_at)
-        .join(PENDING, PENDING.c.event_id == OUTBOX.c.id)
-        .where(PENDING.c.region == region)
-        .order_by(PENDING.c.event_id).limit(limit)
-        .with_for_update(of=PENDING, skip_locked=True))).all()
+    events = (await conn.execute(_PENDING, {"region": region, "limit": limit})).all()
     if not events:
         return 0, 0
     subscribers = [Subscriber(r.id, r.principal_id, tuple(r.event_types), r.receives_all)
-                   for r in (await conn.execute(
-                       sa.select(EP.c.id, EP.c.principal_id, EP.c.event_types,
-                                 EP.c.receives_all).where(not_deleted()))).all()]
+                   for r in (await conn.execute(_SUBSCRIBERS)).all()]
     principals: dict[str, uuid.UUID | None] = {}
     parties: dict[uuid.UUID, list[str]] = {}
     if any(not s.receives_all for s in subscribers):
@@ -154,5 +159,5 @@ async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
                 for r in inserted])
         created = len(inserted)
     if done:
-        await conn.execute(PENDING.delete().where(PENDING.c.event_id.in_(done)))
+        await conn.execute(_DONE, {"ids": done})
     return len(done), created
