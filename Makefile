@@ -26,10 +26,11 @@ demo: venv
 
 # Two workers (pytest-xdist): the suite waits on servers more than it computes, so it keeps
 # both cores of a 2-core machine busy. loadfile keeps a module on one worker, so a module's
-# lab starts once. TEST_WORKERS=0 runs it in one process.
+# lab starts once. --no-loadscope-reorder keeps tests/conftest.py's order (slowest modules
+# first) instead of xdist's (most tests first). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The long, on-demand run: the model-based test of the books with fresh seeds and many
 # sequences, then schemathesis over the OpenAPI document with an admin and a customer key.
