@@ -83,14 +83,14 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         await node.ownership.bootstrap()
         transfer_worker = TransferWorker(node)
         app.state.transfer_worker = transfer_worker
-        # The reverse saga (refunds); set before gRPC serves, its ApplyRefund uses it.
-        refund_worker = RefundWorker(node, transfer_worker.served_homes)
+        # The reverse saga (refunds).
+        refund_worker = RefundWorker(node)
         app.state.refund_worker = refund_worker
         grpc_server = None
         if settings.grpc_port:
             # gRPC listens where the API does: loopback in the lab, the container's or
             # task's interfaces in a deployment (the other regions dial it).
-            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker,
+            grpc_server, grpc_service = await start_grpc_server(node, app,
                                                                 host=settings.api_host)
         lock_urls = [url for _, url in sorted(settings.lock_redis_urls.items())] or [
             settings.redis_url]

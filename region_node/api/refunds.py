@@ -22,8 +22,8 @@ from region_node.api.auth import caller, principal_header, principal_of
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.errors import NotFound
+from region_node.forwarding import FORWARD_HEADERS, FORWARDED_FROM
 from region_node.rpc import region_pb2 as pb
-from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
 
 router = APIRouter(prefix="/v1", tags=["refunds"], dependencies=[Depends(caller)])
 

@@ -12,9 +12,9 @@ from region_node.api.audit_trail import mark_audited
 from region_node.api.auth import principal_header
 from region_node.api.mutation import node_of
 from region_node.errors import InvalidRequest, NotFound, RegionUnavailable
+from region_node.forwarding import FORWARD_HEADERS, FORWARDED_FROM
 from region_node.ids import parse_id
 from region_node.rpc import region_pb2 as pb
-from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
 
 SERVED_BY = "Paycluster-Served-By"
 OWNER = "Paycluster-Owner"
