@@ -9,15 +9,17 @@ start that only in-process code knows, and api/auth.py trusts the principal only
 it. A client cannot forge it: it never sees the token, and the forwarder copies only
 FORWARD_HEADERS, never these two.
 
-This module imports no web or RPC framework, so both the HTTP side (api/) and the gRPC
-side (rpc/) use it without importing each other.
+`ForwardedRequest` and `ForwardedResponse` are what travels (rpc/wire.py converts them to
+and from protobuf). This module imports no web or RPC framework, so both the HTTP side
+(api/) and the gRPC side (rpc/) use it without importing each other.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 FORWARDED_FROM = "paycluster-forwarded-from"
 """HTTP header on a request that another region forwarded here: never forward it again."""
@@ -53,3 +55,32 @@ def trusted_forward_headers(app: Any, headers: dict[str, str]) -> dict[str, str]
 def token_matches(presented: str, expected: str) -> bool:
     """Whether a presented internal token is this process's (constant-time compare)."""
     return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class Header(NamedTuple):
+    """One header of a forwarded request or response (repeats and order are kept)."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """A public API request replayed at the region that owns its data."""
+
+    method: str
+    path: str
+    origin_region: str
+    query: str = ""
+    headers: tuple[Header, ...] = ()
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class ForwardedResponse:
+    """The owner's answer to a forwarded request, and which region served it."""
+
+    status: int
+    served_by: str
+    headers: tuple[Header, ...] = ()
+    body: bytes = b""

@@ -19,6 +19,7 @@ from cluster.servers import RegionServers, free_port
 from region_node import errors as e
 from region_node.app import create_app
 from region_node.config import RegionSettings
+from region_node.forwarding import ForwardedRequest
 from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
@@ -167,7 +168,7 @@ async def test_request_id_and_trace_cross_regions(servers: RegionServers) -> Non
         rid_token = request_id.set("rid-propagation-1")
         trace_token = traceparent.set(f"00-{trace_id}-00f067aa0ba902b7-01")
         try:
-            reply = await clients.forward("eu-west", pb.ForwardRequest(
+            reply = await clients.forward("eu-west", ForwardedRequest(
                 method="GET", path="/health/live", origin_region="us-east"))
         finally:
             request_id.reset(rid_token)

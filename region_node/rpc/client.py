@@ -10,7 +10,9 @@ import grpc
 
 from region_node import refunds, stock, transfers
 from region_node.errors import RegionUnavailable
+from region_node.forwarding import ForwardedRequest, ForwardedResponse
 from region_node.logs import request_id, traceparent
+from region_node.ownership import PeerOwnership
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc import wire
@@ -99,11 +101,12 @@ class PeerClients:
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
 
-    async def forward(self, peer: str, request: pb.ForwardRequest,
-                      deadline: float | None = None) -> pb.ForwardResponse:
-        """Run a public API request at `peer`."""
-        reply: pb.ForwardResponse = await self.call(peer, "Forward", request, deadline)
-        return reply
+    async def forward(self, peer: str, request: ForwardedRequest,
+                      deadline: float | None = None) -> ForwardedResponse:
+        """Run a public API request at `peer`; its answer."""
+        reply: pb.ForwardResponse = await self.call(
+            peer, "Forward", wire.forward_request_to_pb(request), deadline)
+        return wire.forward_response_from_pb(reply)
 
     async def apply_transfer(self, peer: str, message: transfers.TransferMessage,
                              deadline: float | None = None) -> transfers.TransferOutcome:
@@ -119,11 +122,11 @@ class PeerClients:
             peer, "ApplyRefund", wire.refund_message_to_pb(message), deadline)
         return wire.refund_outcome_from_pb(result)
 
-    async def ownership(self, peer: str, deadline: float | None = None) -> pb.OwnershipReply:
+    async def ownership(self, peer: str, deadline: float | None = None) -> PeerOwnership:
         """A peer's view of ownership."""
         reply: pb.OwnershipReply = await self.call(peer, "GetOwnership",
-                                                    pb.OwnershipRequest(), deadline)
-        return reply
+                                                   pb.OwnershipRequest(), deadline)
+        return wire.ownership_from_pb(reply)
 
     async def grant_stock(self, peer: str, request: stock.GrantRequest,
                           deadline: float | None = None) -> stock.Grant:

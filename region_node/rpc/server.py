@@ -15,9 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import refunds, stock, tracing, transfers
 from region_node.errors import PaymentError
-from region_node.forwarding import FORWARDED_FROM, trusted_forward_headers
+from region_node.forwarding import (
+    FORWARDED_FROM,
+    ForwardedResponse,
+    Header,
+    trusted_forward_headers,
+)
 from region_node.logs import request_id, traceparent
 from region_node.node import Node
+from region_node.ownership import PeerOwnership
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
 from region_node.rpc import wire
@@ -61,24 +67,24 @@ class RegionService(pb_grpc.RegionServicer):
                       context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         """Replay a public API request against this node's own app."""
         async def call() -> pb.ForwardResponse:
+            forwarded = wire.forward_request_from_pb(request)
             # A peer (authenticated by mutual TLS) may carry the caller's principal; our
             # own app trusts it only with this process's token (forwarding.py).
-            headers = trusted_forward_headers(self.app, {h.name: h.value
-                                                         for h in request.headers})
-            headers[FORWARDED_FROM] = request.origin_region or "unknown"
+            headers = trusted_forward_headers(self.app, dict(forwarded.headers))
+            headers[FORWARDED_FROM] = forwarded.origin_region or "unknown"
             # The call's metadata wins over copied headers: it is this hop's context.
             if request_id.get():
                 headers["x-request-id"] = request_id.get() or ""
             if traceparent.get():
                 headers["traceparent"] = traceparent.get() or ""
             headers.update(tracing.propagated.get())
-            resp = await self._http.request(
-                request.method, request.path + (f"?{request.query}" if request.query else ""),
-                content=request.body, headers=headers)
-            return pb.ForwardResponse(
-                status=resp.status_code, body=resp.content, served_by=self.node.region,
-                headers=[pb.Header(name=k, value=v) for k, v in resp.headers.items()
-                         if k.lower() not in ("content-length", "transfer-encoding")])
+            query = f"?{forwarded.query}" if forwarded.query else ""
+            resp = await self._http.request(forwarded.method, forwarded.path + query,
+                                            content=forwarded.body, headers=headers)
+            return wire.forward_response_to_pb(ForwardedResponse(
+                status=resp.status_code, served_by=self.node.region, body=resp.content,
+                headers=tuple(Header(k, v) for k, v in resp.headers.items()
+                              if k.lower() not in ("content-length", "transfer-encoding"))))
         return await self._guard(context, call)
 
     async def ApplyTransfer(self, request: pb.TransferMessage,
@@ -106,9 +112,8 @@ class RegionService(pb_grpc.RegionServicer):
         """This region's view of the ownership table."""
         async def call() -> pb.OwnershipReply:
             await self.node.ownership.refresh()
-            return pb.OwnershipReply(region=self.node.region, entries=[
-                pb.OwnershipEntry(home_region=o.home_region, serving_region=o.serving_region,
-                                  epoch=o.epoch) for o in self.node.ownership.snapshot()])
+            return wire.ownership_to_pb(PeerOwnership(
+                self.node.region, tuple(self.node.ownership.snapshot())))
         return await self._guard(context, call)
 
     async def GrantStock(self, request: pb.StockGrantRequest,

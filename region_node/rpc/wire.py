@@ -1,7 +1,8 @@
 """Protobuf conversion of the Region service's messages, in one place.
 
-Everything above `region_node/rpc/` speaks domain types (`transfers.TransferMessage`,
-`refunds.RefundOutcome`, `stock.Grant`...); the client converts on the way out and back,
+Everything above `region_node/rpc/` speaks domain types (`forwarding.ForwardedRequest`,
+`transfers.TransferMessage`, `refunds.RefundOutcome`, `stock.Grant`,
+`ownership.PeerOwnership`); the client converts on the way out and back,
 the server on the way in and out. A peer's request is untrusted input: the `*_from_pb`
 functions the server uses refuse malformed ids and non-positive amounts with
 InvalidRequest (the caller gets it back as the same domain error).
@@ -13,6 +14,8 @@ import uuid
 
 from region_node import refunds, stock, transfers
 from region_node.errors import InvalidRequest
+from region_node.forwarding import ForwardedRequest, ForwardedResponse, Header
+from region_node.ownership import Owner, PeerOwnership
 from region_node.rpc import region_pb2 as pb
 
 
@@ -27,6 +30,59 @@ def _positive(amount: int) -> int:
     if amount <= 0:
         raise InvalidRequest("amount must be positive", param="amount")
     return amount
+
+
+# --------------------------------------------------------------------------- forwarding
+
+def _headers_to_pb(headers: tuple[Header, ...]) -> list[pb.Header]:
+    return [pb.Header(name=h.name, value=h.value) for h in headers]
+
+
+def _headers_from_pb(headers: list[pb.Header]) -> tuple[Header, ...]:
+    return tuple(Header(h.name, h.value) for h in headers)
+
+
+def forward_request_to_pb(request: ForwardedRequest) -> pb.ForwardRequest:
+    """The wire form of a forwarded request (client side)."""
+    return pb.ForwardRequest(method=request.method, path=request.path, query=request.query,
+                             headers=_headers_to_pb(request.headers), body=request.body,
+                             origin_region=request.origin_region)
+
+
+def forward_request_from_pb(request: pb.ForwardRequest) -> ForwardedRequest:
+    """A peer's forwarded request (server side)."""
+    return ForwardedRequest(method=request.method, path=request.path,
+                            origin_region=request.origin_region, query=request.query,
+                            headers=_headers_from_pb(list(request.headers)),
+                            body=request.body)
+
+
+def forward_response_to_pb(response: ForwardedResponse) -> pb.ForwardResponse:
+    """The wire form of the owner's answer (server side)."""
+    return pb.ForwardResponse(status=response.status, body=response.body,
+                              served_by=response.served_by,
+                              headers=_headers_to_pb(response.headers))
+
+
+def forward_response_from_pb(reply: pb.ForwardResponse) -> ForwardedResponse:
+    """The owner's answer (client side)."""
+    return ForwardedResponse(status=reply.status, served_by=reply.served_by,
+                             headers=_headers_from_pb(list(reply.headers)), body=reply.body)
+
+
+# --------------------------------------------------------------------------- ownership
+
+def ownership_to_pb(view: PeerOwnership) -> pb.OwnershipReply:
+    """The wire form of this region's ownership view (server side)."""
+    return pb.OwnershipReply(region=view.region, entries=[
+        pb.OwnershipEntry(home_region=o.home_region, serving_region=o.serving_region,
+                          epoch=o.epoch) for o in view.entries])
+
+
+def ownership_from_pb(reply: pb.OwnershipReply) -> PeerOwnership:
+    """A peer's ownership view (client side)."""
+    return PeerOwnership(region=reply.region, entries=tuple(
+        Owner(e.home_region, e.serving_region, e.epoch) for e in reply.entries))
 
 
 # --------------------------------------------------------------------------- transfers
