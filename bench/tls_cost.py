@@ -32,7 +32,7 @@ from bench.stats import percentile
 from cluster.lab import start_cluster
 from cluster.pki import ensure_cluster_pki
 from cluster.servers import free_port, start_region_servers
-from region_node.rpc import region_pb2 as pb
+from region_node.forwarding import ForwardedRequest
 from region_node.rpc.client import PeerClients
 from region_node.rpc.tls import RpcTls
 from replication.wiring import subscribe, wait_until_replicating
@@ -46,7 +46,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 async def _forward_times(target: str, tls: RpcTls | None, calls: int,
                          new_channel: bool) -> list[float]:
-    request = pb.ForwardRequest(method="GET", path="/health/live", origin_region="eu-west")
+    request = ForwardedRequest(method="GET", path="/health/live", origin_region="eu-west")
     times: list[float] = []
     # The plaintext side is the test-only loopback mode (the cost baseline).
     clients = PeerClients("eu-west", {"us-east": target}, 5.0, tls=tls,

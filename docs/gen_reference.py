@@ -205,6 +205,9 @@ DESCRIPTIONS: dict[str, str] = {
     "PAYCLUSTER_OWNERSHIP_REFRESH_SECONDS": "how often the ownership cache is re-read",
     "PAYCLUSTER_TRANSFER_POLL_SECONDS": "how often the transfer worker scans replicated "
                                         "transfer messages and acknowledgements",
+    "PAYCLUSTER_SAGA_MAX_PUSHES_IN_FLIGHT": "count of gRPC pushes of transfers (and, "
+                                            "separately, refunds) running at once; beyond "
+                                            "it the periodic scan delivers the message",
     "PAYCLUSTER_REPLICATION_SLO_SECONDS": "lag above this is an SLO breach (readiness "
                                           "`degraded`, metric, log)",
     "PAYCLUSTER_HEARTBEAT_SECONDS": "how often this region writes its heartbeat row",

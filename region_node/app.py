@@ -61,10 +61,10 @@ def _ownership_leases(node: Node, settings: RegionSettings) -> OwnershipLeases |
         return None
     urls = [url for _, url in sorted(settings.lock_redis_urls.items())]
     leases = OwnershipLeases(node.db, settings.region, urls,
-                             ttl=settings.ownership_lease_ttl_seconds,
-                             renew=settings.ownership_lease_renew_seconds,
-                             margin=settings.ownership_lease_margin_seconds,
-                             op_timeout=settings.ownership_lease_op_timeout_seconds)
+                             ttl_seconds=settings.ownership_lease_ttl_seconds,
+                             renew_seconds=settings.ownership_lease_renew_seconds,
+                             margin_seconds=settings.ownership_lease_margin_seconds,
+                             op_timeout_seconds=settings.ownership_lease_op_timeout_seconds)
     ownership.register_guard(settings.region, leases)
     return leases
 
@@ -83,14 +83,14 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         await node.ownership.bootstrap()
         transfer_worker = TransferWorker(node)
         app.state.transfer_worker = transfer_worker
-        # The reverse saga (refunds); set before gRPC serves, its ApplyRefund uses it.
-        refund_worker = RefundWorker(node, transfer_worker.served_homes)
+        # The reverse saga (refunds).
+        refund_worker = RefundWorker(node)
         app.state.refund_worker = refund_worker
         grpc_server = None
         if settings.grpc_port:
             # gRPC listens where the API does: loopback in the lab, the container's or
             # task's interfaces in a deployment (the other regions dial it).
-            grpc_server, grpc_service = await start_grpc_server(node, app, transfer_worker,
+            grpc_server, grpc_service = await start_grpc_server(node, app,
                                                                 host=settings.api_host)
         lock_urls = [url for _, url in sorted(settings.lock_redis_urls.items())] or [
             settings.redis_url]
@@ -101,7 +101,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
         app.state.leases = leases
         if leases is not None:
             # Before serving: writes need the lease (an earlier run's must expire first).
-            await leases.start(wait=settings.ownership_lease_ttl_seconds + 2.0)
+            await leases.start(wait_seconds=settings.ownership_lease_ttl_seconds + 2.0)
             workers.append(leases.run)
         app.state.stock_mover = stock_mover
         if node.hot_path is not None:

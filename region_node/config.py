@@ -86,6 +86,9 @@ class RegionSettings(BaseSettings):
     grpc_insecure_loopback_only: bool = False
     ownership_refresh_seconds: float = Field(0.5, gt=0)
     transfer_poll_seconds: float = Field(0.2, gt=0)
+    # Pushes of a saga's messages (transfers, refunds; per worker) running at once; beyond
+    # it a push is not started and the scan delivers the message, one poll later.
+    saga_max_pushes_in_flight: int = Field(500, ge=1)
     replication_slo_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(1.0, gt=0)
 

@@ -14,7 +14,7 @@ must be renewed with a majority of the regions' Redis servers gives every owner 
   holds. Tokens only grow (`lock_service.quorum`), only the lease holder inserts, so no
   key is inserted twice. Writes (`ownership.assert_serving`) need a valid local lease
   whose token equals the store's current epoch, else 503 ``lease_lost``.
-- **Self-fencing.** A write may only *start* while more than ``ownership_lease_margin``
+- **Self-fencing.** A write may only *start* while more than ``ownership_lease_margin_seconds``
   of validity is left, and its transaction always gets a PostgreSQL
   ``transaction_timeout`` that ends before the lease does (also for a node paused past
   its lease, which no in-process timer could stop): a region that cannot renew
@@ -113,11 +113,11 @@ class HeldLease:
 class EpochRegister:
     """A max-register of (epoch, region) per home on a majority of the lock's servers."""
 
-    def __init__(self, urls: Sequence[str], op_timeout: float) -> None:
-        self.op_timeout = op_timeout
+    def __init__(self, urls: Sequence[str], op_timeout_seconds: float) -> None:
+        self.op_timeout_seconds = op_timeout_seconds
         self.clients = [aioredis.Redis.from_url(u, decode_responses=True,
-                                                socket_timeout=op_timeout,
-                                                socket_connect_timeout=op_timeout,
+                                                socket_timeout=op_timeout_seconds,
+                                                socket_connect_timeout=op_timeout_seconds,
                                                 protocol=2)
                         for u in urls]
         self.quorum = len(self.clients) // 2 + 1
@@ -125,7 +125,7 @@ class EpochRegister:
     async def _each(self, fn: Any) -> list[Any]:
         async def one(client: aioredis.Redis) -> Any:
             try:
-                async with asyncio.timeout(self.op_timeout):
+                async with asyncio.timeout(self.op_timeout_seconds):
                     return await fn(client)
             except Exception as exc:  # unreachable server: counts as no answer
                 return exc
@@ -165,21 +165,24 @@ class OwnershipLeases:
     that `ownership.assert_serving` consults (registered per region)."""
 
     def __init__(self, db: Database, region: str, lock_urls: Sequence[str], *,
-                 ttl: float = 3.0, renew: float = 1.0, margin: float = 1.0,
-                 op_timeout: float = 0.5) -> None:
-        if not 0 < margin < ttl or not 0 < renew < ttl - margin:
-            raise ValueError("need 0 < margin < ttl and 0 < renew < ttl - margin")
+                 ttl_seconds: float = 3.0, renew_seconds: float = 1.0,
+                 margin_seconds: float = 1.0, op_timeout_seconds: float = 0.5) -> None:
+        if (not 0 < margin_seconds < ttl_seconds
+                or not 0 < renew_seconds < ttl_seconds - margin_seconds):
+            raise ValueError("need 0 < margin_seconds < ttl_seconds and "
+                             "0 < renew_seconds < ttl_seconds - margin_seconds")
         self.db = db
         self.region = region
-        self.ttl = ttl
-        self.renew = renew
-        self.margin = margin
-        self.op_timeout = op_timeout
+        self.ttl_seconds = ttl_seconds
+        self.renew_seconds = renew_seconds
+        self.margin_seconds = margin_seconds
+        self.op_timeout_seconds = op_timeout_seconds
         self._fenced: set[int] = set()  # tokens whose writers were terminated
         self.locks = LockService(list(lock_urls), LockSettings(
-            redis_urls=list(lock_urls), ttl_seconds=ttl, renew_fraction=renew / ttl,
-            op_timeout_seconds=op_timeout, quarantine_seconds=max(15.0, ttl)))
-        self.register = EpochRegister(lock_urls, op_timeout)
+            redis_urls=list(lock_urls), ttl_seconds=ttl_seconds,
+            renew_fraction=renew_seconds / ttl_seconds, op_timeout_seconds=op_timeout_seconds,
+            quarantine_seconds=max(15.0, ttl_seconds)))
+        self.register = EpochRegister(lock_urls, op_timeout_seconds)
         self.held: dict[str, HeldLease] = {}
         self.released: set[str] = set()  # handed over: never re-acquired by `run`
         self._busy: dict[str, asyncio.Lock] = {}
@@ -200,7 +203,7 @@ class OwnershipLeases:
         if held is None:
             return None
         left = held.lease.remaining()
-        if left <= self.margin:
+        if left <= self.margin_seconds:
             return None
         return max(1, int((left - WRITE_SAFETY_SECONDS) * 1000))
 
@@ -208,7 +211,7 @@ class OwnershipLeases:
         """Raise 503 ``lease_lost`` unless a lease for `home` with token `epoch` is held
         with more than the margin left."""
         held = self.held.get(home)
-        if held is None or held.lease.remaining() <= self.margin:
+        if held is None or held.lease.remaining() <= self.margin_seconds:
             raise RegionUnavailable(f"Region {self.region} holds no valid ownership lease for "
                                     f"{home}; retry shortly", code="lease_lost")
         if held.token != epoch:
@@ -229,9 +232,9 @@ class OwnershipLeases:
     def _lock_for(self, home: str) -> asyncio.Lock:
         return self._busy.setdefault(home, asyncio.Lock())
 
-    async def take(self, home: str, *, wait: float, forced: bool = False,
+    async def take(self, home: str, *, wait_seconds: float, forced: bool = False,
                    takeover: dict[str, Any] | None = None) -> int:
-        """Acquire the lease of `home` (waiting up to `wait` seconds: an old owner's lease
+        """Acquire the lease of `home` (waiting up to `wait_seconds`: an old owner's lease
         must expire first) and make this region its owner under the lease's token;
         returns the epoch. Without `forced` the store's current epoch must be ours or
         banned (a planned handover, `ownership.take`); with it (crash or partition
@@ -248,7 +251,7 @@ class OwnershipLeases:
                 await self._drop(old, "re-acquired for a take")
             self.released.discard(home)
             try:
-                lease = await self.locks.acquire(lock_name(home), wait=wait)
+                lease = await self.locks.acquire(lock_name(home), wait=wait_seconds)
             except LockUnavailable as exc:
                 raise RegionUnavailable(f"ownership lease of {home} not granted: {exc}",
                                         code="lease_unavailable") from None
@@ -342,11 +345,11 @@ class OwnershipLeases:
             if home not in self.held and home not in self.released:
                 await self._try_keep(home)
 
-    async def start(self, wait: float) -> None:
-        """At node start: acquire the leases of the homes we serve, waiting up to `wait`
-        seconds (an earlier incarnation's lease must expire first); the rest is retried
-        by `run`."""
-        deadline = time.monotonic() + wait
+    async def start(self, wait_seconds: float) -> None:
+        """At node start: acquire the leases of the homes we serve, waiting up to
+        `wait_seconds` (an earlier incarnation's lease must expire first); the rest is
+        retried by `run`."""
+        deadline = time.monotonic() + wait_seconds
         while True:
             with contextlib.suppress(Exception):
                 await self.keep_all()
@@ -358,7 +361,7 @@ class OwnershipLeases:
     async def run(self, stop: asyncio.Event) -> None:
         """Background: keep holding the leases of the homes we serve, and fence off the
         writers of a lease that is running out (`_fence_loop`)."""
-        interval = max(0.05, self.ttl / 12)
+        interval = max(0.05, self.ttl_seconds / 12)
         fence = asyncio.create_task(self._fence_loop(stop), name="ownership-lease-fence")
         try:
             while not stop.is_set():
@@ -381,7 +384,8 @@ class OwnershipLeases:
         renewal was already overdue are bounded by their own transaction_timeout too."""
         while not stop.is_set():
             for held in list(self.held.values()):
-                if held.lease.remaining() <= self.margin and held.token not in self._fenced:
+                if (held.lease.remaining() <= self.margin_seconds
+                        and held.token not in self._fenced):
                     self._fenced.add(held.token)
                     try:
                         ended = await self._terminate_writers(held.home)

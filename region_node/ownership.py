@@ -67,6 +67,15 @@ class Owner:
     banned: bool = False
 
 
+@dataclass(frozen=True)
+class PeerOwnership:
+    """Another region's view of the ownership table (as its gRPC GetOwnership answers:
+    no ban flags)."""
+
+    region: str
+    entries: tuple[Owner, ...]
+
+
 class OwnershipMap:
     """Cached view of the current ownership epochs for one region node."""
 

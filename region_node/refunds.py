@@ -39,9 +39,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import access, ledger, schema
 from region_node import payment_states as st
+from region_node.db import Database
 from region_node.errors import Conflict, InvalidRequest, NotFound, RegionUnavailable
 from region_node.ids import new_id
 from region_node.outbox import write_event
+from region_node.ownership import assert_serving
 from region_node.payment_view import to_api as payment_to_api
 from region_node.principals import Principal
 
@@ -389,6 +391,32 @@ async def _rejection_reason(conn: AsyncConnection, payment: Row[Any] | None,
 
 
 # --------------------------------------------------------------------------- scans
+
+async def apply_message(db: Database, *, region: str,
+                        message: RefundMessage) -> RefundOutcome:
+    """Payer side, in its own transaction: credit one refund's payer here, fenced by
+    ownership (this region must serve the payer's home). What the gRPC server runs for a
+    peer's push and the saga worker for its own push and scan."""
+    async def step(conn: AsyncConnection) -> RefundOutcome:
+        await assert_serving(conn, region, message.to_home)
+        return await receive(conn, region=region, message=message)
+    return await db.transaction(step)
+
+
+async def finish(db: Database, *, region: str, refund_id: uuid.UUID,
+                 outcome: RefundOutcome) -> None:
+    """Payee side, in its own transaction: finish our refund from the payer region's
+    answer (no-op if already done or unknown here). Only the payee home's current owner
+    finishes its refunds (ownership fence)."""
+    async def step(conn: AsyncConnection) -> None:
+        home = (await conn.execute(sa.select(R.c.home_region).where(R.c.id == refund_id))
+                ).scalar_one_or_none()
+        if home is None:
+            return
+        await assert_serving(conn, region, home)
+        await settle(conn, region=region, refund_id=refund_id, outcome=outcome)
+    await db.transaction(step)
+
 
 async def inbound_pending(conn: AsyncConnection, *, homes: list[str],
                           limit: int) -> list[RefundMessage]:

@@ -69,6 +69,17 @@ class Grant:
         return cls(row.id, row.sku, row.from_region, row.to_region, row.units, row.fence)
 
 
+@dataclass(frozen=True)
+class GrantRequest:
+    """A region asking a donor for units of a SKU, under its quorum-lock fencing token."""
+
+    grant_id: uuid.UUID
+    sku: str
+    to_region: str
+    wanted: int
+    fence: int
+
+
 def split(stock: int, regions: list[str], mode: str, home: str) -> dict[str, int]:
     """Initial allotments: equal shares in escrow mode (the remainder to the first
     regions), everything at the SKU's home region in strict mode."""
@@ -184,6 +195,16 @@ async def give(conn: AsyncConnection, *, grant_id: uuid.UUID, sku: str, me: str,
         id=grant_id, sku=sku, from_region=me, to_region=to_region, units=units, fence=fence)
         .returning(*G.c))).one()
     return Grant.from_row(row)
+
+
+async def grant(conn: AsyncConnection, *, request: GrantRequest, me: str) -> Grant:
+    """Giver side of a peer's request (`give`): the answer names the request's grant,
+    SKU, regions and fence; units 0 when nothing is free."""
+    given = await give(conn, grant_id=request.grant_id, sku=request.sku, me=me,
+                       to_region=request.to_region, wanted=request.wanted,
+                       fence=request.fence)
+    return Grant(request.grant_id, request.sku, me, request.to_region,
+                 given.units if given else 0, request.fence)
 
 
 async def receive_grant(conn: AsyncConnection, *, grant: Grant, me: str) -> bool:

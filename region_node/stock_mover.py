@@ -28,7 +28,6 @@ from region_node import orders, stock
 from region_node.errors import PaymentError, RegionUnavailable
 from region_node.node import Node
 from region_node.periodic import run_every
-from region_node.rpc import region_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +73,13 @@ class StockMover:
                 break
             want = needed - gained if exact else max(needed - gained, math.ceil(free / 2))
             try:
-                reply = await self.node.peers.grant_stock(donor, pb.StockGrantRequest(
-                    grant_id=str(uuid.uuid4()), sku=sku, to_region=me, wanted=want,
-                    fence=token))
+                grant = await self.node.peers.grant_stock(donor, stock.GrantRequest(
+                    grant_id=uuid.uuid4(), sku=sku, to_region=me, wanted=want, fence=token))
             except PaymentError as exc:
                 log.info("no stock from %s for %s: %s", donor, sku, exc.message)
                 continue
-            if reply.units <= 0:
+            if grant.units <= 0:
                 continue
-            grant = stock.Grant(uuid.UUID(reply.grant_id), sku, reply.from_region,
-                                reply.to_region, reply.units, reply.fence)
             await self._receive(grant)
             gained += grant.units
         return gained

@@ -32,8 +32,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import ledger, schema
 from region_node import payment_states as st
+from region_node.db import Database
 from region_node.ids import new_id
 from region_node.outbox import write_event
+from region_node.ownership import assert_serving
 from region_node.payment_view import to_api
 
 T = schema.transfers
@@ -182,6 +184,32 @@ async def settle(conn: AsyncConnection, *, region: str, payment_id: uuid.UUID,
     await write_event(conn, region=region, event_type=event, aggregate_id=payment_id,
                       payload=to_api(row))
     return row
+
+
+async def apply_message(db: Database, *, region: str,
+                        message: TransferMessage) -> TransferOutcome:
+    """Payee side, in its own transaction: apply one message here, fenced by ownership
+    (this region must serve the payee's home). What the gRPC server runs for a peer's
+    push and the saga worker for its own push and scan."""
+    async def step(conn: AsyncConnection) -> TransferOutcome:
+        await assert_serving(conn, region, message.to_home)
+        return await receive(conn, region=region, message=message)
+    return await db.transaction(step)
+
+
+async def finish(db: Database, *, region: str, payment_id: uuid.UUID,
+                 outcome: TransferOutcome) -> None:
+    """Payer side, in its own transaction: finish our payment from the payee region's
+    answer (no-op if already done or unknown here). Only the payer home's current owner
+    finishes its payments (ownership fence)."""
+    async def step(conn: AsyncConnection) -> None:
+        home = (await conn.execute(sa.select(P.c.home_region).where(P.c.id == payment_id))
+                ).scalar_one_or_none()
+        if home is None:
+            return
+        await assert_serving(conn, region, home)
+        await settle(conn, region=region, payment_id=payment_id, outcome=outcome)
+    await db.transaction(step)
 
 
 async def inbound_pending(conn: AsyncConnection, *, homes: list[str],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import grpc
 import httpx
@@ -16,6 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.servers import RegionServers, free_port
 from region_node import errors as e
+from region_node.app import create_app
+from region_node.config import RegionSettings
+from region_node.forwarding import ForwardedRequest
 from region_node.logs import request_id, traceparent
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
@@ -112,7 +116,8 @@ async def test_grpc_error_mapping_and_health(servers: RegionServers) -> None:
                               tls=tls)
         try:
             with pytest.raises(e.InvalidRequest) as invalid:
-                await clients.apply_transfer("eu-west", pb.TransferMessage(
+                # Raw protobuf: no domain type can hold a malformed id.
+                await clients.call("eu-west", "ApplyTransfer", pb.TransferMessage(
                     id="not-a-uuid", payment_id="x", payer_id="x", payee_id="x",
                     from_home="us-east", to_home="eu-west", amount=1, currency="USD"))
             assert invalid.value.param == "id"
@@ -163,7 +168,7 @@ async def test_request_id_and_trace_cross_regions(servers: RegionServers) -> Non
         rid_token = request_id.set("rid-propagation-1")
         trace_token = traceparent.set(f"00-{trace_id}-00f067aa0ba902b7-01")
         try:
-            reply = await clients.forward("eu-west", pb.ForwardRequest(
+            reply = await clients.forward("eu-west", ForwardedRequest(
                 method="GET", path="/health/live", origin_region="us-east"))
         finally:
             request_id.reset(rid_token)
@@ -175,3 +180,22 @@ async def test_request_id_and_trace_cross_regions(servers: RegionServers) -> Non
         # Same trace, a new span at the other region.
         assert headers["traceresponse"].split("-")[1] == trace_id
         assert headers["traceresponse"].split("-")[2] != "00f067aa0ba902b7"
+
+
+async def test_pushes_in_flight_are_bounded(settings: RegionSettings) -> None:
+    # Beyond saga_max_pushes_in_flight a push is not started (the scan delivers such a
+    # message); once the running pushes end, new ones start again. Both sagas share it.
+    app = create_app(settings.model_copy(update={"saga_max_pushes_in_flight": 2}))
+    async with app.router.lifespan_context(app):
+        transfers, refunds = app.state.transfer_worker, app.state.refund_worker
+        assert refunds.max_pushes_in_flight == 2
+        started = [transfers.push_soon(uuid.uuid4()) for _ in range(5)]
+        assert started == [True, True, False, False, False]
+        assert transfers.pushes_in_flight == 2 and transfers.pushes_skipped == 3
+        # No such payments: each push finds no transfer message and ends.
+        deadline = time.monotonic() + 30
+        while transfers.pushes_in_flight:
+            assert time.monotonic() < deadline, "pushes never ended"
+            await asyncio.sleep(0.05)
+        assert transfers.push_soon(uuid.uuid4()) is True
+        assert transfers.pushes_skipped == 3

@@ -79,3 +79,25 @@ def test_no_package_imports_one_above_it() -> None:
     upward = {(f, m) for f, m in _imports() if not _allowed(f, m)}
     assert upward - KNOWN_UPWARD == set(), "new upward imports"
     assert KNOWN_UPWARD - upward == set(), "gone: remove them from KNOWN_UPWARD"
+
+
+def test_protobuf_stays_inside_rpc() -> None:
+    # The architecture's map: protobuf types stay inside region_node/rpc/ (rpc/wire.py
+    # converts them); everything else speaks domain types.
+    wire_modules = ("region_node.rpc.region_pb2", "region_node.rpc.region_pb2_grpc")
+    outside: set[str] = set()
+    for pkg in LAYERS + BESIDE:
+        for path in (ROOT / pkg).rglob("*.py"):
+            file = path.relative_to(ROOT).as_posix()
+            if file.startswith("region_node/rpc/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                else:
+                    continue
+                if any(n.startswith(wire_modules) for n in names):
+                    outside.add(file)
+    assert outside == set(), "protobuf imported outside region_node/rpc/"

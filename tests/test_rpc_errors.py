@@ -20,9 +20,9 @@ import pytest
 
 from cluster.servers import RegionServers
 from region_node import errors as e
-from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
 from region_node.rpc.errors import from_rpc_error, status_for, trailers_for
+from region_node.transfers import TransferMessage
 from tests.conftest import rpc_tls, two_regions
 
 
@@ -107,10 +107,10 @@ async def test_ownership_refusals_keep_their_code_through_real_grpc(
         clients = PeerClients("us-east", {"eu-west": f"127.0.0.1:{ports['eu-west']}"}, 5.0,
                               tls=rpc_tls(servers, "us-east"))
 
-        def message(to_home: str) -> pb.TransferMessage:
-            return pb.TransferMessage(
-                id=str(uuid.uuid4()), payment_id=str(uuid.uuid4()), payer_id=str(uuid.uuid4()),
-                payee_id=str(uuid.uuid4()), from_home="us-east", to_home=to_home, amount=1,
+        def message(to_home: str) -> TransferMessage:
+            return TransferMessage(
+                id=uuid.uuid4(), payment_id=uuid.uuid4(), payer_id=uuid.uuid4(),
+                payee_id=uuid.uuid4(), from_home="us-east", to_home=to_home, amount=1,
                 currency="USD")
         try:
             # eu-west does not serve us-east's accounts: not_owner, not a generic 503.

@@ -16,28 +16,26 @@ authenticates - adds a second header carrying a random token made at process sta
 (`app.state.internal_token`) that only in-process code knows; `caller` trusts a
 `paycluster-principal` header only next to that token. A client cannot forge it: it never
 sees the token, and the forwarder copies only an allow-list of client headers
-(FORWARD_HEADERS), never these two. The rate limit is taken once, where the request
-entered the cluster.
+(FORWARD_HEADERS), never these two. The header names, the allow-list and the token live
+in region_node/forwarding.py. The rate limit is taken once, where the request entered the
+cluster.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import secrets
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
 from region_node.access import require_admin as _require_admin
 from region_node.errors import Unauthenticated
+from region_node.forwarding import (
+    FORWARDED_PRINCIPAL,
+    INTERNAL_TOKEN,
+    new_internal_token,
+    token_matches,
+)
 from region_node.principals import Authenticator, Principal
-
-FORWARDED_PRINCIPAL = "paycluster-principal"
-"""Header with the principal a forwarding region authenticated (JSON)."""
-
-INTERNAL_TOKEN = "paycluster-internal-token"
-"""Header set only by this process's gRPC server when it replays a forwarded request."""
 
 ADMIN_PATHS = ("/v1/admin/", "/v1/replication/")
 """Paths only admins may call, whichever router serves them (operator and admin APIs)."""
@@ -46,17 +44,7 @@ ADMIN_PATHS = ("/v1/admin/", "/v1/replication/")
 def install(app: FastAPI, authenticator: Authenticator) -> None:
     """Give the app its authenticator and its per-process internal token."""
     app.state.authenticator = authenticator
-    app.state.internal_token = secrets.token_urlsafe(32)
-
-
-def trusted_forward_headers(app: Any, headers: dict[str, str]) -> dict[str, str]:
-    """Headers for replaying a forwarded request in-process (used by the gRPC server):
-    any token a peer sent is dropped, and ours is added when a principal came along."""
-    out = {k: v for k, v in headers.items() if k.lower() != INTERNAL_TOKEN}
-    token = getattr(app.state, "internal_token", None)
-    if token and any(k.lower() == FORWARDED_PRINCIPAL for k in out):
-        out[INTERNAL_TOKEN] = token
-    return out
+    app.state.internal_token = new_internal_token()
 
 
 def principal_header(request: Request) -> tuple[str, str] | None:
@@ -73,7 +61,7 @@ def _forwarded(request: Request) -> Principal | None:
     expected = getattr(request.app.state, "internal_token", None)
     if raw is None or token is None or not expected:
         return None
-    if not hmac.compare_digest(token.encode(), str(expected).encode()):
+    if not token_matches(token, str(expected)):
         return None
     try:
         return Principal.from_json(json.loads(raw))

@@ -86,11 +86,12 @@ async def ownership_take(request: Request) -> JSONResponse:
     home = _admin_home(body)
     leases = getattr(request.app.state, "leases", None)
     if leases is not None:
-        wait = body.get("wait", leases.ttl + 2.0)
+        wait = body.get("wait", leases.ttl_seconds + 2.0)
         if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
             raise InvalidRequest("wait must be a number of seconds", param="wait")
         takeover = body.get("takeover")
-        epoch = await leases.take(home, wait=float(wait), forced=body.get("forced") is True,
+        epoch = await leases.take(home, wait_seconds=float(wait),
+                                  forced=body.get("forced") is True,
                                   takeover=takeover if isinstance(takeover, dict) else None)
     else:
         epoch = body.get("epoch")
@@ -123,7 +124,8 @@ async def ownership_leases(request: Request) -> JSONResponse:
                              "leases": [], "events": []})
     now = time.monotonic()
     return JSONResponse({"region": node_of(request).region, "enabled": True,
-                         "ttl_seconds": leases.ttl, "margin_seconds": leases.margin,
+                         "ttl_seconds": leases.ttl_seconds,
+                         "margin_seconds": leases.margin_seconds,
                          "leases": leases.snapshot(),
                          "events": [{"ago_seconds": round(now - t, 3), "home_region": h,
                                      "event": e} for t, h, e in leases.events]})

@@ -22,8 +22,7 @@ from region_node.api.auth import caller, principal_header, principal_of
 from region_node.api.mutation import AfterCommit, Result, node_of, run_mutation
 from region_node.api.routing import existing_id, from_owner, home_of, owner_route
 from region_node.errors import NotFound
-from region_node.rpc import region_pb2 as pb
-from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
+from region_node.forwarding import FORWARD_HEADERS, FORWARDED_FROM, ForwardedRequest, Header
 
 router = APIRouter(prefix="/v1", tags=["refunds"], dependencies=[Depends(caller)])
 
@@ -55,15 +54,15 @@ async def _payee_home(request: Request, pid: uuid.UUID) -> str | Response | None
     # Not replicated here yet: the payer home's owner has the payment (a strong read, as
     # the caller, so its access rules apply).
     carried = principal_header(request)
-    headers = [pb.Header(name=k, value=v) for k, v in request.headers.items()
+    headers = [Header(k, v) for k, v in request.headers.items()
                if k.lower() in FORWARD_HEADERS and k.lower() not in ("content-type",
                                                                      "idempotency-key")
                and not (carried is not None and k.lower() == "authorization")]
     if carried is not None:
-        headers.append(pb.Header(name=carried[0], value=carried[1]))
-    reply = await node.peers.forward(owner, pb.ForwardRequest(
+        headers.append(Header(*carried))
+    reply = await node.peers.forward(owner, ForwardedRequest(
         method="GET", path=f"/v1/payments/{pid}", query="consistency=strong",
-        headers=headers, body=b"", origin_region=node.region))
+        headers=tuple(headers), body=b"", origin_region=node.region))
     if reply.status != 200:
         return Response(reply.body, status_code=reply.status, media_type="application/json")
     payment = json.loads(reply.body)

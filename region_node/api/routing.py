@@ -12,9 +12,8 @@ from region_node.api.audit_trail import mark_audited
 from region_node.api.auth import principal_header
 from region_node.api.mutation import node_of
 from region_node.errors import InvalidRequest, NotFound, RegionUnavailable
+from region_node.forwarding import FORWARD_HEADERS, FORWARDED_FROM, ForwardedRequest, Header
 from region_node.ids import parse_id
-from region_node.rpc import region_pb2 as pb
-from region_node.rpc.client import FORWARD_HEADERS, FORWARDED_FROM
 
 SERVED_BY = "Paycluster-Served-By"
 OWNER = "Paycluster-Owner"
@@ -93,14 +92,14 @@ async def forward(request: Request, owner: str) -> Response:
     # The principal this region authenticated goes along instead of the key itself: the
     # owner may not have the key yet (it replicates), see api/auth.py.
     carried = principal_header(request)
-    sent = [pb.Header(name=k, value=v) for k, v in request.headers.items()
+    sent = [Header(k, v) for k, v in request.headers.items()
             if k.lower() in FORWARD_HEADERS
             and not (carried is not None and k.lower() == "authorization")]
     if carried is not None:
-        sent.append(pb.Header(name=carried[0], value=carried[1]))
-    reply = await node.peers.forward(owner, pb.ForwardRequest(
+        sent.append(Header(*carried))
+    reply = await node.peers.forward(owner, ForwardedRequest(
         method=request.method, path=request.url.path, query=request.url.query,
-        headers=sent, body=body, origin_region=node.region))
+        headers=tuple(sent), body=body, origin_region=node.region))
     mark_audited(request)  # the owner wrote the audit row
     headers = {h.name: h.value for h in reply.headers
                if h.name.lower() not in ("x-request-id", "content-length",

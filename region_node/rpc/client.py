@@ -8,25 +8,20 @@ from typing import Any
 
 import grpc
 
+from region_node import refunds, stock, transfers
 from region_node.errors import RegionUnavailable
+from region_node.forwarding import ForwardedRequest, ForwardedResponse
 from region_node.logs import request_id, traceparent
+from region_node.ownership import PeerOwnership
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
+from region_node.rpc import wire
 from region_node.rpc.errors import from_rpc_error
 from region_node.rpc.tls import InsecureGrpcRefused, RpcTls, require_loopback
 from region_node.tracing import propagated
 
 ORIGIN_KEY = "paycluster-origin"
 """gRPC metadata key naming the calling region."""
-
-FORWARDED_FROM = "paycluster-forwarded-from"
-"""HTTP header on a request that another region forwarded here: never forward it again."""
-
-FORWARD_HEADERS = ("content-type", "idempotency-key", "x-request-id", "traceparent",
-                   "authorization", "user-agent", "accept",
-                   # The owner verifies a forwarded channel callback itself.
-                   "channel-signature")
-"""Request headers worth carrying to the owner; hop-by-hop and host headers are not."""
 
 
 def call_metadata(origin: str) -> tuple[tuple[str, str], ...]:
@@ -93,9 +88,12 @@ class PeerClients:
             self._channels[peer] = channel
         return pb_grpc.RegionStub(channel)
 
-    async def _call(self, peer: str, method: str, request: Any, deadline: float | None) -> Any:
-        """One unary call: the deadline, our metadata, and the peer's error rebuilt as the
-        domain error it raised (transport failures as RegionUnavailable)."""
+    async def call(self, peer: str, method: str, request: Any,
+                   deadline: float | None = None) -> Any:
+        """One unary call with a protobuf request (the typed methods below convert domain
+        types around it; tests use it to send what no domain type can hold): the deadline,
+        our metadata, and the peer's error rebuilt as the domain error it raised
+        (transport failures as RegionUnavailable)."""
         stub_method = getattr(self._stub(peer), method)
         try:
             return await stub_method(request, timeout=deadline or self.deadline,
@@ -103,35 +101,40 @@ class PeerClients:
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
 
-    async def forward(self, peer: str, request: pb.ForwardRequest,
-                      deadline: float | None = None) -> pb.ForwardResponse:
-        """Run a public API request at `peer`."""
-        reply: pb.ForwardResponse = await self._call(peer, "Forward", request, deadline)
-        return reply
+    async def forward(self, peer: str, request: ForwardedRequest,
+                      deadline: float | None = None) -> ForwardedResponse:
+        """Run a public API request at `peer`; its answer."""
+        reply: pb.ForwardResponse = await self.call(
+            peer, "Forward", wire.forward_request_to_pb(request), deadline)
+        return wire.forward_response_from_pb(reply)
 
-    async def apply_transfer(self, peer: str, message: pb.TransferMessage,
-                             deadline: float | None = None) -> pb.TransferResult:
-        """Push a transfer message to the payee's region."""
-        result: pb.TransferResult = await self._call(peer, "ApplyTransfer", message, deadline)
-        return result
+    async def apply_transfer(self, peer: str, message: transfers.TransferMessage,
+                             deadline: float | None = None) -> transfers.TransferOutcome:
+        """Push a transfer message to the payee's region; its answer."""
+        result: pb.TransferResult = await self.call(
+            peer, "ApplyTransfer", wire.transfer_message_to_pb(message), deadline)
+        return wire.transfer_outcome_from_pb(result)
 
-    async def apply_refund(self, peer: str, message: pb.RefundMessage,
-                           deadline: float | None = None) -> pb.RefundResult:
-        """Push a cross-region refund to the payer's region."""
-        result: pb.RefundResult = await self._call(peer, "ApplyRefund", message, deadline)
-        return result
+    async def apply_refund(self, peer: str, message: refunds.RefundMessage,
+                           deadline: float | None = None) -> refunds.RefundOutcome:
+        """Push a cross-region refund to the payer's region; its answer."""
+        result: pb.RefundResult = await self.call(
+            peer, "ApplyRefund", wire.refund_message_to_pb(message), deadline)
+        return wire.refund_outcome_from_pb(result)
 
-    async def ownership(self, peer: str, deadline: float | None = None) -> pb.OwnershipReply:
+    async def ownership(self, peer: str, deadline: float | None = None) -> PeerOwnership:
         """A peer's view of ownership."""
-        reply: pb.OwnershipReply = await self._call(peer, "GetOwnership",
-                                                    pb.OwnershipRequest(), deadline)
-        return reply
+        reply: pb.OwnershipReply = await self.call(peer, "GetOwnership",
+                                                   pb.OwnershipRequest(), deadline)
+        return wire.ownership_from_pb(reply)
 
-    async def grant_stock(self, peer: str, request: pb.StockGrantRequest,
-                          deadline: float | None = None) -> pb.StockGrantReply:
-        """Ask `peer` to give units of a SKU to this region."""
-        reply: pb.StockGrantReply = await self._call(peer, "GrantStock", request, deadline)
-        return reply
+    async def grant_stock(self, peer: str, request: stock.GrantRequest,
+                          deadline: float | None = None) -> stock.Grant:
+        """Ask `peer` to give units of a SKU to this region; what it gave (units 0:
+        none free)."""
+        reply: pb.StockGrantReply = await self.call(
+            peer, "GrantStock", wire.grant_request_to_pb(request), deadline)
+        return wire.grant_from_pb(reply)
 
     async def close(self) -> None:
         """Close every channel."""

@@ -14,17 +14,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from region_node import refunds, stock, tracing, transfers
-from region_node.api.auth import trusted_forward_headers
-from region_node.errors import InvalidRequest, PaymentError
+from region_node.errors import PaymentError
+from region_node.forwarding import (
+    FORWARDED_FROM,
+    ForwardedResponse,
+    Header,
+    trusted_forward_headers,
+)
 from region_node.logs import request_id, traceparent
 from region_node.node import Node
-from region_node.refund_worker import RefundWorker
+from region_node.ownership import PeerOwnership
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc import region_pb2_grpc as pb_grpc
-from region_node.rpc.client import FORWARDED_FROM
+from region_node.rpc import wire
 from region_node.rpc.errors import status_for, trailers_for
 from region_node.rpc.tls import RpcTls, require_loopback
-from region_node.transfer_worker import TransferWorker
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +36,12 @@ log = logging.getLogger(__name__)
 Resp = TypeVar("Resp")
 
 
-def _uuid(value: str, field: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field} is not a UUID", param=field) from exc
-
-
 class RegionService(pb_grpc.RegionServicer):
     """Implements paycluster.v1.Region for one node."""
 
-    def __init__(self, node: Node, app: FastAPI, transfer_worker: TransferWorker) -> None:
+    def __init__(self, node: Node, app: FastAPI) -> None:
         self.node = node
         self.app = app
-        self.transfer_worker = transfer_worker
         self._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                        base_url="http://forwarded")
 
@@ -71,57 +67,44 @@ class RegionService(pb_grpc.RegionServicer):
                       context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         """Replay a public API request against this node's own app."""
         async def call() -> pb.ForwardResponse:
+            forwarded = wire.forward_request_from_pb(request)
             # A peer (authenticated by mutual TLS) may carry the caller's principal; our
-            # own app trusts it only with this process's token (api/auth.py).
-            headers = trusted_forward_headers(self.app, {h.name: h.value
-                                                         for h in request.headers})
-            headers[FORWARDED_FROM] = request.origin_region or "unknown"
+            # own app trusts it only with this process's token (forwarding.py).
+            headers = trusted_forward_headers(self.app, dict(forwarded.headers))
+            headers[FORWARDED_FROM] = forwarded.origin_region or "unknown"
             # The call's metadata wins over copied headers: it is this hop's context.
             if request_id.get():
                 headers["x-request-id"] = request_id.get() or ""
             if traceparent.get():
                 headers["traceparent"] = traceparent.get() or ""
             headers.update(tracing.propagated.get())
-            resp = await self._http.request(
-                request.method, request.path + (f"?{request.query}" if request.query else ""),
-                content=request.body, headers=headers)
-            return pb.ForwardResponse(
-                status=resp.status_code, body=resp.content, served_by=self.node.region,
-                headers=[pb.Header(name=k, value=v) for k, v in resp.headers.items()
-                         if k.lower() not in ("content-length", "transfer-encoding")])
+            query = f"?{forwarded.query}" if forwarded.query else ""
+            resp = await self._http.request(forwarded.method, forwarded.path + query,
+                                            content=forwarded.body, headers=headers)
+            return wire.forward_response_to_pb(ForwardedResponse(
+                status=resp.status_code, served_by=self.node.region, body=resp.content,
+                headers=tuple(Header(k, v) for k, v in resp.headers.items()
+                              if k.lower() not in ("content-length", "transfer-encoding"))))
         return await self._guard(context, call)
 
     async def ApplyTransfer(self, request: pb.TransferMessage,
                             context: grpc.aio.ServicerContext) -> pb.TransferResult:
         """Credit a cross-region payment's payee exactly once (or say why not)."""
         async def call() -> pb.TransferResult:
-            message = transfers.TransferMessage(
-                id=_uuid(request.id, "id"), payment_id=_uuid(request.payment_id, "payment_id"),
-                payer_id=_uuid(request.payer_id, "payer_id"),
-                payee_id=_uuid(request.payee_id, "payee_id"), from_home=request.from_home,
-                to_home=request.to_home, amount=request.amount, currency=request.currency)
-            if message.amount <= 0:
-                raise InvalidRequest("amount must be positive", param="amount")
-            outcome = await self.transfer_worker.receive(message)
-            return pb.TransferResult(transfer_id=str(outcome.transfer_id),
-                                     outcome=outcome.outcome, reason=outcome.reason or "")
+            message = wire.transfer_message_from_pb(request)
+            outcome = await transfers.apply_message(self.node.db, region=self.node.region,
+                                                    message=message)
+            return wire.transfer_outcome_to_pb(outcome)
         return await self._guard(context, call)
 
     async def ApplyRefund(self, request: pb.RefundMessage,
                           context: grpc.aio.ServicerContext) -> pb.RefundResult:
         """Credit a cross-region refund's payer exactly once (or say why not)."""
         async def call() -> pb.RefundResult:
-            message = refunds.RefundMessage(
-                id=_uuid(request.id, "id"), payment_id=_uuid(request.payment_id, "payment_id"),
-                from_home=request.from_home, to_home=request.to_home, amount=request.amount,
-                currency=request.currency)
-            if message.amount <= 0:
-                raise InvalidRequest("amount must be positive", param="amount")
-            worker: RefundWorker = self.app.state.refund_worker
-            outcome = await worker.receive(message)
-            return pb.RefundResult(refund_id=str(outcome.refund_id), outcome=outcome.outcome,
-                                   reason=outcome.reason or "",
-                                   payer_id=str(outcome.payer_id) if outcome.payer_id else "")
+            message = wire.refund_message_from_pb(request)
+            outcome = await refunds.apply_message(self.node.db, region=self.node.region,
+                                                  message=message)
+            return wire.refund_outcome_to_pb(outcome)
         return await self._guard(context, call)
 
     async def GetOwnership(self, request: pb.OwnershipRequest,
@@ -129,27 +112,19 @@ class RegionService(pb_grpc.RegionServicer):
         """This region's view of the ownership table."""
         async def call() -> pb.OwnershipReply:
             await self.node.ownership.refresh()
-            return pb.OwnershipReply(region=self.node.region, entries=[
-                pb.OwnershipEntry(home_region=o.home_region, serving_region=o.serving_region,
-                                  epoch=o.epoch) for o in self.node.ownership.snapshot()])
+            return wire.ownership_to_pb(PeerOwnership(
+                self.node.region, tuple(self.node.ownership.snapshot())))
         return await self._guard(context, call)
 
     async def GrantStock(self, request: pb.StockGrantRequest,
                          context: grpc.aio.ServicerContext) -> pb.StockGrantReply:
         """Give units of a SKU from this region's allotment (fenced by the caller's token)."""
         async def call() -> pb.StockGrantReply:
-            me = self.node.region
-            grant_id = _uuid(request.grant_id, "grant_id")
+            wanted = wire.grant_request_from_pb(request)
 
-            async def step(conn: AsyncConnection) -> stock.Grant | None:
-                return await stock.give(conn, grant_id=grant_id, sku=request.sku, me=me,
-                                        to_region=request.to_region, wanted=request.wanted,
-                                        fence=request.fence)
-            grant = await self.node.db.transaction(step)
-            return pb.StockGrantReply(
-                grant_id=str(grant_id), sku=request.sku, from_region=me,
-                to_region=request.to_region, units=grant.units if grant else 0,
-                fence=request.fence)
+            async def step(conn: AsyncConnection) -> stock.Grant:
+                return await stock.grant(conn, request=wanted, me=self.node.region)
+            return wire.grant_to_pb(await self.node.db.transaction(step))
         return await self._guard(context, call)
 
     async def close(self) -> None:
@@ -157,11 +132,11 @@ class RegionService(pb_grpc.RegionServicer):
         await self._http.aclose()
 
 
-async def start_grpc_server(node: Node, app: FastAPI, transfer_worker: TransferWorker,
-                            host: str = "127.0.0.1") -> tuple[grpc.aio.Server, RegionService]:
+async def start_grpc_server(node: Node, app: FastAPI, host: str = "127.0.0.1"
+                            ) -> tuple[grpc.aio.Server, RegionService]:
     """Serve the Region service and grpc.health.v1 on settings.grpc_port."""
     server = grpc.aio.server()
-    service = RegionService(node, app, transfer_worker)
+    service = RegionService(node, app)
     pb_grpc.add_RegionServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
