@@ -75,7 +75,7 @@ from cluster.servers import (
     start_region_servers,
     stop_pid,
 )
-from cluster.wan import DEFAULT_RTT_MS, WanControl, default_latency
+from cluster.wan import DEFAULT_RTT_MS, WanControl, default_rtt_seconds
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def link_rtt(src: str, dst: str, scale: float = 1.0) -> float:
     for a pair neither knows or a negative scale.
     """
     if src == dst or frozenset({src, dst}) in DEFAULT_RTT_MS:
-        return default_latency(src, dst, scale)
-    default_latency(src, src, scale)  # validates the scale
+        return default_rtt_seconds(src, dst, scale)
+    default_rtt_seconds(src, src, scale)  # validates the scale
     try:
         return EXTRA_RTT_MS[frozenset({src, dst})] / 1000.0 * scale
     except KeyError:
