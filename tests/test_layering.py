@@ -36,7 +36,6 @@ KNOWN_UPWARD = {
     ("region_node/app.py", "replication.monitor"),
     ("replication/reconcile.py", "cluster.lab"),
     ("replication/reconcile.py", "cluster.servers"),
-    ("geo_router/__main__.py", "region_node.logs"),
 }
 
 
