@@ -1131,7 +1131,7 @@ def add_region(data_dir: Path, name: str, timeout: float = 120.0) -> Region:
     """Bring a new region into the running lab of `data_dir` (a `paycluster region add`).
 
     Starts the region's servers, adds WAN links to and from every region, migrates its
-    database, joins it to replication (`replication.wiring.add_region`: one copy of all
+    database, joins it to replication (`replication.join.add_region`: one copy of all
     data from a donor region, then streams from everyone), starts its node, and restarts
     every existing node, one at a time, so that it knows the new peer. cluster.json
     records every step. On failure the new region's processes are stopped (its WAN links
@@ -1179,14 +1179,14 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
                 cluster.links.append(_link_record(state))
         cluster.write()
         cluster.restart_gateways()
-        from replication import wiring
+        from replication import join, wiring
 
         _migrate(region.dsn)
         dbs = cluster.region_dbs()
         for other in existing:
             # A lab started with one region never published; the new region copies from it.
             wiring.create_publication(other.dsn)
-        wiring.add_region([dbs[o.name] for o in existing], dbs[name], timeout=timeout)
+        join.add_region([dbs[o.name] for o in existing], dbs[name], timeout=timeout)
         cluster.start_node(name)
     except BaseException:
         with cluster._lock:

@@ -45,7 +45,9 @@ from psycopg import sql
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
-from replication.align import align, cut_off, lsn_int, take_origin
+from replication.align import align, cut_off, take_origin
+from replication.errors import ReplicationError
+from replication.libpq import lsn_int
 from replication.wiring import set_enabled, slot_name, subscription_name
 
 log = logging.getLogger("replication.failover")
@@ -62,7 +64,7 @@ serving the payee's home (`refunds.home_region`) and finished by whoever serves 
 the payer's answer comes, perhaps the new owner."""
 
 
-class HandoverError(RuntimeError):
+class HandoverError(ReplicationError):
     """A handover could not start or finish; `report` says how far it got."""
 
     def __init__(self, message: str, report: HandoverReport | None = None) -> None:

@@ -29,13 +29,13 @@ from cluster.servers import PostgresServer, start_postgres
 from region_node.ids import new_id
 from region_node.migrate import upgrade
 from region_node.regions import RegionCatalog
+from region_node.replication_monitor import ConvergenceMonitor, HeartbeatWriter
 from region_node.schema import REPLICATED_TABLES
-from replication.monitor import ConvergenceMonitor, HeartbeatWriter
+from replication.join import add_region
+from replication.repair import resolve_duplicate_key
 from replication.wiring import (
     CONFLICT_COLUMNS,
     RegionDb,
-    add_region,
-    resolve_duplicate_key,
     subscription_status,
     wait_until_replicating,
     wire_cluster,
