@@ -1186,7 +1186,7 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
         for other in existing:
             # A lab started with one region never published; the new region copies from it.
             wiring.create_publication(other.dsn)
-        join.add_region([dbs[o.name] for o in existing], dbs[name], timeout=timeout)
+        join.add_region([dbs[o.name] for o in existing], dbs[name], timeout_seconds=timeout)
         cluster.start_node(name)
     except BaseException:
         with cluster._lock:

@@ -47,7 +47,7 @@ def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
     if region.node is not None and region.node.is_running():
         region.node.stop()
     start_store(cluster, name)
-    report = rebuild_region(name, cluster.region_dbs(), donor=donor, timeout=timeout)
+    report = rebuild_region(name, cluster.region_dbs(), donor=donor, timeout_seconds=timeout)
     if region.node is not None:
         cluster.restart_node(name)
     else:

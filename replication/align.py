@@ -90,18 +90,18 @@ def position(conn: psycopg.Connection[Any], publisher: str) -> str | None:
     return None if lsn in (None, "0/0", "0/00000000") else str(lsn)
 
 
-def cut_off(dsn: str, publisher: str, timeout: float = 15.0) -> str | None:
+def cut_off(dsn: str, publisher: str, timeout_seconds: float = 15.0) -> str | None:
     """Disable the subscription to `publisher` and return its position once its apply
     worker has exited (the position cannot move any more)."""
     set_enabled(dsn, publisher, False)
     with _connect(dsn) as conn:
         subid, _, _ = origin_of(conn, publisher)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_seconds
         while conn.execute("select 1 from pg_stat_subscription where subid = %s "
                            "and pid is not null", (subid,)).fetchone():
             if time.monotonic() > deadline:
                 raise AlignError(f"apply worker of {subscription_name(publisher)} did not "
-                                 f"stop within {timeout}s")
+                                 f"stop within {timeout_seconds}s")
             time.sleep(0.02)
         return position(conn, publisher)
 

@@ -99,8 +99,8 @@ class AddRegionReport:
 
 
 def _wait_workers_gone(conn: psycopg.Connection[dict[str, Any]], subids: list[int],
-                       timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+                       timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
     while True:
         row = conn.execute(
             "select count(*) as n from pg_stat_subscription"
@@ -109,7 +109,7 @@ def _wait_workers_gone(conn: psycopg.Connection[dict[str, Any]], subids: list[in
         if not row or not row["n"]:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"apply workers of {subids} still running after {timeout}s")
+            raise TimeoutError(f"apply workers of {subids} still running after {timeout_seconds}s")
         time.sleep(0.05)
 
 
@@ -186,7 +186,7 @@ def _copy_tables(src: psycopg.Connection[Any], dst_dsn: str,
 
 def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: RegionDb, *,
                donor: str | None = None, migrate: bool = True, streaming: str = "on",
-               timeout: float = 120.0) -> AddRegionReport:
+               timeout_seconds: float = 120.0) -> AddRegionReport:
     """Bring a new, empty region into a running cluster (see the module docstring).
 
     Migrates `new` (unless `migrate=False`), copies all data once from `donor` (default:
@@ -244,7 +244,7 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
 
     start_lsns: dict[str, str | None] = {}
     paused_at: float | None = None
-    paused_for = 0.0
+    paused_for_seconds = 0.0
     snapshot_lsn = ""
     rows: dict[str, int] = {}
     try:
@@ -265,7 +265,7 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
             set_enabled(d.dsn, other.name, False)
         with connect(d.dsn) as conn:
             _wait_workers_gone(conn, [int(donor_subs[o.name]["subid"]) for o in others],
-                               timeout=30.0)
+                               timeout_seconds=30.0)
             for other in others:
                 start_lsns[other.name] = origin_lsn(conn, int(donor_subs[other.name]["subid"]))
             origin_ids = {r["roname"]: int(r["roident"]) for r in conn.execute(
@@ -291,7 +291,7 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
             # The snapshot is held by `src` now: the donor can apply again.
             for other in others:
                 set_enabled(d.dsn, other.name, True)
-            paused_for = time.monotonic() - paused_at
+            paused_for_seconds = time.monotonic() - paused_at
             paused_at = None
 
             # 5. Copy, each row stamped with the origin its owner's changes arrive with.
@@ -341,7 +341,7 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
                     set_enabled(d.dsn, other.name, True)
                 except Exception:
                     log.exception("could not resume %s's subscription to %s", d.name, other.name)
-            paused_for = time.monotonic() - paused_at
+            paused_for_seconds = time.monotonic() - paused_at
 
     # 7. Every existing region follows the new one (nothing to copy: it has no rows of its
     #    own yet, and its copied rows predate these slots).
@@ -349,10 +349,11 @@ def add_region(existing: Mapping[str, RegionDb] | Iterable[RegionDb], new: Regio
         host, port = new.endpoint_for(region.name)
         subscribe(region.dsn, region.name, new.name, host, port, dbname=new.dbname,
                   streaming=streaming, user=new.replication_user)
-    wait_until_replicating(new.dsn, timeout=timeout)
+    wait_until_replicating(new.dsn, timeout_seconds=timeout_seconds)
     for region in regions.values():
-        wait_until_replicating(region.dsn, timeout=timeout, publishers=[new.name])
+        wait_until_replicating(region.dsn, timeout_seconds=timeout_seconds,
+                               publishers=[new.name])
     report = AddRegionReport(new.name, d.name, snapshot_lsn, start_lsns, rows,
-                             round(paused_for, 3), round(time.monotonic() - started, 3))
+                             round(paused_for_seconds, 3), round(time.monotonic() - started, 3))
     log.info("region %s joined: %s", new.name, report)
     return report

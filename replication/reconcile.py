@@ -190,16 +190,16 @@ select pid from pg_stat_activity
 """
 
 
-def end_sync_waiters(dsn: str, timeout: float = 15.0) -> int:
+def end_sync_waiters(dsn: str, timeout_seconds: float = 15.0) -> int:
     """Terminate every backend of the store at `dsn` that waits in ``SyncRep`` for a
     synchronous standby (see the module docstring: its commit completes locally and was
     never acknowledged), and wait until they are gone; returns how many there were.
-    Never waits for a standby itself. ReconcileError if some outlive `timeout`."""
-    deadline = time.monotonic() + timeout
+    Never waits for a standby itself. ReconcileError if some outlive `timeout_seconds`."""
+    deadline = time.monotonic() + timeout_seconds
     ended: set[int] = set()
     with _connect(dsn) as conn:
         conn.execute("set synchronous_commit = local")
-        conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
+        conn.execute(f"set statement_timeout = {int(timeout_seconds * 1000)}")
         while True:
             pids = [int(r[0]) for r in conn.execute(_SYNC_WAITERS).fetchall()]
             # A terminated backend's commit is visible once it has exited.
@@ -209,7 +209,7 @@ def end_sync_waiters(dsn: str, timeout: float = 15.0) -> int:
                 return len(ended)
             if time.monotonic() > deadline:
                 raise ReconcileError(f"backends {pids or alive} still wait for a synchronous "
-                                     f"standby after {timeout:g} s")
+                                     f"standby after {timeout_seconds:g} s")
             for pid in pids:
                 conn.execute("select pg_terminate_backend(%s)", (pid,))
                 ended.add(pid)
@@ -395,11 +395,11 @@ def _credits_made(dsns: list[str], payment_ids: list[str]) -> dict[str, str]:
 
 
 def wait_parked(stores: Mapping[str, RegionHandle], tail: LostTail,
-                timeout: float = 30.0) -> int:
+                timeout_seconds: float = 30.0) -> int:
     """Wait until every orphan credit of `tail` is parked in suspense by the region whose
     clearing account paid it (its node does it once the recorded item replicates there);
     returns how many there were. TimeoutError naming the ones still open."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     open_items = list(tail.orphan_credits)
     while open_items:
         still = []
@@ -411,7 +411,7 @@ def wait_parked(stores: Mapping[str, RegionHandle], tail: LostTail,
                     still.append(credit)
         open_items = still
         if open_items and time.monotonic() > deadline:
-            raise TimeoutError(f"orphan credits not parked within {timeout:g} s: "
+            raise TimeoutError(f"orphan credits not parked within {timeout_seconds:g} s: "
                                f"{[c['payment_id'] for c in open_items]}")
         if open_items:
             time.sleep(0.1)
@@ -477,9 +477,9 @@ def _record(owner: RegionHandle, tail: LostTail) -> int:
 
 
 def _drop_slots(dsn: str, database: str | None = None, name: str | None = None,
-                timeout: float = 15.0) -> None:
+                timeout_seconds: float = 15.0) -> None:
     """Drop replication slots (of `database`, or the one called `name`) once inactive."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     with _connect(dsn) as conn:
         while True:
             rows = conn.execute(
@@ -548,7 +548,7 @@ def _local_meanwhile(dsn: str, region: str, others: Mapping[str, str]) -> Iterat
 
 
 def rebuild_region(name: str, stores: Mapping[str, RegionDb], *, donor: str | None = None,
-                   timeout: float = 120.0) -> AddRegionReport:
+                   timeout_seconds: float = 120.0) -> AddRegionReport:
     """Rebuild region `name`'s database after it lost a forced takeover (see the module
     docstring): drop every subscription to and from it and its slots, drop and re-create
     its database, and join it again from `donor` (default: the first other region of
@@ -560,11 +560,11 @@ def rebuild_region(name: str, stores: Mapping[str, RegionDb], *, donor: str | No
     again. Synchronous."""
     others = [r for r in stores if r != name]
     with _local_meanwhile(stores[name].dsn, name, {o: stores[o].dsn for o in others}):
-        return _rebuild(name, others, stores, donor, timeout)
+        return _rebuild(name, others, stores, donor, timeout_seconds)
 
 
 def _rebuild(name: str, others: list[str], dbs: Mapping[str, RegionDb], donor: str | None,
-             timeout: float) -> AddRegionReport:
+             timeout_seconds: float) -> AddRegionReport:
     """Drop region `name`'s database with every subscription and slot to and from it,
     and join it again from `donor`."""
     for other in others:
@@ -577,4 +577,4 @@ def _rebuild(name: str, others: list[str], dbs: Mapping[str, RegionDb], donor: s
     with _connect(admin) as conn:
         conn.execute(f'drop database if exists "{dbname}" with (force)')
     return add_region([dbs[o] for o in others], dbs[name],
-                             donor=donor or others[0], timeout=timeout)
+                             donor=donor or others[0], timeout_seconds=timeout_seconds)

@@ -122,7 +122,7 @@ def delete_unpublished(dsn: str, table: str, key: Mapping[str, Any]) -> int:
 
 
 def resolve_duplicate_key(regions: Mapping[str, RegionDb] | Iterable[RegionDb], *, table: str,
-                          key: Mapping[str, Any], winner: str, timeout: float = 60.0,
+                          key: Mapping[str, Any], winner: str, timeout_seconds: float = 60.0,
                           acknowledge: bool = True) -> list[str]:
     """Repair an `insert_exists` conflict: the row `key` of `table` was inserted in several
     regions; make the `winner`'s row the only one everywhere (see the module docstring).
@@ -163,14 +163,15 @@ def resolve_duplicate_key(regions: Mapping[str, RegionDb] | Iterable[RegionDb], 
         if delete_unpublished(by_name[name].dsn, table, key):
             actions.append(f"{name}: deleted its {table} row {dict(key)} (unpublished)")
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     while True:
         pending = [n for n, r in by_name.items()
                    if _row_and_origin(r.dsn, table, key)[0] != winning_row]
         if not pending:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{sorted(pending)} do not hold {winner}'s row after {timeout}s")
+            raise TimeoutError(f"{sorted(pending)} do not hold {winner}'s row after "
+                               f"{timeout_seconds}s")
         time.sleep(0.1)
     if acknowledge:
         for name, region in by_name.items():

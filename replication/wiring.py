@@ -297,12 +297,12 @@ def subscription_status(dsn: str) -> list[dict[str, Any]]:
         return [status_row(r) for r in conn.execute(STATUS_SQL)]
 
 
-def wait_until_replicating(dsn: str, timeout: float = 60.0,
+def wait_until_replicating(dsn: str, timeout_seconds: float = 60.0,
                            publishers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Wait until every (or each named publisher's) subscription is enabled, has a running
     apply worker and all its tables synchronized; returns the status. TimeoutError else."""
     names = None if publishers is None else {subscription_name(p) for p in publishers}
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     while True:
         status = [s for s in subscription_status(dsn) if names is None or s["name"] in names]
         missing = set() if names is None else names - {s["name"] for s in status}
@@ -311,7 +311,7 @@ def wait_until_replicating(dsn: str, timeout: float = 60.0,
         if not missing and not waiting:
             return status
         if time.monotonic() > deadline:
-            raise TimeoutError(f"subscriptions not replicating after {timeout}s: "
+            raise TimeoutError(f"subscriptions not replicating after {timeout_seconds}s: "
                                f"{sorted(missing) + waiting}")
         time.sleep(0.1)
 

@@ -152,7 +152,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                       reach={"us-east": ("127.0.0.1", link.port)})
         wire_cluster(regions)
         for region in regions.values():
-            wait_until_replicating(region.dsn, timeout=30)
+            wait_until_replicating(region.dsn, timeout_seconds=30)
         yield Lab(tmp_path_factory, servers, regions, link)
     finally:
         if link is not None:
