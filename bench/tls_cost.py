@@ -153,7 +153,7 @@ def replication_cost(base: Path, updates: int) -> dict[str, Any]:
     try:
         us, eu = lab.region("us-east"), lab.region("eu-west")
         for region in lab.regions:
-            wait_until_replicating(region.dsn, timeout=60)
+            wait_until_replicating(region.dsn, timeout_seconds=60)
         with psycopg.connect(us.dsn, autocommit=True) as conn:
             conn.execute("insert into heartbeats (region, seq, sent_at)"
                          " values ('tlsbench', 0, clock_timestamp())")

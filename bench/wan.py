@@ -92,7 +92,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         direct = await _round_trips(port, args.samples)
         link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", port,
-                                  rtt=args.rtt_ms / 1000)
+                                  rtt_seconds=args.rtt_ms / 1000)
         through = await _round_trips(link.listen_port, args.samples)
         bulk = await _bulk(link.listen_port, args.megabytes * 1024 * 1024)
     finally:

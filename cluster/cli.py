@@ -888,14 +888,9 @@ def failover_return(
     reconciliation_items (never applied), then reconnect it if the tail holds nothing
     the survivors lack, else rebuild it from a donor (replication.reconcile). Fail back
     afterwards with `paycluster failover planned`."""
+    from cluster.rejoin import rejoin_region, start_store
     from replication.failover import RegionHandle
-    from replication.reconcile import (
-        ReconcileError,
-        lost_tail,
-        reconnect_region,
-        rejoin_region,
-        start_store,
-    )
+    from replication.reconcile import ReconcileError, lost_tail, reconnect_region
 
     home = home or region
     cluster = _lab(data_dir)

@@ -623,7 +623,8 @@ class _Run:
         """List the returning region's lost tail for reconciliation, rebuild it into the
         cluster (`replication.reconcile`), then fail back the planned way."""
         try:
-            from replication.reconcile import lost_tail, rejoin_region, wait_parked
+            from cluster.rejoin import rejoin_region
+            from replication.reconcile import lost_tail, wait_parked
         except ImportError as exc:
             raise DrillError(f"the rejoin needs replication.reconcile: {exc}") from None
         home = self.config.region

@@ -73,7 +73,7 @@ def restart_store(cluster: Cluster, name: str, timeout: float = 60.0) -> Postgre
     """Start region `name`'s PostgreSQL again on its port and data (crash recovery runs)
     the way the lab started it (`replication.reconcile.start_store`: with the TLS
     gateway's socket if it had one), and record the new pid."""
-    from replication.reconcile import start_store
+    from cluster.rejoin import start_store
 
     region = cluster.region(name)
     old = region.servers.postgres

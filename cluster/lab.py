@@ -75,7 +75,7 @@ from cluster.servers import (
     start_region_servers,
     stop_pid,
 )
-from cluster.wan import DEFAULT_RTT_MS, WanControl, default_latency
+from cluster.wan import DEFAULT_RTT_MS, WanControl, default_rtt_seconds
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def link_rtt(src: str, dst: str, scale: float = 1.0) -> float:
     for a pair neither knows or a negative scale.
     """
     if src == dst or frozenset({src, dst}) in DEFAULT_RTT_MS:
-        return default_latency(src, dst, scale)
-    default_latency(src, src, scale)  # validates the scale
+        return default_rtt_seconds(src, dst, scale)
+    default_rtt_seconds(src, src, scale)  # validates the scale
     try:
         return EXTRA_RTT_MS[frozenset({src, dst})] / 1000.0 * scale
     except KeyError:
@@ -1131,7 +1131,7 @@ def add_region(data_dir: Path, name: str, timeout: float = 120.0) -> Region:
     """Bring a new region into the running lab of `data_dir` (a `paycluster region add`).
 
     Starts the region's servers, adds WAN links to and from every region, migrates its
-    database, joins it to replication (`replication.wiring.add_region`: one copy of all
+    database, joins it to replication (`replication.join.add_region`: one copy of all
     data from a donor region, then streams from everyone), starts its node, and restarts
     every existing node, one at a time, so that it knows the new peer. cluster.json
     records every step. On failure the new region's processes are stopped (its WAN links
@@ -1179,14 +1179,14 @@ def _add_region(cluster: Cluster, name: str, timeout: float) -> Region:
                 cluster.links.append(_link_record(state))
         cluster.write()
         cluster.restart_gateways()
-        from replication import wiring
+        from replication import join, wiring
 
         _migrate(region.dsn)
         dbs = cluster.region_dbs()
         for other in existing:
             # A lab started with one region never published; the new region copies from it.
             wiring.create_publication(other.dsn)
-        wiring.add_region([dbs[o.name] for o in existing], dbs[name], timeout=timeout)
+        join.add_region([dbs[o.name] for o in existing], dbs[name], timeout_seconds=timeout)
         cluster.start_node(name)
     except BaseException:
         with cluster._lock:

@@ -87,11 +87,11 @@ DEFAULT_BLACKHOLE_LIMIT = 64 * 1024 * 1024
 """Bytes per direction held during a blackhole cut before the connection is reset."""
 
 CHUNK_BYTES = 64 * 1024
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT_SECONDS = 10.0
 """Seconds to reach the target server; a server that does not answer gets the client reset."""
 
 
-def default_latency(a: str, b: str, scale: float = 1.0) -> float:
+def default_rtt_seconds(a: str, b: str, scale: float = 1.0) -> float:
     """Round-trip time in seconds between regions `a` and `b` from the default table.
 
     `scale` multiplies the table (0 turns delays off, 0.1 makes a fast test cluster that
@@ -167,7 +167,7 @@ class _Pipe:
     def _enqueue(self, item: bytes | None) -> None:
         loop = asyncio.get_running_loop()
         # Monotonic release times: a chunk never overtakes the one read before it.
-        release = max(loop.time() + self._link.one_way_delay(), self._last_release)
+        release = max(loop.time() + self._link.one_way_delay_seconds(), self._last_release)
         self._last_release = release
         was_empty = not self._queue
         self._queue.append((release, item))
@@ -214,10 +214,10 @@ class _Pipe:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            wait = self._queue[0][0] - loop.time()
-            if wait > 0:
+            wait_seconds = self._queue[0][0] - loop.time()
+            if wait_seconds > 0:
                 # Only the head's time matters: later chunks are never due earlier.
-                await asyncio.sleep(wait)
+                await asyncio.sleep(wait_seconds)
                 continue
             now = loop.time()
             marker: bytes | None = b"data"
@@ -314,7 +314,7 @@ class _Connection:
         # During a blackhole the SYN would not get through: connect only after heal.
         await link.wait_passable()
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
                 reader, writer = await asyncio.open_connection(link.target_host, link.target_port)
         except (OSError, TimeoutError):
             link.counters["connect_failures"] += 1
@@ -336,8 +336,9 @@ class _Connection:
 class Link:
     """A TCP proxy on 127.0.0.1 emulating the WAN from region `src` to a server in region `dst`.
 
-    Create it, `await start()`, point clients at `listen_port`. `rtt` and `jitter` are in
-    seconds; see the module docstring for the delay and cut model.
+    Create it, `await start()`, point clients at `listen_port`. `rtt_seconds` and
+    `jitter_seconds` are the round trip and its jitter; see the module docstring for the
+    delay and cut model.
     """
 
     def __init__(
@@ -349,8 +350,8 @@ class Link:
         target_port: int,
         *,
         listen_port: int = 0,
-        rtt: float = 0.0,
-        jitter: float = 0.0,
+        rtt_seconds: float = 0.0,
+        jitter_seconds: float = 0.0,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         blackhole_limit: int = DEFAULT_BLACKHOLE_LIMIT,
         rng: random.Random | None = None,
@@ -367,8 +368,8 @@ class Link:
         self.target_port = int(target_port)
         self.listen_port = int(listen_port)
         self.listen_host = listen_host
-        self.rtt = _check_seconds("rtt", rtt)
-        self.jitter = _check_seconds("jitter", jitter)
+        self.rtt_seconds = _check_seconds("rtt", rtt_seconds)
+        self.jitter_seconds = _check_seconds("jitter", jitter_seconds)
         self.window_bytes = window_bytes
         self.blackhole_limit = blackhole_limit
         self.cut_mode: CutMode | None = None
@@ -396,12 +397,12 @@ class Link:
         """Connections currently open through this link (including ones held by a blackhole)."""
         return len(self._connections)
 
-    def one_way_delay(self) -> float:
+    def one_way_delay_seconds(self) -> float:
         """Delay in seconds for one chunk in one direction: rtt/2 plus up to +-jitter/2."""
-        delay = self.rtt / 2
-        if self.jitter:
-            delay += self._rng.uniform(-self.jitter / 2, self.jitter / 2)
-        return max(delay, 0.0)
+        delay_seconds = self.rtt_seconds / 2
+        if self.jitter_seconds:
+            delay_seconds += self._rng.uniform(-self.jitter_seconds / 2, self.jitter_seconds / 2)
+        return max(delay_seconds, 0.0)
 
     async def start(self) -> int:
         """Start listening on `listen_host` (a free port if `listen_port` is 0); returns the
@@ -432,12 +433,12 @@ class Link:
                     await self._server.wait_closed()
             self._server = None
 
-    def set(self, rtt: float | None = None, jitter: float | None = None) -> None:
+    def set(self, rtt_seconds: float | None = None, jitter_seconds: float | None = None) -> None:
         """Change the round-trip time and/or jitter (seconds); applies to chunks read from now."""
-        if rtt is not None:
-            self.rtt = _check_seconds("rtt", rtt)
-        if jitter is not None:
-            self.jitter = _check_seconds("jitter", jitter)
+        if rtt_seconds is not None:
+            self.rtt_seconds = _check_seconds("rtt", rtt_seconds)
+        if jitter_seconds is not None:
+            self.jitter_seconds = _check_seconds("jitter", jitter_seconds)
 
     def cut(self, mode: CutMode = "reset") -> None:
         """Cut the link: "reset" resets live and new connections, "blackhole" holds all traffic."""
@@ -481,8 +482,8 @@ class Link:
             "listen_port": self.listen_port,
             "target_host": self.target_host,
             "target_port": self.target_port,
-            "rtt_ms": round(self.rtt * 1000, 3),
-            "jitter_ms": round(self.jitter * 1000, 3),
+            "rtt_ms": round(self.rtt_seconds * 1000, 3),
+            "jitter_ms": round(self.jitter_seconds * 1000, 3),
             "cut": self.cut_mode,
             "connections_active": self.connections_active,
             **self.counters,
@@ -523,7 +524,7 @@ class WanEmulator:
         blackhole_limit: int = DEFAULT_BLACKHOLE_LIMIT,
         listen_host: str = LOCALHOST,
     ) -> None:
-        """`scale` multiplies the default RTT table for links added without an explicit rtt;
+        """`scale` multiplies the default RTT table for links added without `rtt_seconds`;
         links listen on `listen_host`."""
         if scale < 0 or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
@@ -553,33 +554,36 @@ class WanEmulator:
         target_host: str,
         target_port: int,
         listen_port: int = 0,
-        rtt: float | None = None,
-        jitter: float | None = None,
+        rtt_seconds: float | None = None,
+        jitter_seconds: float | None = None,
     ) -> Link:
         """Create and start a link; its `listen_port` is the bound port (a free one if 0).
 
-        Without `rtt`/`jitter` the pair's current settings apply (from an earlier `set` or
-        link of the pair), else the default table times `scale` and no jitter. A pair that is
-        cut starts cut. ValueError if the key exists or no rtt is known for the pair.
+        Without `rtt_seconds`/`jitter_seconds` the pair's current settings apply (from an
+        earlier `set` or link of the pair), else the default table times `scale` and no
+        jitter. A pair that is cut starts cut. ValueError if the key exists or no round trip
+        is known for the pair.
         """
         key = (src, dst, service)
         if key in self._links:
             raise ValueError(f"link {src} -> {dst} {service!r} already exists")
-        pair_rtt, pair_jitter = self._pairs.get((src, dst), (None, None))
-        if rtt is None:
-            rtt = pair_rtt if pair_rtt is not None else default_latency(src, dst, self.scale)
-        if jitter is None:
-            jitter = pair_jitter if pair_jitter is not None else 0.0
+        pair_rtt_seconds, pair_jitter_seconds = self._pairs.get((src, dst), (None, None))
+        if rtt_seconds is None:
+            rtt_seconds = (pair_rtt_seconds if pair_rtt_seconds is not None
+                           else default_rtt_seconds(src, dst, self.scale))
+        if jitter_seconds is None:
+            jitter_seconds = pair_jitter_seconds if pair_jitter_seconds is not None else 0.0
         link = Link(
-            src, dst, service, target_host, target_port, listen_port=listen_port, rtt=rtt,
-            jitter=jitter, window_bytes=self._window_bytes, blackhole_limit=self._blackhole_limit,
+            src, dst, service, target_host, target_port, listen_port=listen_port,
+            rtt_seconds=rtt_seconds, jitter_seconds=jitter_seconds,
+            window_bytes=self._window_bytes, blackhole_limit=self._blackhole_limit,
             rng=random.Random(self._rng.random()), listen_host=self.listen_host,
         )
         if (src, dst) in self._cuts:
             link.cut(self._cuts[(src, dst)])
         await link.start()
         self._links[key] = link
-        self._pairs.setdefault((src, dst), (link.rtt, link.jitter))
+        self._pairs.setdefault((src, dst), (link.rtt_seconds, link.jitter_seconds))
         return link
 
     async def remove_link(self, src: str, dst: str, service: str) -> None:
@@ -601,8 +605,8 @@ class WanEmulator:
         self,
         src: str,
         dst: str,
-        rtt: float | None = None,
-        jitter: float | None = None,
+        rtt_seconds: float | None = None,
+        jitter_seconds: float | None = None,
         both_directions: bool = True,
     ) -> list[Link]:
         """Set rtt and/or jitter (seconds) on every service of the pair; returns those links.
@@ -610,19 +614,20 @@ class WanEmulator:
         Both directions by default, since a path's round trip is the same whichever side
         opened the connection. LookupError if the pair has no links.
         """
-        if rtt is not None:
-            rtt = _check_seconds("rtt", rtt)
-        if jitter is not None:
-            jitter = _check_seconds("jitter", jitter)
+        if rtt_seconds is not None:
+            rtt_seconds = _check_seconds("rtt", rtt_seconds)
+        if jitter_seconds is not None:
+            jitter_seconds = _check_seconds("jitter", jitter_seconds)
         links = self._matching(src, dst, both_directions)
         for link in links:
-            link.set(rtt=rtt, jitter=jitter)
+            link.set(rtt_seconds=rtt_seconds, jitter_seconds=jitter_seconds)
         for pair in self._pairs_of(src, dst, both_directions):
-            old_rtt, old_jitter = self._pairs.get(pair, (None, None))
-            new_rtt = rtt if rtt is not None else old_rtt
-            new_jitter = jitter if jitter is not None else old_jitter
-            if new_rtt is not None:
-                self._pairs[pair] = (new_rtt, new_jitter or 0.0)
+            old_rtt_seconds, old_jitter_seconds = self._pairs.get(pair, (None, None))
+            new_rtt_seconds = rtt_seconds if rtt_seconds is not None else old_rtt_seconds
+            new_jitter_seconds = (jitter_seconds if jitter_seconds is not None
+                                  else old_jitter_seconds)
+            if new_rtt_seconds is not None:
+                self._pairs[pair] = (new_rtt_seconds, new_jitter_seconds or 0.0)
         return links
 
     def cut(
@@ -811,7 +816,8 @@ class ControlServer:
                 link = await emu.add_link(
                     src, dst, _str_field(body, "service"), _str_field(body, "target_host"),
                     _port_field(body, "target_port"), _port_field(body, "listen_port", 0),
-                    rtt=_ms_field(body, "rtt_ms"), jitter=_ms_field(body, "jitter_ms"),
+                    rtt_seconds=_ms_field(body, "rtt_ms"),
+                    jitter_seconds=_ms_field(body, "jitter_ms"),
                 )
                 return 201, link.state()
             both = _bool_field(body, "both_directions", True)
@@ -824,8 +830,8 @@ class ControlServer:
                 links = emu.heal(src, dst, both_directions=both)
             else:
                 links = emu.set(
-                    src, dst, rtt=_ms_field(body, "rtt_ms"), jitter=_ms_field(body, "jitter_ms"),
-                    both_directions=both,
+                    src, dst, rtt_seconds=_ms_field(body, "rtt_ms"),
+                    jitter_seconds=_ms_field(body, "jitter_ms"), both_directions=both,
                 )
         except LookupError as exc:
             raise _HttpError(404, str(exc.args[0] if exc.args else exc)) from None
@@ -850,9 +856,9 @@ class WanControl:
     Times are in milliseconds here, as on the wire and on the command line.
     """
 
-    def __init__(self, control_url: str, timeout: float = 5.0) -> None:
+    def __init__(self, control_url: str, timeout_seconds: float = 5.0) -> None:
         """Talk to the API at `control_url`, e.g. http://127.0.0.1:8123."""
-        self._client = httpx.Client(base_url=control_url.rstrip("/"), timeout=timeout)
+        self._client = httpx.Client(base_url=control_url.rstrip("/"), timeout=timeout_seconds)
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -948,8 +954,8 @@ async def _add_from_config(emulator: WanEmulator, specs: Iterable[Mapping[str, A
             raise ValueError(f"link #{index} in the config has no {exc.args[0]!r}") from None
         await emulator.add_link(
             src, dst, service, target_host, target_port, int(spec.get("listen_port", 0)),
-            rtt=None if rtt_ms is None else float(rtt_ms) / 1000.0,
-            jitter=None if jitter_ms is None else float(jitter_ms) / 1000.0,
+            rtt_seconds=None if rtt_ms is None else float(rtt_ms) / 1000.0,
+            jitter_seconds=None if jitter_ms is None else float(jitter_ms) / 1000.0,
         )
 
 

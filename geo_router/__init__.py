@@ -21,6 +21,6 @@ Module map (each module has one job):
 Region nodes are used only through their public HTTP contracts (`/health/ready`,
 `/v1/cluster/ownership`, the v1 API). From `region_node` it imports only pure contracts:
 the id -> home region helper of `region_node.regions` (the id format), and the masking of
-`region_node.redact` (error bodies, via `errors`) and `region_node.logs.RedactFilter` (log
-lines), so the router masks what it echoes or logs by the nodes' one rule.
+`region_node.redact` (error bodies, via `errors`, and log lines, via its `RedactFilter`),
+so the router masks what it echoes or logs by the nodes' one rule.
 """

@@ -34,7 +34,7 @@ from geo_router.catalog import CatalogError
 from geo_router.config import RouterSettings
 from geo_router.proxy import Proxy
 from geo_router.service import RouterService
-from region_node.logs import RedactFilter
+from region_node.redact import RedactFilter
 
 
 class JsonFormatter(logging.Formatter):

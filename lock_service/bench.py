@@ -37,7 +37,7 @@ async def run(scale: float, rounds: int, contention_seconds: float,
               tasks: int = 1) -> dict[str, Any]:
     """Start the servers and links, measure, stop everything; returns the report."""
     from cluster.servers import start_redis
-    from cluster.wan import REGIONS, Link, default_latency
+    from cluster.wan import REGIONS, Link, default_rtt_seconds
 
     report: dict[str, Any] = {"scale": scale, "regions": list(REGIONS), "by_client_region": {}}
     with tempfile.TemporaryDirectory(prefix="lockbench-") as tmp:
@@ -52,7 +52,7 @@ async def run(scale: float, rounds: int, contention_seconds: float,
                         urls[src].append(server.url)
                         continue
                     link = Link(src, dst, "redis", "127.0.0.1", server.port,
-                                rtt=default_latency(src, dst, scale))
+                                rtt_seconds=default_rtt_seconds(src, dst, scale))
                     await link.start()
                     links.append(link)
                     urls[src].append(f"redis://127.0.0.1:{link.listen_port}/0")

@@ -43,11 +43,11 @@ from region_node.outbox_relay import OutboxRelay
 from region_node.principals import Authenticator
 from region_node.rate_limit import RateLimiter
 from region_node.refund_worker import RefundWorker
+from region_node.replication_monitor import ConvergenceMonitor, HeartbeatWriter
 from region_node.rpc.server import start_grpc_server
 from region_node.stock_mover import QuorumStockLock, StockMover
 from region_node.transfer_worker import TransferWorker
 from region_node.webhooks.delivery import WebhookWorker
-from replication.monitor import ConvergenceMonitor, HeartbeatWriter
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
 
-from region_node.redact import scrub, scrub_value
+# RedactFilter lives with the masking rule it applies, where the geo router (which may
+# use only the node's published contracts) takes it too; imported here for the node.
+from region_node.redact import RedactFilter as RedactFilter
+from region_node.redact import scrub
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 traceparent: ContextVar[str | None] = ContextVar("traceparent", default=None)
@@ -41,46 +44,6 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_info:
             entry["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
-
-
-# Attributes every LogRecord has; anything else on a record came in through `extra=`.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"}
-
-
-class RedactFilter(logging.Filter):
-    """Scrubs every record before any formatter sees it: no API key, webhook secret or
-    full card number reaches a log line (region_node/redact.py).
-
-    The message is rendered (msg % args) and scrubbed, the traceback rendered into
-    `exc_text` and scrubbed, and every string in `extra=` fields scrubbed. Installed on
-    the handlers (a filter on the root logger would not see child loggers' records).
-    """
-
-    _formatter = logging.Formatter()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record in place; never drops it."""
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string: log what we have, scrubbed
-            message = f"{record.msg!s} {record.args!r}"
-        clean = scrub(message, keep_labelled_ids=True)
-        if clean != message:
-            # Rendered once, scrubbed; formatters that need the args (uvicorn's access
-            # formatter) only run where nothing had to be hidden.
-            record.msg = clean
-            record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self._formatter.formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = scrub(record.exc_text)
-        if record.stack_info:
-            record.stack_info = scrub(record.stack_info)
-        for key, value in list(vars(record).items()):
-            if key not in _STANDARD_ATTRS and isinstance(value, str | dict | list | tuple):
-                setattr(record, key, scrub_value(value))
-        return True
 
 
 def install_redaction(handlers: list[logging.Handler] | None = None) -> None:

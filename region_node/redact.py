@@ -14,6 +14,9 @@
 - `error_body`: the cluster's one error shape with `scrub` applied; every process that
   answers an error (the region node, the geo router) builds its bodies here, so one
   masking rule covers every error body a client can see.
+- `RedactFilter`: the logging filter that applies `scrub` to every record; the node's
+  (`region_node.logs`) and the geo router's log handlers both carry it, so one masking
+  rule covers every log line too.
 
 Built for the hot path: the patterns are compiled once, a string without a digit run or
 a secret marker costs one regex scan, and the Luhn check runs only on candidates.
@@ -21,6 +24,7 @@ a secret marker costs one regex scan, and the Luhn check runs only on candidates
 
 from __future__ import annotations
 
+import logging
 import re
 
 MASK = "*"
@@ -177,3 +181,43 @@ def error_body(type_: str, code: str, message: str,
     if param is not None:
         err["param"] = scrub(param)
     return {"error": err}
+
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+class RedactFilter(logging.Filter):
+    """Scrubs every record before any formatter sees it: no API key, webhook secret or
+    full card number reaches a log line (region_node/redact.py).
+
+    The message is rendered (msg % args) and scrubbed, the traceback rendered into
+    `exc_text` and scrubbed, and every string in `extra=` fields scrubbed. Installed on
+    the handlers (a filter on the root logger would not see child loggers' records).
+    """
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drops it."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: log what we have, scrubbed
+            message = f"{record.msg!s} {record.args!r}"
+        clean = scrub(message, keep_labelled_ids=True)
+        if clean != message:
+            # Rendered once, scrubbed; formatters that need the args (uvicorn's access
+            # formatter) only run where nothing had to be hidden.
+            record.msg = clean
+            record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS and isinstance(value, str | dict | list | tuple):
+                setattr(record, key, scrub_value(value))
+        return True

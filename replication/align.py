@@ -39,10 +39,12 @@ import psycopg
 from psycopg import sql
 
 from region_node.schema import REPLICATED_TABLES
+from replication.errors import ReplicationError
+from replication.libpq import libpq_url, lsn_int
 from replication.wiring import set_enabled, subscription_name
 
 
-class AlignError(RuntimeError):
+class AlignError(ReplicationError):
     """A survivor could not be cut off or aligned."""
 
 
@@ -60,12 +62,8 @@ def take_origin(conn: psycopg.Connection[Any], origin: str, deadline: float) -> 
             time.sleep(0.02)
 
 
-def _libpq(dsn: str) -> str:
-    return dsn.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def _connect(dsn: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(_libpq(dsn), autocommit=True, connect_timeout=5)
+    return psycopg.connect(libpq_url(dsn), autocommit=True, connect_timeout=5)
 
 
 def origin_of(conn: psycopg.Connection[Any], publisher: str) -> tuple[int, str, int | None]:
@@ -92,26 +90,18 @@ def position(conn: psycopg.Connection[Any], publisher: str) -> str | None:
     return None if lsn in (None, "0/0", "0/00000000") else str(lsn)
 
 
-def lsn_int(lsn: str | None) -> int:
-    """An LSN as an integer (None: 0)."""
-    if not lsn:
-        return 0
-    hi, _, lo = lsn.partition("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def cut_off(dsn: str, publisher: str, timeout: float = 15.0) -> str | None:
+def cut_off(dsn: str, publisher: str, timeout_seconds: float = 15.0) -> str | None:
     """Disable the subscription to `publisher` and return its position once its apply
     worker has exited (the position cannot move any more)."""
     set_enabled(dsn, publisher, False)
     with _connect(dsn) as conn:
         subid, _, _ = origin_of(conn, publisher)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_seconds
         while conn.execute("select 1 from pg_stat_subscription where subid = %s "
                            "and pid is not null", (subid,)).fetchone():
             if time.monotonic() > deadline:
                 raise AlignError(f"apply worker of {subscription_name(publisher)} did not "
-                                 f"stop within {timeout}s")
+                                 f"stop within {timeout_seconds}s")
             time.sleep(0.02)
         return position(conn, publisher)
 

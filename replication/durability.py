@@ -60,7 +60,7 @@ def _names_for(region: str, mode: str, buddy: str | None) -> str:
 
 
 def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
-                   buddy_dsn: str | None = None, timeout: float = 10.0) -> Durability:
+                   buddy_dsn: str | None = None, timeout_seconds: float = 10.0) -> Durability:
     """Put `region` (its store at `dsn`) into `mode`; waits until new sessions see it.
 
     With `buddy_dsn`, the buddy's subscription to `region` flushes what it applies before
@@ -89,7 +89,7 @@ def set_durability(dsn: str, region: str, mode: str, buddy: str | None = None,
         else:
             conn.execute("alter system reset synchronous_standby_names")
         conn.execute("select pg_reload_conf()")
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     while True:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute("show synchronous_standby_names").fetchone()

@@ -45,7 +45,9 @@ from psycopg import sql
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
-from replication.align import align, cut_off, lsn_int, take_origin
+from replication.align import align, cut_off, take_origin
+from replication.errors import ReplicationError
+from replication.libpq import lsn_int
 from replication.wiring import set_enabled, slot_name, subscription_name
 
 log = logging.getLogger("replication.failover")
@@ -62,7 +64,7 @@ serving the payee's home (`refunds.home_region`) and finished by whoever serves 
 the payer's answer comes, perhaps the new owner."""
 
 
-class HandoverError(RuntimeError):
+class HandoverError(ReplicationError):
     """A handover could not start or finish; `report` says how far it got."""
 
     def __init__(self, message: str, report: HandoverReport | None = None) -> None:
@@ -145,7 +147,7 @@ def _has_ban(dsn: str, home: str, epoch: int) -> bool:
                             "and epoch = %s", (home, epoch)).fetchone() is not None
 
 
-def restamp(dsn: str, home: str, publisher: str, timeout: float = 10.0) -> int:
+def restamp(dsn: str, home: str, publisher: str, timeout_seconds: float = 10.0) -> int:
     """In the store at `dsn`: rewrite, unchanged, the rows of `home` in RESTAMPED tables
     whose last change did not come from `publisher` (its replication origin here, read
     with ``pg_xact_commit_timestamp_origin(xmin)``; needs ``track_commit_timestamp``), as
@@ -167,11 +169,11 @@ def restamp(dsn: str, home: str, publisher: str, timeout: float = 10.0) -> int:
         subid, roident = int(found[0]), found[1]
         set_enabled(dsn, publisher, False)
         try:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout_seconds
             while conn.execute("select 1 from pg_stat_subscription where subid = %s "
                                "and pid is not null", (subid,)).fetchone():
                 if time.monotonic() > deadline:
-                    raise HandoverError(f"apply worker of {sub} did not stop in {timeout}s")
+                    raise HandoverError(f"apply worker of {sub} did not stop in {timeout_seconds}s")
                 time.sleep(0.005)
             take_origin(conn, f"pg_{subid}", deadline)
             try:
@@ -221,7 +223,7 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> di
 
 async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Sequence[str],
                            home: str, to: str, *, catch_up_timeout: float = 10.0,
-                           lock_wait: float = 10.0, lock_ttl: float = 10.0,
+                           lock_wait_seconds: float = 10.0, lock_ttl_seconds: float = 10.0,
                            on_step: Callable[[Step], None] | None = None,
                            headers: Mapping[str, str] | None = None) -> HandoverReport:
     """Hand the ownership of `home` over to region `to` (see the module docstring).
@@ -229,7 +231,7 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
     `regions` must list every region of the cluster (every store is restamped).
     `lock_urls` are the quorum lock's Redis servers as reached from here (only used
     when the nodes run without ownership leases; with leases the old owner releases its
-    lease and `to`'s node acquires it, waiting up to `lock_wait`). `headers` go with
+    lease and `to`'s node acquires it, waiting up to `lock_wait_seconds`). `headers` go with
     every API call (e.g. the admin key: `Cluster.auth_headers()`). Raises HandoverError
     (with the report) if it cannot start or had to abort; after an abort the old owner
     serves `home` again under a new epoch.
@@ -246,7 +248,7 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
     if source not in regions:
         raise HandoverError(f"owner {source} of {home} is not among the regions given", report)
 
-    async with httpx.AsyncClient(timeout=max(15.0, lock_wait + 5.0),
+    async with httpx.AsyncClient(timeout=max(15.0, lock_wait_seconds + 5.0),
                                  headers=dict(headers or {})) as client:
         # 1. The pair source -> to must not be stale (as `to`'s monitor sees it).
         resp = await client.get(f"{regions[to].api_url}/v1/replication/status")
@@ -259,16 +261,17 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
                    f"{(pair or {}).get('lag_seconds')}s, no breach")
         if await _leases_enabled(client, regions[to]):
             await _handover_leased(client, regions, home, source, to, report, clock,
-                                   catch_up_timeout, lock_wait)
+                                   catch_up_timeout, lock_wait_seconds)
             report.seconds = round(time.monotonic() - started, 4)
             if report.aborted:
                 raise HandoverError(report.error or "handover aborted", report)
             return report
 
         locks = LockService(list(lock_urls), LockSettings(redis_urls=list(lock_urls),
-                                                         ttl_seconds=lock_ttl))
+                                                         ttl_seconds=lock_ttl_seconds))
         try:
-            async with locks.hold(f"ownership:{home}", ttl=lock_ttl, wait=lock_wait) as lease:
+            async with locks.hold(f"ownership:{home}", ttl=lock_ttl_seconds,
+                                  wait=lock_wait_seconds) as lease:
                 token = lease.fence
                 clock.done("lock", f"ownership:{home} fencing token {token}")
                 await _handover_locked(client, regions, home, source, to, token, report,
@@ -352,7 +355,7 @@ async def _catch_up_and_restamp(regions: Mapping[str, RegionHandle], home: str, 
 
 
 async def _catch_up(regions: Mapping[str, RegionHandle], home: str, source: str, epoch: int,
-                    deadline: float, bound: float) -> None:
+                    deadline: float, bound_seconds: float) -> None:
     """Wait until every region but `source` has `source`'s ban of `epoch`."""
     waiting = {r for r in regions if r != source}
     while waiting:
@@ -362,7 +365,7 @@ async def _catch_up(regions: Mapping[str, RegionHandle], home: str, source: str,
         if not waiting:
             break
         if time.monotonic() > deadline:
-            raise HandoverError(f"catch-up timed out after {bound}s: "
+            raise HandoverError(f"catch-up timed out after {bound_seconds}s: "
                                 f"{sorted(waiting)} have not applied {source}'s ban")
         await asyncio.sleep(0.01)
 
@@ -375,7 +378,8 @@ async def _leases_enabled(client: httpx.AsyncClient, region: RegionHandle) -> bo
 
 async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle],
                            home: str, source: str, to: str, report: HandoverReport,
-                           clock: _Clock, catch_up_timeout: float, lock_wait: float) -> None:
+                           clock: _Clock, catch_up_timeout: float,
+                           lock_wait_seconds: float) -> None:
     """The handover with ownership leases: ban, catch-up, restamp, the old owner
     releases its lease, the new owner acquires it and takes its token as the epoch."""
     epoch, ban_at = await _ban(client, regions, home, source, report, clock)
@@ -390,15 +394,15 @@ async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, Regi
                    f"{source} held no lease of {home} any more (its epoch {epoch} is banned)")
     except Exception as exc:
         await _abort(client, regions, home, source, None, report, clock, ban_at, restamped,
-                     exc, lock_wait)
+                     exc, lock_wait_seconds)
         return
     try:
         took = await _post(client, f"{regions[to].api_url}/v1/admin/ownership/take",
-                           {"home_region": home, "wait": lock_wait})
+                           {"home_region": home, "wait": lock_wait_seconds})
     except HandoverError as exc:
         # `to` refused (not caught up, or no lease): it inserted nothing.
         await _abort(client, regions, home, source, None, report, clock, ban_at, restamped,
-                     exc, lock_wait)
+                     exc, lock_wait_seconds)
         return
     except httpx.HTTPError as exc:
         owner = await asyncio.to_thread(_owner_row, regions[to].dsn, home)
@@ -418,7 +422,7 @@ async def _handover_leased(client: httpx.AsyncClient, regions: Mapping[str, Regi
 async def _abort(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle], home: str,
                  source: str, token: int | None, report: HandoverReport, clock: _Clock,
                  ban_at: float, restamped: list[str], exc: Exception,
-                 lock_wait: float = 10.0) -> None:
+                 lock_wait_seconds: float = 10.0) -> None:
     """Hand back: rows restamped for the new owner go back to the old owner's origin,
     then the old owner takes the (unused) token as its next epoch, which has no ban
     (with leases, `token` None: the old owner acquires its lease again and takes the
@@ -429,7 +433,7 @@ async def _abort(client: httpx.AsyncClient, regions: Mapping[str, RegionHandle],
         if name != source:
             await asyncio.to_thread(restamp, regions[name].dsn, home, source)
     body: dict[str, Any] = ({"home_region": home, "epoch": token} if token is not None
-                            else {"home_region": home, "wait": lock_wait})
+                            else {"home_region": home, "wait": lock_wait_seconds})
     took = await _post(client, f"{regions[source].api_url}/v1/admin/ownership/take", body)
     report.new_epoch = int(took["epoch"])
     report.unavailable_seconds = round(time.monotonic() - ban_at, 4)
@@ -463,16 +467,17 @@ def _durability_of(regions: Mapping[str, RegionHandle], dead: str, to: str) -> s
     return "regional" if row and str(row[0]) != "off" else "local"
 
 
-ISOLATED_STATEMENT_TIMEOUT = 5.0
+ISOLATED_STATEMENT_TIMEOUT_SECONDS = 5.0
 """Seconds any statement of the guard may take in the old owner's store during a
-forced takeover (and its lock waits: `ISOLATED_LOCK_TIMEOUT`): that store may be cut off
+forced takeover (and its lock waits: `ISOLATED_LOCK_TIMEOUT_SECONDS`): that store may be cut off
 with commits waiting for a synchronous standby that will never answer."""
 
-ISOLATED_LOCK_TIMEOUT = 2.0
+ISOLATED_LOCK_TIMEOUT_SECONDS = 2.0
 
 
-def _isolated_session(dsn: str, statement_timeout: float = ISOLATED_STATEMENT_TIMEOUT,
-                      lock_timeout: float = ISOLATED_LOCK_TIMEOUT) -> psycopg.Connection[Any]:
+def _isolated_session(
+        dsn: str, statement_timeout_seconds: float = ISOLATED_STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout_seconds: float = ISOLATED_LOCK_TIMEOUT_SECONDS) -> psycopg.Connection[Any]:
     """An autocommit session on a store that may be cut off from the cluster (the old
     owner in a forced takeover): it never waits for a synchronous standby (its commits
     are ``synchronous_commit = local``: the standby may be the region that is cut off,
@@ -480,8 +485,8 @@ def _isolated_session(dsn: str, statement_timeout: float = ISOLATED_STATEMENT_TI
     lock wait is bounded, so a lock held by a transaction stuck in ``SyncRep`` cannot
     hold the takeover up."""
     options = (f"-c synchronous_commit=local "
-               f"-c statement_timeout={max(1, int(statement_timeout * 1000))} "
-               f"-c lock_timeout={max(1, int(lock_timeout * 1000))}")
+               f"-c statement_timeout={max(1, int(statement_timeout_seconds * 1000))} "
+               f"-c lock_timeout={max(1, int(lock_timeout_seconds * 1000))}")
     return psycopg.connect(dsn, autocommit=True, connect_timeout=2, options=options)
 
 

@@ -24,11 +24,13 @@ in the current owner's store (it replicates to every region; readable through
 ``GET /v1/admin/reconciliation``), keyed by (home, takeover epoch, item) so a rerun
 adds nothing. They are never applied: an operator settles them with the customers.
 
-**Rejoin** (`rejoin_region`). The returning store holds a tail the others never saw, and
-its rows carry origins that no longer match (the survivors restamped the home's rows for
-the new owner), so it cannot simply resume streaming. The simplest correct way back is
+**Rebuild** (`rebuild_region`; the lab's `cluster.rejoin.rejoin_region` stops the
+node, starts the region's PostgreSQL if it is down, rebuilds, and starts the node). The
+returning store holds a tail the others never saw, and its rows carry origins that no
+longer match (the survivors restamped the home's rows for the new owner), so it cannot
+simply resume streaming. The simplest correct way back is
 a rebuild: the region's database is dropped and re-created, and it joins the cluster
-again like a new region (`replication.wiring.add_region`: one copy from a donor
+again like a new region (`replication.join.add_region`: one copy from a donor
 snapshot, then streams from everyone). A region in ``regional`` durability mode is made
 ``local`` first (its synchronous standby, the buddy's cut-off subscription, would never
 confirm a commit, the rebuild's own included) and ``regional`` again once it streams.
@@ -54,8 +56,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -63,15 +64,14 @@ from psycopg import sql
 from region_node import suspense
 from region_node.schema import REPLICATED_TABLES
 from replication.align import primary_key
+from replication.errors import ReplicationError
 from replication.failover import RegionHandle, restamp
-from replication.wiring import set_enabled
-
-if TYPE_CHECKING:
-    from cluster.lab import Cluster
-    from replication.wiring import AddRegionReport
+from replication.join import AddRegionReport, add_region
+from replication.libpq import libpq_url
+from replication.wiring import RegionDb, set_enabled, slot_name, unsubscribe
 
 
-class ReconcileError(RuntimeError):
+class ReconcileError(ReplicationError):
     """The tail could not be listed or the region not brought back."""
 
 
@@ -125,12 +125,8 @@ class LostTail:
                 "orphan_amount_by_currency": self.orphan_amount_by_currency}
 
 
-def _libpq(dsn: str) -> str:
-    return dsn.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def _connect(dsn: str) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(_libpq(dsn), autocommit=True, connect_timeout=5)
+    conn = psycopg.connect(libpq_url(dsn), autocommit=True, connect_timeout=5)
     conn.execute("set timezone = 'UTC'")
     return conn
 
@@ -194,16 +190,16 @@ select pid from pg_stat_activity
 """
 
 
-def end_sync_waiters(dsn: str, timeout: float = 15.0) -> int:
+def end_sync_waiters(dsn: str, timeout_seconds: float = 15.0) -> int:
     """Terminate every backend of the store at `dsn` that waits in ``SyncRep`` for a
     synchronous standby (see the module docstring: its commit completes locally and was
     never acknowledged), and wait until they are gone; returns how many there were.
-    Never waits for a standby itself. ReconcileError if some outlive `timeout`."""
-    deadline = time.monotonic() + timeout
+    Never waits for a standby itself. ReconcileError if some outlive `timeout_seconds`."""
+    deadline = time.monotonic() + timeout_seconds
     ended: set[int] = set()
     with _connect(dsn) as conn:
         conn.execute("set synchronous_commit = local")
-        conn.execute(f"set statement_timeout = {int(timeout * 1000)}")
+        conn.execute(f"set statement_timeout = {int(timeout_seconds * 1000)}")
         while True:
             pids = [int(r[0]) for r in conn.execute(_SYNC_WAITERS).fetchall()]
             # A terminated backend's commit is visible once it has exited.
@@ -213,7 +209,7 @@ def end_sync_waiters(dsn: str, timeout: float = 15.0) -> int:
                 return len(ended)
             if time.monotonic() > deadline:
                 raise ReconcileError(f"backends {pids or alive} still wait for a synchronous "
-                                     f"standby after {timeout:g} s")
+                                     f"standby after {timeout_seconds:g} s")
             for pid in pids:
                 conn.execute("select pg_terminate_backend(%s)", (pid,))
                 ended.add(pid)
@@ -399,11 +395,11 @@ def _credits_made(dsns: list[str], payment_ids: list[str]) -> dict[str, str]:
 
 
 def wait_parked(stores: Mapping[str, RegionHandle], tail: LostTail,
-                timeout: float = 30.0) -> int:
+                timeout_seconds: float = 30.0) -> int:
     """Wait until every orphan credit of `tail` is parked in suspense by the region whose
     clearing account paid it (its node does it once the recorded item replicates there);
     returns how many there were. TimeoutError naming the ones still open."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     open_items = list(tail.orphan_credits)
     while open_items:
         still = []
@@ -415,7 +411,7 @@ def wait_parked(stores: Mapping[str, RegionHandle], tail: LostTail,
                     still.append(credit)
         open_items = still
         if open_items and time.monotonic() > deadline:
-            raise TimeoutError(f"orphan credits not parked within {timeout:g} s: "
+            raise TimeoutError(f"orphan credits not parked within {timeout_seconds:g} s: "
                                f"{[c['payment_id'] for c in open_items]}")
         if open_items:
             time.sleep(0.1)
@@ -481,9 +477,9 @@ def _record(owner: RegionHandle, tail: LostTail) -> int:
 
 
 def _drop_slots(dsn: str, database: str | None = None, name: str | None = None,
-                timeout: float = 15.0) -> None:
+                timeout_seconds: float = 15.0) -> None:
     """Drop replication slots (of `database`, or the one called `name`) once inactive."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_seconds
     with _connect(dsn) as conn:
         while True:
             rows = conn.execute(
@@ -551,66 +547,34 @@ def _local_meanwhile(dsn: str, region: str, others: Mapping[str, str]) -> Iterat
         set_durability(dsn, region, was.mode, was.buddy, others[was.buddy])
 
 
-def start_store(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
-    """Start region `name`'s PostgreSQL again (after a crash: recovery runs) on its port
-    and data, the way the lab first started it (with the TLS gateway's unix socket when
-    it had one: `cluster.servers.start_postgres(gateway=...)`); a running one is left
-    alone. Records the new pid in cluster.json."""
-    from cluster.servers import start_postgres, started_with_gateway
-
-    region = cluster.region(name)
-    pg = region.servers.postgres
-    if pg.is_running():
-        return
-    cluster.check_running()
-    gateway = started_with_gateway(Path(pg.data_dir))
-    region.servers.postgres = start_postgres(Path(pg.data_dir), port=pg.port, timeout=timeout,
-                                             gateway=gateway)
-    cluster.write()
-    if cluster.stopping:  # the lab's stop began meanwhile: it may have passed this one
-        region.servers.postgres.stop()
-        cluster.check_running()
-
-
-def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
-                  timeout: float = 120.0) -> AddRegionReport:
-    """Rebuild region `name` of the lab `cluster` after it lost a forced takeover (see
-    the module docstring): stop its node, start its PostgreSQL if it is down, drop
-    every subscription to and from it and its slots, drop and re-create its database,
-    join it again from `donor` (default: the first other region) with
-    `replication.wiring.add_region`, and start its node. List its lost tail with
+def rebuild_region(name: str, stores: Mapping[str, RegionDb], *, donor: str | None = None,
+                   timeout_seconds: float = 120.0) -> AddRegionReport:
+    """Rebuild region `name`'s database after it lost a forced takeover (see the module
+    docstring): drop every subscription to and from it and its slots, drop and re-create
+    its database, and join it again from `donor` (default: the first other region of
+    `stores`) with `replication.join.add_region`. `stores` holds every region, `name`'s
+    included, as the wiring sees it; every PostgreSQL must be up and `name`'s node stopped
+    (the lab's `cluster.rejoin.rejoin_region` sees to both). List its lost tail with
     `lost_tail` first: the rebuild discards it. A region in ``regional`` mode is rebuilt
     in ``local`` mode and put back to ``regional`` with the same buddy once it streams
     again. Synchronous."""
-    region = cluster.region(name)
-    others = [r for r in cluster.names if r != name]
-    if region.node is not None and region.node.is_running():
-        region.node.stop()
-    start_store(cluster, name)
-    dbs = cluster.region_dbs()
-    with _local_meanwhile(dbs[name].dsn, name, {o: dbs[o].dsn for o in others}):
-        report = _rebuild(name, others, dbs, donor, timeout)
-    if region.node is not None:
-        cluster.restart_node(name)
-    else:
-        cluster.start_node(name)
-    return report
+    others = [r for r in stores if r != name]
+    with _local_meanwhile(stores[name].dsn, name, {o: stores[o].dsn for o in others}):
+        return _rebuild(name, others, stores, donor, timeout_seconds)
 
 
-def _rebuild(name: str, others: list[str], dbs: dict[str, Any], donor: str | None,
-             timeout: float) -> AddRegionReport:
+def _rebuild(name: str, others: list[str], dbs: Mapping[str, RegionDb], donor: str | None,
+             timeout_seconds: float) -> AddRegionReport:
     """Drop region `name`'s database with every subscription and slot to and from it,
     and join it again from `donor`."""
-    from replication import wiring
-
     for other in others:
-        wiring.unsubscribe(dbs[other].dsn, name, drop_slot=False)
-        wiring.unsubscribe(dbs[name].dsn, other, drop_slot=False)
-        _drop_slots(dbs[other].dsn, name=wiring.slot_name(other, name))
+        unsubscribe(dbs[other].dsn, name, drop_slot=False)
+        unsubscribe(dbs[name].dsn, other, drop_slot=False)
+        _drop_slots(dbs[other].dsn, name=slot_name(other, name))
     dbname = dbs[name].dbname
     admin = dbs[name].dsn.rsplit("/", 1)[0] + "/postgres"
     _drop_slots(admin, database=dbname)
     with _connect(admin) as conn:
         conn.execute(f'drop database if exists "{dbname}" with (force)')
-    return wiring.add_region([dbs[o] for o in others], dbs[name],
-                             donor=donor or others[0], timeout=timeout)
+    return add_region([dbs[o] for o in others], dbs[name],
+                             donor=donor or others[0], timeout_seconds=timeout_seconds)

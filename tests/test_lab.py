@@ -35,7 +35,7 @@ from cluster.lab import (
     start_cluster,
     stop_cluster,
 )
-from cluster.wan import WanControl, default_latency
+from cluster.wan import WanControl, default_rtt_seconds
 from tests.helpers import cluster_ledger_checks, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.timeout(120)]
@@ -119,7 +119,7 @@ def test_three_regions_are_ready_and_cluster_json_lists_every_link(lab: Cluster)
                 "redis": dst["redis"]["port"]}[link["service"]]
         assert link["target"] == f"127.0.0.1:{want}"
         assert link["rtt_ms"] == pytest.approx(
-            default_latency(link["src"], link["dst"], WAN_SCALE) * 1000)
+            default_rtt_seconds(link["src"], link["dst"], WAN_SCALE) * 1000)
     # Every node reaches every peer through its own WAN link, never the peer's port.
     for name, region in regions.items():
         assert region["peers"] == {

@@ -33,10 +33,6 @@ KNOWN_UPWARD = {
     ("cluster/cli.py", "bench.router"),
     ("lock_service/bench.py", "cluster.servers"),
     ("lock_service/bench.py", "cluster.wan"),
-    ("region_node/app.py", "replication.monitor"),
-    ("replication/reconcile.py", "cluster.lab"),
-    ("replication/reconcile.py", "cluster.servers"),
-    ("geo_router/__main__.py", "region_node.logs"),
 }
 
 

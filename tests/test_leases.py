@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from cluster.cli import app, failover_targets
 from cluster.drill_faults import crash_region
 from cluster.lab import Cluster, start_cluster
+from cluster.rejoin import rejoin_region, start_store
 from replication.durability import durability, set_durability
 from replication.failover import (
     HandoverError,
@@ -39,7 +40,7 @@ from replication.failover import (
     crash_takeover,
     planned_handover,
 )
-from replication.reconcile import lost_tail, reconnect_region, rejoin_region, start_store
+from replication.reconcile import lost_tail, reconnect_region
 from replication.wiring import set_enabled
 from tests.helpers import cluster_ledger_checks, cluster_view
 

@@ -315,7 +315,7 @@ async def test_a_slow_or_cut_region_does_not_slow_the_majority(
     # the service waits as long for the calls left behind).
     patient = SETTINGS.model_copy(update={"ttl_seconds": 15.0, "quarantine_seconds": 15.0,
                                           "op_timeout_seconds": 4.0})
-    links[0].set(rtt=60.0)
+    links[0].set(rtt_seconds=60.0)
     try:
         async with LockService([*trio.urls[:2], *link_urls(links)], patient) as svc:
             for cut in (None, "blackhole"):

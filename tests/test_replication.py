@@ -29,13 +29,13 @@ from cluster.servers import PostgresServer, start_postgres
 from region_node.ids import new_id
 from region_node.migrate import upgrade
 from region_node.regions import RegionCatalog
+from region_node.replication_monitor import ConvergenceMonitor, HeartbeatWriter
 from region_node.schema import REPLICATED_TABLES
-from replication.monitor import ConvergenceMonitor, HeartbeatWriter
+from replication.join import add_region
+from replication.repair import resolve_duplicate_key
 from replication.wiring import (
     CONFLICT_COLUMNS,
     RegionDb,
-    add_region,
-    resolve_duplicate_key,
     subscription_status,
     wait_until_replicating,
     wire_cluster,
@@ -152,7 +152,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                       reach={"us-east": ("127.0.0.1", link.port)})
         wire_cluster(regions)
         for region in regions.values():
-            wait_until_replicating(region.dsn, timeout=30)
+            wait_until_replicating(region.dsn, timeout_seconds=30)
         yield Lab(tmp_path_factory, servers, regions, link)
     finally:
         if link is not None:

@@ -151,7 +151,7 @@ def _gateway_events(lab: Cluster) -> list[dict[str, object]]:
 @pytest.mark.multiregion
 def test_every_replication_connection_goes_through_mutual_tls(lab: Cluster) -> None:
     for region in lab.regions:
-        wait_until_replicating(region.dsn, timeout=60)
+        wait_until_replicating(region.dsn, timeout_seconds=60)
     events = _gateway_events(lab)
     for publisher in lab.regions:
         with psycopg.connect(publisher.dsn, autocommit=True) as conn:

@@ -29,7 +29,7 @@ from cluster.wan import (
     WanControl,
     WanControlError,
     WanEmulator,
-    default_latency,
+    default_rtt_seconds,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -156,18 +156,20 @@ async def eventually(condition: Callable[[], bool], seconds: float) -> bool:
 
 def test_default_latency_table_is_symmetric_and_scaled() -> None:
     """The three regions have plausible RTTs; scale 0 turns delay off; unknown pairs fail."""
-    assert default_latency("us-east", "eu-west") == pytest.approx(0.075)
-    assert default_latency("eu-west", "us-east") == default_latency("us-east", "eu-west")
-    assert default_latency("us-east", "ap-southeast") > default_latency("eu-west", "ap-southeast")
-    assert default_latency("eu-west", "ap-southeast") > default_latency("us-east", "eu-west")
-    assert default_latency("us-east", "ap-southeast", scale=0.1) == pytest.approx(0.0215)
-    assert default_latency("us-east", "ap-southeast", scale=0) == 0.0
-    assert default_latency("eu-west", "eu-west") == 0.0
+    assert default_rtt_seconds("us-east", "eu-west") == pytest.approx(0.075)
+    assert default_rtt_seconds("eu-west", "us-east") == default_rtt_seconds("us-east", "eu-west")
+    assert (default_rtt_seconds("us-east", "ap-southeast")
+            > default_rtt_seconds("eu-west", "ap-southeast"))
+    assert (default_rtt_seconds("eu-west", "ap-southeast")
+            > default_rtt_seconds("us-east", "eu-west"))
+    assert default_rtt_seconds("us-east", "ap-southeast", scale=0.1) == pytest.approx(0.0215)
+    assert default_rtt_seconds("us-east", "ap-southeast", scale=0) == 0.0
+    assert default_rtt_seconds("eu-west", "eu-west") == 0.0
     assert len(DEFAULT_RTT_MS) == 3
     with pytest.raises(ValueError):
-        default_latency("us-east", "mars")
+        default_rtt_seconds("us-east", "mars")
     with pytest.raises(ValueError):
-        default_latency("us-east", "eu-west", scale=-1)
+        default_rtt_seconds("us-east", "eu-west", scale=-1)
 
 
 async def test_latency_matches_configured_rtt_and_follows_changes(
@@ -177,17 +179,17 @@ async def test_latency_matches_configured_rtt_and_follows_changes(
     live, up and down (a slower RTT is visible from below whatever the machine's load)."""
     async with connection(echo.port) as (reader, writer):
         direct = [await round_trip(reader, writer) for _ in range(3)]
-    link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port, rtt=0.1)
+    link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port, rtt_seconds=0.1)
     async with connection(link.listen_port) as (reader, writer):
         samples = [await round_trip(reader, writer) for _ in range(5)]
         for rtt in samples:
             assert 0.09 <= rtt, samples
         # Change the pair's RTT while the connection is open: the next exchange follows it.
-        wan.set("us-east", "eu-west", rtt=0.4)
+        wan.set("us-east", "eu-west", rtt_seconds=0.4)
         slower = [await round_trip(reader, writer) for _ in range(2)]
         for rtt in slower:
             assert 0.36 <= rtt, slower
-        wan.set("us-east", "eu-west", rtt=0.03)
+        wan.set("us-east", "eu-west", rtt_seconds=0.03)
         faster = [await round_trip(reader, writer) for _ in range(3)]
         for rtt in faster:
             assert 0.027 <= rtt, faster
@@ -203,7 +205,7 @@ async def test_default_rtt_from_table_with_scale(echo: EchoServer) -> None:
     emulator = WanEmulator(scale=0.5)
     try:
         link = await emulator.add_link("us-east", "ap-southeast", "redis", "127.0.0.1", echo.port)
-        assert link.rtt == pytest.approx(0.1075)
+        assert link.rtt_seconds == pytest.approx(0.1075)
         async with connection(link.listen_port) as (reader, writer):
             rtt = await round_trip(reader, writer)
         assert 0.9 * 0.1075 <= rtt
@@ -217,7 +219,7 @@ async def test_jitter_varies_delay_but_never_reorders_bytes(
     """With jitter, round trips spread out, yet numbered messages arrive in the order sent."""
     rtt, jitter = 0.06, 0.04
     link = await wan.add_link("eu-west", "ap-southeast", "postgres", "127.0.0.1", echo.port,
-                              rtt=rtt, jitter=jitter)
+                              rtt_seconds=rtt, jitter_seconds=jitter)
     async with connection(link.listen_port) as (reader, writer):
         samples = [await round_trip(reader, writer) for _ in range(10)]
     assert all(rtt - jitter - 0.002 <= s for s in samples), samples
@@ -249,7 +251,8 @@ async def test_throughput_is_not_throttled_by_delay(wan: WanEmulator, echo: Echo
     """5 MB echoed through a 1 s link costs about one RTT plus transfer time, not one RTT
     per chunk: 20 chunks delayed one after the other would take 20 s at least."""
     rtt, chunk = 1.0, 256 * 1024
-    link = await wan.add_link("us-east", "eu-west", "postgres", "127.0.0.1", echo.port, rtt=rtt)
+    link = await wan.add_link("us-east", "eu-west", "postgres", "127.0.0.1", echo.port,
+                              rtt_seconds=rtt)
     payload = os.urandom(5 * 1024 * 1024)
     async with connection(link.listen_port) as (reader, writer):
 
@@ -277,8 +280,10 @@ async def test_cut_reset_closes_live_connections_refuses_new_and_heal_restores(
     wan: WanEmulator, echo: EchoServer
 ) -> None:
     """A reset cut breaks open connections at once and rejects new ones until heal."""
-    forward = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port, rtt=0.02)
-    backward = await wan.add_link("eu-west", "us-east", "grpc", "127.0.0.1", echo.port, rtt=0.02)
+    forward = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port,
+                                 rtt_seconds=0.02)
+    backward = await wan.add_link("eu-west", "us-east", "grpc", "127.0.0.1", echo.port,
+                                  rtt_seconds=0.02)
     async with connection(forward.listen_port) as (reader, writer):
         await round_trip(reader, writer)
         assert forward.connections_active == 1
@@ -312,7 +317,8 @@ async def test_cut_reset_closes_live_connections_refuses_new_and_heal_restores(
 
 async def test_half_close_is_delivered_after_the_data(wan: WanEmulator, echo: EchoServer) -> None:
     """A client that sends and shuts down its side gets every byte back, then a clean EOF."""
-    link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port, rtt=0.04)
+    link = await wan.add_link("us-east", "eu-west", "grpc", "127.0.0.1", echo.port,
+                              rtt_seconds=0.04)
     async with connection(link.listen_port) as (reader, writer):
         writer.write(b"last words")
         writer.write_eof()
@@ -327,7 +333,8 @@ async def test_unreachable_server_resets_the_client(wan: WanEmulator) -> None:
     dead_port = spare.sockets[0].getsockname()[1]
     spare.close()
     await spare.wait_closed()
-    link = await wan.add_link("us-east", "eu-west", "redis", "127.0.0.1", dead_port, rtt=0.01)
+    link = await wan.add_link("us-east", "eu-west", "redis", "127.0.0.1", dead_port,
+                              rtt_seconds=0.01)
     async with connection(link.listen_port) as (reader, writer):
         writer.write(b"anyone?")
         assert await closed_within(reader, WAIT)
@@ -338,7 +345,8 @@ async def test_blackhole_holds_traffic_and_delivers_it_after_heal(
     wan: WanEmulator, echo: EchoServer
 ) -> None:
     """A blackhole keeps connections open and silent; on heal the held bytes arrive in order."""
-    link = await wan.add_link("ap-southeast", "us-east", "redis", "127.0.0.1", echo.port, rtt=0.02)
+    link = await wan.add_link("ap-southeast", "us-east", "redis", "127.0.0.1", echo.port,
+                              rtt_seconds=0.02)
     async with connection(link.listen_port) as (reader_a, writer_a):
         await round_trip(reader_a, writer_a)
         wan.cut("ap-southeast", "us-east", mode="blackhole")
@@ -370,7 +378,7 @@ async def test_blackhole_buffer_is_bounded(echo: EchoServer) -> None:
     emulator = WanEmulator(blackhole_limit=256 * 1024)
     try:
         link = await emulator.add_link("us-east", "eu-west", "postgres", "127.0.0.1", echo.port,
-                                       rtt=0.01)
+                                       rtt_seconds=0.01)
         async with connection(link.listen_port) as (reader, writer):
             await round_trip(reader, writer)
             link.cut("blackhole")
@@ -487,8 +495,8 @@ async def test_link_rejects_bad_settings() -> None:
     """Negative or non-finite delays and unknown cut modes are refused."""
     link = Link("us-east", "eu-west", "grpc", "127.0.0.1", 1)
     with pytest.raises(ValueError):
-        link.set(rtt=-0.1)
+        link.set(rtt_seconds=-0.1)
     with pytest.raises(ValueError):
-        link.set(jitter=float("nan"))
+        link.set(jitter_seconds=float("nan"))
     with pytest.raises(ValueError):
         link.cut("drop")  # type: ignore[arg-type]

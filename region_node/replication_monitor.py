@@ -1,5 +1,8 @@
 """Heartbeats and the convergence monitor: replication lag per ordered region pair, the SLO.
 
+Both run inside each node (`region_node.app` starts them), on the node's own database; the
+subscriptions they read are named and reported as `region_node.replication_status` says.
+
 Every region writes its own row of the replicated table `heartbeats` each second
 (`HeartbeatWriter`): `seq` counts up, `sent_at` is the writer's `clock_timestamp()`. Each
 region's `ConvergenceMonitor` reads, in its own database, the copies of its peers' rows:
@@ -25,7 +28,7 @@ A pair is in **breach** of the SLO when any of these holds (causes are joined by
   (e.g. `update_origin_differs`), so this breach holds until an operator repairs the
   cause and acknowledges it by resetting the counters
   (`replication.wiring.reset_conflict_counters`, done by
-  `replication.wiring.resolve_duplicate_key`), not merely until the monitor restarts.
+  `replication.repair.resolve_duplicate_key`), not merely until the monitor restarts.
 
 A breach is logged once when it starts (logger ``replication.monitor``, level ERROR,
 `event=replication_slo_breach`) and once when it clears (`replication_slo_recovered`).
@@ -49,8 +52,15 @@ from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from replication.wiring import CONFLICT_COLUMNS, STATUS_SQL, status_row, subscription_name
+from region_node.replication_status import (
+    CONFLICT_COLUMNS,
+    STATUS_SQL,
+    status_row,
+    subscription_name,
+)
 
+# The logger keeps the name it had when the monitor lived in `replication/`: log queries
+# and alerts select its breach events by it.
 log = logging.getLogger("replication.monitor")
 
 _UPSERT_HEARTBEAT = text("""
