@@ -29,8 +29,7 @@ from rich.table import Table
 
 from bench.stats import percentile
 from cluster.lab import Cluster, start_cluster
-
-REGIONS = ("us-east", "eu-west", "ap-southeast")
+from cluster.wan import REGIONS
 
 
 async def _setup(clients: dict[str, httpx.AsyncClient]) -> dict[str, tuple[list[str], str]]:

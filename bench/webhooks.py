@@ -33,7 +33,7 @@ from aiohttp import web
 from rich.table import Table
 
 from bench.stats import percentile, stop_lab
-from cluster.cli import make_console
+from cluster.console import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError
 from region_node.webhooks.signing import SIGNATURE_HEADER, SignatureError, verify

@@ -26,29 +26,38 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from enum import StrEnum
+from importlib.metadata import version as package_version
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import httpx
 import psutil
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from cluster.channel_cli import channel_app
+from cluster.cli_options import (
+    DEFAULT_CUT_MODE,
+    DEFAULT_DATA_DIR,
+    HELP_CONTEXT,
+    CutMode,
+    DataDir,
+    DurabilityMode,
+    RegionArg,
+    RegionCount,
+    Resolution,
+    Routers,
+    WanScale,
+)
+from cluster.console import Stop, console, err_console, shielded, terminate_as_interrupt
 from cluster.deploy import deploy_app
 from cluster.drill_cli import drill_app
 from cluster.lab import (
-    REGION_NAMES,
     Cluster,
     ClusterError,
     add_region,
@@ -64,7 +73,8 @@ from geo_router.client import RouterAdmin, RouterAdminError, resolve
 
 app = typer.Typer(help="Run the paycluster local lab: real PostgreSQL, Redis, NATS and region "
                        "nodes on 127.0.0.1, with an emulated WAN between the regions.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  context_settings=HELP_CONTEXT)
 link_app = typer.Typer(help="Inspect and change the emulated WAN links between regions.",
                        no_args_is_help=True)
 region_app = typer.Typer(help="Change the regions of a running lab.", no_args_is_help=True)
@@ -87,64 +97,19 @@ app.add_typer(channel_app, name="channel")
 app.add_typer(deploy_app, name="deploy")
 
 
-def make_console(stderr: bool = False) -> Console:
-    """A rich Console; when output is piped (CI logs, files) it is 140 columns wide instead
-    of rich's 80, so that tables are not truncated."""
-    probe = Console(stderr=stderr)
-    if probe.is_terminal or os.environ.get("COLUMNS"):
-        return probe
-    return Console(stderr=stderr, width=140)
+def _version(value: bool) -> None:
+    """--version: the installed package's version (its metadata, not a copy of it)."""
+    if value:
+        typer.echo(f"paycluster {package_version('paycluster')}")
+        raise typer.Exit()
 
 
-console = make_console()
-err_console = make_console(stderr=True)
-
-DEFAULT_DATA_DIR = Path("data")
-
-DataDir = Annotated[Path, typer.Option("--data-dir", "-d", help="where the lab keeps its files "
-                                       "and cluster.json")]
-Regions = Annotated[int, typer.Option("--regions", "-r", min=1, max=len(REGION_NAMES),
-                                      help=f"how many regions (1-{len(REGION_NAMES)}: "
-                                           f"{', '.join(REGION_NAMES)})")]
-WanScale = Annotated[float, typer.Option("--wan-scale", min=0.0,
-                                         help="multiplier of the default inter-region round "
-                                              "trips (0 = no delay)")]
-Routers = Annotated[int, typer.Option(
-    "--routers", min=0, max=len(REGION_NAMES),
-    help="geo routers to start (0 = none). Production runs one per region; in the lab one "
-         "router serves every client (clients say where they are with X-Client-Region / "
-         "X-Client-Geo), and more show that every router decides the same")]
-
-
-class _Stop(Exception):
-    """Raised in the main thread by SIGTERM/SIGHUP so cleanup runs as for Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into an exception, so `finally` blocks stop our processes."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def _shielded() -> Iterator[None]:
-    """Ignore Ctrl-C / SIGTERM / SIGHUP while we stop things: a second signal during
-    shutdown must not leave half the lab running."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print the version and exit")] = False) -> None:
+    """Run the paycluster local lab: real PostgreSQL, Redis, NATS and region nodes on
+    127.0.0.1, with an emulated WAN between the regions."""
 
 
 def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool,
@@ -161,7 +126,7 @@ def _start(data_dir: Path, regions: int, wan_scale: float, detach: bool,
         except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
             err_console.print(f"[red]could not start the cluster:[/] {exc}")
             raise typer.Exit(1) from None
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, Stop):
             # start_cluster has already stopped whatever it had started.
             err_console.print("interrupted while starting; everything started was stopped")
             raise typer.Exit(130) from None
@@ -200,12 +165,12 @@ def _endpoints_table(doc: dict[str, Any]) -> Table:
 
 
 @app.command()
-def up(regions: Regions = 3,
+def up(regions: RegionCount = 3,
        wan_scale: WanScale = 1.0,
        routers: Routers = 1,
        data_dir: DataDir = DEFAULT_DATA_DIR,
        detach: Annotated[bool, typer.Option(help="start and return, leaving it running")] = False,
-       durability: Annotated[str | None, typer.Option(
+       durability: Annotated[DurabilityMode | None, typer.Option(
            help="local (asynchronous) or regional (every commit also in a buddy region) for "
                 "every region; default: what the data dir had, else local")] = None,
        buddy: Annotated[list[str] | None, typer.Option(
@@ -221,7 +186,7 @@ def up(regions: Regions = 3,
             err_console.print(f"[red]--buddy {item}: expected REGION=BUDDY[/]")
             raise typer.Exit(2)
         buddies[region_name.strip()] = buddy_name.strip()
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         cluster = _start(data_dir, regions, wan_scale, detach, routers, durability, buddies)
         try:
             doc = read_cluster(data_dir)
@@ -244,11 +209,11 @@ def up(regions: Regions = 3,
                 return
             console.print("running; press Ctrl-C to stop")
             _watch(data_dir)
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, Stop):
             console.print("stopping ...")
         finally:
             if not detach:
-                with _shielded():
+                with shielded():
                     cluster.stop()
                 console.print("[green]✓[/] stopped")
 
@@ -621,13 +586,6 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR,
 # --------------------------------------------------------------------------- links
 
 
-class CutMode(StrEnum):
-    """How a cut link fails (see cluster.wan)."""
-
-    reset = "reset"
-    blackhole = "blackhole"
-
-
 OneWay = Annotated[bool, typer.Option(
     "--one-way", help="only connections that A opens to B (default: both directions)")]
 
@@ -690,7 +648,8 @@ def link_list(data_dir: DataDir = DEFAULT_DATA_DIR,
 def link_cut(a: Annotated[str, typer.Argument(help="region A")],
              b: Annotated[str, typer.Argument(help="region B")],
              mode: Annotated[CutMode, typer.Option(
-                 help="reset: connections fail at once; blackhole: they hang")] = CutMode.reset,
+                 help="blackhole: connections hang (a real partition); reset: they fail at "
+                      "once")] = DEFAULT_CUT_MODE,
              one_way: OneWay = False, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Cut every link between A and B (replication, gRPC, Redis)."""
     with _wan(data_dir, a, b) as wan:
@@ -735,13 +694,13 @@ def region_add(name: Annotated[str, typer.Argument(help="region to add, e.g. us-
     (one copy from a donor region, then streams), its node; then restart the other nodes
     one at a time so they know the new peer."""
     t0 = time.perf_counter()
-    with _terminate_as_interrupt(), console.status(f"adding {name} ..."):
+    with terminate_as_interrupt(), console.status(f"adding {name} ..."):
         try:
             region = add_region(data_dir, name)
         except (ClusterError, ServerStartError, ValueError, TimeoutError) as exc:
             err_console.print(f"[red]could not add {name}:[/] {exc}")
             raise typer.Exit(1) from None
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, Stop):
             err_console.print(f"interrupted; what was started for {name} was stopped")
             raise typer.Exit(130) from None
         except Exception as exc:  # e.g. the replication wiring refused
@@ -929,7 +888,8 @@ def failover_return(
 @durability_app.command("set")
 def durability_set(
         region: Annotated[str, typer.Argument(help="region whose commits change")],
-        mode: Annotated[str, typer.Argument(help="local or regional")],
+        mode: Annotated[DurabilityMode, typer.Argument(
+            help="local (asynchronous) or regional (every commit also at the buddy)")],
         buddy: Annotated[str | None, typer.Option(
             "--buddy", help="regional: the region that has every commit at ack time")] = None,
         data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -995,20 +955,6 @@ def durability_show(data_dir: DataDir = DEFAULT_DATA_DIR,
     console.print(table)
 
 
-@durability_app.command("bench", context_settings={"allow_extra_args": True,
-                                                   "ignore_unknown_options": True},
-                        add_help_option=False)
-def durability_bench(ctx: typer.Context) -> None:
-    """Commit latency and throughput of regional vs local mode, same cluster, same run
-    (bench/durability.py; it starts its own lab at WAN scale 1). All options are
-    bench/durability.py's; see `paycluster durability bench --help`."""
-    from bench.durability import main
-
-    raise typer.Exit(main(list(ctx.args)))
-
-
-# --------------------------------------------------------------------------- reconcile
-
 reconcile_app = typer.Typer(help="Settle the items a lost tail left for reconciliation "
                                  "(/v1/admin/reconciliation).", no_args_is_help=True)
 app.add_typer(reconcile_app, name="reconcile")
@@ -1062,8 +1008,9 @@ def reconcile_resolve(
         home: Annotated[str, typer.Option("--home", help="the item's home region")],
         epoch: Annotated[int, typer.Option("--epoch", help="the takeover epoch it is under")],
         item: Annotated[str, typer.Option("--item", help="the item id")],
-        resolution: Annotated[str, typer.Option(
-            "--resolution", help="acknowledge | claw_back | write_off")],
+        resolution: Annotated[Resolution, typer.Option(
+            "--resolution", help="how it was settled: acknowledge (outside the system), "
+                                 "claw_back or write_off")],
         note: Annotated[str, typer.Option("--note", help="how it was settled")],
         data_dir: DataDir = DEFAULT_DATA_DIR,
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
@@ -1139,9 +1086,6 @@ def _on_every_router(data_dir: Path, change: Callable[[RouterAdmin], dict[str, A
                       f"{view.get('weight')}")
     if failed:
         raise typer.Exit(1)
-
-
-RegionArg = Annotated[str, typer.Argument(help="region name, e.g. us-east")]
 
 
 @router_app.command("status")
@@ -1240,26 +1184,14 @@ def router_resolve(client_region: Annotated[str | None, typer.Option(
     typer.echo(json.dumps(answer, indent=2))
 
 
-@router_app.command("bench", context_settings={"allow_extra_args": True,
-                                               "ignore_unknown_options": True},
-                    add_help_option=False)
-def router_bench(ctx: typer.Context) -> None:
-    """Router overhead: requests/s and added p50/p99 through the router vs straight to the
-    node, same run (bench/router.py; it starts its own region and router). All options are
-    bench/router.py's; see `paycluster router bench --help`."""
-    from bench.router import main
-
-    raise typer.Exit(main(list(ctx.args)))
-
-
-# --------------------------------------------------------------------------- demo and bench
+# --------------------------------------------------------------------------- demo
 
 
 @app.command()
 def demo(data_dir: Annotated[Path | None, typer.Option(
             "--data-dir", "-d", help="where to run the lab (default: a temp dir, removed "
                                      "afterwards)")] = None,
-         regions: Regions = 3,
+         regions: RegionCount = 3,
          wan_scale: WanScale = 1.0,
          payments: Annotated[int, typer.Option(help="payments to run", min=1)] = 600,
          concurrency: Annotated[int, typer.Option(help="requests in flight", min=1)] = 16,
@@ -1278,7 +1210,7 @@ def demo(data_dir: Annotated[Path | None, typer.Option(
     temp = data_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="paycluster-demo-")) if data_dir is None else data_dir
     ok = False
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         cluster = _start(run_dir, regions, wan_scale, detach=False,
                          routers=1 if router else 0)
         try:
@@ -1291,10 +1223,10 @@ def demo(data_dir: Annotated[Path | None, typer.Option(
             for region in cluster.regions:
                 if region.node is not None:
                     err_console.print(f"{region.name} node log: {region.node.log_path}")
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, Stop):
             err_console.print("interrupted")
         finally:
-            with _shielded(), console.status("stopping the lab ..."):
+            with shielded(), console.status("stopping the lab ..."):
                 cluster.stop()
             console.print("[green]✓[/] lab stopped")
     if temp and ok:
@@ -1303,15 +1235,3 @@ def demo(data_dir: Annotated[Path | None, typer.Option(
         err_console.print(f"kept {run_dir} for the logs")
     if not ok:
         raise typer.Exit(1)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Payments/s and latency over HTTP vs pgbench on the same PostgreSQL (bench/payments.py).
-
-    All options are bench/payments.py's; see `paycluster bench --help`.
-    """
-    from bench.payments import main
-
-    raise typer.Exit(main(list(ctx.args)))

@@ -42,6 +42,8 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
+from cluster.errors import LabError
+
 CURRENCY = "USD"
 CUSTOMERS_PER_REGION = 4
 MERCHANTS_PER_REGION = 2
@@ -60,7 +62,7 @@ LAG_SAMPLE_SECONDS = 0.5
 QUIESCE_TIMEOUT = 60.0
 
 
-class DemoError(RuntimeError):
+class DemoError(LabError):
     """A node answered something the demo cannot continue from."""
 
 

@@ -38,6 +38,8 @@ from urllib.parse import quote
 
 import typer
 
+from cluster.cli_options import DEFAULT_CUT_MODE, CutMode
+
 WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
 DEFAULT_TOPOLOGY = Path("/etc/paycluster/topology.json")
 
@@ -342,7 +344,9 @@ def env(region: Annotated[str, typer.Option(help="the node's region")],
 def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
          a: Annotated[str | None, typer.Argument(help="region A")] = None,
          b: Annotated[str | None, typer.Argument(help="region B")] = None,
-         mode: Annotated[str, typer.Option(help="reset or blackhole")] = "blackhole",
+         mode: Annotated[CutMode, typer.Option(
+             help="blackhole: connections hang (a real partition); reset: they fail at "
+                  "once")] = DEFAULT_CUT_MODE,
          topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Cut, heal or list the WAN links; run it where the emulator runs (its control API
     listens on loopback only): `docker compose exec wan paycluster deploy link cut A B`."""
@@ -353,7 +357,7 @@ def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
         if action == "list":
             result: Any = control.links()
         elif action in ("cut", "heal") and a and b:
-            result = (control.cut(a, b, mode=mode)  # type: ignore[arg-type]
+            result = (control.cut(a, b, mode=mode.value)
                       if action == "cut" else control.heal(a, b))
         else:
             raise typer.BadParameter("use: link list | link cut A B | link heal A B")

@@ -66,6 +66,7 @@ from cluster.drill_measure import (
     timeline,
 )
 from cluster.drill_workload import Attempt, LagSampler, Workload
+from cluster.errors import LabError
 from cluster.invariants import Finding, conflict_counts, ledger_findings
 from cluster.lab import Cluster, ClusterError, running_pids, start_cluster
 
@@ -98,7 +99,7 @@ RTO_BOUND_PLANNED = 10.0
 """The issue's bound on a planned handover's RTO on this machine."""
 
 
-class DrillError(RuntimeError):
+class DrillError(LabError):
     """The drill could not run (or finish) its fault sequence."""
 
 

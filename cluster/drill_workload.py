@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from cluster.errors import LabError
+
 CURRENCY = "USD"
 CLIENT_REGION = "X-Client-Region"
 RETRY_STATUS = frozenset({409, 429, 502, 503, 504})
@@ -36,7 +38,7 @@ DESCRIPTION_PREFIX = "drill"
 """Payments of a drill carry `drill:<run>:<key>` as their description."""
 
 
-class WorkloadError(RuntimeError):
+class WorkloadError(LabError):
     """The workload could not set itself up (accounts could not be opened)."""
 
 

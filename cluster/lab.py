@@ -56,6 +56,7 @@ from typing import Any, TypeVar, cast
 
 import psutil
 
+from cluster.errors import LabError
 from cluster.nodes import READY_TIMEOUT, NodeProcess, node_env, start_node
 from cluster.pg_tls import ClientSpec, GatewayProcess, ServerSpec, start_gateways
 from cluster.pg_tls import load_config as load_gateway_config
@@ -75,13 +76,14 @@ from cluster.servers import (
     start_region_servers,
     stop_pid,
 )
-from cluster.wan import DEFAULT_RTT_MS, WanControl, default_latency
+from cluster.wan import DEFAULT_RTT_MS, REGIONS, WanControl, default_latency
 
 log = logging.getLogger(__name__)
 
-REGION_NAMES: tuple[str, ...] = ("us-east", "eu-west", "ap-southeast")
-"""Regions of the lab, in the order they are started (`start_cluster(regions=N)` takes the
-first N). More can join a running lab with `add_region`."""
+REGION_NAMES: tuple[str, ...] = REGIONS
+"""Regions of the lab (the one list is cluster.wan.REGIONS), in the order they are
+started (`start_cluster(regions=N)` takes the first N). More can join a running lab with
+`add_region`."""
 
 WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
 """The services every ordered region pair gets a WAN link for."""
@@ -127,7 +129,7 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(LabError):
     """The lab cannot start, find or change a cluster (e.g. one already runs there)."""
 
 

@@ -30,11 +30,13 @@ from typing import Any
 
 import psutil
 
+from cluster.errors import LabError
+
 PG_SYSTEM_USER = "embedded_postgres"
 """Unprivileged OS user that runs PostgreSQL when we are root (postgres refuses root)."""
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(LabError):
     """A server did not become ready; the message carries the tail of its log."""
 
 

@@ -57,6 +57,8 @@ from typing import Any, Literal, cast
 
 import httpx
 
+from cluster.errors import LabError
+
 log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
@@ -836,7 +838,7 @@ class ControlServer:
         return 200, {"links": [link.state() for link in links]}
 
 
-class WanControlError(RuntimeError):
+class WanControlError(LabError):
     """The control API refused a request; `status` is its HTTP status."""
 
     def __init__(self, status: int, message: str) -> None:
