@@ -36,8 +36,9 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile, stop_lab
+from bench.stats import stop_lab
 from cluster.lab import Cluster, start_cluster
+from cluster.stats import percentile
 
 PAYER_REGION, PAYEE_REGION = "us-east", "eu-west"
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "convergence.json"

@@ -46,10 +46,11 @@ from rich.table import Table
 
 from bench.payments import create_pairs, drive_payments
 from bench.runner import BenchError, bench_app, guarded, usage
-from bench.stats import percentile, stop_lab
+from bench.stats import stop_lab
 from cluster.console import make_console
 from cluster.durability import default_buddy, wait_sync
 from cluster.lab import REGION_NAMES, Cluster, link_rtt, start_cluster
+from cluster.stats import percentile
 from replication.durability import MODES, durability, set_durability
 from replication.wiring import PUBLICATION, subscription_name
 

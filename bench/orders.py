@@ -27,8 +27,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile
 from cluster.lab import Cluster, start_cluster
+from cluster.stats import percentile
 from cluster.wan import REGIONS
 
 

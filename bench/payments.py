@@ -37,10 +37,11 @@ from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
 from bench.runner import BenchError, bench_app, guarded, usage
-from bench.stats import CpuMeter, TimedRun, percentile, stop_lab
+from bench.stats import CpuMeter, TimedRun, stop_lab
 from cluster.console import make_console
 from cluster.lab import start_cluster
 from cluster.servers import pg_bin
+from cluster.stats import percentile
 
 # bench/results/ next to this file (gitignored), whatever the working directory.
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "payments.json"

@@ -39,9 +39,10 @@ import typer
 from rich.table import Table
 
 from bench.runner import BenchError, bench_app, guarded, usage
-from bench.stats import TimedRun, percentile, stop_lab
+from bench.stats import TimedRun, stop_lab
 from cluster.console import make_console
 from cluster.lab import start_cluster
+from cluster.stats import percentile
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "router.json"
 WORKLOADS = ("live", "account", "payment")

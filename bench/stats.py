@@ -4,7 +4,6 @@ self-started lab is stopped."""
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import signal
 from collections import Counter
@@ -31,13 +30,6 @@ class TimedRun:
     def per_second(self) -> float:
         """Successful requests per second."""
         return self.ok / self.seconds if self.seconds else 0.0
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan if empty)."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(1, math.ceil(pct / 100 * len(sorted_values))) - 1]
 
 
 def stop_lab(cluster: Cluster, console: Console, what: str, temp_dir: Path | None, *,

@@ -28,10 +28,10 @@ from typing import Any
 
 import psycopg
 
-from bench.stats import percentile
 from cluster.lab import start_cluster
 from cluster.pki import ensure_cluster_pki
 from cluster.servers import free_port, start_region_servers
+from cluster.stats import percentile
 from region_node.rpc import region_pb2 as pb
 from region_node.rpc.client import PeerClients
 from region_node.rpc.tls import RpcTls

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile
+from cluster.stats import percentile
 from cluster.wan import WanEmulator
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "wan.json"

@@ -32,19 +32,17 @@ import httpx
 from aiohttp import web
 from rich.table import Table
 
-from bench.stats import percentile, stop_lab
+from bench.runner import BenchError
+from bench.stats import stop_lab
 from cluster.console import make_console
 from cluster.lab import ClusterError, start_cluster
 from cluster.servers import ServerStartError
+from cluster.stats import percentile
 from region_node.webhooks.signing import SIGNATURE_HEADER, SignatureError, verify
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "webhooks.json"
 CURRENCY = "USD"
 console = make_console()
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.errors import LabError
+from cluster.stats import percentile
 
 CURRENCY = "USD"
 CUSTOMERS_PER_REGION = 4
@@ -71,14 +72,6 @@ def money(minor: int, currency: str | None = CURRENCY) -> str:
     sign = "-" if minor < 0 else ""
     units, cents = divmod(abs(minor), 100)
     return f"{sign}{units:,}.{cents:02d}" + (f" {currency}" if currency else "")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of `values`, nearest-rank; nan if empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
 @dataclass(frozen=True)
@@ -867,9 +860,9 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
         conv.add_row("cross-region payments / payments forwarded to the owner by a region",
                      f"{result.cross_region} / {result.forwarded} of {result.phase_payments}")
         conv.add_row(f"ack -> succeeded in both regions, p50 (n={len(values)}, polled every "
-                     f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 0.5) * 1000:.0f} ms")
+                     f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 50) * 1000:.0f} ms")
         conv.add_row("ack -> succeeded in both regions, p99",
-                     f"{percentile(values, 0.99) * 1000:.0f} ms")
+                     f"{percentile(values, 99) * 1000:.0f} ms")
         conv.add_row("ack -> succeeded in both regions, max",
                      f"{max(values, default=float('nan')) * 1000:.0f} ms")
         if values:

@@ -29,8 +29,6 @@ CHANNEL_SDK = ("channel.client", "channel.signing")
 would use its acquirer's SDK (the channel itself imports nothing of ours)."""
 
 KNOWN_UPWARD = {
-    ("lock_service/bench.py", "cluster.servers"),
-    ("lock_service/bench.py", "cluster.wan"),
     ("region_node/app.py", "replication.monitor"),
     ("replication/reconcile.py", "cluster.lab"),
     ("replication/reconcile.py", "cluster.servers"),
