@@ -7,13 +7,17 @@ command added anywhere is covered without touching this file. It starts no serve
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import pkgutil
 from collections.abc import Iterator
 
 import pytest
+import typer
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
+import bench
 from cluster.cli_options import CutMode, DurabilityMode, Resolution
 from cluster.wan import CUT_MODES
 from paycluster.cli import command
@@ -108,3 +112,18 @@ def test_short_options_mean_one_thing() -> None:
     assert meaning["-d"] <= {"--data-dir"}, meaning
     # bench.payments has -n/--payments (a count of payments); regions elsewhere.
     assert meaning["-n"] <= {"--regions", "--payments"}, meaning
+
+
+BENCH_MODULES = sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
+                       if m.name not in ("runner", "stats"))
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_every_benchmark_is_a_typer_app_with_help(name: str) -> None:
+    """`python -m bench.NAME --help` for every benchmark module (found by listing the
+    package, so a new one is covered): one typer app, the same help style as paycluster."""
+    module = importlib.import_module(f"bench.{name}")
+    assert isinstance(getattr(module, "app", None), typer.Typer), f"bench.{name} has no app"
+    out = CliRunner().invoke(module.app, ["--help"], prog_name=f"python -m bench.{name}")
+    assert out.exit_code == 0, out.output
+    assert f"Usage: python -m bench.{name}" in out.output
