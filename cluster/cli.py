@@ -23,7 +23,7 @@
 
 This module assembles the app and holds up/down/region/demo; the other commands live in
 status_cli.py, links_cli.py (links and routers), failover_cli.py (failover, durability,
-reconcile), drill_cli.py, channel_cli.py, statement_cli.py and deploy.py. The benchmarks
+reconcile), drill/cli.py, channel_cli.py, statement_cli.py and deploy.py. The benchmarks
 (`bench`, `router bench`, `durability bench`) are added above this layer, by
 paycluster/cli.py, which is what the installed `paycluster` runs.
 """
@@ -56,7 +56,7 @@ from cluster.cli_options import (
 )
 from cluster.console import Stop, console, err_console, shielded, terminate_as_interrupt
 from cluster.deploy import deploy_app
-from cluster.drill_cli import drill_app
+from cluster.drill.cli import drill_app
 from cluster.failover_cli import durability_app, failover_app, reconcile_app
 from cluster.lab import (
     Cluster,

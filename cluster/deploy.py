@@ -17,7 +17,7 @@ Commands (each idempotent, so `docker compose up` can run the jobs again):
 (publications and subscriptions), `bootstrap` (lock servers, the admin's and the geo
 routers' API keys into the secrets folder), `wan` (the WAN emulator), `pg-tls` (a
 region's gateways), `env` (a node's PAYCLUSTER_* settings), `link` (cut / heal / list),
-`drill` (a partition drill, cluster/deploy_drill.py).
+`drill` (a partition drill, cluster/drill/deploy.py).
 
 A topology without gateways (`pg_tls` empty: a managed PostgreSQL such as RDS, see
 terraform/modules/replication) has subscriptions reach each publisher's own address and
@@ -377,11 +377,11 @@ def drill(region: Annotated[str, typer.Option(help="the region to cut off")],
           rate: Annotated[float, typer.Option(help="payments per second in total")] = 10.0,
           topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Partition drill on a deployed cluster: cut every WAN link of `region` under load,
-    heal, and check fencing, recovery, convergence, RPO and duplicates (cluster/deploy_drill.py).
+    heal, and check fencing, recovery, convergence, RPO and duplicates (cluster/drill/deploy.py).
     Run it where the emulator runs: `docker compose exec wan paycluster deploy drill ...`."""
     from dataclasses import asdict
 
-    from cluster.deploy_drill import run_partition_drill
+    from cluster.drill.deploy import run_partition_drill
 
     report = asyncio.run(run_partition_drill(
         Topology.load(topology), router, region, before=before, partition=partition,

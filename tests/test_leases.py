@@ -30,7 +30,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.drill_faults import crash_region
+from cluster.drill.faults import crash_region
 from cluster.failover_cli import failover_targets
 from cluster.lab import Cluster, start_cluster
 from replication.durability import durability, set_durability

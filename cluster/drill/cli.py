@@ -1,5 +1,5 @@
 """`paycluster drill planned|crash|partition`: the failover drills on the command line
-(see cluster/drill.py for what each does and cluster/drill_report.py for the report)."""
+(see cluster/drill/run.py for what each does and cluster/drill/report.py for the report)."""
 
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
     import shutil
     import tempfile
 
-    from cluster.drill import DrillConfig, DrillError, drill_lab, run_drill_async
-    from cluster.drill_report import print_report, write_report
-    from cluster.drill_workload import WorkloadError
+    from cluster.drill.report import print_report, write_report
+    from cluster.drill.run import DrillConfig, DrillError, drill_lab, run_drill_async
+    from cluster.drill.workload import WorkloadError
     from cluster.lab import ClusterError
     from cluster.servers import ServerStartError
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from cluster.drill_workload import DESCRIPTION_PREFIX, Attempt, Intent, LagSample
+from cluster.drill.workload import DESCRIPTION_PREFIX, Attempt, Intent, LagSample
 from cluster.stats import percentile
 
 STABLE_RATIO = 0.95
