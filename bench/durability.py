@@ -49,8 +49,9 @@ from bench.runner import BenchError, bench_app, guarded, usage
 from bench.stats import stop_lab
 from cluster.console import make_console
 from cluster.durability import default_buddy, wait_sync
-from cluster.lab import REGION_NAMES, Cluster, link_rtt, start_cluster
+from cluster.lab import REGION_NAMES, Cluster, start_cluster
 from cluster.stats import percentile
+from cluster.wan import link_rtt
 from replication.durability import MODES, durability, set_durability
 from replication.wiring import PUBLICATION, subscription_name
 

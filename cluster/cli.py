@@ -62,13 +62,12 @@ from cluster.lab import (
     Cluster,
     ClusterError,
     add_region,
-    is_ours,
     read_cluster,
     start_cluster,
     stop_cluster,
 )
 from cluster.links_cli import link_app, router_app
-from cluster.servers import ServerStartError
+from cluster.servers import ServerStartError, is_ours
 from cluster.status_cli import KINDS, status
 
 app = typer.Typer(help="Run the paycluster local lab: real PostgreSQL, Redis, NATS and region "

@@ -144,7 +144,7 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def wan_links(topo: Topology) -> list[dict[str, Any]]:
     """The WAN emulator's links (cluster.wan's config format) for every ordered pair."""
-    from cluster.lab import link_rtt
+    from cluster.wan import link_rtt
 
     links = []
     for src in topo.regions:

@@ -25,9 +25,9 @@ from cluster.cli_options import (
 from cluster.console import console, err_console
 from cluster.lab import (
     ClusterError,
-    is_ours,
     read_cluster,
 )
+from cluster.servers import is_ours
 from cluster.status_cli import STATE_COLORS
 from cluster.wan import WanControl, WanControlError
 from geo_router.client import RouterAdmin, RouterAdminError, resolve

@@ -19,9 +19,9 @@ from cluster.cli_options import (
 from cluster.console import console, err_console
 from cluster.lab import (
     ClusterError,
-    is_ours,
     read_cluster,
 )
+from cluster.servers import is_ours
 
 KINDS = ("node", "postgres", "redis", "nats")
 """The servers of a region that cluster.json lists with a pid."""
