@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -233,6 +234,14 @@ deploy_app = typer.Typer(help="Steps of a containerised deployment "
                               "(docker-compose.multiregion.yml); see cluster/deploy.py.",
                          no_args_is_help=True)
 
+class LinkAction(StrEnum):
+    """What `deploy link` does."""
+
+    cut = "cut"
+    heal = "heal"
+    list = "list"
+
+
 TopologyOpt = Annotated[Path, typer.Option("--topology", help="the deployment's topology file")]
 
 
@@ -323,7 +332,8 @@ def wan(topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
 
 
 @deploy_app.command("pg-tls")
-def pg_tls(region: Annotated[str, typer.Option(help="the region whose gateways to run")],
+def pg_tls(region: Annotated[str, typer.Option(
+               "--region", "-r", help="the region whose gateways to run")],
            topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Run a region's TLS gateways for replication (until SIGTERM)."""
     from cluster.pg_tls import run_gateways
@@ -333,7 +343,7 @@ def pg_tls(region: Annotated[str, typer.Option(help="the region whose gateways t
 
 
 @deploy_app.command("env")
-def env(region: Annotated[str, typer.Option(help="the node's region")],
+def env(region: Annotated[str, typer.Option("--region", "-r", help="the node's region")],
         topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Print the PAYCLUSTER_* settings of a node of `region`, one NAME=value a line."""
     for name, value in node_env(Topology.load(topology), region).items():
@@ -341,7 +351,7 @@ def env(region: Annotated[str, typer.Option(help="the node's region")],
 
 
 @deploy_app.command("link")
-def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
+def link(action: Annotated[LinkAction, typer.Argument(help="cut, heal or list")],
          a: Annotated[str | None, typer.Argument(help="region A")] = None,
          b: Annotated[str | None, typer.Argument(help="region B")] = None,
          mode: Annotated[CutMode, typer.Option(
@@ -367,7 +377,7 @@ def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
 
 
 @deploy_app.command("drill")
-def drill(region: Annotated[str, typer.Option(help="the region to cut off")],
+def drill(region: Annotated[str, typer.Option("--region", "-r", help="the region to cut off")],
           router: Annotated[str, typer.Option(help="the geo router's URL")] =
           "http://router:8080",
           before: Annotated[float, typer.Option(help="seconds of load before the cut")] = 10.0,

@@ -167,7 +167,7 @@ def failover_crash(
 
 @failover_app.command("return")
 def failover_return(
-        region: Annotated[str, typer.Option("--region", help="the region coming back")],
+        region: Annotated[str, typer.Option("--region", "-r", help="the region coming back")],
         home: Annotated[str | None, typer.Option(
             "--home", help="the home region it lost (default: its own)")] = None,
         data_dir: DataDir = DEFAULT_DATA_DIR,
