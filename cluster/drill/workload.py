@@ -331,6 +331,8 @@ class LagSample:
     breaches: list[str]
     conflicts: int
     error: str | None = None
+    slo_seconds: float | None = None
+    """The monitor's lag SLO, as the region reported it."""
 
 
 class LagSampler:
@@ -351,11 +353,16 @@ class LagSampler:
         """Begin sampling."""
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        """Stop after the current round."""
+    async def stop(self, last_round: bool = False) -> None:
+        """Stop after the current round; with `last_round`, read every region once more
+        (a run that ends with a check wants the state at its end, not up to `every` old)."""
         self._stop.set()
         if self._task is not None:
             await self._task
+        if last_round:
+            async with httpx.AsyncClient(timeout=min(2.0, self.every * 2)) as client:
+                self.samples.extend(await asyncio.gather(*(
+                    self._one(client, region, url) for region, url in self.apis.items())))
 
     async def _one(self, client: httpx.AsyncClient, region: str, url: str) -> LagSample:
         at = time.monotonic() - self.t0
@@ -376,7 +383,9 @@ class LagSampler:
                 cause = breach.get("cause") if isinstance(breach, dict) else breach
                 breaches.append(f"{name}: {cause}")
             conflicts += sum(int(v) for v in (pair.get("conflicts") or {}).values())
-        return LagSample(at, region, pairs, breaches, conflicts)
+        slo = doc.get("slo_seconds")
+        return LagSample(at, region, pairs, breaches, conflicts,
+                         slo_seconds=None if slo is None else float(slo))
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=min(2.0, self.every * 2)) as client:
