@@ -653,7 +653,7 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
         watcher = _Watcher(api, result, watch_every)
         # Every region's own monitor, read directly (not through the router).
         sampler = LagSampler({r.name: r.api_url for r in regions}, time.monotonic(),
-                             auth, every=LAG_SAMPLE_SECONDS)
+                             auth, every=LAG_SAMPLE_SECONDS, timeout=30.0)
 
         async def phase(text: str, coro: Any) -> Any:
             t0 = time.perf_counter()
