@@ -21,7 +21,6 @@ Prints a table and writes JSON (default bench/results/convergence.json).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import tempfile
@@ -29,15 +28,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import httpx
 import psycopg
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile, stop_lab
+from bench.runner import bench_app, guarded
+from bench.stats import stop_lab
 from cluster.lab import Cluster, start_cluster
+from cluster.stats import percentile
 
 PAYER_REGION, PAYEE_REGION = "us-east", "eu-west"
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "convergence.json"
@@ -129,16 +132,28 @@ async def _bench(cluster: Cluster, concurrency: int, payments: int, poll: float)
             await client.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+app = bench_app()
+
+
+@app.command(help="Cross-region convergence: how long after a payment in us-east its credit "
+                  "is visible in eu-west.")
+def cli(wan_scale: Annotated[float, typer.Option(min=0.0, help="WAN round-trip scale")] = 1.0,
+        concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                                                 help="clients in flight")] = 4,
+        payments: Annotated[int, typer.Option("--payments", "-n", min=1,
+                                              help="payments in total")] = 200,
+        poll_ms: Annotated[float, typer.Option(min=0.1, help="poll interval at the payee's "
+                                                             "region")] = 5.0,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+        ) -> None:
+    """The benchmark's options; exits with its exit code."""
+    args = SimpleNamespace(wan_scale=wan_scale, concurrency=concurrency, payments=payments,
+                           poll_ms=poll_ms, json_out=json_out)
+    raise typer.Exit(guarded(lambda: main(args), console))
+
+
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; print the table and write the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m bench.convergence",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wan-scale", type=float, default=1.0)
-    parser.add_argument("--concurrency", "-c", type=int, default=4)
-    parser.add_argument("--payments", "-n", type=int, default=200)
-    parser.add_argument("--poll-ms", type=float, default=5.0)
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
-    args = parser.parse_args(argv)
     data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-convergence-"))
     with console.status(f"starting {PAYER_REGION} and {PAYEE_REGION} at WAN scale "
                         f"{args.wan_scale} ..."):
@@ -175,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    app(prog_name="python -m bench.convergence")

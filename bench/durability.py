@@ -23,37 +23,35 @@ Prints a table, writes JSON (default bench/results/durability.json).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import platform
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import httpx
 import psycopg
+import typer
 from psycopg import sql
 from rich.table import Table
 
 from bench.payments import create_pairs, drive_payments
-from bench.stats import percentile, stop_lab
-from cluster.cli import make_console
+from bench.runner import BenchError, bench_app, guarded, usage
+from bench.stats import stop_lab
+from cluster.console import make_console
 from cluster.durability import default_buddy, wait_sync
-from cluster.lab import REGION_NAMES, Cluster, ClusterError, link_rtt, start_cluster
-from cluster.servers import ServerStartError
+from cluster.lab import REGION_NAMES, Cluster, start_cluster
+from cluster.stats import percentile
+from cluster.wan import link_rtt
 from replication.durability import MODES, durability, set_durability
 from replication.wiring import PUBLICATION, subscription_name
 
@@ -64,51 +62,51 @@ SCRATCH = "bench_commits"
 console = make_console()
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot run (setup failed, the mode did not take...)."""
-
-
 # --------------------------------------------------------------------------- arguments
 
+app = bench_app()
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (also reached through `paycluster durability bench ...`)."""
-    p = argparse.ArgumentParser(
-        prog="paycluster durability bench",
-        description="Commit latency and throughput of regional vs local durability, same "
-                    "cluster, same run.")
-    p.add_argument("--regions", type=int, default=3, choices=range(2, len(REGION_NAMES) + 1),
-                   help="regions of the lab (default 3, the default lab)")
-    p.add_argument("--wan-scale", type=float, default=1.0,
-                   help="multiplier of the default round trips (default 1.0)")
-    p.add_argument("--region", default=REGION_NAMES[0], help="the measured region")
-    p.add_argument("--buddy", help="its buddy in regional mode (default: the nearest region)")
-    p.add_argument("--concurrency", "-c", type=int, default=8, help="payment clients (8)")
-    p.add_argument("--duration", "-T", type=float, default=10.0,
-                   help="seconds of payments per mode and round (10)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="rounds; each measures both modes, alternating the order (3)")
-    p.add_argument("--sql-commits", type=int, default=50,
-                   help="sequential SQL commits per mode and round (50)")
-    p.add_argument("--warmup", type=float, default=2.0,
-                   help="seconds of unrecorded payments before round 1 (2)")
-    p.add_argument("--amount", type=int, default=1, help="minor units per payment (1)")
-    p.add_argument("--data-dir", type=Path, help="where the lab lives (default: a temp dir)")
-    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
-                   help="result file (default bench/results/durability.json)")
-    args = p.parse_args(argv)
-    names = REGION_NAMES[:args.regions]
-    if args.region not in names:
-        p.error(f"--region must be one of {', '.join(names)}")
-    args.buddy = args.buddy or default_buddy(args.region, names)
-    if args.buddy not in names or args.buddy == args.region:
-        p.error(f"--buddy must be another region of {', '.join(names)}")
-    for name in ("concurrency", "rounds", "sql_commits", "amount"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.duration <= 0 or args.wan_scale < 0:
-        p.error("--duration must be positive and --wan-scale not negative")
-    return args
+
+@app.command(help="Commit latency and throughput of regional vs local durability, same "
+                  "cluster, same run.")
+def cli(
+        regions: Annotated[int, typer.Option(
+            "--regions", "-n", min=2, max=len(REGION_NAMES),
+            help="regions of the lab (the default lab has 3)")] = 3,
+        wan_scale: Annotated[float, typer.Option(
+            min=0.0, help="multiplier of the default round trips")] = 1.0,
+        region: Annotated[str, typer.Option(
+            "--region", "-r", help="the measured region")] = REGION_NAMES[0],
+        buddy: Annotated[str | None, typer.Option(
+            help="its buddy in regional mode (default: the nearest region)")] = None,
+        concurrency: Annotated[int, typer.Option(
+            "--concurrency", "-c", min=1, help="payment clients")] = 8,
+        duration: Annotated[float, typer.Option(
+            "--duration", "-T", min=0.001, help="seconds of payments per mode and round")] = 10.0,
+        rounds: Annotated[int, typer.Option(
+            min=1, help="rounds; each measures both modes, alternating the order")] = 3,
+        sql_commits: Annotated[int, typer.Option(
+            min=1, help="sequential SQL commits per mode and round")] = 50,
+        warmup: Annotated[float, typer.Option(
+            min=0.0, help="seconds of unrecorded payments before round 1")] = 2.0,
+        amount: Annotated[int, typer.Option(min=1, help="minor units per payment")] = 1,
+        data_dir: Annotated[Path | None, typer.Option(
+            "--data-dir", "-d", help="where the lab lives (default: a temp dir)")] = None,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+) -> None:
+    """The benchmark's options (also `paycluster durability bench`); exits with its exit
+    code."""
+    names = REGION_NAMES[:regions]
+    if region not in names:
+        raise usage(f"--region must be one of {', '.join(names)}")
+    buddy = buddy or default_buddy(region, names)
+    if buddy not in names or buddy == region:
+        raise usage(f"--buddy must be another region of {', '.join(names)}")
+    args = SimpleNamespace(regions=regions, wan_scale=wan_scale, region=region, buddy=buddy,
+                           concurrency=concurrency, duration=duration, rounds=rounds,
+                           sql_commits=sql_commits, warmup=warmup, amount=amount,
+                           data_dir=data_dir, json_out=json_out)
+    raise typer.Exit(main(args))
 
 
 # --------------------------------------------------------------------------- setup
@@ -214,7 +212,7 @@ def ratios(local: dict[str, float], regional: dict[str, float]) -> dict[str, flo
             for m in METRICS if m != "errors"}
 
 
-async def _rounds(args: argparse.Namespace, cluster: Cluster) -> list[Measurement]:
+async def _rounds(args: SimpleNamespace, cluster: Cluster) -> list[Measurement]:
     region = cluster.region(args.region)
     limits = httpx.Limits(max_connections=args.concurrency,
                           max_keepalive_connections=args.concurrency)
@@ -271,7 +269,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def print_table(args: argparse.Namespace, rtt_ms: float, rows: list[Measurement],
+def print_table(args: SimpleNamespace, rtt_ms: float, rows: list[Measurement],
                 summary: dict[str, Any]) -> None:
     """Rich table: a row per mode and round, the medians, and regional / local."""
     table = Table(title=f"commit cost of regional vs local durability: {args.region}, buddy "
@@ -317,7 +315,7 @@ def summarize(rows: list[Measurement], rtt_ms: float) -> dict[str, Any]:
             "buddy_rtt_ms": rtt_ms}
 
 
-def write_json(path: Path, args: argparse.Namespace, rtt_ms: float, rows: list[Measurement],
+def write_json(path: Path, args: SimpleNamespace, rtt_ms: float, rows: list[Measurement],
                summary: dict[str, Any]) -> None:
     """The configuration, environment, every measurement and the summary."""
     doc = {
@@ -340,23 +338,7 @@ def write_json(path: Path, args: argparse.Namespace, rtt_ms: float, rows: list[M
 # --------------------------------------------------------------------------- main
 
 
-class _Terminated(Exception):
-    pass
-
-
-@contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: SimpleNamespace) -> int:
     """Start the lab, measure, print and write; the lab is stopped in every case."""
     temp = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-dur-")) if temp else args.data_dir
@@ -376,20 +358,10 @@ def run(args: argparse.Namespace) -> int:
         stop_lab(cluster, console, "lab", data_dir if temp else None, keep=code != 0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; returns the process exit code."""
-    args = parse_args(argv)
-    with _sigterm_as_exception():
-        try:
-            return run(args)
-        except (BenchError, ClusterError, ServerStartError, TimeoutError, httpx.HTTPError,
-                psycopg.Error) as exc:
-            console.print(f"[red]benchmark failed:[/] {exc}")
-            return 1
-        except (KeyboardInterrupt, _Terminated):
-            console.print("[yellow]interrupted[/]")
-            return 130
+    return guarded(lambda: run(args), console)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app(prog_name="python -m bench.durability")

@@ -13,7 +13,6 @@ Prints a table and writes JSON (default bench/results/orders.json) with the rati
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -21,16 +20,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile
+from bench.runner import bench_app, guarded
 from cluster.lab import Cluster, start_cluster
-
-REGIONS = ("us-east", "eu-west", "ap-southeast")
+from cluster.stats import percentile
+from cluster.wan import REGIONS
 
 
 async def _setup(clients: dict[str, httpx.AsyncClient]) -> dict[str, tuple[list[str], str]]:
@@ -107,14 +108,26 @@ async def _bench(cluster: Cluster, concurrency: int, duration: float) -> list[di
             await client.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+app = bench_app()
+
+
+@app.command(help="Orders: escrow vs strict stock reservations across three regions.")
+def cli(wan_scale: Annotated[float, typer.Option(min=0.0, help="WAN round-trip scale")] = 1.0,
+        concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                                                 help="clients in flight")] = 12,
+        duration: Annotated[float, typer.Option("--duration", "-T", min=0.1,
+                                                help="seconds per mode")] = 15.0,
+        json_out: Annotated[Path, typer.Option(help="result file")]
+        = Path("bench/results/orders.json"),
+        ) -> None:
+    """The benchmark's options; exits with its exit code."""
+    args = SimpleNamespace(wan_scale=wan_scale, concurrency=concurrency, duration=duration,
+                           json_out=json_out)
+    raise typer.Exit(guarded(lambda: main(args), Console()))
+
+
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; print the table and write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wan-scale", type=float, default=1.0)
-    parser.add_argument("--concurrency", "-c", type=int, default=12)
-    parser.add_argument("--duration", "-T", type=float, default=15.0)
-    parser.add_argument("--json-out", type=Path, default=Path("bench/results/orders.json"))
-    args = parser.parse_args(argv)
     console = Console()
     with tempfile.TemporaryDirectory(prefix="paycluster-bench-orders-") as tmp:
         console.print(f"starting 3 regions at WAN scale {args.wan_scale} ...")
@@ -143,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    app(prog_name="python -m bench.orders")

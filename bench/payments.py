@@ -13,36 +13,36 @@ payment (HTTP + idempotency + double-entry ledger + outbox) turns into.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import aiohttp
 import httpx
 import psycopg
+import typer
 from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
-from bench.stats import CpuMeter, TimedRun, percentile, stop_lab
-from cluster.cli import make_console
-from cluster.lab import ClusterError, start_cluster
-from cluster.servers import ServerStartError, pg_bin
+from bench.runner import BenchError, bench_app, guarded, usage
+from bench.stats import CpuMeter, TimedRun, stop_lab
+from cluster.console import make_console
+from cluster.lab import start_cluster
+from cluster.servers import pg_bin
+from cluster.stats import percentile
 
 # bench/results/ next to this file (gitignored), whatever the working directory.
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "payments.json"
@@ -55,69 +55,76 @@ _TPS_RE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 console = make_console()
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot run (setup failed, pgbench failed...)."""
-
-
 # --------------------------------------------------------------------------- arguments
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (also reached through `paycluster bench ...`)."""
-    p = argparse.ArgumentParser(
-        prog="paycluster bench",
-        description="Automatic payments over HTTP vs pgbench TPC-B on the same PostgreSQL.")
-    target = p.add_argument_group("target (default: start one region on embedded servers)")
-    target.add_argument("--api-url", help="REST API of a running region node")
-    target.add_argument("--api-key", default=os.environ.get("PAYCLUSTER_API_KEY"),
-                        help="admin API key for --api-url (default: $PAYCLUSTER_API_KEY); "
-                             "a self-started lab's own key otherwise")
-    target.add_argument("--pg-dsn", help="libpq URL of that region's PostgreSQL (for pgbench); "
-                        "without it pgbench is skipped")
-    target.add_argument("--node-pid", type=int, help="pid of the node at --api-url (for its "
-                        "CPU per payment)")
-    target.add_argument("--pg-pid", type=int, help="pid of that region's postmaster (for "
-                        "PostgreSQL's CPU per payment)")
-    target.add_argument("--data-dir", type=Path,
-                        help="where a self-started region lives (default: a temp dir)")
-    load = p.add_argument_group("load")
-    load.add_argument("--concurrency", "-c", type=int, default=16,
-                      help="clients in flight, for payments and pgbench alike (default 16)")
-    load.add_argument("--pairs", type=int, help="payer/payee pairs (default: = concurrency, "
-                      "so clients do not queue on each other's rows)")
-    load.add_argument("--hot", action="store_true",
-                      help="one hot pair: every client pays from the same payer to the same "
-                      "payee (= --pairs 1)")
-    load.add_argument("--duration", "-T", type=float, default=10.0,
-                      help="seconds per round (default 10)")
-    load.add_argument("--payments", "-n", type=int,
-                      help="payments per round instead of a duration; pgbench then runs as "
-                      "long as the payments took")
-    load.add_argument("--amount", type=int, default=100, help="minor units per payment")
-    load.add_argument("--warmup", type=float, default=2.0,
-                      help="seconds of unrecorded payments before round 1 (default 2)")
-    load.add_argument("--rounds", type=int, default=3, help="rounds; medians are quoted")
-    load.add_argument("--no-idempotency-key", action="store_true",
-                      help="send payments without Idempotency-Key")
-    pg = p.add_argument_group("pgbench")
-    pg.add_argument("--no-pgbench", action="store_true", help="skip pgbench")
-    pg.add_argument("--pgbench-scale", type=int, default=1, help="pgbench -i -s (default 1)")
-    pg.add_argument("--pgbench-jobs", type=int, default=2, help="pgbench -j (default 2)")
-    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
-                   help="result file (default bench/results/payments.json)")
-    args = p.parse_args(argv)
-    for name in ("concurrency", "rounds", "amount", "pgbench_scale", "pgbench_jobs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.payments is not None and args.payments < 1:
-        p.error("--payments must be at least 1")
-    if args.duration <= 0:
-        p.error("--duration must be positive")
-    if args.pg_dsn and not args.api_url:
-        p.error("--pg-dsn needs --api-url (the region it belongs to)")
-    if args.hot:
-        args.pairs = 1
-    args.pairs = args.pairs or args.concurrency
-    return args
+app = bench_app()
+
+
+@app.command(help="Automatic payments over HTTP vs pgbench TPC-B on the same PostgreSQL.")
+def cli(
+        api_url: Annotated[str | None, typer.Option(
+            help="REST API of a running region node (default: start one region on embedded "
+                 "servers)", rich_help_panel="target")] = None,
+        api_key: Annotated[str | None, typer.Option(
+            envvar="PAYCLUSTER_API_KEY", help="admin API key for --api-url; a self-started "
+                                              "lab's own key otherwise",
+            rich_help_panel="target")] = None,
+        pg_dsn: Annotated[str | None, typer.Option(
+            help="libpq URL of that region's PostgreSQL (for pgbench); without it pgbench is "
+                 "skipped", rich_help_panel="target")] = None,
+        node_pid: Annotated[int | None, typer.Option(
+            help="pid of the node at --api-url (for its CPU per payment)",
+            rich_help_panel="target")] = None,
+        pg_pid: Annotated[int | None, typer.Option(
+            help="pid of that region's postmaster (for PostgreSQL's CPU per payment)",
+            rich_help_panel="target")] = None,
+        data_dir: Annotated[Path | None, typer.Option(
+            "--data-dir", "-d", help="where a self-started region lives (default: a temp dir)",
+            rich_help_panel="target")] = None,
+        concurrency: Annotated[int, typer.Option(
+            "--concurrency", "-c", min=1, help="clients in flight, for payments and pgbench "
+                                               "alike", rich_help_panel="load")] = 16,
+        pairs: Annotated[int | None, typer.Option(
+            min=1, help="payer/payee pairs (default: = concurrency, so clients do not queue on "
+                        "each other's rows)", rich_help_panel="load")] = None,
+        hot: Annotated[bool, typer.Option(
+            help="one hot pair: every client pays from the same payer to the same payee "
+                 "(= --pairs 1)", rich_help_panel="load")] = False,
+        duration: Annotated[float, typer.Option(
+            "--duration", "-T", min=0.001, help="seconds per round",
+            rich_help_panel="load")] = 10.0,
+        payments: Annotated[int | None, typer.Option(
+            "--payments", "-n", min=1, help="payments per round instead of a duration; "
+                                            "pgbench then runs as long as the payments took",
+            rich_help_panel="load")] = None,
+        amount: Annotated[int, typer.Option(min=1, help="minor units per payment",
+                                            rich_help_panel="load")] = 100,
+        warmup: Annotated[float, typer.Option(
+            min=0.0, help="seconds of unrecorded payments before round 1",
+            rich_help_panel="load")] = 2.0,
+        rounds: Annotated[int, typer.Option(min=1, help="rounds; medians are quoted",
+                                            rich_help_panel="load")] = 3,
+        no_idempotency_key: Annotated[bool, typer.Option(
+            "--no-idempotency-key", help="send payments without Idempotency-Key",
+            rich_help_panel="load")] = False,
+        no_pgbench: Annotated[bool, typer.Option("--no-pgbench", help="skip pgbench",
+                                                 rich_help_panel="pgbench")] = False,
+        pgbench_scale: Annotated[int, typer.Option(min=1, help="pgbench -i -s",
+                                                   rich_help_panel="pgbench")] = 1,
+        pgbench_jobs: Annotated[int, typer.Option(min=1, help="pgbench -j",
+                                                  rich_help_panel="pgbench")] = 2,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+) -> None:
+    """The benchmark's options (also `paycluster bench`); exits with its exit code."""
+    if pg_dsn and not api_url:
+        raise usage("--pg-dsn needs --api-url (the region it belongs to)")
+    args = SimpleNamespace(
+        api_url=api_url, api_key=api_key, pg_dsn=pg_dsn, node_pid=node_pid, pg_pid=pg_pid,
+        data_dir=data_dir, concurrency=concurrency, pairs=1 if hot else pairs or concurrency,
+        hot=hot, duration=duration, payments=payments, amount=amount, warmup=warmup,
+        rounds=rounds, no_idempotency_key=no_idempotency_key, no_pgbench=no_pgbench,
+        pgbench_scale=pgbench_scale, pgbench_jobs=pgbench_jobs, json_out=json_out)
+    raise typer.Exit(main(args))
 
 
 # --------------------------------------------------------------------------- payments
@@ -318,7 +325,7 @@ def medians(rounds: list[Round]) -> dict[str, float | None]:
     return out
 
 
-def _meter(args: argparse.Namespace) -> CpuMeter:
+def _meter(args: SimpleNamespace) -> CpuMeter:
     pids: dict[str, tuple[int, bool]] = {}
     if args.node_pid:
         pids["node"] = (args.node_pid, True)
@@ -333,7 +340,7 @@ def _per(used: dict[str, float], name: str, count: int) -> float | None:
     return round(used[name] * 1000 / count, 3)
 
 
-async def _bench_rounds(args: argparse.Namespace, api_url: str,
+async def _bench_rounds(args: SimpleNamespace, api_url: str,
                         target: PgTarget | None) -> list[Round]:
     limits = httpx.Limits(max_connections=args.concurrency,
                           max_keepalive_connections=args.concurrency)
@@ -423,7 +430,7 @@ def _server_version(target: PgTarget | None) -> str | None:
         return None
 
 
-def _write_json(path: Path, args: argparse.Namespace, api_url: str, target: PgTarget | None,
+def _write_json(path: Path, args: SimpleNamespace, api_url: str, target: PgTarget | None,
                 self_started: bool, rounds: list[Round],
                 median: dict[str, float | None]) -> None:
     doc = {
@@ -448,7 +455,7 @@ def _write_json(path: Path, args: argparse.Namespace, api_url: str, target: PgTa
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _run(args: argparse.Namespace, api_url: str, pg_dsn: str | None, self_started: bool) -> int:
+def _run(args: SimpleNamespace, api_url: str, pg_dsn: str | None, self_started: bool) -> int:
     target = PgTarget.from_dsn(pg_dsn) if pg_dsn and not args.no_pgbench else None
     if target is not None:
         with console.status(f"pgbench -i -s {args.pgbench_scale} into database "
@@ -464,34 +471,17 @@ def _run(args: argparse.Namespace, api_url: str, pg_dsn: str | None, self_starte
     return 0 if all(r.payments > 0 for r in rounds) else 1
 
 
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so the `finally` that stops our servers runs.
-    raise _Terminated()
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; returns the process exit code."""
-    args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+    def measure() -> int:
         if args.api_url:
             return _run(args, args.api_url.rstrip("/"), args.pg_dsn, self_started=False)
         return _self_started(args)
-    except (BenchError, ClusterError, ServerStartError) as exc:
-        console.print(f"[red]benchmark failed:[/] {exc}")
-        return 1
-    except (KeyboardInterrupt, _Terminated):
-        console.print("[yellow]interrupted[/]")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    return guarded(measure, console)
 
 
-def _self_started(args: argparse.Namespace) -> int:
+def _self_started(args: SimpleNamespace) -> int:
     temp = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-")) if temp else args.data_dir
     with console.status("starting one region on embedded PostgreSQL, Redis, NATS ..."):
@@ -513,4 +503,4 @@ def _self_started(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app(prog_name="python -m bench.payments")

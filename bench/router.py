@@ -17,15 +17,12 @@ Workloads (each from C concurrent clients for a fixed time):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import platform
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -34,16 +31,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.table import Table
 
-from bench.stats import TimedRun, percentile, stop_lab
-from cluster.cli import make_console
-from cluster.lab import ClusterError, start_cluster
-from cluster.servers import ServerStartError
+from bench.runner import BenchError, bench_app, guarded, usage
+from bench.stats import TimedRun, stop_lab
+from cluster.console import make_console
+from cluster.lab import start_cluster
+from cluster.stats import percentile
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "router.json"
 WORKLOADS = ("live", "account", "payment")
@@ -54,53 +53,58 @@ PAYER_FUNDING = 1_000_000_000
 console = make_console()
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot run (setup failed, a path answered errors only...)."""
+app = bench_app()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.router",
-        description="Geo router overhead: requests/s and added p50/p99 latency through the "
-                    "router vs straight to the region node, in the same run.")
-    target = p.add_argument_group("target (default: start one region and one router)")
-    target.add_argument("--api-url", help="a running region node's REST API")
-    target.add_argument("--api-key", default=os.environ.get("PAYCLUSTER_API_KEY"),
-                        help="admin API key for --api-url (default: $PAYCLUSTER_API_KEY); "
-                             "a self-started lab's own key otherwise")
-    target.add_argument("--router-url", help="a running router in front of that node")
-    target.add_argument("--data-dir", type=Path,
-                        help="where a self-started lab lives (default: a temp dir)")
-    load = p.add_argument_group("load")
-    load.add_argument("--workloads", default=",".join(WORKLOADS),
-                      help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
-    load.add_argument("--concurrency", "-c", default="1,16",
-                      help="comma-separated client counts (default 1,16)")
-    load.add_argument("--duration", "-T", type=float, default=3.0,
-                      help="seconds per measurement (default 3)")
-    load.add_argument("--rounds", type=int, default=2,
-                      help="rounds; each measures both paths, in alternating order (default 2)")
-    load.add_argument("--warmup", type=float, default=1.0,
-                      help="seconds of unrecorded load per path before round 1 (default 1)")
-    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT,
-                   help="result file (default bench/results/router.json)")
-    args = p.parse_args(argv)
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - set(WORKLOADS)
-    if unknown or not args.workloads:
-        p.error(f"--workloads: unknown {', '.join(sorted(unknown)) or '(none given)'}")
+@app.command(help="Geo router overhead: requests/s and added p50/p99 latency through the "
+                  "router vs straight to the region node, in the same run.")
+def cli(
+        api_url: Annotated[str | None, typer.Option(
+            help="a running region node's REST API (default: start one region and one "
+                 "router)", rich_help_panel="target")] = None,
+        api_key: Annotated[str | None, typer.Option(
+            envvar="PAYCLUSTER_API_KEY", help="admin API key for --api-url; a self-started "
+                                              "lab's own key otherwise",
+            rich_help_panel="target")] = None,
+        router_url: Annotated[str | None, typer.Option(
+            help="a running router in front of that node", rich_help_panel="target")] = None,
+        data_dir: Annotated[Path | None, typer.Option(
+            "--data-dir", "-d", help="where a self-started lab lives (default: a temp dir)",
+            rich_help_panel="target")] = None,
+        workloads: Annotated[str, typer.Option(
+            help=f"comma-separated, from {', '.join(WORKLOADS)}",
+            rich_help_panel="load")] = ",".join(WORKLOADS),
+        concurrency: Annotated[str, typer.Option(
+            "--concurrency", "-c", help="comma-separated client counts",
+            rich_help_panel="load")] = "1,16",
+        duration: Annotated[float, typer.Option(
+            "--duration", "-T", min=0.001, help="seconds per measurement",
+            rich_help_panel="load")] = 3.0,
+        rounds: Annotated[int, typer.Option(
+            min=1, help="rounds; each measures both paths, in alternating order",
+            rich_help_panel="load")] = 2,
+        warmup: Annotated[float, typer.Option(
+            min=0.0, help="seconds of unrecorded load per path before round 1",
+            rich_help_panel="load")] = 1.0,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+) -> None:
+    """The benchmark's options (also `paycluster router bench`); exits with its exit code."""
+    names = [w.strip() for w in workloads.split(",") if w.strip()]
+    unknown = set(names) - set(WORKLOADS)
+    if unknown or not names:
+        raise usage(f"--workloads: unknown {', '.join(sorted(unknown)) or '(none given)'}")
     try:
-        args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+        counts = [int(c) for c in concurrency.split(",") if c.strip()]
     except ValueError:
-        p.error("--concurrency must be comma-separated integers")
-    if not args.concurrency or min(args.concurrency) < 1:
-        p.error("--concurrency values must be at least 1")
-    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
-        p.error("--duration must be positive, --rounds at least 1, --warmup not negative")
-    if bool(args.api_url) != bool(args.router_url):
-        p.error("give both --api-url and --router-url, or neither")
-    return args
+        raise usage("--concurrency must be comma-separated integers") from None
+    if not counts or min(counts) < 1:
+        raise usage("--concurrency values must be at least 1")
+    if bool(api_url) != bool(router_url):
+        raise usage("give both --api-url and --router-url, or neither")
+    args = SimpleNamespace(api_url=api_url, api_key=api_key, router_url=router_url,
+                           data_dir=data_dir, workloads=names, concurrency=counts,
+                           duration=duration, rounds=rounds, warmup=warmup, json_out=json_out)
+    raise typer.Exit(main(args))
 
 
 # --------------------------------------------------------------------------- load
@@ -213,7 +217,7 @@ def summarize(name: str, concurrency: int, runs: dict[str, list[TimedRun]]) -> R
         {p: [round(r.per_second, 1) for r in runs[p]] for p in PATHS})
 
 
-async def _bench(args: argparse.Namespace, api_url: str, router_url: str) -> list[Result]:
+async def _bench(args: SimpleNamespace, api_url: str, router_url: str) -> list[Result]:
     top = max(args.concurrency)
     limits = httpx.Limits(max_connections=top, max_keepalive_connections=top)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
@@ -273,7 +277,7 @@ def print_table(results: list[Result]) -> None:
     console.print(table)
 
 
-def _write_json(path: Path, args: argparse.Namespace, api_url: str, router_url: str,
+def _write_json(path: Path, args: SimpleNamespace, api_url: str, router_url: str,
                 self_started: bool, results: list[Result]) -> None:
     doc = {
         "benchmark": "router",
@@ -291,7 +295,7 @@ def _write_json(path: Path, args: argparse.Namespace, api_url: str, router_url: 
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _run(args: argparse.Namespace, api_url: str, router_url: str, self_started: bool) -> int:
+def _run(args: SimpleNamespace, api_url: str, router_url: str, self_started: bool) -> int:
     try:
         import uvloop
 
@@ -304,35 +308,18 @@ def _run(args: argparse.Namespace, api_url: str, router_url: str, self_started: 
     return 0
 
 
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so the `finally` that stops our servers runs.
-    raise _Terminated()
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; returns the process exit code."""
-    args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+    def measure() -> int:
         if args.api_url:
             return _run(args, args.api_url.rstrip("/"), args.router_url.rstrip("/"),
                         self_started=False)
         return _self_started(args)
-    except (BenchError, ClusterError, ServerStartError) as exc:
-        console.print(f"[red]benchmark failed:[/] {exc}")
-        return 1
-    except (KeyboardInterrupt, _Terminated):
-        console.print("[yellow]interrupted[/]")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    return guarded(measure, console)
 
 
-def _self_started(args: argparse.Namespace) -> int:
+def _self_started(args: SimpleNamespace) -> int:
     temp = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-router-")) if temp \
         else args.data_dir
@@ -351,4 +338,4 @@ def _self_started(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app(prog_name="python -m bench.router")

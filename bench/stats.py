@@ -4,9 +4,7 @@ self-started lab is stopped."""
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 
+from cluster.console import shielded
 from cluster.lab import Cluster
 
 
@@ -33,25 +32,12 @@ class TimedRun:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan if empty)."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(1, math.ceil(pct / 100 * len(sorted_values))) - 1]
-
-
 def stop_lab(cluster: Cluster, console: Console, what: str, temp_dir: Path | None, *,
              keep: bool) -> None:
     """Stop a lab the benchmark started; remove its temp dir unless the run failed."""
-    # Ignore further Ctrl-C / SIGTERM while stopping: a half-stopped lab would leak.
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        with console.status(f"stopping the {what} ..."):
-            cluster.stop()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    # Ignore further Ctrl-C / SIGTERM / SIGHUP while stopping: a half-stopped lab would leak.
+    with shielded(), console.status(f"stopping the {what} ..."):
+        cluster.stop()
     if temp_dir is not None and not keep:
         shutil.rmtree(temp_dir, ignore_errors=True)
     elif temp_dir is not None:

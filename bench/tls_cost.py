@@ -18,20 +18,23 @@ Prints medians and p99 of each, and the TLS/plaintext ratios.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
 import time
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import psycopg
+import typer
 
-from bench.stats import percentile
+from bench.runner import bench_app
 from cluster.lab import start_cluster
 from cluster.pki import ensure_cluster_pki
 from cluster.servers import free_port, start_region_servers
+from cluster.stats import percentile
 from region_node.forwarding import ForwardedRequest
 from region_node.rpc.client import PeerClients
 from region_node.rpc.tls import RpcTls
@@ -184,13 +187,25 @@ def replication_cost(base: Path, updates: int) -> dict[str, Any]:
         lab.stop()
 
 
-def main() -> None:
+app = bench_app()
+
+
+class Only(StrEnum):
+    """Which of the two measurements to run."""
+
+    grpc = "grpc"
+    replication = "replication"
+
+
+@app.command(help="What TLS costs: gRPC forwards and replication lag through the TLS "
+                  "gateways, each against plaintext.")
+def main(calls: Annotated[int, typer.Option(min=1, help="gRPC forwards per variant")] = 500,
+         updates: Annotated[int, typer.Option(min=1, help="replicated updates per "
+                                                          "variant")] = 200,
+         only: Annotated[Only | None, typer.Option(help="run one measurement only")] = None,
+         ) -> None:
     """Run both measurements and print them with the TLS/plaintext ratios."""
-    parser = argparse.ArgumentParser(prog="python -m bench.tls_cost")
-    parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--updates", type=int, default=200)
-    parser.add_argument("--only", choices=("grpc", "replication"))
-    args = parser.parse_args()
+    args = SimpleNamespace(calls=calls, updates=updates, only=only)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tls-cost-") as tmp:
         base = Path(tmp)
@@ -212,4 +227,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app(prog_name="python -m bench.tls_cost")

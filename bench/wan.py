@@ -10,7 +10,6 @@ in this process, on 127.0.0.1; nothing else.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -18,25 +17,18 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import percentile
+from bench.runner import bench_app
+from cluster.stats import percentile
 from cluster.wan import WanEmulator
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "wan.json"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.wan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rtt-ms", type=float, default=100.0, help="the link's round trip")
-    p.add_argument("--samples", type=int, default=50, help="round trips measured")
-    p.add_argument("--megabytes", type=int, default=5, help="bulk transfer size")
-    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
-    return p.parse_args(argv)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -85,7 +77,7 @@ async def _bulk(port: int, size: int) -> float:
         writer.transport.abort()
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+async def _bench(args: SimpleNamespace) -> dict[str, Any]:
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     wan = WanEmulator(scale=1.0, seed=7)
@@ -103,8 +95,23 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "bulk_seconds": bulk}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+app = bench_app()
+
+
+@app.command(help="What the WAN emulator adds beyond the delay it is told to add, and "
+                  "whether it throttles a bulk transfer.")
+def cli(rtt_ms: Annotated[float, typer.Option(min=0.0, help="the link's round trip")] = 100.0,
+        samples: Annotated[int, typer.Option(min=1, help="round trips measured")] = 50,
+        megabytes: Annotated[int, typer.Option(min=1, help="bulk transfer size")] = 5,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+        ) -> None:
+    """The benchmark's options; exits with its exit code."""
+    raise typer.Exit(main(SimpleNamespace(rtt_ms=rtt_ms, samples=samples, megabytes=megabytes,
+                                          json_out=json_out)))
+
+
+def main(args: SimpleNamespace) -> int:
+    """Measure, print the table and write the JSON."""
     console = Console()
     result = asyncio.run(_bench(args))
     link, direct = sorted(result["link_ms"]), sorted(result["direct_ms"])
@@ -132,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    app(prog_name="python -m bench.wan")

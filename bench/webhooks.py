@@ -14,37 +14,34 @@ arrive exactly once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import httpx
+import typer
 from aiohttp import web
 from rich.table import Table
 
-from bench.stats import percentile, stop_lab
-from cluster.cli import make_console
-from cluster.lab import ClusterError, start_cluster
-from cluster.servers import ServerStartError
+from bench.runner import BenchError, bench_app, guarded
+from bench.stats import stop_lab
+from cluster.console import make_console
+from cluster.lab import start_cluster
+from cluster.stats import percentile
 from region_node.webhooks.signing import SIGNATURE_HEADER, SignatureError, verify
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "webhooks.json"
 CURRENCY = "USD"
 console = make_console()
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run."""
 
 
 @dataclass
@@ -86,19 +83,6 @@ class Receiver:
         self.arrived.setdefault(event["data"]["id"], at)
         self.event.set()
         return web.Response(status=200)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--api-url", help="a running region (default: start one)")
-    p.add_argument("--api-key", default=os.environ.get("PAYCLUSTER_API_KEY"),
-                   help="admin API key (default: $PAYCLUSTER_API_KEY, or the lab's)")
-    p.add_argument("--payments", type=int, default=200)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 25])
-    p.add_argument("--timeout", type=float, default=60.0, help="wait for the last event")
-    p.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
-    return p.parse_args(argv)
 
 
 async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +134,7 @@ def _pct(sorted_ms: list[float], pct: float) -> float:
     return round(percentile(sorted_ms, pct), 1) if sorted_ms else 0.0
 
 
-async def _accounts(client: httpx.AsyncClient, args: argparse.Namespace
+async def _accounts(client: httpx.AsyncClient, args: SimpleNamespace
                     ) -> tuple[list[str], str]:
     """One funded payer per concurrent client (no hot row), and a merchant payee."""
     payers = []
@@ -163,7 +147,7 @@ async def _accounts(client: httpx.AsyncClient, args: argparse.Namespace
     return payers, str(payee["id"])
 
 
-async def _bench(args: argparse.Namespace, api_url: str, api_key: str | None) -> list[Round]:
+async def _bench(args: SimpleNamespace, api_url: str, api_key: str | None) -> list[Round]:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
@@ -193,7 +177,7 @@ async def _bench(args: argparse.Namespace, api_url: str, api_key: str | None) ->
         await runner.cleanup()
 
 
-def _report(rounds: list[Round], args: argparse.Namespace, api_url: str,
+def _report(rounds: list[Round], args: SimpleNamespace, api_url: str,
             self_started: bool) -> None:
     table = Table(title="webhook delivery: payment commit -> receiver")
     for col in ("concurrency", "payments", "payments/s", "delivered", "duplicates",
@@ -219,32 +203,50 @@ def _report(rounds: list[Round], args: argparse.Namespace, api_url: str,
     console.print(f"wrote {args.json_out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+app = bench_app()
+
+
+@app.command(help="Webhook delivery: from a payment's commit to its event at a receiver, "
+                  "none lost, none duplicated.")
+def cli(api_url: Annotated[str | None, typer.Option(
+            help="a running region (default: start one)")] = None,
+        api_key: Annotated[str | None, typer.Option(
+            envvar="PAYCLUSTER_API_KEY", help="admin API key (default: the lab's)")] = None,
+        payments: Annotated[int, typer.Option(min=1, help="payments per round")] = 200,
+        concurrency: Annotated[list[int] | None, typer.Option(
+            "--concurrency", "-c", min=1, help="clients in flight; repeat for several rounds "
+                                               "(default: 1 and 25)")] = None,
+        timeout: Annotated[float, typer.Option(min=0.1, help="wait for the last event")] = 60.0,
+        json_out: Annotated[Path, typer.Option(help="result file")] = DEFAULT_JSON_OUT,
+        ) -> None:
+    """The benchmark's options; exits with its exit code."""
+    args = SimpleNamespace(api_url=api_url, api_key=api_key, payments=payments,
+                           concurrency=concurrency or [1, 25], timeout=timeout,
+                           json_out=json_out)
+    raise typer.Exit(guarded(lambda: main(args), console))
+
+
+def main(args: SimpleNamespace) -> int:
     """Run the benchmark; returns the exit code (1 if an event was lost or duplicated)."""
-    args = parse_args(argv)
-    try:
-        if args.api_url:
-            rounds = asyncio.run(_bench(args, args.api_url.rstrip("/"), args.api_key))
-            _report(rounds, args, args.api_url, self_started=False)
-        else:
-            data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-webhooks-"))
-            with console.status("starting one region ..."):
-                cluster = start_cluster(data_dir, regions=1, detach=False)
-            code = 1
-            try:
-                api_url = cluster.regions[0].api_url
-                rounds = asyncio.run(_bench(args, api_url, args.api_key or cluster.admin_key))
-                _report(rounds, args, api_url, self_started=True)
-                code = 0
-            finally:
-                stop_lab(cluster, console, "region", data_dir, keep=code != 0)
-    except (BenchError, ClusterError, ServerStartError) as exc:
-        console.print(f"[red]benchmark failed:[/] {exc}")
-        return 1
+    if args.api_url:
+        rounds = asyncio.run(_bench(args, args.api_url.rstrip("/"), args.api_key))
+        _report(rounds, args, args.api_url, self_started=False)
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="paycluster-bench-webhooks-"))
+        with console.status("starting one region ..."):
+            cluster = start_cluster(data_dir, regions=1, detach=False)
+        code = 1
+        try:
+            api_url = cluster.regions[0].api_url
+            rounds = asyncio.run(_bench(args, api_url, args.api_key or cluster.admin_key))
+            _report(rounds, args, api_url, self_started=True)
+            code = 0
+        finally:
+            stop_lab(cluster, console, "region", data_dir, keep=code != 0)
     bad = any(r.delivered < r.payments or r.duplicates or r.bad_signatures
               for r in rounds[1:])
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app(prog_name="python -m bench.webhooks")

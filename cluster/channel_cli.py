@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ import psutil
 import typer
 
 from channel.client import ChannelAdmin, ChannelClient, ChannelError
+from cluster.cli_options import DEFAULT_DATA_DIR
 from cluster.servers import ServerStartError, start_channel, stop_pid
 
 channel_app = typer.Typer(help="Run and operate the acquirer simulator: faults, outages, "
@@ -28,6 +30,14 @@ STATE_FILE = "channel.json"
 DataDirOpt = Annotated[Path, typer.Option(
     "--data-dir", "-d", help="the lab's data dir; the channel lives in <data dir>/channel")]
 Probability = Annotated[float | None, typer.Option(min=0.0, max=1.0)]
+
+
+class OutageMode(StrEnum):
+    """How the merchant API is down (channel.client.ChannelAdmin.down)."""
+
+    refuse = "refuse"
+    reset = "reset"
+    unavailable = "503"
 
 
 def _folder(data_dir: Path) -> Path:
@@ -55,7 +65,7 @@ def _run(coro: Any) -> Any:
 
 
 @channel_app.command()
-def start(data_dir: DataDirOpt = Path("data"),
+def start(data_dir: DataDirOpt = DEFAULT_DATA_DIR,
           port: Annotated[int | None, typer.Option(help="merchant API port")] = None,
           admin_port: Annotated[int | None, typer.Option(help="admin API port")] = None,
           ) -> None:
@@ -73,7 +83,7 @@ def start(data_dir: DataDirOpt = Path("data"),
 
 
 @channel_app.command()
-def stop(data_dir: DataDirOpt = Path("data")) -> None:
+def stop(data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
     """Stop the channel started with `start` (by its recorded pid)."""
     state = _state(data_dir)
     stop_pid(int(state["pid"]), started_at=state.get("started_at"))
@@ -82,7 +92,7 @@ def stop(data_dir: DataDirOpt = Path("data")) -> None:
 
 
 @channel_app.command()
-def faults(data_dir: DataDirOpt = Path("data"),
+def faults(data_dir: DataDirOpt = DEFAULT_DATA_DIR,
            seed: Annotated[int | None, typer.Option(help="seed of every fault decision")] = None,
            drop: Probability = None, duplicate: Probability = None, delay: Probability = None,
            delay_seconds: Annotated[float | None, typer.Option(min=0.0)] = None,
@@ -110,23 +120,24 @@ def faults(data_dir: DataDirOpt = Path("data"),
 
 @channel_app.command()
 def down(seconds: Annotated[float, typer.Argument(min=0.1)],
-         data_dir: DataDirOpt = Path("data"),
-         mode: Annotated[str, typer.Option(help="refuse (connections refused), reset "
-                                                  "(accepted, then reset) or 503")] = "503",
+         data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+         mode: Annotated[OutageMode, typer.Option(
+             help="refuse (connections refused), reset (accepted, then reset) or 503 "
+                  "(Service Unavailable with Retry-After)")] = OutageMode.unavailable,
          ) -> None:
     """Make the merchant API unavailable for SECONDS."""
     state = _state(data_dir)
 
     async def go() -> None:
         async with ChannelAdmin(state["admin_url"], state["admin_key"]) as admin:
-            await admin.down(seconds, mode)
+            await admin.down(seconds, mode.value)
 
     _run(go())
     typer.echo(f"channel down for {seconds:g} s ({mode})")
 
 
 @channel_app.command()
-def up(data_dir: DataDirOpt = Path("data")) -> None:
+def up(data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
     """End an outage now."""
     state = _state(data_dir)
 
@@ -139,7 +150,7 @@ def up(data_dir: DataDirOpt = Path("data")) -> None:
 
 
 @channel_app.command()
-def statement(data_dir: DataDirOpt = Path("data"),
+def statement(data_dir: DataDirOpt = DEFAULT_DATA_DIR,
               day: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default today, UTC)")]
               = None,
               out: Annotated[Path | None, typer.Option(help="write the CSV here")] = None,

@@ -42,6 +42,11 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
+from cluster.drill.workload import LagSample, LagSampler
+from cluster.errors import LabError
+from cluster.stats import percentile
+from region_node.money import format_amount
+
 CURRENCY = "USD"
 CUSTOMERS_PER_REGION = 4
 MERCHANTS_PER_REGION = 2
@@ -64,23 +69,16 @@ LAG_SAMPLE_SECONDS = 0.5
 QUIESCE_TIMEOUT = 60.0
 
 
-class DemoError(RuntimeError):
+class DemoError(LabError):
     """A node answered something the demo cannot continue from."""
 
 
 def money(minor: int, currency: str | None = CURRENCY) -> str:
-    """Integer minor units as `1,234.56 USD` (no floats near money); no code if None."""
-    sign = "-" if minor < 0 else ""
-    units, cents = divmod(abs(minor), 100)
-    return f"{sign}{units:,}.{cents:02d}" + (f" {currency}" if currency else "")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of `values`, nearest-rank; nan if empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    """Integer minor units as `1,234.56 USD` through the node's one formatter
+    (region_node.money.format_amount: the currency's own exponent, no floats); without
+    the code if `currency` is None (the demo's tables, all in CURRENCY)."""
+    text = format_amount(minor, currency or CURRENCY)
+    return text if currency else text.rsplit(" ", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -522,53 +520,17 @@ async def _payouts(api: Api, accounts: list[Account]) -> None:
             merchant.withdrawn += amount
 
 
-class _LagSampler:
-    """Samples every region's /v1/replication/status: worst lag per pair, breaches,
-    conflicts."""
-
-    def __init__(self, api: Api, result: DemoResult) -> None:
-        self.api = api
-        self.result = result
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Begin sampling in the background."""
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        """Take a last sample and stop."""
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def sample(self) -> None:
-        """One round over every region."""
-        for region in self.api.clients:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                resp = await self.api.clients[region].get("/v1/replication/status")
-                if resp.status_code != 200:
-                    continue
-                status = resp.json()
-                if status.get("slo_seconds") is not None:
-                    self.result.slo_seconds = float(status["slo_seconds"])
-                for name, pair in (status.get("pairs") or {}).items():
-                    lag = pair.get("lag_seconds")
-                    if lag is not None:
-                        self.result.worst_lag[name] = max(self.result.worst_lag.get(name, 0.0),
-                                                          float(lag))
-                    if pair.get("breach"):
-                        self.result.breaches.add(f"{name}: {pair['breach'].get('cause')}")
-                    conflicts = sum(int(v) for v in (pair.get("conflicts") or {}).values())
-                    self.result.conflicts = max(self.result.conflicts, conflicts)
-
-    async def _run(self) -> None:
-        while True:
-            await self.sample()
-            if self._stop.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), LAG_SAMPLE_SECONDS)
+def _fold_lag(samples: list[LagSample], result: DemoResult) -> None:
+    """The demo's convergence figures from the lag sampler's readings: worst lag per pair,
+    breaches, the most conflicts a region reported, the monitor's SLO."""
+    for sample in samples:
+        if sample.slo_seconds is not None:
+            result.slo_seconds = sample.slo_seconds
+        for name, lag in sample.pairs.items():
+            if lag is not None:
+                result.worst_lag[name] = max(result.worst_lag.get(name, 0.0), lag)
+        result.breaches.update(sample.breaches)
+        result.conflicts = max(result.conflicts, sample.conflicts)
 
 
 async def _quiesce(api: Api, regions: list[RegionEndpoint], result: DemoResult) -> None:
@@ -702,7 +664,9 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
                        for r in regions}
         api = Api(clients, result, rng)
         watcher = _Watcher(api, result, watch_every)
-        sampler = _LagSampler(api, result)
+        # Every region's own monitor, read directly (not through the router).
+        sampler = LagSampler({r.name: r.api_url for r in regions}, time.monotonic(),
+                             auth, every=LAG_SAMPLE_SECONDS, timeout=30.0)
 
         async def phase(text: str, coro: Any) -> Any:
             t0 = time.perf_counter()
@@ -737,7 +701,8 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
             await phase("wait for quiescence: nothing processing, every region identical",
                         _quiesce(api, regions, result))
         finally:
-            await sampler.stop()
+            await sampler.stop(last_round=True)
+            _fold_lag(sampler.samples, result)
         await phase("read back payments, balances and every region's database",
                     _settle(api, regions, result))
     result.total_seconds = time.perf_counter() - started
@@ -878,9 +843,9 @@ def print_summary(result: DemoResult, console: Console | None = None) -> None:
         conv.add_row("cross-region payments / payments forwarded to the owner by a region",
                      f"{result.cross_region} / {result.forwarded} of {result.phase_payments}")
         conv.add_row(f"ack -> succeeded in both regions, p50 (n={len(values)}, polled every "
-                     f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 0.5) * 1000:.0f} ms")
+                     f"{POLL_SECONDS * 1000:.0f} ms)", f"{percentile(values, 50) * 1000:.0f} ms")
         conv.add_row("ack -> succeeded in both regions, p99",
-                     f"{percentile(values, 0.99) * 1000:.0f} ms")
+                     f"{percentile(values, 99) * 1000:.0f} ms")
         conv.add_row("ack -> succeeded in both regions, max",
                      f"{max(values, default=float('nan')) * 1000:.0f} ms")
         if values:

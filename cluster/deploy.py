@@ -17,7 +17,7 @@ Commands (each idempotent, so `docker compose up` can run the jobs again):
 (publications and subscriptions), `bootstrap` (lock servers, the admin's and the geo
 routers' API keys into the secrets folder), `wan` (the WAN emulator), `pg-tls` (a
 region's gateways), `env` (a node's PAYCLUSTER_* settings), `link` (cut / heal / list),
-`drill` (a partition drill, cluster/deploy_drill.py).
+`drill` (a partition drill, cluster/drill/deploy.py).
 
 A topology without gateways (`pg_tls` empty: a managed PostgreSQL such as RDS, see
 terraform/modules/replication) has subscriptions reach each publisher's own address and
@@ -32,11 +32,14 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
+
+from cluster.cli_options import DEFAULT_CUT_MODE, CutMode
 
 WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
 DEFAULT_TOPOLOGY = Path("/etc/paycluster/topology.json")
@@ -142,7 +145,7 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def wan_links(topo: Topology) -> list[dict[str, Any]]:
     """The WAN emulator's links (cluster.wan's config format) for every ordered pair."""
-    from cluster.lab import link_rtt
+    from cluster.wan import link_rtt
 
     links = []
     for src in topo.regions:
@@ -230,6 +233,14 @@ def node_env(topo: Topology, name: str) -> dict[str, str]:
 deploy_app = typer.Typer(help="Steps of a containerised deployment "
                               "(docker-compose.multiregion.yml); see cluster/deploy.py.",
                          no_args_is_help=True)
+
+class LinkAction(StrEnum):
+    """What `deploy link` does."""
+
+    cut = "cut"
+    heal = "heal"
+    list = "list"
+
 
 TopologyOpt = Annotated[Path, typer.Option("--topology", help="the deployment's topology file")]
 
@@ -321,7 +332,8 @@ def wan(topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
 
 
 @deploy_app.command("pg-tls")
-def pg_tls(region: Annotated[str, typer.Option(help="the region whose gateways to run")],
+def pg_tls(region: Annotated[str, typer.Option(
+               "--region", "-r", help="the region whose gateways to run")],
            topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Run a region's TLS gateways for replication (until SIGTERM)."""
     from cluster.pg_tls import run_gateways
@@ -331,7 +343,7 @@ def pg_tls(region: Annotated[str, typer.Option(help="the region whose gateways t
 
 
 @deploy_app.command("env")
-def env(region: Annotated[str, typer.Option(help="the node's region")],
+def env(region: Annotated[str, typer.Option("--region", "-r", help="the node's region")],
         topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Print the PAYCLUSTER_* settings of a node of `region`, one NAME=value a line."""
     for name, value in node_env(Topology.load(topology), region).items():
@@ -339,10 +351,12 @@ def env(region: Annotated[str, typer.Option(help="the node's region")],
 
 
 @deploy_app.command("link")
-def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
+def link(action: Annotated[LinkAction, typer.Argument(help="cut, heal or list")],
          a: Annotated[str | None, typer.Argument(help="region A")] = None,
          b: Annotated[str | None, typer.Argument(help="region B")] = None,
-         mode: Annotated[str, typer.Option(help="reset or blackhole")] = "blackhole",
+         mode: Annotated[CutMode, typer.Option(
+             help="blackhole: connections hang (a real partition); reset: they fail at "
+                  "once")] = DEFAULT_CUT_MODE,
          topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Cut, heal or list the WAN links; run it where the emulator runs (its control API
     listens on loopback only): `docker compose exec wan paycluster deploy link cut A B`."""
@@ -353,7 +367,7 @@ def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
         if action == "list":
             result: Any = control.links()
         elif action in ("cut", "heal") and a and b:
-            result = (control.cut(a, b, mode=mode)  # type: ignore[arg-type]
+            result = (control.cut(a, b, mode=mode.value)
                       if action == "cut" else control.heal(a, b))
         else:
             raise typer.BadParameter("use: link list | link cut A B | link heal A B")
@@ -363,7 +377,7 @@ def link(action: Annotated[str, typer.Argument(help="cut, heal or list")],
 
 
 @deploy_app.command("drill")
-def drill(region: Annotated[str, typer.Option(help="the region to cut off")],
+def drill(region: Annotated[str, typer.Option("--region", "-r", help="the region to cut off")],
           router: Annotated[str, typer.Option(help="the geo router's URL")] =
           "http://router:8080",
           before: Annotated[float, typer.Option(help="seconds of load before the cut")] = 10.0,
@@ -373,11 +387,11 @@ def drill(region: Annotated[str, typer.Option(help="the region to cut off")],
           rate: Annotated[float, typer.Option(help="payments per second in total")] = 10.0,
           topology: TopologyOpt = DEFAULT_TOPOLOGY) -> None:
     """Partition drill on a deployed cluster: cut every WAN link of `region` under load,
-    heal, and check fencing, recovery, convergence, RPO and duplicates (cluster/deploy_drill.py).
+    heal, and check fencing, recovery, convergence, RPO and duplicates (cluster/drill/deploy.py).
     Run it where the emulator runs: `docker compose exec wan paycluster deploy drill ...`."""
     from dataclasses import asdict
 
-    from cluster.deploy_drill import run_partition_drill
+    from cluster.drill.deploy import run_partition_drill
 
     report = asyncio.run(run_partition_drill(
         Topology.load(topology), router, region, before=before, partition=partition,

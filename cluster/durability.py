@@ -37,7 +37,8 @@ from typing import Any
 
 import psycopg
 
-from cluster.lab import link_rtt
+from cluster.servers import is_ours
+from cluster.wan import link_rtt
 from replication.durability import MODES, Durability, durability, set_durability
 
 SYNC_TIMEOUT = 30.0
@@ -180,8 +181,6 @@ def durability_status(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per region of a cluster.json: the recorded mode and buddy, what its store says now
     (mode, buddy, the buddy walsender's sync_state; None where the store is not running or
     does not answer) and the problem, if any (see `standby_problem`)."""
-    from cluster.lab import is_ours
-
     regions = dict(doc.get("regions") or {})
     recorded = dict(doc.get("durability") or {})
     out: dict[str, dict[str, Any]] = {}

@@ -56,6 +56,7 @@ from typing import Any, TypeVar, cast
 
 import psutil
 
+from cluster.errors import LabError
 from cluster.nodes import READY_TIMEOUT, NodeProcess, node_env, start_node
 from cluster.pg_tls import ClientSpec, GatewayProcess, ServerSpec, start_gateways
 from cluster.pg_tls import load_config as load_gateway_config
@@ -67,42 +68,25 @@ from cluster.servers import (
     RedisServer,
     RegionServers,
     ServerProcess,
-    ServerStartError,
-    _tail,
     free_port,
+    is_ours,
     spawn,
     start_channel,
     start_region_servers,
     stop_pid,
+    wait_ready_line,
 )
-from cluster.wan import DEFAULT_RTT_MS, WanControl, default_rtt_seconds
+from cluster.wan import REGIONS, WanControl, link_rtt
 
 log = logging.getLogger(__name__)
 
-REGION_NAMES: tuple[str, ...] = ("us-east", "eu-west", "ap-southeast")
-"""Regions of the lab, in the order they are started (`start_cluster(regions=N)` takes the
-first N). More can join a running lab with `add_region`."""
+REGION_NAMES: tuple[str, ...] = REGIONS
+"""Regions of the lab (the one list is cluster.wan.REGIONS), in the order they are
+started (`start_cluster(regions=N)` takes the first N). More can join a running lab with
+`add_region`."""
 
 WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
 """The services every ordered region pair gets a WAN link for."""
-
-# Round trips (ms) for the regions a lab can add beyond the three of cluster.wan's table,
-# rounded from the same public inter-region ping tables (us-west-2 / Oregon, eu-central-1 /
-# Frankfurt, sa-east-1 / Sao Paulo); plausible defaults, changeable at runtime like the rest.
-EXTRA_RTT_MS: dict[frozenset[str], float] = {
-    frozenset({"us-west", "us-east"}): 65.0,
-    frozenset({"us-west", "eu-west"}): 125.0,
-    frozenset({"us-west", "ap-southeast"}): 165.0,
-    frozenset({"us-west", "eu-central"}): 145.0,
-    frozenset({"us-west", "sa-east"}): 175.0,
-    frozenset({"eu-central", "us-east"}): 90.0,
-    frozenset({"eu-central", "eu-west"}): 25.0,
-    frozenset({"eu-central", "ap-southeast"}): 160.0,
-    frozenset({"eu-central", "sa-east"}): 205.0,
-    frozenset({"sa-east", "us-east"}): 115.0,
-    frozenset({"sa-east", "eu-west"}): 180.0,
-    frozenset({"sa-east", "ap-southeast"}): 325.0,
-}
 
 CLUSTER_FILE = "cluster.json"
 SCHEMA_VERSION = 2
@@ -127,23 +111,8 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(LabError):
     """The lab cannot start, find or change a cluster (e.g. one already runs there)."""
-
-
-def link_rtt(src: str, dst: str, scale: float = 1.0) -> float:
-    """Default round trip in seconds between two regions, times `scale`.
-
-    cluster.wan's table for its three regions, EXTRA_RTT_MS for the others; ValueError
-    for a pair neither knows or a negative scale.
-    """
-    if src == dst or frozenset({src, dst}) in DEFAULT_RTT_MS:
-        return default_rtt_seconds(src, dst, scale)
-    default_rtt_seconds(src, src, scale)  # validates the scale
-    try:
-        return EXTRA_RTT_MS[frozenset({src, dst})] / 1000.0 * scale
-    except KeyError:
-        raise ValueError(f"no default round trip between {src!r} and {dst!r}") from None
 
 
 # --------------------------------------------------------------------------- processes
@@ -194,7 +163,7 @@ def start_wan(data_dir: Path, specs: list[dict[str, Any]], scale: float,
     proc = spawn(cmd, log_path, cwd=wan_dir, env=env)
     wan = WanProcess("wan", 0, wan_dir, log_path, proc.pid, proc, scale=scale)
     try:
-        ready = _wait_ready_line(proc, log_path, offset, timeout, "control_url",
+        ready = wait_ready_line(proc, log_path, offset, timeout, "control_url",
                                  "WAN emulator")
     except BaseException:
         wan.kill()
@@ -202,28 +171,6 @@ def start_wan(data_dir: Path, specs: list[dict[str, Any]], scale: float,
     wan.control_url = str(ready["control_url"])
     wan.port = int(wan.control_url.rsplit(":", 1)[1])
     return wan, list(ready["links"])
-
-
-def _wait_ready_line(proc: Any, log_path: Path, offset: int, timeout: float, key: str,
-                     what: str) -> dict[str, Any]:
-    """The JSON line with `key` that a process we started printed into its log after
-    `offset`; ServerStartError if it exits or `timeout` passes first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), open(log_path, "rb") as fh:
-            fh.seek(offset)
-            for raw in fh.read().decode(errors="replace").splitlines():
-                if raw.startswith("{") and f'"{key}"' in raw:
-                    with contextlib.suppress(ValueError):
-                        doc: dict[str, Any] = json.loads(raw)
-                        return doc
-        if proc.poll() is not None:
-            raise ServerStartError(f"{what} exited with {proc.returncode}:\n"
-                                   f"{_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise ServerStartError(f"{what} not ready after {timeout:.0f}s:\n"
-                                   f"{_tail(log_path)}")
-        time.sleep(0.05)
 
 
 def _link_record(state: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +246,7 @@ def _launch_router(router: RouterProcess, timeout: float) -> None:
                  env=router.env)
     router.pid, router._popen, router.started_at = proc.pid, proc, None
     try:
-        ready = _wait_ready_line(proc, router.log_path, offset, timeout, "router_url",
+        ready = wait_ready_line(proc, router.log_path, offset, timeout, "router_url",
                                  f"geo router ({router.site})")
     except BaseException:
         router.kill()
@@ -1249,23 +1196,6 @@ def _processes(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]
                 entry = region.get(kind)
                 if isinstance(entry, dict) and isinstance(entry.get("pid"), int):
                     yield region_name, kind, entry
-
-
-def is_ours(entry: dict[str, Any]) -> bool:
-    """True if the pid in `entry` is alive and still the process we started.
-
-    A pid whose start time differs from the recorded one has been reused by an unrelated
-    process after ours died; it must never be signalled.
-    """
-    try:
-        proc = psutil.Process(int(entry["pid"]))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        created = proc.create_time()
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
-    recorded = entry.get("started_at")
-    return recorded is None or abs(float(recorded) - created) < 1.0
 
 
 def running_pids(data_dir: Path) -> list[int]:

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cluster.servers import ServerProcess, spawn
+from cluster.servers import ServerProcess, spawn, wait_ready_line
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,6 @@ def start_gateways(data_dir: Path, servers_: list[ServerSpec], clients: list[Cli
     A client gateway given port 0 gets a free one; the config file is rewritten with the
     ports taken, so a restart keeps them.
     """
-    from cluster.lab import _wait_ready_line
 
     folder = (data_dir / "pg_tls").resolve()
     config = folder / "gateways.json"
@@ -295,7 +294,7 @@ def start_gateways(data_dir: Path, servers_: list[ServerSpec], clients: list[Cli
                  cwd=folder, env=env)
     gateway = GatewayProcess("pg_tls", 0, folder, log_path, proc.pid, proc, config=str(config))
     try:
-        ready = _wait_ready_line(proc, log_path, offset, timeout, "pg_tls_ready",
+        ready = wait_ready_line(proc, log_path, offset, timeout, "pg_tls_ready",
                                  "TLS gateways")
     except BaseException:
         gateway.kill()

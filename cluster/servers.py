@@ -30,11 +30,13 @@ from typing import Any
 
 import psutil
 
+from cluster.errors import LabError
+
 PG_SYSTEM_USER = "embedded_postgres"
 """Unprivileged OS user that runs PostgreSQL when we are root (postgres refuses root)."""
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(LabError):
     """A server did not become ready; the message carries the tail of its log."""
 
 
@@ -703,3 +705,42 @@ def _launch_channel(server: ChannelServer, timeout: float) -> None:
     for name in ("api_key", "admin_key", "callback_secret"):
         value = server.env.get(f"PAYCLUSTER_CHANNEL_{name.upper()}") or stored[name]
         setattr(server, name, value)
+
+
+def is_ours(entry: dict[str, Any]) -> bool:
+    """True if the pid in `entry` is alive and still the process we started.
+
+    A pid whose start time differs from the recorded one has been reused by an unrelated
+    process after ours died; it must never be signalled.
+    """
+    try:
+        proc = psutil.Process(int(entry["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = proc.create_time()
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+    recorded = entry.get("started_at")
+    return recorded is None or abs(float(recorded) - created) < 1.0
+
+
+def wait_ready_line(proc: Any, log_path: Path, offset: int, timeout: float, key: str,
+                     what: str) -> dict[str, Any]:
+    """The JSON line with `key` that a process we started printed into its log after
+    `offset`; ServerStartError if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), open(log_path, "rb") as fh:
+            fh.seek(offset)
+            for raw in fh.read().decode(errors="replace").splitlines():
+                if raw.startswith("{") and f'"{key}"' in raw:
+                    with contextlib.suppress(ValueError):
+                        doc: dict[str, Any] = json.loads(raw)
+                        return doc
+        if proc.poll() is not None:
+            raise ServerStartError(f"{what} exited with {proc.returncode}:\n"
+                                   f"{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"{what} not ready after {timeout:.0f}s:\n"
+                                   f"{_tail(log_path)}")
+        time.sleep(0.05)

@@ -24,6 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_options import DEFAULT_DATA_DIR, DataDir
 from region_node.statement_recon import to_markdown
 
 
@@ -72,7 +73,7 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
 
 
 def reconcile_statement(
-        region: Annotated[str, typer.Option("--region", help="the region whose ledger")],
+        region: Annotated[str, typer.Option("--region", "-r", help="the region whose ledger")],
         file: Annotated[Path | None, typer.Option(
             "--file", help="the statement CSV; default: fetched from the channel")] = None,
         day: Annotated[str | None, typer.Option(
@@ -82,7 +83,7 @@ def reconcile_statement(
         = None,
         markdown_out: Annotated[Path | None, typer.Option(
             "--markdown", help="write the report as markdown")] = None,
-        data_dir: Annotated[Path, typer.Option("--data-dir", "-d")] = Path("data"),
+        data_dir: DataDir = DEFAULT_DATA_DIR,
         api_url: Annotated[str | None, typer.Option(
             "--api-url", help="a node's URL instead of the lab's (with --key)",
             hidden=True)] = None,

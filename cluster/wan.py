@@ -57,6 +57,8 @@ from typing import Any, Literal, cast
 
 import httpx
 
+from cluster.errors import LabError
+
 log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
@@ -109,6 +111,40 @@ def default_rtt_seconds(a: str, b: str, scale: float = 1.0) -> float:
             f"no default latency between {a!r} and {b!r}; known regions: {', '.join(REGIONS)}"
         ) from None
     return rtt_ms / 1000.0 * scale
+
+
+# Round trips (ms) for the regions a lab can add beyond the three of cluster.wan's table,
+# rounded from the same public inter-region ping tables (us-west-2 / Oregon, eu-central-1 /
+# Frankfurt, sa-east-1 / Sao Paulo); plausible defaults, changeable at runtime like the rest.
+EXTRA_RTT_MS: dict[frozenset[str], float] = {
+    frozenset({"us-west", "us-east"}): 65.0,
+    frozenset({"us-west", "eu-west"}): 125.0,
+    frozenset({"us-west", "ap-southeast"}): 165.0,
+    frozenset({"us-west", "eu-central"}): 145.0,
+    frozenset({"us-west", "sa-east"}): 175.0,
+    frozenset({"eu-central", "us-east"}): 90.0,
+    frozenset({"eu-central", "eu-west"}): 25.0,
+    frozenset({"eu-central", "ap-southeast"}): 160.0,
+    frozenset({"eu-central", "sa-east"}): 205.0,
+    frozenset({"sa-east", "us-east"}): 115.0,
+    frozenset({"sa-east", "eu-west"}): 180.0,
+    frozenset({"sa-east", "ap-southeast"}): 325.0,
+}
+
+
+def link_rtt(src: str, dst: str, scale: float = 1.0) -> float:
+    """Default round trip in seconds between two regions, times `scale`.
+
+    DEFAULT_RTT_MS for the default three regions, EXTRA_RTT_MS for the others; ValueError
+    for a pair neither knows or a negative scale.
+    """
+    if src == dst or frozenset({src, dst}) in DEFAULT_RTT_MS:
+        return default_rtt_seconds(src, dst, scale)
+    default_rtt_seconds(src, src, scale)  # validates the scale
+    try:
+        return EXTRA_RTT_MS[frozenset({src, dst})] / 1000.0 * scale
+    except KeyError:
+        raise ValueError(f"no default round trip between {src!r} and {dst!r}") from None
 
 
 def _check_seconds(name: str, value: float) -> float:
@@ -842,7 +878,7 @@ class ControlServer:
         return 200, {"links": [link.state() for link in links]}
 
 
-class WanControlError(RuntimeError):
+class WanControlError(LabError):
     """The control API refused a request; `status` is its HTTP status."""
 
     def __init__(self, status: int, message: str) -> None:

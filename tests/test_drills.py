@@ -1,4 +1,4 @@
-"""Failover drills on a real three-region lab with a geo router (cluster/drill.py): each
+"""Failover drills on a real three-region lab with a geo router (cluster/drill/run.py): each
 drill runs its client workload through the router, injects its fault, and the test asserts
 the issue's numbers from the drill's own report.
 
@@ -38,7 +38,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.drill import (
+from cluster.drill.measure import disruption
+from cluster.drill.report import write_report
+from cluster.drill.run import (
     DRILL_NODE_ENV,
     DRILL_ROUTER_ENV,
     DrillConfig,
@@ -46,9 +48,9 @@ from cluster.drill import (
     owner_of,
     run_drill_async,
 )
-from cluster.drill_measure import StoredRefund, StoredRefunds, disruption, refund_loss
-from cluster.drill_report import write_report
-from cluster.drill_workload import Attempt, RefundIntent
+from cluster.drill.measure import StoredRefund, StoredRefunds, disruption, refund_loss
+from cluster.drill.report import write_report
+from cluster.drill.workload import Attempt, RefundIntent
 from cluster.lab import Cluster, is_ours, start_cluster, stop_cluster
 
 REGION = "eu-west"

@@ -22,7 +22,7 @@ import httpx
 import psycopg
 import pytest
 
-from cluster.cli import failover_targets
+from cluster.failover_cli import failover_targets
 from cluster.lab import Cluster, start_cluster
 from replication.failover import HandoverError, HandoverReport, planned_handover
 from tests.helpers import cluster_ledger_checks, cluster_view

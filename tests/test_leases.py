@@ -29,8 +29,9 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from cluster.cli import app, failover_targets
-from cluster.drill_faults import crash_region
+from cluster.cli import app
+from cluster.drill.faults import crash_region
+from cluster.failover_cli import failover_targets
 from cluster.lab import Cluster, start_cluster
 from cluster.rejoin import rejoin_region, start_store
 from replication.durability import durability, set_durability

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cluster.cli import failover_targets
+from cluster.failover_cli import failover_targets
 from cluster.lab import Cluster, start_cluster
 from cluster.servers import RegionServers
 from region_node import refunds

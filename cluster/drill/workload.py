@@ -20,7 +20,7 @@ it, a *refund intent* with its own key, retried the same way (409 only while the
 use: any other 409 is a decision). The refunds of one payment never ask for more than its
 amount, so every refused refund is a rule of the system at work, not of the workload. The
 drill then checks that every acknowledged refund ended exactly once
-(`drill_measure.refund_loss`).
+(`cluster.drill.measure.refund_loss`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from cluster.errors import LabError
+
 CURRENCY = "USD"
 CLIENT_REGION = "X-Client-Region"
 RETRY_STATUS = frozenset({409, 429, 502, 503, 504})
@@ -44,7 +46,7 @@ DESCRIPTION_PREFIX = "drill"
 """Payments of a drill carry `drill:<run>:<key>` as their description."""
 
 
-class WorkloadError(RuntimeError):
+class WorkloadError(LabError):
     """The workload could not set itself up (accounts could not be opened)."""
 
 
@@ -451,6 +453,8 @@ class LagSample:
     breaches: list[str]
     conflicts: int
     error: str | None = None
+    slo_seconds: float | None = None
+    """The monitor's lag SLO, as the region reported it."""
 
 
 class LagSampler:
@@ -458,11 +462,16 @@ class LagSampler:
     every `every` seconds, in the background."""
 
     def __init__(self, apis: Mapping[str, str], t0: float,
-                 headers: Mapping[str, str] | None = None, every: float = 0.5) -> None:
+                 headers: Mapping[str, str] | None = None, every: float = 0.5,
+                 timeout: float | None = None) -> None:
         self.apis = dict(apis)
         self.t0 = t0
         self.headers = dict(headers or {})
         self.every = every
+        # A drill wants a reading per interval (a region that does not answer is a fact
+        # of the timeline); the demo waits for the answer, so a loaded node is not sent
+        # a new request while it still works on the abandoned one.
+        self.timeout = min(2.0, every * 2) if timeout is None else timeout
         self.samples: list[LagSample] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -471,11 +480,16 @@ class LagSampler:
         """Begin sampling."""
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        """Stop after the current round."""
+    async def stop(self, last_round: bool = False) -> None:
+        """Stop after the current round; with `last_round`, read every region once more
+        (a run that ends with a check wants the state at its end, not up to `every` old)."""
         self._stop.set()
         if self._task is not None:
             await self._task
+        if last_round:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                self.samples.extend(await asyncio.gather(*(
+                    self._one(client, region, url) for region, url in self.apis.items())))
 
     async def _one(self, client: httpx.AsyncClient, region: str, url: str) -> LagSample:
         at = time.monotonic() - self.t0
@@ -496,10 +510,12 @@ class LagSampler:
                 cause = breach.get("cause") if isinstance(breach, dict) else breach
                 breaches.append(f"{name}: {cause}")
             conflicts += sum(int(v) for v in (pair.get("conflicts") or {}).values())
-        return LagSample(at, region, pairs, breaches, conflicts)
+        slo = doc.get("slo_seconds")
+        return LagSample(at, region, pairs, breaches, conflicts,
+                         slo_seconds=None if slo is None else float(slo))
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=min(2.0, self.every * 2)) as client:
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
             while not self._stop.is_set():
                 self.samples.extend(await asyncio.gather(*(
                     self._one(client, region, url) for region, url in self.apis.items())))

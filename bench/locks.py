@@ -1,15 +1,14 @@
-"""Lock latencies over the emulated WAN: `python -m lock_service.bench [--scale 1.0]`.
+"""Lock latencies over the emulated WAN: `python -m bench.locks [--wan-scale 1.0]`.
 
 Starts three real Redis servers (one per lab region) and, for a client in each region, WAN
 links to the other two regions' servers with the lab's default round-trip times times
-`--scale`. Measures, per client region, uncontended acquire / renew / release, and then
+`--wan-scale`. Measures, per client region, uncontended acquire / renew / release, and then
 several tasks per region contending for the same lock through `hold()` (hand-overs per
 second and wait to enter under contention). Prints one JSON document.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -17,20 +16,20 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from bench.runner import bench_app
+from cluster.stats import percentile
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
 
 
 def _ms(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pct(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 2)
-
-    return {"n": len(ordered), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
+    return {"n": len(samples), "p50_ms": round(percentile(samples, 50) * 1000, 2),
+            "p99_ms": round(percentile(samples, 99) * 1000, 2),
+            "mean_ms": round(statistics.fmean(samples) * 1000, 2)}
 
 
 async def run(scale: float, rounds: int, contention_seconds: float,
@@ -110,19 +109,23 @@ async def _contend(services: dict[str, LockService], seconds: float,
             "holds_by_region": holds, "acquire": _ms(waits)}
 
 
-def main() -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--scale", type=float, default=1.0, help="WAN round-trip scale")
-    parser.add_argument("--rounds", type=int, default=40, help="samples per client region")
-    parser.add_argument("--contention-seconds", type=float, default=5.0)
-    parser.add_argument("--tasks-per-region", type=int, default=4,
-                        help="contending tasks per region (they queue locally in hold())")
-    args = parser.parse_args()
-    report = asyncio.run(run(args.scale, args.rounds, args.contention_seconds,
-                             args.tasks_per_region))
+app = bench_app()
+
+
+@app.command(help="Lock latencies over the emulated WAN: three Redis servers, a client in "
+                  "each region; prints one JSON document.")
+def main(wan_scale: Annotated[float, typer.Option(
+             "--wan-scale", "--scale", min=0.0, help="WAN round-trip scale")] = 1.0,
+         rounds: Annotated[int, typer.Option(min=1, help="samples per client region")] = 40,
+         contention_seconds: Annotated[float, typer.Option(
+             min=0.1, help="seconds of contended hand-overs")] = 5.0,
+         tasks_per_region: Annotated[int, typer.Option(
+             min=1, help="contending tasks per region (they queue locally in hold())")] = 4,
+         ) -> None:
+    """Measure and print the report."""
+    report = asyncio.run(run(wan_scale, rounds, contention_seconds, tasks_per_region))
     print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    app(prog_name="python -m bench.locks")

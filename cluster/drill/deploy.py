@@ -6,7 +6,7 @@ Run where the WAN emulator runs (its control API is loopback only):
     docker compose -f docker-compose.multiregion.yml exec wan \\
         paycluster deploy drill --region eu-west --router http://router:8080
 
-Clients in every region pay through the geo router (cluster.drill_workload, retrying with
+Clients in every region pay through the geo router (cluster.drill.workload, retrying with
 the same Idempotency-Key); every WAN link of the region is cut (blackhole) for a while,
 then healed. What it shows: the cut-off region stops writing for its users once it cannot
 renew its ownership lease with a majority (503 lease_lost: no split brain), the other
@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 
 from cluster.deploy import Topology
-from cluster.drill_measure import disruption, loss, stored_payments
-from cluster.drill_workload import CLIENT_REGION, Workload
+from cluster.drill.measure import disruption, loss, stored_payments
+from cluster.drill.workload import CLIENT_REGION, Workload
 from cluster.wan import WanControl
 
 

@@ -1,5 +1,5 @@
 """`paycluster drill planned|crash|partition`: the failover drills on the command line
-(see cluster/drill.py for what each does and cluster/drill_report.py for the report)."""
+(see cluster/drill/run.py for what each does and cluster/drill/report.py for the report)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+
+from cluster.cli_options import DEFAULT_CUT_MODE, CutMode, DurabilityMode
+from cluster.console import Stop, console, err_console, shielded, terminate_as_interrupt
 
 _T = TypeVar("_T")
 
@@ -32,7 +35,7 @@ DataDirOpt = Annotated[Path | None, typer.Option(
                              "afterwards")]
 WanScaleOpt = Annotated[float, typer.Option(
     "--wan-scale", min=0.0, help="round-trip multiplier of a lab the drill starts")]
-DurabilityOpt = Annotated[str | None, typer.Option(
+DurabilityOpt = Annotated[DurabilityMode | None, typer.Option(
     "--durability", help="put the region in local or regional mode first (regional: the "
                          "takeover region is its buddy); default: leave it as it is")]
 ToOpt = Annotated[str | None, typer.Option(
@@ -40,8 +43,9 @@ ToOpt = Annotated[str | None, typer.Option(
 DrainOpt = Annotated[bool, typer.Option(
     "--drain/--no-drain", help="drain the handing-over region at the routers during a "
                                "planned handover")]
-CutModeOpt = Annotated[str, typer.Option(
-    "--cut-mode", help="partition: blackhole (traffic held) or reset (connections reset)")]
+CutModeOpt = Annotated[CutMode, typer.Option(
+    "--cut-mode", help="partition: blackhole (traffic held, as in a real partition) or reset "
+                       "(connections reset)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the workload")]
 TailLagOpt = Annotated[float, typer.Option(
     "--tail-lag", min=0.0, help="crash: delay the region's outgoing replication by this "
@@ -55,13 +59,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 def run_stoppable(main: Coroutine[Any, Any, _T]) -> _T:
     """`asyncio.run(main)` that SIGTERM and SIGHUP stop the way Ctrl-C does: the main
     task is cancelled (its cleanup runs: the workload is cancelled, a cut region healed),
-    then `cluster.cli._Stop` is raised (KeyboardInterrupt for Ctrl-C, as asyncio.run
-    does). The CLI's own handlers (`_terminate_as_interrupt`) raise `_Stop` wherever the
+    then `cluster.console.Stop` is raised (KeyboardInterrupt for Ctrl-C, as asyncio.run
+    does). The CLI's own handlers (`terminate_as_interrupt`) raise `Stop` wherever the
     main thread is: inside the event loop that lands in a task or a callback, where
     asyncio or an ``except Exception`` swallows it, and the drill went on. Outside the
     loop they are in force again."""
-    from cluster.cli import _Stop
-
     async def runner() -> _T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -79,7 +81,7 @@ def run_stoppable(main: Coroutine[Any, Any, _T]) -> _T:
             return await main
         except asyncio.CancelledError:
             if got:
-                raise _Stop(signal.Signals(got[0]).name) from None
+                raise Stop(signal.Signals(got[0]).name) from None
             raise
         finally:
             for sig, old in previous.items():
@@ -95,10 +97,9 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
     import shutil
     import tempfile
 
-    from cluster.cli import _shielded, _Stop, _terminate_as_interrupt, console, err_console
-    from cluster.drill import DrillConfig, DrillError, drill_lab, run_drill_async
-    from cluster.drill_report import print_report, write_report
-    from cluster.drill_workload import WorkloadError
+    from cluster.drill.report import print_report, write_report
+    from cluster.drill.run import DrillConfig, DrillError, drill_lab, run_drill_async
+    from cluster.drill.workload import WorkloadError
     from cluster.lab import ClusterError
     from cluster.servers import ServerStartError
 
@@ -110,10 +111,10 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
                          durability=durability, drain=drain, cut_mode=cut_mode, seed=seed,
                          tail_lag=tail_lag)
     ok = False
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         try:
             with drill_lab(lab_dir, wan_scale, on_status=console.print,
-                           shield=_shielded) as cluster:
+                           shield=shielded) as cluster:
                 result = run_stoppable(run_drill_async(cluster, config, console.print))
                 target = report or ((Path("drill-reports") if temp else
                                      cluster.data_dir / "drills") / f"{kind}-{result.run_id}")
@@ -124,7 +125,7 @@ def _run(kind: str, region: str, duration: float, rate: float, report: Path | No
                 ok = result.ok
         except (ClusterError, ServerStartError, DrillError, WorkloadError, ValueError) as exc:
             err_console.print(f"[red]drill failed:[/] {exc}")
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, Stop):
             err_console.print("interrupted; the lab the drill started was stopped")
             raise typer.Exit(130) from None
     if temp and ok:
@@ -159,7 +160,7 @@ def crash(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
 def partition(region: RegionOpt, duration: Duration = 15.0, rate: Rate = 20.0,
               report: ReportDir = None, data_dir: DataDirOpt = None,
               wan_scale: WanScaleOpt = 0.25, durability: DurabilityOpt = None,
-              to: ToOpt = None, cut_mode: CutModeOpt = "blackhole",
+              to: ToOpt = None, cut_mode: CutModeOpt = DEFAULT_CUT_MODE,
               seed: SeedOpt = 0) -> None:
     """Cut every WAN link of the region; takeover by the majority; heal; failback."""
     _run("partition", region, duration, rate, report, data_dir, wan_scale, durability, to,

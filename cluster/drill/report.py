@@ -12,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cluster.drill import DrillResult
+from cluster.drill.run import DrillResult
 
 
 def _s(value: float | None, unit: str = "s") -> str:

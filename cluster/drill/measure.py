@@ -28,24 +28,17 @@ from typing import Any
 
 import psycopg
 
-from cluster.drill_workload import (
+from cluster.drill.workload import (
     DESCRIPTION_PREFIX,
     Attempt,
     Intent,
     LagSample,
     RefundIntent,
 )
+from cluster.stats import percentile
 
 STABLE_RATIO = 0.95
 """Share of answered attempts per second after which writes count as recovered."""
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank q-quantile (0..1); nan if empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass
@@ -153,8 +146,8 @@ def timeline(attempts: Sequence[Attempt], samples: Sequence[LagSample], home: st
                   if lag is not None and home not in pair.split("->")]
         seconds.append(Second(
             round(t, 3), width, len(here), _rate(here), len(focus), _rate(focus),
-            round(percentile(lat, 0.5), 2) if lat else None,
-            round(percentile(lat, 0.99), 2) if lat else None,
+            round(percentile(lat, 50), 2) if lat else None,
+            round(percentile(lat, 99), 2) if lat else None,
             round(max(lags), 3) if lags else None,
             round(max(others), 3) if others else None))
     return seconds

@@ -9,7 +9,7 @@ A drill runs on the lab in `--data-dir` if one is running there, else on a lab o
 Ctrl-C. It
 
 1. opens and funds accounts in every region (through the router);
-2. starts the client workload (`cluster.drill_workload`): payments through the geo router
+2. starts the client workload (`cluster.drill.workload`): payments through the geo router
    from clients in every region at `--rate` per second, half of them paid by accounts
    homed in R, each retried with its Idempotency-Key on 503, every attempt recorded; and
    samples every region's convergence monitor (`/v1/replication/status`);
@@ -23,9 +23,9 @@ Ctrl-C. It
      failback;
 4. stops the workload, waits until the regions converge, and measures RTO per
    disruptive event, RPO, duplicates, errors by code, max replication lag, replication
-   conflicts and the ledger invariants in every region (`cluster.drill_measure`,
+   conflicts and the ledger invariants in every region (`cluster.drill.measure`,
    `cluster.invariants`);
-5. writes the report (`cluster.drill_report`: terminal table, report.json, report.md,
+5. writes the report (`cluster.drill.report`: terminal table, report.json, report.md,
    timeline.png).
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cluster.demo import read_view
-from cluster.drill_faults import (
+from cluster.drill.faults import (
     crash_region,
     drop_in_flight,
     heal_region,
@@ -55,7 +55,7 @@ from cluster.drill_faults import (
     restart_store,
     slow_links,
 )
-from cluster.drill_measure import (
+from cluster.drill.measure import (
     Disruption,
     Loss,
     RefundLoss,
@@ -68,7 +68,8 @@ from cluster.drill_measure import (
     stored_refunds,
     timeline,
 )
-from cluster.drill_workload import Attempt, LagSampler, Workload
+from cluster.drill.workload import Attempt, LagSampler, Workload
+from cluster.errors import LabError
 from cluster.invariants import Finding, conflict_counts, ledger_findings
 from cluster.lab import Cluster, ClusterError, running_pids, start_cluster
 
@@ -101,7 +102,7 @@ RTO_BOUND_PLANNED = 10.0
 """The issue's bound on a planned handover's RTO on this machine."""
 
 
-class DrillError(RuntimeError):
+class DrillError(LabError):
     """The drill could not run (or finish) its fault sequence."""
 
 
@@ -650,7 +651,7 @@ class _Run:
             self.event("suspense", f"{len(tail.orphan_refund_credits)} orphan refund "
                        "credits parked in the paying regions' suspense accounts")
         # A regional region is rebuilt in local mode and made regional again (its buddy
-        # no longer streamed from it): replication.reconcile.rejoin_region.
+        # no longer streamed from it): cluster.rejoin.rejoin_region.
         await _blocking(rejoin_region, self.cluster, home)
         self.crashed = False
         self.event("rejoined", f"{home} rebuilt from a donor snapshot, its node up"

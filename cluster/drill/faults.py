@@ -21,11 +21,12 @@ import time
 
 import psutil
 
+from cluster.errors import LabError
 from cluster.lab import Cluster
 from cluster.servers import PostgresServer, ServerProcess
 
 
-class FaultError(RuntimeError):
+class FaultError(LabError):
     """A fault could not be injected or undone."""
 
 
