@@ -38,7 +38,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.drill.measure import disruption
+from cluster.drill.measure import StoredRefund, StoredRefunds, disruption, refund_loss
 from cluster.drill.report import write_report
 from cluster.drill.run import (
     DRILL_NODE_ENV,
@@ -48,8 +48,6 @@ from cluster.drill.run import (
     owner_of,
     run_drill_async,
 )
-from cluster.drill.measure import StoredRefund, StoredRefunds, disruption, refund_loss
-from cluster.drill.report import write_report
 from cluster.drill.workload import Attempt, RefundIntent
 from cluster.lab import Cluster, is_ours, start_cluster, stop_cluster
 

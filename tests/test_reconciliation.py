@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner
 
 from cluster.cli import app as cli
-from cluster.cli import failover_targets
+from cluster.failover_cli import failover_targets
 from cluster.invariants import ledger_findings
 from cluster.lab import start_cluster
 from region_node import reconciliation, suspense, transfers
