@@ -46,10 +46,7 @@ reconcile_app.command("statement")(reconcile_statement)
 def failover_targets(cluster: Cluster, via: str) -> tuple[dict[str, Any], list[str]]:
     """The failover guard's view of a lab: every region's API and store, and the quorum
     lock's Redis servers as reached from region `via`."""
-    from replication.failover import RegionHandle
-
-    regions = {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
-    return regions, [url for _, url in sorted(cluster.lock_urls_of(via).items())]
+    return cluster.region_handles(), [url for _, url in sorted(cluster.lock_urls_of(via).items())]
 
 
 def _lab(data_dir: Path) -> Cluster:
@@ -178,7 +175,6 @@ def failover_return(
     the survivors lack, else rebuild it from a donor (replication.reconcile). Fail back
     afterwards with `paycluster failover planned`."""
     from cluster.rejoin import rejoin_region, start_store
-    from replication.failover import RegionHandle
     from replication.reconcile import ReconcileError, lost_tail, reconnect_region
 
     home = home or region
@@ -188,7 +184,7 @@ def failover_return(
     except KeyError as exc:
         err_console.print(f"[red]no usable lab in {data_dir}:[/] {exc}")
         raise typer.Exit(1) from None
-    handles = {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
+    handles = cluster.region_handles()
     survivors = {n: h for n, h in handles.items() if n != region}
     tail = lost_tail(handles[region], survivors, home)
     how = "reconnected"

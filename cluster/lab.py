@@ -427,6 +427,13 @@ class Cluster:
         return {other.name: f"127.0.0.1:{self.link_port(name, other.name, 'grpc')}"
                 for other in self.regions if other.name != name}
 
+    def region_handles(self) -> dict[str, Any]:
+        """Every region as the failover guard sees it (`replication.failover.RegionHandle`:
+        its name, API and store), by name."""
+        from replication.failover import RegionHandle
+
+        return {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in self.regions}
+
     def region_dbs(self) -> dict[str, Any]:
         """Every region as replication.wiring sees it: its DSN, and where each other region
         reaches its PostgreSQL: the subscriber's TLS gateway to it (cluster.pg_tls), which

@@ -323,9 +323,7 @@ def owner_of(dsn: str, home: str) -> tuple[int, str] | None:
 
 
 def _handles(cluster: Cluster) -> dict[str, Any]:
-    from replication.failover import RegionHandle
-
-    return {r.name: RegionHandle(r.name, r.api_url, r.dsn) for r in cluster.regions}
+    return cluster.region_handles()
 
 
 def _lock_urls(cluster: Cluster, via: str) -> list[str]:
