@@ -21,6 +21,7 @@ COPY geo_router ./geo_router
 COPY channel ./channel
 COPY cluster ./cluster
 COPY bench ./bench
+COPY paycluster ./paycluster
 RUN /opt/paycluster/bin/pip install --no-deps . \
     && /opt/paycluster/bin/python -m compileall -q /opt/paycluster/lib
 
