@@ -187,8 +187,7 @@ def up(regions: RegionCount = 3,
             console.print(f"cluster.json: {cluster.cluster_file}")
             # Never the key itself on the console (logs): where it is and how to send it.
             console.print("API: every /v1 call needs 'Authorization: Bearer <key>'; the admin "
-                          "key is admin_key in cluster.json (mode 0600); see README, "
-                          "Security model")
+                          "key is admin_key in cluster.json (mode 0600); see docs/security.md")
             console.print("durability: " + _durability_line(cluster.durability))
             if detach:
                 console.print(f"running detached; stop with [bold]paycluster down --data-dir "
