@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cluster.cli_options import (
     DEFAULT_DATA_DIR,
+    AsJson,
     DataDir,
     DurabilityMode,
     Resolution,
@@ -90,7 +91,7 @@ def failover_planned(
         catch_up_timeout: Annotated[float, typer.Option(
             min=0.1, help="seconds the takeover region gets to apply the old owner's "
                           "changes up to the ban; then the handover is aborted")] = 10.0,
-        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+        as_json: AsJson = False,
 ) -> None:
     """Planned handover with RPO 0: lock ownership:<home>, ban writes at the owner, wait
     until every region applied them, restamp, the new owner takes the next epoch. Run it
@@ -134,7 +135,7 @@ def failover_crash(
         lease_wait: Annotated[float, typer.Option(
             min=0.0, help="seconds to wait for the lost owner's lease to expire")] = 15.0,
         reason: Annotated[str, typer.Option(help="recorded with the takeover")] = "crash",
-        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+        as_json: AsJson = False,
 ) -> None:
     """Forced takeover after a crash or partition of --home's owner: cut its stream off
     every survivor, align them, restamp, and --to acquires the ownership lease once the
@@ -168,7 +169,7 @@ def failover_return(
         home: Annotated[str | None, typer.Option(
             "--home", help="the home region it lost (default: its own)")] = None,
         data_dir: DataDir = DEFAULT_DATA_DIR,
-        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+        as_json: AsJson = False,
 ) -> None:
     """Bring back a region that lost a forced takeover: list its lost tail in
     reconciliation_items (never applied), then reconnect it if the tail holds nothing
@@ -291,7 +292,7 @@ def reconciliation_listings(cluster: Cluster, client: httpx.Client
 
 @reconcile_app.command("list")
 def reconcile_list(data_dir: DataDir = DEFAULT_DATA_DIR,
-                   as_json: Annotated[bool, typer.Option("--json", help="machine-readable")]
+                   as_json: AsJson
                    = False) -> None:
     """Every listed item with its resolution (as the first answering region has them)
     and the open items per kind and currency."""
@@ -329,7 +330,7 @@ def reconcile_resolve(
                                  "claw_back or write_off")],
         note: Annotated[str, typer.Option("--note", help="how it was settled")],
         data_dir: DataDir = DEFAULT_DATA_DIR,
-        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+        as_json: AsJson = False,
 ) -> None:
     """Settle one item, at the one region allowed to (the credit region of an orphan
     credit, else the region serving its home): once per item, cluster-wide."""

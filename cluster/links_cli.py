@@ -18,6 +18,7 @@ from rich.table import Table
 from cluster.cli_options import (
     DEFAULT_CUT_MODE,
     DEFAULT_DATA_DIR,
+    AsJson,
     CutMode,
     DataDir,
     RegionArg,
@@ -90,7 +91,7 @@ def _links_table(links: list[dict[str, Any]], title: str) -> Table:
 
 @link_app.command("list")
 def link_list(data_dir: DataDir = DEFAULT_DATA_DIR,
-              as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+              as_json: AsJson = False,
               ) -> None:
     """Every WAN link with its live settings, cut state and counters."""
     with _wan(data_dir) as wan:
@@ -187,7 +188,7 @@ def _on_every_router(data_dir: Path, change: Callable[[RouterAdmin], dict[str, A
 
 @router_app.command("status")
 def router_status(data_dir: DataDir = DEFAULT_DATA_DIR,
-                  as_json: Annotated[bool, typer.Option("--json", help="machine-readable")]
+                  as_json: AsJson
                   = False) -> None:
     """Every router's view: each region's state, weight, drain flag and latest probes."""
     views = []

@@ -4,7 +4,7 @@ replication lag matrix against the SLO, the routers' view and durability."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import psutil
@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cluster.cli_options import (
     DEFAULT_DATA_DIR,
+    AsJson,
     DataDir,
 )
 from cluster.console import console, err_console
@@ -275,7 +276,7 @@ def _lag_table(status: dict[str, Any]) -> Table:
 
 
 def status(data_dir: DataDir = DEFAULT_DATA_DIR,
-           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+           as_json: AsJson = False,
            ) -> None:
     """Regions (ready / degraded, pids), ownership with epochs, the replication lag matrix,
     conflicts and SLO state.
