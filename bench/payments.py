@@ -37,7 +37,7 @@ import typer
 from psycopg.conninfo import conninfo_to_dict
 from rich.table import Table
 
-from bench.runner import BenchError, bench_app, guarded, usage
+from bench.runner import ApiKey, BenchError, bench_app, guarded, usage
 from bench.stats import CpuMeter, TimedRun, stop_lab
 from cluster.console import make_console
 from cluster.lab import start_cluster
@@ -65,10 +65,7 @@ def cli(
         api_url: Annotated[str | None, typer.Option(
             help="REST API of a running region node (default: start one region on embedded "
                  "servers)", rich_help_panel="target")] = None,
-        api_key: Annotated[str | None, typer.Option(
-            envvar="PAYCLUSTER_API_KEY", help="admin API key for --api-url; a self-started "
-                                              "lab's own key otherwise",
-            rich_help_panel="target")] = None,
+        api_key: ApiKey = None,
         pg_dsn: Annotated[str | None, typer.Option(
             help="libpq URL of that region's PostgreSQL (for pgbench); without it pgbench is "
                  "skipped", rich_help_panel="target")] = None,

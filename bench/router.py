@@ -38,7 +38,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from bench.runner import BenchError, bench_app, guarded, usage
+from bench.runner import ApiKey, BenchError, bench_app, guarded, usage
 from bench.stats import TimedRun, stop_lab
 from cluster.console import make_console
 from cluster.lab import start_cluster
@@ -62,10 +62,7 @@ def cli(
         api_url: Annotated[str | None, typer.Option(
             help="a running region node's REST API (default: start one region and one "
                  "router)", rich_help_panel="target")] = None,
-        api_key: Annotated[str | None, typer.Option(
-            envvar="PAYCLUSTER_API_KEY", help="admin API key for --api-url; a self-started "
-                                              "lab's own key otherwise",
-            rich_help_panel="target")] = None,
+        api_key: ApiKey = None,
         router_url: Annotated[str | None, typer.Option(
             help="a running router in front of that node", rich_help_panel="target")] = None,
         data_dir: Annotated[Path | None, typer.Option(

@@ -5,6 +5,7 @@ blocks that stop the servers it started run) and its failures end in an exit cod
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import httpx
 import psycopg
@@ -14,6 +15,11 @@ from rich.console import Console
 from cluster.cli_options import HELP_CONTEXT
 from cluster.console import Stop, terminate_as_interrupt
 from cluster.errors import LabError
+
+ApiKey = Annotated[str | None, typer.Option(
+    envvar="PAYCLUSTER_API_KEY", help="admin API key for --api-url; a self-started lab's own "
+                                      "key otherwise", rich_help_panel="target")]
+"""--api-key of a benchmark that measures a running node or starts its own lab."""
 
 
 class BenchError(RuntimeError):
