@@ -312,7 +312,8 @@ def demo(data_dir: Annotated[Path | None, typer.Option(
                                      "afterwards)")] = None,
          regions: RegionCount = 3,
          wan_scale: WanScale = 1.0,
-         payments: Annotated[int, typer.Option(help="payments to run", min=1)] = 600,
+         payments: Annotated[int, typer.Option(
+             help="payments to run", min=1, envvar="PAYCLUSTER_DEMO_PAYMENTS")] = 600,
          concurrency: Annotated[int, typer.Option(help="requests in flight", min=1)] = 16,
          seed: Annotated[int | None, typer.Option(help="random seed")] = None,
          watch_every: Annotated[int, typer.Option(

@@ -127,7 +127,7 @@ class CallbackReceiver:
         """The callbacks about `reference`, in arrival order."""
         return [r for r in self.received if r.event.get("data", {}).get("reference") == reference]
 
-    async def wait_for(self, check: Callable[[], bool], within: float = 15.0) -> None:
+    async def wait_for(self, check: Callable[[], bool], within: float = 60.0) -> None:
         """Wait until `check()` holds; fail the test after `within` seconds."""
         deadline = time.monotonic() + within
         while not check():

@@ -79,10 +79,11 @@ _RUNNING: list[pytest.Item] = []
 
 
 SLOWEST_MODULES = (
-    "test_drills.py", "test_lab.py", "test_flash_sale.py", "test_demo.py",
-    "test_multiregion.py", "test_durability.py", "test_leases.py", "test_channel_payments.py",
-    "test_lock_service.py", "test_deploy_steps.py", "test_geo_router.py", "test_channel.py",
-    "test_failover.py", "test_webhooks.py",
+    "test_drills.py", "test_leases.py", "test_channel_payments.py", "test_webhooks.py",
+    "test_lab.py", "test_flash_sale.py", "test_multiregion.py", "test_demo.py",
+    "test_channel.py", "test_lock_service.py", "test_deploy_steps.py", "test_durability.py",
+    "test_refunds.py", "test_failover.py", "test_validation.py", "test_reconciliation.py",
+    "test_replication.py", "test_deploy_alerts.py", "test_geo_router.py",
 )
 """The modules that take longest (most of their time is starting labs and waiting on
 them), slowest first: they run first, so that under `make test` (pytest-xdist, whole

@@ -348,6 +348,13 @@ def _lab_processes(data_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
+def _default_sigint() -> None:
+    """In the drill's child: Ctrl-C's default action. A suite started in the background by
+    a shell without job control (`make test &` in a script) runs with SIGINT ignored, and
+    a child inherits that: the drill would never see the signal this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @chaos
 def test_sigint_stops_a_drill_and_its_lab(tmp_path: Path) -> None:
     """`paycluster drill partition --durability regional` on a lab of its own, Ctrl-C
@@ -362,7 +369,8 @@ def test_sigint_stops_a_drill_and_its_lab(tmp_path: Path) -> None:
             [str(cli), "drill", "partition", "--region", REGION, "--duration", "30",
              "--rate", str(RATE), "--durability", "regional", "--data-dir", str(data_dir),
              "--report", str(tmp_path / "report")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 240
         while "takeover done" not in log_path.read_text(errors="replace"):

@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chao
               pytest.mark.slow]
 
 REGIONS = ("us-east", "eu-west", "ap-southeast")
-STOCK = 1_000
-DEMAND_UNITS = 5_000
+STOCK = 500
+DEMAND_UNITS = 2_500
 QTY = 10
 CONCURRENCY = 24
 

@@ -36,7 +36,7 @@ REGIONS = ("us-east", "eu-west", "ap-southeast")
 WAN_SCALE = 0.25  # us-east<->ap-southeast ~54 ms round trip, us-east<->eu-west ~19 ms
 SLO = 4.0
 ACCOUNTS_PER_REGION = 6
-PAYMENTS = int(os.environ.get("PAYCLUSTER_TEST_PAYMENTS", "800"))
+PAYMENTS = int(os.environ.get("PAYCLUSTER_TEST_PAYMENTS", "300"))
 """Random payments of the convergence test (CI's size; set PAYCLUSTER_TEST_PAYMENTS for a
 longer soak, e.g. 5000)."""
 CONCURRENCY = 24
