@@ -78,7 +78,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def _server(app: Any) -> _Server:
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
                             server_header=False, loop="none",
-                            timeout_graceful_shutdown=1)
+                            timeout_graceful_shutdown=1,
+                            # past the nodes' httpx pools (5 s): the client closes first
+                            timeout_keep_alive=75)
     return _Server(config)
 
 

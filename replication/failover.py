@@ -213,6 +213,13 @@ class _Clock:
         return step
 
 
+ONE_CONNECTION_PER_CALL = httpx.Limits(max_keepalive_connections=0)
+"""The handover's calls are seconds apart (catch-up and restamp run between them), about
+the nodes' keep-alive timeout (uvicorn's 5 s, httpx's pool keeps a connection as long): a
+call on a pooled connection the node is closing at that moment fails with ReadError, and
+a failed release aborts the handover. A handful of calls can afford a connection each."""
+
+
 async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
     resp = await client.post(url, json=body)
     if resp.status_code != 200:
@@ -249,7 +256,8 @@ async def planned_handover(regions: Mapping[str, RegionHandle], lock_urls: Seque
         raise HandoverError(f"owner {source} of {home} is not among the regions given", report)
 
     async with httpx.AsyncClient(timeout=max(15.0, lock_wait_seconds + 5.0),
-                                 headers=dict(headers or {})) as client:
+                                 headers=dict(headers or {}), limits=ONE_CONNECTION_PER_CALL
+                                 ) as client:
         # 1. The pair source -> to must not be stale (as `to`'s monitor sees it).
         resp = await client.get(f"{regions[to].api_url}/v1/replication/status")
         resp.raise_for_status()
@@ -600,8 +608,8 @@ async def crash_takeover(regions: Mapping[str, RegionHandle], home: str, to: str
         if name != to:
             counts[name] = await asyncio.to_thread(restamp, regions[name].dsn, home, to)
     clock.done("restamp", ", ".join(f"{n}: {c} rows" for n, c in counts.items()))
-    async with httpx.AsyncClient(timeout=lease_wait + 15.0,
-                                 headers=dict(headers or {})) as client:
+    async with httpx.AsyncClient(timeout=lease_wait + 15.0, headers=dict(headers or {}),
+                                 limits=ONE_CONNECTION_PER_CALL) as client:
         took = await _post(client, f"{regions[to].api_url}/v1/admin/ownership/take", {
             "home_region": home, "forced": True, "wait": lease_wait,
             "takeover": {"from_region": old, "from_epoch": current[0],

@@ -281,9 +281,10 @@ async def test_partition_drill_fences_the_isolated_region(lab: Cluster, tmp_path
     assert result.ok, [c for c in result.checks if not c.ok]
 
 
-REGIONAL_PARTITION_BOUND = 240.0
+REGIONAL_PARTITION_BOUND = 480.0
 """Seconds a partition drill in regional mode may take in all (fault sequence, converge,
-measurements) on a loaded 2-core machine; before #12 it never ended."""
+measurements); before #12 it never ended. Generous: it tells a hang from a slow run (about
+35 s on a quiet 2-core machine, over 150 s at load average 18), it does not time one."""
 
 
 @chaos
@@ -297,7 +298,7 @@ async def test_partition_drill_regional_ends_with_rpo_0(lab: Cluster, tmp_path: 
     region, the fence held, ownership back at eu-west."""
     started = time.monotonic()
     config = DrillConfig("partition", REGION, duration=DURATION, rate=RATE, hold=HOLD,
-                         durability="regional", deadline=120.0)
+                         durability="regional", deadline=300.0)
     result = await asyncio.wait_for(run_drill_async(lab, config, print),
                                     REGIONAL_PARTITION_BOUND)
     took = time.monotonic() - started
