@@ -50,6 +50,26 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+PORT_SLICE_ENV = "PAYCLUSTER_PORT_SLICE"
+"""``i/n``: `free_port` picks only from the i-th of n equal slices of its range, so that n
+processes starting labs at the same time (the test suite's pytest-xdist workers set it, and
+the commands they start inherit it) never choose the same port between picking and
+binding it."""
+
+
+def _port_range() -> tuple[int, int]:
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 20_000)
+    try:
+        index, count = (int(part) for part in os.environ.get(PORT_SLICE_ENV, "").split("/"))
+    except ValueError:
+        return low, high
+    if not 0 <= index < count:
+        return low, high
+    width = (high - low + 1) // count
+    return low + index * width, low + (index + 1) * width - 1
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now, chosen BELOW the kernel's
     ephemeral range.
@@ -58,10 +78,10 @@ def free_port() -> int:
     it first). A port from the ephemeral range (what bind(0) returns) can meanwhile be
     taken as the source port of any outgoing connection on the machine, which a busy
     test run makes a real race ("address already in use" at start). Below that range
-    only an explicit bind can take it. Never the same port twice from one process.
+    only an explicit bind can take it. Never the same port twice from one process (nor
+    from two processes with different PAYCLUSTER_PORT_SLICE).
     """
-    high = _ephemeral_low() - 1
-    low = max(1024, high - 20_000)
+    low, high = _port_range()
     for _ in range(200):
         port = random.randint(low, high)
         if port in _HANDED_OUT:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +21,7 @@ import pytest
 
 import cluster.lab
 from cluster.pki import TlsFiles, ensure_cluster_pki
-from cluster.servers import RegionServers, free_port, start_region_servers
+from cluster.servers import PORT_SLICE_ENV, RegionServers, free_port, start_region_servers
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.migrate import upgrade
@@ -61,7 +62,11 @@ def pytest_configure(config: pytest.Config) -> None:
     run at once. A dir of our own is never touched by another session; we remove it at
     the end.
     """
-    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # a pytest-xdist worker: ports of its own (cluster.servers)
+        index = int(str(workerinput["workerid"]).removeprefix("gw"))
+        os.environ[PORT_SLICE_ENV] = f"{index}/{workerinput['workercount']}"
+    if config.option.basetemp is None and workerinput is None:
         base = Path(tempfile.mkdtemp(prefix="paycluster-pytest-"))
         config.option.basetemp = str(base)
         _OWN_BASETEMP.append(base)
