@@ -172,9 +172,12 @@ class WebhookWorker:
                     log.exception("webhook worker: pass failed; retrying in %.1f s", delay)
                 if busy:
                     continue
+                wake = self.node.db.wakeups
+                await wake.spaced(wakeups.WEBHOOKS)  # passes no closer than its min gap
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait(delay))
                 self._wake.clear()
+                wake.passed(wakeups.WEBHOOKS)
         finally:
             stopper.cancel()
             await self.close()
