@@ -41,6 +41,7 @@ from region_node.node import Node
 from region_node.ops_metrics import OpsMetrics
 from region_node.outbox_relay import OutboxRelay
 from region_node.principals import Authenticator
+from region_node.probe import Probe
 from region_node.rate_limit import RateLimiter
 from region_node.refund_worker import RefundWorker
 from region_node.replication_monitor import ConvergenceMonitor, HeartbeatWriter
@@ -126,7 +127,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                         OutboxRelay(node.db, settings, bus=bus).run,
                         NotificationConsumer(node.db, settings).run,
                         transfer_worker.run, refund_worker.run, stock_mover.run,
-                        WebhookWorker(node).run]
+                        WebhookWorker(node).run,
+                        # Wakes the workers above for work that came from outside.
+                        Probe(node).run]
         tasks = [asyncio.create_task(w(stop), name=getattr(w, "__qualname__", "worker"))
                  for w in workers]
         log.info("region node %s serving", settings.region)

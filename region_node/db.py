@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from region_node.errors import RegionUnavailable
+from region_node.wakeups import Wakeups, take_marks
 
 T = TypeVar("T")
 
@@ -50,6 +51,8 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10)
         self.retry_attempts = retry_attempts
+        self.wakeups = Wakeups()
+        """The node's worker wake-ups: what a committed transaction `mark`ed is signalled."""
 
     async def transaction(self, step: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run `step` in one transaction; rerun it on 40001/40P01 with jittered backoff.
@@ -61,7 +64,12 @@ class Database:
         for attempt in range(self.retry_attempts):
             try:
                 async with self.engine.begin() as conn:
-                    return await step(conn)
+                    take_marks(conn)  # a rolled-back earlier user's marks are not ours
+                    result = await step(conn)
+                    marked = take_marks(conn)
+                if marked:
+                    self.wakeups.signal(*marked)  # committed: the workers find the rows
+                return result
             except DBAPIError as exc:
                 if sqlstate(exc) in RETRYABLE_SQLSTATES and attempt + 1 < self.retry_attempts:
                     await asyncio.sleep(delay * (1 + random.random()))

@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from region_node import ownership
+from region_node import ownership, wakeups
 from region_node.db import RETRYABLE_SQLSTATES, SESSION_ENDED_SQLSTATES, TRANSACTION_TIMEOUT
 from region_node.errors import (
     Forbidden,
@@ -167,6 +167,8 @@ class HotPath:
                  lock_timeout_ms: int, ttl_seconds: float, lock_seconds: float) -> None:
         url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.region = region
+        self.wakeups: wakeups.Wakeups | None = None
+        """The node's worker wake-ups (set by `Node.connect`): a batch wakes the relay."""
         self.ttl_seconds = ttl_seconds
         self.lock_seconds = lock_seconds
         self.executors = executors
@@ -298,6 +300,9 @@ class HotPath:
                     item.done.set_exception(Fallback("connection lost"))
             raise failed from exc
         self.batches += 1
+        if self.wakeups is not None and any(row[1] not in ("busy", "fallback", "error")
+                                            for row in rows):
+            self.wakeups.signal(wakeups.OUTBOX)  # committed: the relay and the fan-out
         self.payments += len(batch)
         for idx, kind, status, body, claim_token, code, message, param in rows:
             item = batch[idx - 1]

@@ -54,7 +54,7 @@ class Node:
                       retry_attempts=settings.db_retry_attempts)
         redis = Redis.from_url(settings.redis_url, socket_timeout=0.5,
                                socket_connect_timeout=0.5)
-        return cls(settings=settings, db=db, redis=redis,
+        node = cls(settings=settings, db=db, redis=redis,
                    idempotency=IdempotencyStore(db, redis,
                                                 ttl_seconds=settings.idempotency_ttl_seconds,
                                                 lock_seconds=settings.idempotency_lock_seconds,
@@ -74,6 +74,9 @@ class Node:
                                     ttl_seconds=settings.idempotency_ttl_seconds,
                                     lock_seconds=settings.idempotency_lock_seconds)
                    if settings.hot_path else None)
+        if node.hot_path is not None:
+            node.hot_path.wakeups = db.wakeups
+        return node
 
     def new_id(self, home_region: str) -> uuid.UUID:
         """A UUIDv7 stamped with `home_region` (see region_node.regions)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import schema
+from region_node import schema, wakeups
 from region_node.ids import new_id
 
 
@@ -23,6 +23,7 @@ async def write_event(conn: AsyncConnection, *, region: str, event_type: str,
     JetStream `Nats-Msg-Id` dedupe id and consumers key their effects on it.
     """
     event_id = new_id()
+    wakeups.mark(conn, wakeups.OUTBOX)  # after the commit: the relay and the fan-out
     await conn.execute(schema.outbox.insert().values(
         id=event_id, region=region, event_type=event_type, aggregate_id=aggregate_id,
         payload={"id": str(event_id), "type": event_type, "region": region, "data": payload}))

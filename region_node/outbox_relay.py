@@ -16,7 +16,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from region_node import schema
+from region_node import schema, wakeups
 from region_node.config import RegionSettings
 from region_node.db import Database
 from region_node.event_bus import BusEvent, BusUnavailable, EventBus
@@ -119,6 +119,9 @@ class OutboxRelay:
                     delay = poll
                     if published >= self.settings.outbox_batch:
                         continue
+                    # Woken by a commit that wrote an outbox row, or by the probe.
+                    await self.db.wakeups.wait(wakeups.OUTBOX, stop, poll)
+                    continue
                 await _wait(stop, delay)
         finally:
             await self.close()

@@ -19,7 +19,6 @@ What differs between sagas (which rows, which service functions, which log words
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from typing import Generic, Protocol, TypeVar
@@ -181,7 +180,8 @@ class SagaWorker(Generic[Msg, Out]):
             except Exception:
                 log.exception("%s scan failed", self.saga.name)
             if moved < self.batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.node.settings.transfer_poll_seconds)
+                # Woken by the probe (`transfers` / `refunds`) or after the interval.
+                await self.node.db.wakeups.wait(f"{self.saga.name}s", stop,
+                                                self.node.settings.transfer_poll_seconds)
         for task in list(self._pushes):
             task.cancel()

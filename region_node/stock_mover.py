@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lock_service.errors import LockError
 from lock_service.quorum import LockService
-from region_node import orders, stock
+from region_node import orders, stock, wakeups
 from region_node.errors import PaymentError, RegionUnavailable
 from region_node.node import Node
 from region_node.periodic import run_every
@@ -104,7 +104,7 @@ class StockMover:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until stopped; errors are logged, never fatal."""
         await run_every(stop, lambda: self.node.settings.transfer_poll_seconds, self.run_once,
-                        "stock pass")
+                        "stock pass", wakeups=self.node.db.wakeups, wake=wakeups.STOCK)
 
 
 class QuorumStockLock:

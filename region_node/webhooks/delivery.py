@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import schema
+from region_node import schema, wakeups
 from region_node.node import Node
 from region_node.redact import scrub
 from region_node.webhooks.fanout import fan_out
@@ -142,7 +142,8 @@ class WebhookWorker:
         self._busy: Counter[uuid.UUID] = Counter()
         """Deliveries in flight per endpoint."""
         self._outcomes: list[Outcome] = []
-        self._wake = asyncio.Event()
+        # Set by the write paths and the probe too (an event waiting for its fan-out).
+        self._wake = node.db.wakeups.event(wakeups.WEBHOOKS)
         self._session: aiohttp.ClientSession | None = None
         # When the queue is next worth a look (see run_once); time.monotonic() values.
         self._claim_now = False
@@ -171,12 +172,27 @@ class WebhookWorker:
                     log.exception("webhook worker: pass failed; retrying in %.1f s", delay)
                 if busy:
                     continue
+                wake = self.node.db.wakeups
+                await wake.spaced(wakeups.WEBHOOKS)  # passes no closer than its min gap
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    await asyncio.wait_for(self._wake.wait(), self._idle_wait(delay))
                 self._wake.clear()
+                wake.passed(wakeups.WEBHOOKS)
         finally:
             stopper.cancel()
             await self.close()
+
+    def _idle_wait(self, delay: float) -> float:
+        """How long to wait for a wake-up: `delay`, or while the node's probe runs (it
+        wakes this worker for new events) until the next claim is due (a retry, the
+        idle claim), bounded by the wake-ups' fallback."""
+        wake = self.node.db.wakeups
+        if not wake.probing or delay > self.settings.webhook_poll_seconds:
+            return delay
+        due = self._idle_claim_at
+        if self._retry_due is not None:
+            due = min(due, self._retry_due)
+        return max(delay, min(due - time.monotonic(), wake.timeout(delay)))
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
