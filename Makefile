@@ -24,13 +24,12 @@ $(STAMP): pyproject.toml scripts/install-tools.sh
 demo: venv
 	$(BIN)/paycluster demo
 
-# TEST_WORKERS=2 runs the suite on two pytest-xdist workers (the suite waits on servers more
-# than it computes, so two keep a 2-core machine busy); loadfile keeps a module on one
+# The suite runs on two pytest-xdist workers (it waits on servers as much as it computes:
+# one process keeps a 2-core machine about one core busy). loadfile keeps a module on one
 # worker, so a module's lab starts once; --no-loadscope-reorder keeps tests/conftest.py's
-# order (slowest modules first) instead of xdist's (most tests first). The default stays one
-# process until a -n 2 run is green on an unloaded machine (the first one, at load 20-29 on
-# 2 cores, had failures not yet triaged).
-TEST_WORKERS ?= 0
+# order (slowest modules first) instead of xdist's (most tests first). Each worker picks
+# ports from a slice of its own (PAYCLUSTER_PORT_SLICE). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
