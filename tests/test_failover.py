@@ -197,7 +197,9 @@ async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> N
     assert [(r.from_region, r.to_region, r.aborted) for r in reports] == [
         (HOME, TAKEOVER, False), (TAKEOVER, HOME, False)]
     # Epochs are lease tokens: eu-west took one at its start (above the bootstrap's 1).
-    assert 1 < over.old_epoch < over.new_epoch == back.old_epoch < back.new_epoch
+    # Between the handovers us-east may have taken its lease again (a renewal that missed
+    # its margin on a busy machine gets a new token): epochs only go up.
+    assert 1 < over.old_epoch < over.new_epoch <= back.old_epoch < back.new_epoch
     for report in reports:
         assert report.unavailable_seconds is not None and report.unavailable_seconds < 10.0, report
     # What clients felt: the longest stretch without a single acknowledged payment.
@@ -228,8 +230,13 @@ async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> N
         assert len(rows) == len(epochs) == len(acked), region
         assert set(epochs) == set(acked), region
         assert log[0] == (1, HOME) and (over.old_epoch, HOME) in log, log
-        assert log[-2:] == [(over.new_epoch, TAKEOVER), (back.new_epoch, HOME)], log
-        assert {epochs[a.payment_id] for a in between} == {over.new_epoch}
+        assert (over.new_epoch, TAKEOVER) in log and log[-1] == (back.new_epoch, HOME), log
+        # Every epoch from the handover to the failback is us-east's, and so is every
+        # payment acknowledged in between.
+        takeover_epochs = {e for e, serving in log if over.new_epoch <= e <= back.old_epoch}
+        assert all(serving == TAKEOVER for e, serving in log
+                   if over.new_epoch <= e <= back.old_epoch), log
+        assert {epochs[a.payment_id] for a in between} <= takeover_epochs
         assert {epochs[a.payment_id] for a in after} == {back.new_epoch}
     assert over.unavailable_seconds is not None and back.unavailable_seconds is not None
     print(f"\n{len(acked)} payments acknowledged ({work.declined} declined, {work.retries} "
