@@ -77,7 +77,6 @@ class Probe:
         self.wakeups = node.db.wakeups
         # Autocommit: the statement alone, no BEGIN / ROLLBACK round trips around it.
         self.engine = node.db.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.probes = 0
 
     def interval(self) -> float:
         """Seconds between probes: the shortest of the polls it stands in for."""
@@ -91,7 +90,6 @@ class Probe:
                   "refund_orphan_kind": suspense.REFUND_ITEM_KIND}
         async with self.engine.connect() as conn:
             row = (await conn.execute(_PROBE, params)).one()
-        self.probes += 1
         due = [name for name, has_work in zip(NAMES, row, strict=True) if has_work]
         if due:
             self.wakeups.signal(*due)

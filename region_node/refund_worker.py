@@ -15,7 +15,7 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import refunds, suspense
+from region_node import refunds, suspense, wakeups
 from region_node.node import Node
 from region_node.refunds import RefundMessage, RefundOutcome
 from region_node.saga_worker import SagaWorker
@@ -27,6 +27,7 @@ class RefundSaga:
     """The refund saga as `saga_worker.Saga` sees it."""
 
     name = "refund"
+    wake = wakeups.REFUNDS
     push_label = "refund push"
     finish_label = "refund"
 

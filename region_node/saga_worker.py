@@ -42,6 +42,8 @@ class Saga(Protocol[Msg, Out]):
 
     name: str
     """`transfer` or `refund`: log lines and the scan's error."""
+    wake: str
+    """The wake-up (`region_node.wakeups`) that ends the scan's wait."""
     push_label: str
     """How a push names its key in log lines (`transfer push for payment`)."""
     finish_label: str
@@ -181,7 +183,7 @@ class SagaWorker(Generic[Msg, Out]):
                 log.exception("%s scan failed", self.saga.name)
             if moved < self.batch:
                 # Woken by the probe (`transfers` / `refunds`) or after the interval.
-                await self.node.db.wakeups.wait(f"{self.saga.name}s", stop,
+                await self.node.db.wakeups.wait(self.saga.wake, stop,
                                                 self.node.settings.transfer_poll_seconds)
         for task in list(self._pushes):
             task.cancel()

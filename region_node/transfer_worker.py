@@ -15,7 +15,7 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import suspense, transfers
+from region_node import suspense, transfers, wakeups
 from region_node.node import Node
 from region_node.saga_worker import SagaWorker
 from region_node.transfers import TransferMessage, TransferOutcome
@@ -27,6 +27,7 @@ class TransferSaga:
     """The transfer saga as `saga_worker.Saga` sees it."""
 
     name = "transfer"
+    wake = wakeups.TRANSFERS
     push_label = "transfer push for payment"
     finish_label = "payment"
 

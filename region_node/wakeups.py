@@ -65,8 +65,6 @@ class Wakeups:
         self.fallback_seconds = fallback_seconds
         self.probing = False
         """True while the probe runs: workers then rely on wake-ups plus the fallback."""
-        self.signals = 0
-        """Wake-ups signalled (tests, diagnostics)."""
 
     def event(self, name: str) -> asyncio.Event:
         """The event that wakes worker `name` (created on first use)."""
@@ -79,7 +77,6 @@ class Wakeups:
         """Wake the workers `names` (an outbox row also wakes the webhook fan-out)."""
         for name in names:
             for target in _WAKES_OF.get(name, (name,)):
-                self.signals += 1
                 self.event(target).set()
 
     def timeout(self, interval: float) -> float:
