@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chao
               pytest.mark.slow]
 
 REGIONS = ("us-east", "eu-west", "ap-southeast")
-STOCK = 500
-DEMAND_UNITS = 2_500
+STOCK = 300
+DEMAND_UNITS = 1_500
 QTY = 10
 CONCURRENCY = 24
 

@@ -204,7 +204,8 @@ def test_cli_status_and_link_commands(lab: Cluster) -> None:
 class Payer:
     """Payments in a loop through one region, each retried with its key (503, 409, no
     answer: the region add restarts every node) until acknowledged; anything else is a
-    failure."""
+    failure. Paced (`gap_seconds` after each acknowledgement): a steady stream exercises the
+    join as well as a flood does, and a flood only made the test slow on a shared machine."""
 
     api_url: str
     auth: dict[str, str]
@@ -213,6 +214,7 @@ class Payer:
     acked: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    gap_seconds: float = 0.05
 
     def run(self) -> None:
         with httpx.Client(base_url=self.api_url, timeout=30, headers=self.auth) as http:
@@ -228,6 +230,7 @@ class Payer:
                         resp = None
                     if resp is not None and resp.status_code == 201:
                         self.acked.append(str(resp.json()["id"]))
+                        self.stop.wait(self.gap_seconds)
                         break
                     if resp is not None and resp.status_code not in (503, 409):
                         self.failures.append(resp.text)
