@@ -27,6 +27,7 @@ import uvicorn
 from channel.client import ChannelAdmin, ChannelClient
 from channel.signing import SIGNATURE_HEADER, sign
 from cluster.servers import ChannelServer, RegionServers, free_port
+from region_node.__main__ import KEEP_ALIVE_SECONDS
 from region_node.app import create_app
 from region_node.channel_config import ChannelLinkSettings
 from region_node.config import RegionSettings
@@ -71,7 +72,8 @@ async def http_node(settings: RegionSettings) -> AsyncIterator[httpx.AsyncClient
     (lifespan and workers running); a client sending the session's admin key."""
     app = create_app(settings)
     server = _Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api_port,
-                                    lifespan="on", log_config=None, access_log=False))
+                                    lifespan="on", log_config=None, access_log=False,
+                                    timeout_keep_alive=KEEP_ALIVE_SECONDS))
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 60
     while not server.started:

@@ -129,10 +129,19 @@ async def test_a_write_ended_by_the_server_is_a_retryable_503(db_url: str) -> No
         await conn.execute(text("select pg_sleep(30), :pid"), {"pid": pid})
 
     async def terminate() -> None:
+        # `started` is set before the sleep is sent: end the session once the sleep runs
+        # (an async connection, so the step's statement is not held up by this one).
         await started.wait()
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            conn.execute("select pg_terminate_backend(pid) from pg_stat_activity "
-                         "where query like 'select pg_sleep(30)%'")
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                cur = await conn.execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity "
+                    "where state = 'active' and query like 'select pg_sleep(30)%'")
+                if await cur.fetchall():
+                    return
+                await asyncio.sleep(0.02)
+            pytest.fail("the step's sleep never ran")
 
     try:
         with pytest.raises(RegionUnavailable) as raised:

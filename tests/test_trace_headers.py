@@ -28,6 +28,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.servers import RegionServers, free_port, spawn, stop_pid
+from region_node.__main__ import KEEP_ALIVE_SECONDS
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.rpc.tls import RpcTls
@@ -118,7 +119,8 @@ class Tap:
 async def served(settings: RegionSettings, app: ASGIApp) -> AsyncIterator[None]:
     """The node's app (lifespan and gRPC server included) on a real HTTP port."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api_port,
-                                           log_config=None, lifespan="on"))
+                                           log_config=None, lifespan="on",
+                                           timeout_keep_alive=KEEP_ALIVE_SECONDS))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
