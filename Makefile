@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml scripts/install-tools.sh
 demo: venv
 	$(BIN)/paycluster demo
 
-# The suite runs on two pytest-xdist workers (it waits on servers as much as it computes:
-# one process keeps a 2-core machine about one core busy). loadfile keeps a module on one
+# The suite runs on three pytest-xdist workers (it waits on servers as much as it computes:
+# one process keeps a 2-core machine about one core busy, two about 1.4 cores, three about
+# 1.75; measured on fresh clones, docs/testing.md). loadfile keeps a module on one
 # worker, so a module's lab starts once; --no-loadscope-reorder keeps tests/conftest.py's
 # order (slowest modules first) instead of xdist's (most tests first). Each worker picks
 # ports from a slice of its own (PAYCLUSTER_PORT_SLICE). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: venv
 	$(BIN)/pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
