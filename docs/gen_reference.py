@@ -129,6 +129,8 @@ ADVICE: dict[str, str] = {
     "upstream_timeout": "The region did not answer in time; the request may have run: retry "
                         "with the same Idempotency-Key to learn the outcome.",
     "bad_gateway": "The region answered garbage; retry with the same Idempotency-Key.",
+    "upstream_broken": "The region broke off its answer and the request was not safe to "
+                       "send elsewhere; it may have run: retry with an Idempotency-Key.",
     "invalid_geo": "Send `X-Client-Geo: <lat>,<lon>` in degrees.",
     "invalid_id": "Send an account or payment id.",
     "invalid_weight": "A weight is an integer 0..100, or null.",

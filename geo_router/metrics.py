@@ -29,7 +29,8 @@ class RouterMetrics:
             "(owner, nearest, weighted, failover)", ["region", "reason"], registry=r)
         self.attempts = Counter(
             "paycluster_router_upstream_attempts", "Requests sent to a region, by outcome "
-            "(response, connect_error, timeout)", ["region", "outcome"], registry=r)
+            "(response, connect_error, broken_answer, timeout, bad_answer)",
+            ["region", "outcome"], registry=r)
         self.failovers = Counter(
             "paycluster_router_failovers", "Safe requests retried on the next region after "
             "a connection failure", ["from_region", "to_region"], registry=r)

@@ -2,8 +2,10 @@
 policy chooses and relays the answer.
 
 - Bodies stream both ways (never read whole, except small POST bodies that name the owner
-  when owner preference is on, see `owners`). Response bytes are relayed raw: encodings
-  and lengths stay as the node wrote them.
+  when owner preference is on, see `owners`, and answers of at most `WHOLE_ANSWER_BYTES`
+  with a Content-Length, which are read whole before their status line is relayed: a
+  region that dies in the middle of one is then a failed attempt, not a truncated answer).
+  Response bytes are relayed raw: encodings and lengths stay as the node wrote them.
 - Headers are kept, minus hop-by-hop ones (RFC 9110 7.6.1) and Host; added are
   `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, an
   `x-request-id` (the client's, or a new one) and trace context as a service mesh would:
@@ -15,7 +17,8 @@ policy chooses and relays the answer.
 - Retries: when a region cannot be reached (connection refused or reset, or the
   connection died before an answer), a request that is safe to repeat - GET / HEAD /
   OPTIONS, or a mutation carrying `Idempotency-Key` - is sent to the next region of the
-  decision; anything else gets a 503 in the error shape and is never sent twice. A timeout
+  decision; anything else gets a 503 in the error shape and is never sent twice (a 502
+  `upstream_broken` if the region broke off its answer: it may have run there). A timeout
   waiting for the answer is not retried either (the request may still be running there):
   504. The request body is kept for a replay up to `retry_buffer_bytes`.
 """
@@ -60,6 +63,9 @@ CLIENT_ID = b"x-client-id"
 # TimeoutError too, so it is named first where they are told apart.)
 _UNREACHABLE = (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError,
                 aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+WHOLE_ANSWER_BYTES = 64 * 1024
+"""Answers up to this size (all of the API's JSON) are read whole before they are relayed."""
 
 # Headers the client library would add on its own: the client's own (or none) go upstream.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -353,9 +359,36 @@ class Proxy:
                 await send_error(send, answer, request_id,
                                  self._route_headers(decision, region, attempt))
                 return
+            whole_answer: bytes | None = None
+            if (response.content_length is not None
+                    and response.content_length <= WHOLE_ANSWER_BYTES):
+                try:
+                    whole_answer = await response.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The region died (or cut us off) in the middle of its answer: nothing
+                    # reached the client yet, so this is a failed attempt like a reset.
+                    response.release()
+                    metrics.attempts.labels(region, "broken_answer").inc()
+                    broken = f"answered {response.status}, then broke off ({_describe(exc)})"
+                    failure += f"{'; ' if failure else ''}{region}: {broken}"
+                    log.warning("region %s %s for %s %s", region, broken, method,
+                                scope["path"], extra={"event": "upstream_broken",
+                                                      "region": region,
+                                                      "request_id": request_id})
+                    if safe:
+                        continue
+                    metrics.not_retried.labels(region).inc()
+                    metrics.requests.labels(region, method, "502").inc()
+                    await send_error(send, RouterError(
+                        502, "api_error", "upstream_broken",
+                        f"Region {region} {broken}. The request was not retried on another "
+                        "region because it is not safe to repeat, and it may have run there: "
+                        "retry it with an Idempotency-Key."), request_id,
+                        self._route_headers(decision, region, attempt))
+                    return
             metrics.attempts.labels(region, "response").inc()
             await self._relay(response, send, decision, region, attempt, request_id, method,
-                              started)
+                              started, whole_answer)
             return
         # Nothing answered.
         if not safe:
@@ -378,7 +411,7 @@ class Proxy:
 
     async def _relay(self, response: aiohttp.ClientResponse, send: Send, decision: Decision,
                      region: str, attempts: int, request_id: str, method: str,
-                     started: float) -> None:
+                     started: float, whole_answer: bytes | None = None) -> None:
         metrics = self.service.metrics
         raw = response.raw_headers
         drop = connection_headers(raw)
@@ -395,6 +428,10 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": response.status,
                         "headers": headers})
+            if whole_answer is not None:
+                await send({"type": "http.response.body", "body": whole_answer,
+                            "more_body": False})
+                return
             async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -230,14 +230,18 @@ async def test_planned_handover_and_failback_lose_nothing(cluster: Cluster) -> N
         assert len(rows) == len(epochs) == len(acked), region
         assert set(epochs) == set(acked), region
         assert log[0] == (1, HOME) and (over.old_epoch, HOME) in log, log
-        assert (over.new_epoch, TAKEOVER) in log and log[-1] == (back.new_epoch, HOME), log
+        assert (over.new_epoch, TAKEOVER) in log and (back.new_epoch, HOME) in log, log
+        # After the failback eu-west serves its home; it may have taken its lease again
+        # since (a renewal that missed its margin on a busy machine): a later epoch, its own.
+        home_epochs = {e for e, serving in log if e >= back.new_epoch}
+        assert all(serving == HOME for e, serving in log if e >= back.new_epoch), log
         # Every epoch from the handover to the failback is us-east's, and so is every
         # payment acknowledged in between.
         takeover_epochs = {e for e, serving in log if over.new_epoch <= e <= back.old_epoch}
         assert all(serving == TAKEOVER for e, serving in log
                    if over.new_epoch <= e <= back.old_epoch), log
         assert {epochs[a.payment_id] for a in between} <= takeover_epochs
-        assert {epochs[a.payment_id] for a in after} == {back.new_epoch}
+        assert {epochs[a.payment_id] for a in after} <= home_epochs
     assert over.unavailable_seconds is not None and back.unavailable_seconds is not None
     print(f"\n{len(acked)} payments acknowledged ({work.declined} declined, {work.retries} "
           f"retries: {work.errors}); handover {over.unavailable_seconds * 1000:.0f} ms "
