@@ -91,11 +91,14 @@ WAN_SERVICES: tuple[str, ...] = ("postgres", "grpc", "redis")
 CLUSTER_FILE = "cluster.json"
 SCHEMA_VERSION = 2
 
-WAN_READY_TIMEOUT = 20.0
-"""Seconds the WAN emulator gets to open its links and print its ready line."""
+WAN_READY_TIMEOUT = 60.0
+"""Seconds the WAN emulator gets to open its links and print its ready line. Like the
+nodes' (cluster.nodes.READY_TIMEOUT), it tells a hang from a slow start: on a starved
+2-core machine a Python process's imports alone took over 10 s."""
 
-ROUTER_READY_TIMEOUT = 20.0
-"""Seconds a geo router gets to probe the regions once and print its ready line."""
+ROUTER_READY_TIMEOUT = 60.0
+"""Seconds a geo router gets to probe the regions once and print its ready line (as
+generous as the WAN emulator's, for the same reason)."""
 
 ROUTER_OVERRIDES = "overrides.json"
 """The routers' shared drain/weight file, under `<data_dir>/router/`."""

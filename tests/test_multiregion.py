@@ -18,6 +18,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -74,20 +75,42 @@ def _wan(cluster: Cluster) -> WanControl:
     return cluster.wan.control()
 
 
+async def _post_as_a_client_would(client: httpx.AsyncClient, path: str,
+                                  body: dict[str, Any], key: str) -> httpx.Response:
+    """POST with an Idempotency-Key, sent again with the same key (bounded) after no answer,
+    a 409 (our own retry raced the first attempt) or a 503 (the owner did not answer the
+    forwarding hop in time, or a lease renewal was late: a loaded machine). Such retries
+    are what the key makes safe."""
+    # Bounded, generous: on a loaded 2-core machine a forwarding hop (5 s gRPC deadline)
+    # was seen to time out for over a minute.
+    deadline = time.monotonic() + 3 * WAIT
+    while True:
+        try:
+            resp = await client.post(path, json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"{path} ({key}) never answered"
+            await asyncio.sleep(0.2)
+            continue
+        if resp.status_code in (409, 503) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            continue
+        return resp
+
+
 async def _open_accounts(clients: dict[str, httpx.AsyncClient]) -> dict[str, str]:
     """Accounts homed in every region, each opened through a random region."""
     rng = random.Random(1)
     homes: dict[str, str] = {}
     for home in REGIONS:
         for _ in range(ACCOUNTS_PER_REGION):
-            via = clients[rng.choice(REGIONS)]
-            resp = await via.post("/v1/accounts", json={"currency": "USD", "home_region": home},
-                                  headers={"Idempotency-Key": f"open-{uuid.uuid4()}"})
+            resp = await _post_as_a_client_would(
+                clients[rng.choice(REGIONS)], "/v1/accounts",
+                {"currency": "USD", "home_region": home}, f"open-{uuid.uuid4()}")
             assert resp.status_code == 201, resp.text
             account = resp.json()["id"]
-            dep = await clients[rng.choice(REGIONS)].post(
-                f"/v1/accounts/{account}/deposits", json={"amount": OPENING_BALANCE},
-                headers={"Idempotency-Key": f"dep-{uuid.uuid4()}"})
+            dep = await _post_as_a_client_would(
+                clients[rng.choice(REGIONS)], f"/v1/accounts/{account}/deposits",
+                {"amount": OPENING_BALANCE}, f"dep-{uuid.uuid4()}")
             assert dep.status_code == 201, dep.text
             homes[account] = home
     return homes
@@ -126,24 +149,7 @@ async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
             key = f"mr-{i}-{uuid.uuid4()}"
             body = {"payer": payer, "payee": payee, "amount": rng.randint(1, 4_000),
                     "currency": "USD"}
-            # Retried with its key until answered: on a 2-core box shared with other suites
-            # a forwarding hop (5 s gRPC deadline) was seen to time out for over a minute.
-            deadline = time.monotonic() + 3 * WAIT
-            while True:
-                try:
-                    resp = await clients[via].post("/v1/payments", json=body,
-                                                   headers={"Idempotency-Key": key})
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, f"payment {key} never answered"
-                    await asyncio.sleep(0.2)
-                    continue
-                # 409: our own retry raced the first attempt. 503: the owner did not answer
-                # the forwarding hop in time (a loaded machine); a client retries both with
-                # the same Idempotency-Key, which is what makes the retry safe.
-                if resp.status_code in (409, 503) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    continue
-                break
+            resp = await _post_as_a_client_would(clients[via], "/v1/payments", body, key)
             if resp.status_code == 402:
                 declined += 1
                 return
