@@ -242,8 +242,17 @@ async def register(db: Database, url: str, *, principal: uuid.UUID | None = None
 
 
 async def pay(client: httpx.AsyncClient, payer: str, payee: str, amount: int = 100) -> str:
-    resp = await client.post("/v1/payments", json={"payer": payer, "payee": payee,
-                                                   "amount": amount, "currency": "USD"})
+    """A payment, sent as a client would: with an Idempotency-Key, and again with the same
+    key (bounded) after a 409 or a retryable 503 (in a lab on a starved machine a lease
+    renewal can be late and a write refused or ended)."""
+    key = {"Idempotency-Key": f"wh-pay-{uuid.uuid4()}"}
+    deadline = time.monotonic() + WAIT
+    while True:
+        resp = await client.post("/v1/payments", headers=key, json={
+            "payer": payer, "payee": payee, "amount": amount, "currency": "USD"})
+        if resp.status_code not in (409, 503) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
