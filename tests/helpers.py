@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,27 @@ import psycopg
 import pytest
 
 from cluster.invariants import conflict_counts, ledger_findings
+
+
+async def post_as_a_client_would(client: httpx.AsyncClient, path: str, body: dict[str, Any],
+                                 key: str | None = None, within: float = 90.0) -> httpx.Response:
+    """POST with an Idempotency-Key (`key`, or a new one), sent again with the same key
+    (bounded by `within` seconds) after no answer, a 409 (our own retry raced the first
+    attempt) or a 503 (a forwarding hop or a lease renewal late on a loaded machine). Such
+    retries are what the key makes safe."""
+    headers = {"Idempotency-Key": key or f"client-{uuid.uuid4()}"}
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            resp = await client.post(path, json=body, headers=headers)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"{path} ({headers}) never answered"
+            await asyncio.sleep(0.2)
+            continue
+        if resp.status_code in (409, 503) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            continue
+        return resp
 
 
 async def open_account(client: httpx.AsyncClient, currency: str = "USD", *, kind: str = "customer",

@@ -19,7 +19,7 @@ import pytest
 
 from cluster.lab import Cluster, start_cluster
 from cluster.servers import start_redis
-from tests.helpers import until
+from tests.helpers import post_as_a_client_would, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiregion, pytest.mark.chaos,
               pytest.mark.slow]
@@ -42,6 +42,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         lab.stop()
 
 
+async def _created(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> str:
+    """The id of what a POST created (retried as a client would: a busy lab may say 503)."""
+    resp = await post_as_a_client_would(client, path, body)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
 @pytest.fixture(scope="module")
 async def shoppers(cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
     """Funded buyers and a merchant homed in every region, plus a closed merchant whose
@@ -53,16 +60,17 @@ async def shoppers(cluster: Cluster) -> AsyncIterator[dict[str, Any]]:
     merchants: dict[str, str] = {}
     for region in REGIONS:
         c = clients[region]
-        merchants[region] = (await c.post("/v1/accounts", json={
-            "currency": "USD", "kind": "merchant"})).json()["id"]
+        merchants[region] = await _created(c, "/v1/accounts",
+                                          {"currency": "USD", "kind": "merchant"})
         buyers[region] = []
         for _ in range(8):
-            acc = (await c.post("/v1/accounts", json={"currency": "USD"})).json()["id"]
-            await c.post(f"/v1/accounts/{acc}/deposits", json={"amount": 10_000_000})
+            acc = await _created(c, "/v1/accounts", {"currency": "USD"})
+            await _created(c, f"/v1/accounts/{acc}/deposits", {"amount": 10_000_000})
             buyers[region].append(acc)
-    closed = (await clients["eu-west"].post("/v1/accounts", json={
-        "currency": "USD", "kind": "merchant"})).json()["id"]
-    assert (await clients["eu-west"].post(f"/v1/accounts/{closed}/close")).status_code == 200
+    closed = await _created(clients["eu-west"], "/v1/accounts",
+                            {"currency": "USD", "kind": "merchant"})
+    closing = await post_as_a_client_would(clients["eu-west"], f"/v1/accounts/{closed}/close", {})
+    assert closing.status_code == 200, closing.text
     try:
         yield {"clients": clients, "buyers": buyers, "merchants": merchants, "closed": closed}
     finally:

@@ -18,7 +18,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import psycopg
@@ -26,7 +25,7 @@ import pytest
 
 from cluster.lab import Cluster, start_cluster
 from cluster.wan import WanControl
-from tests.helpers import cluster_ledger_checks, cluster_view, until
+from tests.helpers import cluster_ledger_checks, cluster_view, post_as_a_client_would, until
 
 # A loaded 2-core machine runs the random payments at a handful per second: the default
 # 300 s per test is not enough for them and the lab's start.
@@ -75,40 +74,18 @@ def _wan(cluster: Cluster) -> WanControl:
     return cluster.wan.control()
 
 
-async def _post_as_a_client_would(client: httpx.AsyncClient, path: str,
-                                  body: dict[str, Any], key: str) -> httpx.Response:
-    """POST with an Idempotency-Key, sent again with the same key (bounded) after no answer,
-    a 409 (our own retry raced the first attempt) or a 503 (the owner did not answer the
-    forwarding hop in time, or a lease renewal was late: a loaded machine). Such retries
-    are what the key makes safe."""
-    # Bounded, generous: on a loaded 2-core machine a forwarding hop (5 s gRPC deadline)
-    # was seen to time out for over a minute.
-    deadline = time.monotonic() + 3 * WAIT
-    while True:
-        try:
-            resp = await client.post(path, json=body, headers={"Idempotency-Key": key})
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, f"{path} ({key}) never answered"
-            await asyncio.sleep(0.2)
-            continue
-        if resp.status_code in (409, 503) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            continue
-        return resp
-
-
 async def _open_accounts(clients: dict[str, httpx.AsyncClient]) -> dict[str, str]:
     """Accounts homed in every region, each opened through a random region."""
     rng = random.Random(1)
     homes: dict[str, str] = {}
     for home in REGIONS:
         for _ in range(ACCOUNTS_PER_REGION):
-            resp = await _post_as_a_client_would(
+            resp = await post_as_a_client_would(
                 clients[rng.choice(REGIONS)], "/v1/accounts",
                 {"currency": "USD", "home_region": home}, f"open-{uuid.uuid4()}")
             assert resp.status_code == 201, resp.text
             account = resp.json()["id"]
-            dep = await _post_as_a_client_would(
+            dep = await post_as_a_client_would(
                 clients[rng.choice(REGIONS)], f"/v1/accounts/{account}/deposits",
                 {"amount": OPENING_BALANCE}, f"dep-{uuid.uuid4()}")
             assert dep.status_code == 201, dep.text
@@ -149,7 +126,8 @@ async def test_random_payments_converge_everywhere(cluster: Cluster) -> None:
             key = f"mr-{i}-{uuid.uuid4()}"
             body = {"payer": payer, "payee": payee, "amount": rng.randint(1, 4_000),
                     "currency": "USD"}
-            resp = await _post_as_a_client_would(clients[via], "/v1/payments", body, key)
+            resp = await post_as_a_client_would(clients[via], "/v1/payments", body, key,
+                                               within=3 * WAIT)
             if resp.status_code == 402:
                 declined += 1
                 return

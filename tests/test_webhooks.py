@@ -41,7 +41,7 @@ from region_node.webhooks.signing import (
     verify,
 )
 from tests.conftest import app_client
-from tests.helpers import open_account
+from tests.helpers import open_account, post_as_a_client_would
 
 WAIT = 30.0
 """Upper bound of every wait; a healthy run needs a small fraction of it."""
@@ -242,17 +242,10 @@ async def register(db: Database, url: str, *, principal: uuid.UUID | None = None
 
 
 async def pay(client: httpx.AsyncClient, payer: str, payee: str, amount: int = 100) -> str:
-    """A payment, sent as a client would: with an Idempotency-Key, and again with the same
-    key (bounded) after a 409 or a retryable 503 (in a lab on a starved machine a lease
-    renewal can be late and a write refused or ended)."""
-    key = {"Idempotency-Key": f"wh-pay-{uuid.uuid4()}"}
-    deadline = time.monotonic() + WAIT
-    while True:
-        resp = await client.post("/v1/payments", headers=key, json={
-            "payer": payer, "payee": payee, "amount": amount, "currency": "USD"})
-        if resp.status_code not in (409, 503) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+    """A payment, sent as a client would (in a lab on a starved machine a lease renewal can
+    be late and a write refused with a retryable 503)."""
+    resp = await post_as_a_client_would(client, "/v1/payments", {
+        "payer": payer, "payee": payee, "amount": amount, "currency": "USD"}, within=WAIT)
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -340,7 +333,10 @@ async def test_unreachable_receiver_fails_after_max_age(settings: RegionSettings
         await pay(client, payer, payee)
         log = await log_when(db, endpoint_id, "failed")
         attempts = log[0]["attempts"]
-        assert len(attempts) >= 2 and attempts[-1]["outcome"] == "failed"
+        # Retried until the max age, then failed (how many attempts fit in 1.5 s is the
+        # machine's business: on a starved one the first attempt may already be too late).
+        assert attempts and attempts[-1]["outcome"] == "failed"
+        assert all(a["outcome"] == "retrying" for a in attempts[:-1]), attempts
         assert all(a["status_code"] is None for a in attempts)
         assert all("Connect" in a["error"] and len(a["error"]) <= 200 for a in attempts)
 
