@@ -55,8 +55,12 @@ REFUNDS = 10
 # Retries of one logical request with the same Idempotency-Key (transport errors, 409, 503):
 # for up to RETRY_SECONDS, backing off to at most RETRY_MAX_SLEEP_SECONDS between tries. A
 # budget in time, not in tries: on a loaded machine a 409 `idempotency_key_in_use` lasts as
-# long as the first attempt is still running, which can be seconds.
-RETRY_SECONDS = 30.0
+# long as the first attempt is still running, which can be seconds. The budget outlasts one
+# attempt's timeout (REQUEST_TIMEOUT_SECONDS) plus the claim lock of an attempt abandoned
+# mid-request (the node's idempotency_lock_seconds, 60 s): one slow first attempt on a
+# starved machine must not use the whole budget and leave only a 409 to answer.
+REQUEST_TIMEOUT_SECONDS = 30.0
+RETRY_SECONDS = 120.0
 RETRY_MAX_SLEEP_SECONDS = 1.0
 RETRYABLE_STATUS = {409, 429, 502, 503, 504}
 SERVED_BY = "paycluster-served-by"
@@ -653,13 +657,14 @@ async def run_demo_async(regions: list[RegionEndpoint], payments: int = 600,
     async with contextlib.AsyncExitStack() as stack:
         if router_url is None:
             clients = {r.name: await stack.enter_async_context(
-                           httpx.AsyncClient(base_url=r.api_url, timeout=30.0, limits=limits,
-                                             headers=auth))
+                           httpx.AsyncClient(base_url=r.api_url, timeout=REQUEST_TIMEOUT_SECONDS,
+                                             limits=limits, headers=auth))
                        for r in regions}
         else:
             # One client per client region, all to the router: the header is the location.
             clients = {r.name: await stack.enter_async_context(
-                           httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits,
+                           httpx.AsyncClient(base_url=router_url,
+                                             timeout=REQUEST_TIMEOUT_SECONDS, limits=limits,
                                              headers={CLIENT_REGION: r.name, **auth}))
                        for r in regions}
         api = Api(clients, result, rng)

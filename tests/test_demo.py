@@ -52,6 +52,10 @@ def test_make_demo_runs_the_workload_and_stops_everything(short_tmp: Path) -> No
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     print(output[-4000:])
+    if proc.returncode != 0:  # the demo kept its run dir: show why before it is removed
+        for log in sorted(tmp_path.glob("paycluster-demo-*/*/node/node.log")):
+            print(f"--- last lines of {log}")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
     assert proc.returncode == 0, output[-4000:]
     assert "demo OK" in output
     # Everything it started is gone, and so is its run directory (a temp dir of its own).
