@@ -101,6 +101,11 @@ def cli(
             rich_help_panel="load")] = 2.0,
         rounds: Annotated[int, typer.Option(min=1, help="rounds; medians are quoted",
                                             rich_help_panel="load")] = 3,
+        rate: Annotated[float | None, typer.Option(
+            min=0.001, help="offered load in payments/s over all clients, each on a fixed "
+                            "schedule; latency counts from the scheduled send (issue 13's "
+                            "P2: p99 at half the maximum throughput); default: as fast as "
+                            "answers come", rich_help_panel="load")] = None,
         no_idempotency_key: Annotated[bool, typer.Option(
             "--no-idempotency-key", help="send payments without Idempotency-Key",
             rich_help_panel="load")] = False,
@@ -118,7 +123,8 @@ def cli(
     args = SimpleNamespace(
         api_url=api_url, api_key=api_key, pg_dsn=pg_dsn, node_pid=node_pid, pg_pid=pg_pid,
         data_dir=data_dir, concurrency=concurrency, pairs=1 if hot else pairs or concurrency,
-        hot=hot, duration=duration, payments=payments, amount=amount, warmup=warmup,
+        hot=hot, duration=duration, payments=payments, amount=amount, rate=rate,
+        warmup=warmup,
         rounds=rounds, no_idempotency_key=no_idempotency_key, no_pgbench=no_pgbench,
         pgbench_scale=pgbench_scale, pgbench_jobs=pgbench_jobs, json_out=json_out)
     raise typer.Exit(main(args))
@@ -157,8 +163,14 @@ async def create_pairs(client: httpx.AsyncClient, pairs: int,
 
 async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]],
                          concurrency: int, amount: int, duration: float | None,
-                         count: int | None, idempotency: bool = True) -> TimedRun:
-    """Run payments from `concurrency` clients until `duration` s pass or `count` are sent."""
+                         count: int | None, idempotency: bool = True,
+                         rate: float | None = None) -> TimedRun:
+    """Run payments from `concurrency` clients until `duration` s pass or `count` are sent.
+
+    With `rate` (payments/s over all clients) client i sends on its own fixed schedule,
+    every `concurrency / rate` s, offset by i / rate; a payment's latency counts from its
+    scheduled time, so one that had to wait for the client's previous answer is charged the
+    wait (no coordinated omission)."""
     run = TimedRun()
     remaining = [count if count is not None else -1]
     deadline = time.perf_counter() + (duration if count is None and duration else math.inf)
@@ -176,6 +188,7 @@ async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]]
     # The payments themselves go through aiohttp (C HTTP parser), not `client` (httpx,
     # pure Python): the load generator shares the CPUs with the node and PostgreSQL,
     # and httpx cost about as much CPU per payment as the node. Same URL and key.
+    started = time.perf_counter()
     url = str(client.base_url).rstrip("/") + "/v1/payments"
     auth = client.headers.get("authorization")
     base_headers = {"Content-Type": "application/json"} | (
@@ -185,10 +198,17 @@ async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]]
         payer, payee = pairs[i % len(pairs)]
         body = json.dumps({"payer": payer, "payee": payee, "amount": amount,
                            "currency": CURRENCY}).encode()
+        interval = concurrency / rate if rate else 0.0
+        scheduled = started + i / rate if rate else 0.0
         while take():
             headers = ({**base_headers, "Idempotency-Key": f"bench-{uuid.uuid4()}"}
                        if idempotency else base_headers)
             t0 = time.perf_counter()
+            if rate:
+                if scheduled > t0:
+                    await asyncio.sleep(scheduled - t0)
+                t0 = scheduled
+                scheduled += interval
             try:
                 async with session.post(url, data=body, headers=headers) as resp:
                     status, raw = resp.status, await resp.read()
@@ -204,7 +224,6 @@ async def drive_payments(client: httpx.AsyncClient, pairs: list[tuple[str, str]]
                 run.errors += 1
                 run.error_kinds[f"HTTP {status}"] += 1
 
-    started = time.perf_counter()
     async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency),
             timeout=aiohttp.ClientTimeout(total=30.0)) as session:
@@ -349,7 +368,8 @@ async def _bench_rounds(args: SimpleNamespace, api_url: str,
         if args.warmup > 0:
             with console.status(f"warming up for {args.warmup:g}s ..."):
                 await drive_payments(client, pairs, args.concurrency, args.amount,
-                                     args.warmup, None, not args.no_idempotency_key)
+                                     args.warmup, None, not args.no_idempotency_key,
+                                     args.rate)
         rounds: list[Round] = []
         for n in range(1, args.rounds + 1):
             what = (f"{args.payments} payments" if args.payments else f"{args.duration:g}s")
@@ -359,7 +379,7 @@ async def _bench_rounds(args: SimpleNamespace, api_url: str,
                 meter.start()
                 run = await drive_payments(client, pairs, args.concurrency, args.amount,
                                            args.duration, args.payments,
-                                           not args.no_idempotency_key)
+                                           not args.no_idempotency_key, args.rate)
                 used = meter.stop()
             tps: float | None = None
             pg_per_tpcb: float | None = None
@@ -437,6 +457,7 @@ def _write_json(path: Path, args: SimpleNamespace, api_url: str, target: PgTarge
                    "concurrency": args.concurrency, "pairs": args.pairs,
                    "duration_s": None if args.payments else args.duration,
                    "payments_per_round": args.payments, "amount": args.amount,
+                   "rate_per_s": args.rate,
                    "warmup_s": args.warmup, "rounds": args.rounds,
                    "idempotency_key": not args.no_idempotency_key,
                    "pgbench": None if target is None else {
