@@ -21,7 +21,13 @@ import pytest
 
 import cluster.lab
 from cluster.pki import TlsFiles, ensure_cluster_pki
-from cluster.servers import PORT_SLICE_ENV, RegionServers, free_port, start_region_servers
+from cluster.servers import (
+    PGDATA_TEMPLATE_ENV,
+    PORT_SLICE_ENV,
+    RegionServers,
+    free_port,
+    start_region_servers,
+)
 from region_node.app import create_app
 from region_node.config import RegionSettings
 from region_node.migrate import upgrade
@@ -70,6 +76,12 @@ def pytest_configure(config: pytest.Config) -> None:
         base = Path(tempfile.mkdtemp(prefix="paycluster-pytest-"))
         config.option.basetemp = str(base)
         _OWN_BASETEMP.append(base)
+    if workerinput is None and PGDATA_TEMPLATE_ENV not in os.environ:
+        # One initdb for the whole session (the workers and the labs their commands start
+        # inherit the variable): each new data dir is a copy (cluster.servers).
+        template = Path(tempfile.mkdtemp(prefix="paycluster-pgdata-template-"))
+        os.environ[PGDATA_TEMPLATE_ENV] = str(template)
+        _OWN_BASETEMP.append(template)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
