@@ -65,7 +65,8 @@ def _ownership_leases(node: Node, settings: RegionSettings) -> OwnershipLeases |
                              ttl_seconds=settings.ownership_lease_ttl_seconds,
                              renew_seconds=settings.ownership_lease_renew_seconds,
                              margin_seconds=settings.ownership_lease_margin_seconds,
-                             op_timeout_seconds=settings.ownership_lease_op_timeout_seconds)
+                             op_timeout_seconds=settings.ownership_lease_op_timeout_seconds,
+                             ownership=node.ownership)
     ownership.register_guard(settings.region, leases)
     return leases
 
@@ -109,9 +110,9 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
             await node.hot_path.start()
         workers.append(node.ownership.run)
         workers.append(OpsMetrics(node, leases).run)
-        workers.append(HeartbeatWriter(node.db.engine, settings.region,
+        workers.append(HeartbeatWriter(node.db.reads, settings.region,
                                        settings.heartbeat_seconds).run)
-        monitor = ConvergenceMonitor(node.db.engine, settings.region, sorted(settings.peers),
+        monitor = ConvergenceMonitor(node.db.reads, settings.region, sorted(settings.peers),
                                      settings.replication_slo_seconds,
                                      registry=node.metrics.registry)
         app.state.monitor = monitor

@@ -53,7 +53,7 @@ class OpsMetrics:
         """Read the store once and set every gauge (series that went away are removed, so
         a settled item or a handed-over home stops alerting)."""
         region = self.node.region
-        async with self.node.db.engine.connect() as conn:
+        async with self.node.db.reads.connect() as conn:
             owners = (await conn.execute(own.CURRENT_ALL)).all()
             _items, summary = await reconciliation.list_items(conn)
         self.epoch.clear()

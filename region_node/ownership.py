@@ -105,7 +105,7 @@ class OwnershipMap:
 
     async def refresh(self) -> None:
         """Reload the map from the store."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.reads.connect() as conn:
             rows = (await conn.execute(CURRENT_ALL)).all()
         self._owners = {r.home_region: Owner(r.home_region, r.serving_region, int(r.epoch),
                                              bool(r.banned))
@@ -127,14 +127,19 @@ class OwnershipMap:
         return sorted(self._owners.values(), key=lambda o: o.home_region)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep the cache fresh in the background."""
+        """Keep the cache fresh in the background: refresh whenever it is
+        `refresh_seconds` old (the ownership leases' upkeep refreshes it more often on a
+        node of several regions, and then this loop rarely reads)."""
         while not stop.is_set():
-            try:
-                await self.refresh()
-            except Exception as exc:
-                log.warning("ownership refresh failed: %s", exc)
+            wait = self._loaded_at + self.refresh_seconds - time.monotonic()
+            if wait <= 0:
+                wait = self.refresh_seconds  # also the retry interval of a failed read
+                try:
+                    await self.refresh()
+                except Exception as exc:
+                    log.warning("ownership refresh failed: %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.refresh_seconds)
+                await asyncio.wait_for(stop.wait(), wait)
 
 
 class WriteGuard(Protocol):

@@ -75,8 +75,7 @@ class Probe:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.wakeups = node.db.wakeups
-        # Autocommit: the statement alone, no BEGIN / ROLLBACK round trips around it.
-        self.engine = node.db.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.engine = node.db.reads  # the statement alone: no BEGIN / ROLLBACK around it
 
     def interval(self) -> float:
         """Seconds between probes: the shortest of the polls it stands in for."""
