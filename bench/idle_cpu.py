@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.runner import BenchError, bench_app, guarded
+from bench.stats import process_cpu_seconds
 from cluster.lab import start_cluster
 
 DEFAULT_JSON_OUT = Path(__file__).resolve().parent / "results" / "idle_cpu.json"
@@ -55,23 +56,6 @@ def lab_processes(data_dir: Path) -> dict[str, int]:
     return found
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` and its live children (PostgreSQL's backends)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def _busy_seconds() -> float:
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
@@ -80,11 +64,11 @@ def _busy_seconds() -> float:
 def sample(processes: dict[str, int], seconds: float) -> dict[str, float]:
     """CPU ms per second of each process over `seconds`, plus `machine` (the whole
     machine's busy time, to see what else ran)."""
-    before = {name: _cpu_seconds(pid) for name, pid in processes.items()}
+    before = {name: process_cpu_seconds(pid, with_children=True) for name, pid in processes.items()}
     busy, start = _busy_seconds(), time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - start
-    out = {name: (_cpu_seconds(pid) - before[name]) / elapsed * 1000
+    out = {name: (process_cpu_seconds(pid, with_children=True) - before[name]) / elapsed * 1000
            for name, pid in processes.items()}
     out["machine"] = (_busy_seconds() - busy) / elapsed * 1000
     return out
