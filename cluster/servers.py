@@ -299,6 +299,17 @@ class PostgresServer(ServerProcess):
         """SQLAlchemy URL (psycopg 3 driver) for a database on this server."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
+    def stop(self, timeout: float = 15.0) -> None:
+        """Fast shutdown, then remove the socket folder if it lives in the temp dir."""
+        super().stop(timeout)
+        _remove_temp_socket_dir(self.data_dir)
+
+    def kill(self) -> None:
+        """SIGKILL, then remove the socket folder if it lives in the temp dir (a restart
+        makes it again: `started_with_gateway` reads a marker under the data dir)."""
+        super().kill()
+        _remove_temp_socket_dir(self.data_dir)
+
 
 SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "paycluster-system-user.lock"
 """Lock file (flock) that serialises creating system users across every paycluster
@@ -498,10 +509,21 @@ def pg_socket_dir(data_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"paycluster-pg-{digest}"
 
 
+_GATEWAY_MARKER = "gateway-socket"
+
+
 def started_with_gateway(data_dir: Path) -> bool:
-    """True if the PostgreSQL under `data_dir` was started with `gateway=True` (its socket
-    folder exists): start it again the same way after a crash."""
-    return pg_socket_dir(data_dir).is_dir()
+    """True if the PostgreSQL under `data_dir` was started with `gateway=True` (the marker
+    it leaves in `data_dir`): start it again the same way after a crash."""
+    return (data_dir / _GATEWAY_MARKER).exists()
+
+
+def _remove_temp_socket_dir(data_dir: Path) -> None:
+    """Remove a stopped server's socket folder when it is outside `data_dir` (a long data
+    dir's socket lives in the temp dir, which nothing else would ever clean)."""
+    folder = pg_socket_dir(data_dir)
+    if not folder.is_relative_to(data_dir.resolve()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _install_gateway_auth(pgdata: Path, user: str | None) -> Path:
@@ -511,6 +533,7 @@ def _install_gateway_auth(pgdata: Path, user: str | None) -> Path:
     from replication.tls import hba_conf
 
     socket_dir = pg_socket_dir(pgdata.parent)
+    (pgdata.parent / _GATEWAY_MARKER).touch()
     socket_dir.mkdir(mode=0o700, exist_ok=True)
     socket_dir.chmod(0o700)
     (pgdata / "pg_hba.conf").write_text(hba_conf())
