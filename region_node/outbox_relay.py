@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -78,22 +80,42 @@ class OutboxRelay:
         async with self.db.engine.begin() as conn:
             rows = (await conn.execute(_CLAIM, {"region": self.settings.region,
                                                 "limit": self.settings.outbox_batch})).all()
-            acked: list[uuid.UUID] = []
-            for row in rows:
-                try:
-                    await self.bus.publish(BusEvent(
-                        id=row.id, region=row.region, event_type=row.event_type,
-                        aggregate_id=row.aggregate_id, envelope=dict(row.payload)))
-                except BusUnavailable as exc:
-                    # Stop at the first failure to keep id order; mark what was acked.
-                    self.bus_available = False
-                    log.warning("outbox relay: bus unavailable after %d of %d rows: %s",
-                                len(acked), len(rows), exc)
-                    break
-                acked.append(row.id)
+            acked = await self._publish(rows)
             if acked:
                 await conn.execute(_MARK, {"ids": acked})
         return len(acked)
+
+    async def _publish(self, rows: Sequence[sa.Row[Any]]) -> list[uuid.UUID]:
+        """Publish `rows` in order; the ids of the leading rows JetStream acked.
+
+        The first row goes alone (it finds out whether the bus and the stream are there,
+        and recreates a lost stream once); the rest are in flight together on the one
+        connection, so they reach the stream in id order and the batch costs one round
+        trip instead of one per row. Only the acked prefix is marked: a row after a
+        failure is sent again by a later batch, where its `Nats-Msg-Id` makes JetStream
+        drop the copy if this one was stored after all."""
+        events = [BusEvent(id=row.id, region=row.region, event_type=row.event_type,
+                           aggregate_id=row.aggregate_id, envelope=dict(row.payload))
+                  for row in rows]
+        if not events:
+            return []
+        results: list[object] = [*await asyncio.gather(self.bus.publish(events[0]),
+                                                       return_exceptions=True)]
+        if not isinstance(results[0], BaseException):
+            results += await asyncio.gather(*(self.bus.publish(e) for e in events[1:]),
+                                            return_exceptions=True)
+        acked: list[uuid.UUID] = []
+        for event, result in zip(events, results, strict=False):
+            if isinstance(result, BusUnavailable):
+                # Stop at the first failure to keep id order; mark what was acked.
+                self.bus_available = False
+                log.warning("outbox relay: bus unavailable after %d of %d rows: %s",
+                            len(acked), len(events), result)
+                break
+            if isinstance(result, BaseException):
+                raise result
+            acked.append(event.id)
+        return acked
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; never dies on errors (logs them and backs off).
