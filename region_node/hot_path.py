@@ -66,16 +66,18 @@ PAY_LOCAL = (
     "%s::text, %s::text, %s::integer, %s::integer, %s::bigint, %s::uuid, %s::boolean, "
     "%s::text, %s::text, %s::text, %s::float8, %s::float8, "
     "%s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::text, %s::text, "
-    "%s::uuid, %s::uuid[], %s::uuid, %s::uuid, %s::uuid, %s::text, %s::text, %s::text)")
+    "%s::uuid, %b::uuid[], %s::uuid, %s::uuid, %s::uuid, %s::text, %s::text, %s::text)")
 
 # Group commit: the payments of a batch, one array per parameter (migration 0014).
+# Arrays go in binary (%b): psycopg quotes a text array element by element with a regex,
+# ~100 us for 30 strings against ~6 us packed (a batch passes twenty-one arrays).
 PAY_BATCH = (
     "select idx, kind, status, body, token, code, message, param from pay_batch("
-    "%s::text, %s::integer, %s::integer, %s::text[], %s::bigint[], %s::uuid[], "
-    "%s::boolean[], %s::text[], %s::text[], %s::float8, %s::float8, "
-    "%s::uuid[], %s::uuid[], %s::uuid[], %s::bigint[], %s::text[], %s::text[], "
-    "%s::uuid[], %s::uuid[], %s::uuid[], %s::uuid[], %s::uuid[], %s::uuid[], %s::text[], "
-    "%s::text[], %s::text[])")
+    "%s::text, %s::integer, %s::integer, %b::text[], %b::bigint[], %b::uuid[], "
+    "%b::boolean[], %b::text[], %b::text[], %s::float8, %s::float8, "
+    "%b::uuid[], %b::uuid[], %b::uuid[], %b::bigint[], %b::text[], %b::text[], "
+    "%b::uuid[], %b::uuid[], %b::uuid[], %b::uuid[], %b::uuid[], %b::uuid[], %b::text[], "
+    "%b::text[], %b::text[])")
 
 LOCK_NOT_AVAILABLE = "55P03"
 
