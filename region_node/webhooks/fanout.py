@@ -43,6 +43,14 @@ _SUBSCRIBERS = sa.text("""
 """)
 _DONE = sa.text(
     "delete from webhook_pending_events where event_id = any(cast(:ids as uuid[]))")
+# No endpoint at all: a batch of pending events is dropped in one statement, without
+# reading the events (their payloads are only needed to pick and sign deliveries).
+_DROP = sa.text("""
+    delete from webhook_pending_events where event_id in (
+        select event_id from webhook_pending_events where region = :region
+         order by event_id limit :limit for update skip locked)
+    returning event_id
+""")
 
 
 @dataclass(frozen=True)
@@ -110,11 +118,13 @@ async def fan_out(conn: AsyncConnection, *, region: str, limit: int,
     not replicated yet (a cross-region payee) is left for a later pass, for at most
     `wait_for_parties` after it was written; after that it goes to whoever is known.
     """
+    subscribers = [Subscriber(r.id, r.principal_id, tuple(r.event_types), r.receives_all)
+                   for r in (await conn.execute(_SUBSCRIBERS)).all()]
+    if not subscribers:
+        return len((await conn.execute(_DROP, {"region": region, "limit": limit})).all()), 0
     events = (await conn.execute(_PENDING, {"region": region, "limit": limit})).all()
     if not events:
         return 0, 0
-    subscribers = [Subscriber(r.id, r.principal_id, tuple(r.event_types), r.receives_all)
-                   for r in (await conn.execute(_SUBSCRIBERS)).all()]
     principals: dict[str, uuid.UUID | None] = {}
     parties: dict[uuid.UUID, list[str]] = {}
     if any(not s.receives_all for s in subscribers):
