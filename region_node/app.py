@@ -29,6 +29,7 @@ from region_node.api import (
 from region_node.api import webhooks as webhook_routes
 from region_node.api.audit_trail import AuditTrail
 from region_node.api.middleware import BodyLimit, RequestContext, StorableInput
+from region_node.api.payment_fast_path import PaymentFastPath
 from region_node.channel_link import ChannelLink
 from region_node.channel_worker import ChannelWorker
 from region_node.config import RegionSettings
@@ -185,7 +186,10 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
     app.include_router(reconciliation.router)
     app.include_router(channel.router)
     app.include_router(channel.callbacks)
-    # Innermost: the audit trail sees the request id and the matched route.
+    # Innermost: POST /v1/payments served without FastAPI's per-request machinery (the
+    # route's own functions, in FastAPI's order: api/payment_fast_path.py).
+    app.add_middleware(PaymentFastPath)
+    # The audit trail sees the request id and the matched route.
     app.add_middleware(AuditTrail)
     # Outside the audit trail, inside the body limit: strings PostgreSQL cannot store are
     # refused before anything reads or writes the store.

@@ -81,6 +81,21 @@ class RequestContext:
             tracing.propagated.reset(carried_token)
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands over `body` as the whole request body (read already), then
+    defers to `receive` (for the disconnect)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimit:
     """Refuse bodies over `max_bytes` with 413 in the error shape.
 
@@ -115,16 +130,7 @@ class BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(b"".join(chunks), receive), send)
 
     async def _reject(self, send: Send) -> None:
         err = PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes")
@@ -230,13 +236,7 @@ class StorableInput:
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
-        delivered = scope["method"] in ("GET", "HEAD", "OPTIONS")
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, replaying(body, receive), send)
