@@ -70,6 +70,7 @@ from cluster.servers import (
     ServerProcess,
     free_port,
     is_ours,
+    remove_temp_socket_dir,
     spawn,
     start_channel,
     start_region_servers,
@@ -1235,6 +1236,8 @@ def stop_cluster(data_dir: Path, timeout: float = _STOP_TIMEOUT) -> list[tuple[s
         sig = signal.SIGINT if kind == "postgres" else signal.SIGTERM
         try:
             stop_pid(int(entry["pid"]), sig, timeout, started_at=entry.get("started_at"))
+            if kind == "postgres":
+                remove_temp_socket_dir(Path(entry["data_dir"]))
         except Exception:  # e.g. AccessDenied: report it, stop the others all the same
             log.exception("stopping %s %s (pid %s) failed", region_name, kind, entry["pid"])
         return region_name, kind, int(entry["pid"])

@@ -302,13 +302,13 @@ class PostgresServer(ServerProcess):
     def stop(self, timeout: float = 15.0) -> None:
         """Fast shutdown, then remove the socket folder if it lives in the temp dir."""
         super().stop(timeout)
-        _remove_temp_socket_dir(self.data_dir)
+        remove_temp_socket_dir(self.data_dir)
 
     def kill(self) -> None:
         """SIGKILL, then remove the socket folder if it lives in the temp dir (a restart
         makes it again: `started_with_gateway` reads a marker under the data dir)."""
         super().kill()
-        _remove_temp_socket_dir(self.data_dir)
+        remove_temp_socket_dir(self.data_dir)
 
 
 SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "paycluster-system-user.lock"
@@ -518,7 +518,7 @@ def started_with_gateway(data_dir: Path) -> bool:
     return (data_dir / _GATEWAY_MARKER).exists()
 
 
-def _remove_temp_socket_dir(data_dir: Path) -> None:
+def remove_temp_socket_dir(data_dir: Path) -> None:
     """Remove a stopped server's socket folder when it is outside `data_dir` (a long data
     dir's socket lives in the temp dir, which nothing else would ever clean)."""
     folder = pg_socket_dir(data_dir)
