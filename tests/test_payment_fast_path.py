@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from region_node.api import payments
+from region_node.api.middleware import replaying
 from region_node.api.payment_fast_path import PaymentFastPath
 
 VALID = {"payer": "acct_x", "payee": "acct_y", "amount": 100, "currency": "USD"}
@@ -40,19 +41,14 @@ async def _call(app: PaymentFastPath, method: str, path: str, body: bytes,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "app": SimpleNamespace(state=SimpleNamespace()), "state": {}}
     sent: list[Message] = []
-    delivered = False
 
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def disconnected() -> Message:
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await app(scope, receive, send)
+    await app(scope, replaying(body, disconnected), send)
     return scope, sent
 
 
