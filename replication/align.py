@@ -90,18 +90,32 @@ def position(conn: psycopg.Connection[Any], publisher: str) -> str | None:
     return None if lsn in (None, "0/0", "0/00000000") else str(lsn)
 
 
-def cut_off(dsn: str, publisher: str, timeout_seconds: float = 15.0) -> str | None:
+def cut_off(dsn: str, publisher: str, timeout_seconds: float = 15.0,
+            grace_seconds: float = 2.0) -> str | None:
     """Disable the subscription to `publisher` and return its position once its apply
-    worker has exited (the position cannot move any more)."""
+    worker has exited (the position cannot move any more).
+
+    An idle worker sees the disable within a second. One that is inside a remote
+    transaction does not look until that transaction's end, which never comes when the
+    publisher was cut off mid-stream (it would wait for `wal_receiver_timeout`, 60 s).
+    After `grace_seconds` the worker is terminated: its unfinished transaction rolls
+    back, and the position only ever counts committed ones."""
     set_enabled(dsn, publisher, False)
     with _connect(dsn) as conn:
         subid, _, _ = origin_of(conn, publisher)
-        deadline = time.monotonic() + timeout_seconds
+        started = time.monotonic()
+        kill_at = started + grace_seconds
         while conn.execute("select 1 from pg_stat_subscription where subid = %s "
                            "and pid is not null", (subid,)).fetchone():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - started > timeout_seconds:
                 raise AlignError(f"apply worker of {subscription_name(publisher)} did not "
                                  f"stop within {timeout_seconds}s")
+            if now >= kill_at:
+                # Every worker of the subscription (a leader may have parallel ones).
+                conn.execute("select pg_terminate_backend(pid) from pg_stat_subscription "
+                             "where subid = %s and pid is not null", (subid,))
+                kill_at = now + grace_seconds
             time.sleep(0.02)
         return position(conn, publisher)
 
