@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from lock_service.config import LockSettings
 from lock_service.quorum import LockService
-from region_node import ownership
+from region_node import write_guard
 from region_node.api import (
     accounts,
     admin,
@@ -68,7 +68,7 @@ def _ownership_leases(node: Node, settings: RegionSettings) -> OwnershipLeases |
                              margin_seconds=settings.ownership_lease_margin_seconds,
                              op_timeout_seconds=settings.ownership_lease_op_timeout_seconds,
                              ownership=node.ownership)
-    ownership.register_guard(settings.region, leases)
+    write_guard.register_guard(settings.region, leases)
     return leases
 
 
@@ -147,7 +147,7 @@ def create_app(settings: RegionSettings | None = None) -> FastAPI:
                     await asyncio.wait_for(task, 5)
             await bus.close()
             if leases is not None:
-                ownership.register_guard(settings.region, None)
+                write_guard.register_guard(settings.region, None)
                 await leases.aclose()
             await lock_service.aclose()
             await rate_limiter.aclose()

@@ -11,6 +11,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from region_node import write_guard
 from region_node.errors import RegionUnavailable
 from region_node.wakeups import Wakeups, take_marks
 
@@ -21,7 +22,8 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}
 TRANSACTION_TIMEOUT = "25P04"
 # Class 57, operator intervention: the server ended the session (57P01 admin_shutdown is
 # also what the ownership lease's fence sends to writers still running when the lease
-# runs out, `region_node.leases`). Nothing of the step committed; the client retries.
+# runs out, `region_node.leases`: `write_guard.ended_session_error` tells the two apart).
+# Nothing of the step committed; the client retries.
 SESSION_ENDED_SQLSTATES = {"57P01", "57P02", "57P03"}
 
 
@@ -42,7 +44,9 @@ class Database:
     """Connection pool of one region's PostgreSQL."""
 
     def __init__(self, url: str, *, pool_size: int = 20, max_overflow: int = 10,
-                 retry_attempts: int = 8) -> None:
+                 retry_attempts: int = 8, region: str | None = None) -> None:
+        self.region = region
+        """The region whose write guard answers for a session the server ended."""
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
         # No pre-ping (a round trip per transaction): a connection found dead fails its
@@ -88,9 +92,7 @@ class Database:
                                             "ownership lease; retry",
                                             code="lease_lost") from exc
                 if sqlstate(exc) in SESSION_ENDED_SQLSTATES:
-                    raise RegionUnavailable("the region's database ended this write (an "
-                                            "ownership lease ran out, or a shutdown); "
-                                            "retry") from exc
+                    raise write_guard.ended_session_error(self.region) from exc
                 if isinstance(exc, OperationalError | InterfaceError) and sqlstate(exc) is None:
                     raise RegionUnavailable("the region's database is unavailable") from exc
                 raise

@@ -9,7 +9,7 @@ compilation). It keeps every guarantee of the general path (api/mutation.run_mut
 around payments.create_payment), which it mirrors step for step:
 
 - the ownership lease is checked here, just before the call, by the registered write
-  guard (`ownership.guard_for`), and its token is handed to the function, which refuses
+  guard (`write_guard.guard_for`), and its token is handed to the function, which refuses
   unless it is the store's current epoch; the lease's remaining time bounds the
   transaction (`transaction_timeout`), so a paused node cannot commit after its lease;
 - the key is claimed and finished in the same transaction as the effect: no second
@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from region_node import ownership, wakeups
+from region_node import ownership, wakeups, write_guard
 from region_node.db import RETRYABLE_SQLSTATES, SESSION_ENDED_SQLSTATES, TRANSACTION_TIMEOUT
 from region_node.errors import (
     Forbidden,
@@ -248,7 +248,7 @@ class HotPath:
         refuses a payment unless its token is the store's current epoch. An invalid lease
         is answered after the ownership checks (the general path's order of errors).
         Returns the transaction's budget (the shortest of its homes') and the tokens."""
-        guard = ownership.guard_for(self.region)
+        guard = write_guard.guard_for(self.region)
         if guard is None:
             return None, [None] * len(batch)
         budgets: dict[str, int | None] = {}
@@ -291,7 +291,7 @@ class HotPath:
         except PoolTimeout:
             raise Fallback("pool") from None
         except psycopg.Error as exc:
-            failed = _database_error(exc)
+            failed = _database_error(exc, self.region)
             if isinstance(failed, RegionUnavailable) and exc.sqlstate is None:
                 # The connection was lost (a pooled connection whose backend was ended
                 # while idle, or a failure mid-call): whether the call committed is
@@ -325,7 +325,7 @@ class HotPath:
                 item.done.set_result(Outcome(kind, status, None, claim_token, error))
 
 
-def _database_error(exc: psycopg.Error) -> Exception:
+def _database_error(exc: psycopg.Error, region: str) -> Exception:
     """What a failed call means for the request (nothing of it committed)."""
     state = exc.sqlstate
     if state == LOCK_NOT_AVAILABLE or state in RETRYABLE_SQLSTATES:
@@ -334,8 +334,7 @@ def _database_error(exc: psycopg.Error) -> Exception:
         return RegionUnavailable("the write would have outlived this region's ownership lease; "
                                  "retry", code="lease_lost")
     if state in SESSION_ENDED_SQLSTATES:
-        return RegionUnavailable("the region's database ended this write (an ownership lease "
-                                 "ran out, or a shutdown); retry")
+        return write_guard.ended_session_error(region)
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and state is None:
         log.warning("payment hot path: the database is unavailable: %r", exc)
         return RegionUnavailable("the region's database is unavailable")

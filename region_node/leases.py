@@ -96,6 +96,10 @@ WRITE_SAFETY_SECONDS = 0.2
 FENCE_CHECK_MAX_SECONDS = 0.25
 FENCE_CHECK_MIN_SECONDS = 0.01
 
+# A write session ended this long after a fence began is counted as ended by it: the
+# terminations reach their sessions within milliseconds, a shutdown is rarely that close.
+FENCE_ATTRIBUTION_SECONDS = 5.0
+
 
 def lock_name(home: str) -> str:
     """The quorum lock whose holder serves `home`."""
@@ -186,6 +190,7 @@ class OwnershipLeases:
         self.margin_seconds = margin_seconds
         self.op_timeout_seconds = op_timeout_seconds
         self._fenced: set[int] = set()  # tokens whose writers were terminated
+        self._fenced_at: float | None = None  # monotonic start of the last fence
         self.locks = LockService(list(lock_urls), LockSettings(
             redis_urls=list(lock_urls), ttl_seconds=ttl_seconds,
             renew_fraction=renew_seconds / ttl_seconds, op_timeout_seconds=op_timeout_seconds,
@@ -230,6 +235,13 @@ class OwnershipLeases:
         """The token of the lease held for `home` (the epoch its writes carry), or None."""
         held = self.held.get(home)
         return None if held is None else held.token
+
+    def fenced_recently(self) -> bool:
+        """Whether `_fence_loop` ended this region's writers within the last
+        FENCE_ATTRIBUTION_SECONDS: a write session the server ended then was ended for a
+        lease running out (`write_guard.ended_session_error`)."""
+        return (self._fenced_at is not None
+                and time.monotonic() - self._fenced_at < FENCE_ATTRIBUTION_SECONDS)
 
     # ------------------------------------------------------------------ acquire / release
 
@@ -401,6 +413,8 @@ class OwnershipLeases:
                 if (held.lease.remaining() <= self.margin_seconds
                         and held.token not in self._fenced):
                     self._fenced.add(held.token)
+                    # Before the terminations: a writer they end already finds it set.
+                    self._fenced_at = time.monotonic()
                     try:
                         ended = await self._terminate_writers(held.home)
                         self._note(held.home, f"lease running out (fence={held.token}): "

@@ -51,7 +51,7 @@ class Node:
         """Create pools and clients (lazy: nothing is contacted until first use)."""
         db = Database(settings.database_url, pool_size=settings.db_pool_size,
                       max_overflow=settings.db_max_overflow,
-                      retry_attempts=settings.db_retry_attempts)
+                      retry_attempts=settings.db_retry_attempts, region=settings.region)
         redis = Redis.from_url(settings.redis_url, socket_timeout=0.5,
                                socket_connect_timeout=0.5)
         node = cls(settings=settings, db=db, redis=redis,

@@ -33,13 +33,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from region_node import schema
+from region_node import schema, write_guard
 from region_node.db import Database
 from region_node.errors import Conflict, RegionUnavailable
 
@@ -142,38 +142,6 @@ class OwnershipMap:
                 await asyncio.wait_for(stop.wait(), wait)
 
 
-class WriteGuard(Protocol):
-    """What `assert_serving` asks besides the log: the region's ownership leases
-    (`region_node.leases.OwnershipLeases`)."""
-
-    def budget_ms(self, home: str) -> int | None:
-        """How long a write transaction starting now may take, or None (no lease)."""
-
-    def check(self, home: str, epoch: int) -> None:
-        """Raise 503 lease_lost unless a valid lease with token `epoch` is held."""
-
-    def token(self, home: str) -> int | None:
-        """The token (epoch) of the lease held for `home`, valid or not; None if none."""
-
-
-_GUARDS: dict[str, WriteGuard] = {}
-
-
-def register_guard(region: str, guard: WriteGuard | None) -> None:
-    """Make every `assert_serving` for `region` in this process also require `guard`'s
-    lease (None: remove it). A region node registers its leases at start."""
-    if guard is None:
-        _GUARDS.pop(region, None)
-    else:
-        _GUARDS[region] = guard
-
-
-def guard_for(region: str) -> WriteGuard | None:
-    """The write guard registered for `region` in this process, if any (the payment hot
-    path checks the lease itself before its one call, `region_node.hot_path`)."""
-    return _GUARDS.get(region)
-
-
 # Writers of a home region take this advisory lock shared, a ban or takeover takes it
 # exclusive. PostgreSQL queues heavyweight locks fairly: once a ban waits, later writers
 # queue behind it, so it waits only for the writers in flight (a FOR UPDATE on a row that
@@ -230,7 +198,7 @@ async def assert_serving(conn: AsyncConnection, region: str, home_region: str) -
     must also hold a valid lease whose token is that epoch, with more than the lease
     margin left, and the transaction is bounded to end before the lease does
     (`region_node.leases`); else 503 ``lease_lost``."""
-    guard = _GUARDS.get(region)
+    guard = write_guard.guard_for(region)
     budget = guard.budget_ms(home_region) if guard is not None else None
     row = await _current(conn, home_region, exclusive=False, budget_ms=budget)
     serving = row.serving_region if row is not None else home_region

@@ -109,17 +109,44 @@ async def test_sigkill_during_load(servers: RegionServers, db_url: str, tmp_path
         node.stop()
 
 
-async def test_a_write_ended_by_the_server_is_a_retryable_503(db_url: str) -> None:
+class _Fence:
+    """The one part of a write guard that answers for an ended session: whether its fence
+    ran just now (the leases themselves need a lock quorum: tests/test_leases.py)."""
+
+    def __init__(self, fenced: bool) -> None:
+        self.fenced = fenced
+
+    def budget_ms(self, home: str) -> int | None:
+        return None
+
+    def check(self, home: str, epoch: int) -> None:
+        return None
+
+    def token(self, home: str) -> int | None:
+        return None
+
+    def fenced_recently(self) -> bool:
+        return self.fenced
+
+
+@pytest.mark.parametrize("fenced", [False, True], ids=["shutdown", "lease-fence"])
+async def test_a_write_ended_by_the_server_is_a_retryable_503(db_url: str,
+                                                              fenced: bool) -> None:
     """A session the server ends mid-write (pg_terminate_backend: what the ownership
     lease's fence does to writers still running when the lease runs out, or a shutdown)
-    is a 503 the client retries, never a 500, and nothing of the step is committed."""
+    is a 503 the client retries, never a 500, and nothing of the step is committed. Its
+    code says which: ``lease_lost`` when the region's guard has just fenced its writers
+    (the same code as a write refused before it began), else ``region_unavailable``."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from region_node import write_guard
     from region_node.db import Database
     from region_node.errors import RegionUnavailable
 
-    db = Database(db_url, pool_size=2)
+    region = f"fence-{uuid.uuid4().hex[:8]}"
+    write_guard.register_guard(region, _Fence(fenced))
+    db = Database(db_url, pool_size=2, region=region)
     started = asyncio.Event()
 
     async def step(conn: AsyncConnection) -> None:
@@ -147,7 +174,9 @@ async def test_a_write_ended_by_the_server_is_a_retryable_503(db_url: str) -> No
         with pytest.raises(RegionUnavailable) as raised:
             await asyncio.gather(db.transaction(step), terminate())
         assert raised.value.http_status == 503
+        assert raised.value.code == ("lease_lost" if fenced else "region_unavailable")
         with psycopg.connect(db_url) as conn:
             assert conn.execute("select to_regclass('ended_write')").fetchone() == (None,)
     finally:
+        write_guard.register_guard(region, None)
         await db.dispose()
