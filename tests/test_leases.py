@@ -21,7 +21,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -186,25 +186,45 @@ def _deposits(lab: Cluster) -> int:
     return int(row[0]) if row else 0
 
 
+def _owners(lab: Cluster, names: tuple[str, ...] = REGIONS) -> list[tuple[int, str, bool]
+                                                                   | None]:
+    """What the store of each region of `names` says of HOME: (epoch, serving region,
+    banned), or None when it has no epoch for it."""
+    rows = []
+    for name in names:
+        with psycopg.connect(lab.region(name).dsn) as conn:
+            rows.append(conn.execute(
+                "select e.epoch, e.serving_region, exists (select 1 from ownership_bans b "
+                "where b.home_region = e.home_region and b.epoch = e.epoch) "
+                "from ownership_epochs e where home_region = %s "
+                "order by epoch desc limit 1", (HOME,)).fetchone())
+    return rows
+
+
 async def _owner_is(lab: Cluster, owner: str, within: float = 30.0,
                     names: tuple[str, ...] = REGIONS) -> int:
     """Wait until the store of every region of `names` says `owner` serves HOME
     (unbanned); its epoch."""
     deadline = time.monotonic() + within
     while True:
-        rows = []
-        for name in names:
-            with psycopg.connect(lab.region(name).dsn) as conn:
-                rows.append(conn.execute(
-                    "select e.epoch, e.serving_region, exists (select 1 from ownership_bans b "
-                    "where b.home_region = e.home_region and b.epoch = e.epoch) "
-                    "from ownership_epochs e where home_region = %s "
-                    "order by epoch desc limit 1", (HOME,)).fetchone())
+        rows = _owners(lab, names)
         if all(r is not None and r[1] == owner and not r[2] for r in rows) \
                 and len({r[0] for r in rows if r}) == 1:
             return int(rows[0][0])  # type: ignore[index]
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+async def home_serves_itself(cluster: Cluster) -> AsyncIterator[None]:
+    """After each test eu-west serves its own accounts again, also when the test failed
+    midway (taken over, crashed): else one failure fails every later test of the module
+    on lease_lost, and the first cause is hard to find among them."""
+    yield
+    try:
+        await _owner_is(cluster, HOME, within=5.0)
+    except (AssertionError, psycopg.Error):  # another owner, or a store down
+        await _return_and_fail_back(cluster)
 
 
 async def _quiesce(lab: Cluster, within: float = 60.0) -> None:
