@@ -585,6 +585,24 @@ class Cluster:
             }
             _write_json(self.cluster_file, doc)
 
+    def adopt_recorded(self) -> None:
+        """Take the node and PostgreSQL that cluster.json records for each region where
+        another handle of this lab (the CLI, in this process or another) restarted them:
+        this handle's next `write` would otherwise record the dead processes over the live
+        ones, and `stop` would leave those running."""
+        entries = read_cluster(self.data_dir).get("regions", {})
+        with self._lock:
+            for region in self.regions:
+                entry = entries.get(region.name)
+                if not isinstance(entry, dict):
+                    continue
+                recorded = _region_from_json(region.name, entry, self)
+                if recorded.node is not None and (region.node is None
+                                                  or recorded.node.pid != region.node.pid):
+                    region.node = recorded.node
+                if recorded.servers.postgres.pid != region.servers.postgres.pid:
+                    region.servers.postgres = recorded.servers.postgres
+
     def stop(self) -> None:
         """Stop every node, then the WAN emulator, then every region's servers; then
         anything else cluster.json lists (added by another process); mark it stopped."""

@@ -43,6 +43,7 @@ def rejoin_region(cluster: Cluster, name: str, *, donor: str | None = None,
     the first other region) with `replication.reconcile.rebuild_region`, and start its
     node. List its lost tail with `replication.reconcile.lost_tail` first: the rebuild
     discards it. Synchronous."""
+    cluster.adopt_recorded()  # the CLI may have restarted them since this handle did
     region = cluster.region(name)
     if region.node is not None and region.node.is_running():
         region.node.stop()
